@@ -1,0 +1,54 @@
+# stream-meta: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+EVENTS ?= 20000
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast bench lint format typecheck checkpoints clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# torch first, from the CPU wheel: an unpinned install would pull a multi-GB CUDA build
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+run: $(STAMP) ## run the engine on the built-in synthetic task stream (EVENTS=N, ARGS=...)
+	$(VENV)/bin/stream-meta run --events $(EVENTS) $(ARGS)
+
+test: $(STAMP) ## run the whole test suite
+	$(PY) -m pytest -n 2 -q $(ARGS)
+
+test-fast: $(STAMP) ## unit tests only
+	$(PY) -m pytest -q tests/unit $(ARGS)
+
+bench: $(STAMP) ## measure the speed and quality targets into docs/BENCHMARKS.md
+	$(PY) -m scripts.bench $(ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+typecheck: $(STAMP) ## mypy on the library
+	$(VENV)/bin/mypy
+
+checkpoints: $(STAMP) ## re-train the shipped default checkpoint(s)
+	$(VENV)/bin/stream-meta train --family sinusoid --out stream_meta/checkpoints/sinusoid.safetensors $(ARGS)
+
+clean: ## remove caches (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
