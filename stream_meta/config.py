@@ -1,0 +1,417 @@
+"""The one settings tree of stream-meta, and how it is loaded.
+
+:class:`Settings` is frozen and typed; every section forbids unknown keys, so a typo in a
+config file or an environment variable is an error rather than a silently ignored setting.
+
+Values come from four layers, later ones winning, merged key by key::
+
+    defaults < TOML file < environment (STREAM_META_<SECTION>__<FIELD>) < overrides
+
+The library never reads ``os.environ``: :func:`load_settings` only sees the ``env`` mapping it is
+given (the CLI passes ``os.environ``), and constructing :class:`Settings` directly uses its
+arguments and the defaults only.
+
+>>> settings = load_settings(
+...     env={"STREAM_META_ENGINE__SUPPORT_SIZE": "32", "HOME": "/root"},
+...     overrides={"engine": {"k_neighbours": 0}},
+... )
+>>> settings.engine.support_size, settings.engine.k_neighbours, settings.index.kind
+(32, 0, 'flat')
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "ConfigError",
+    "EngineSettings",
+    "IndexSettings",
+    "MetricsSettings",
+    "ModelSettings",
+    "Settings",
+    "StreamSettings",
+    "TrainSettings",
+    "load_settings",
+    "settings_summary",
+]
+
+ENV_PREFIX = "STREAM_META_"
+ENV_NESTED_DELIMITER = "__"
+
+_SECTION_CONFIG = ConfigDict(
+    frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True
+)
+
+
+class ConfigError(Exception):
+    """The configuration could not be loaded: its message lists every problem, one a line."""
+
+
+class ModelSettings(BaseModel):
+    """Which meta-model to serve."""
+
+    model_config = _SECTION_CONFIG
+
+    family: Literal["sinusoid", "digits"] = Field(
+        default="sinusoid", description="Task family the model was meta-trained on."
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="Checkpoint file to load; None means the shipped default for the family.",
+    )
+    device: str = Field(
+        default="cpu", min_length=1, description="Torch device, e.g. 'cpu' or 'cuda:0'."
+    )
+
+
+class EngineSettings(BaseModel):
+    """The per-event loop: support sets, retrieval, batching and memory bounds."""
+
+    model_config = _SECTION_CONFIG
+
+    support_size: int = Field(
+        default=64, ge=1, le=4096, description="Support examples kept per task."
+    )
+    support_policy: Literal["recent", "reservoir"] = Field(
+        default="recent",
+        description="Which examples a full support set keeps: the most recent, or a reservoir "
+        "sample of the whole history.",
+    )
+    k_neighbours: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="Similar tasks retrieved from the index per adaptation; 0 disables retrieval.",
+    )
+    max_live_tasks: int = Field(
+        default=100_000, ge=1, description="Tasks kept in memory; the least recent are evicted."
+    )
+    task_ttl_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Evict a task idle for this many seconds; None keeps tasks until evicted "
+        "by max_live_tasks.",
+    )
+    micro_batch: int = Field(
+        default=512, ge=1, le=65536, description="Events processed together in one step."
+    )
+    index_flush_every: int = Field(
+        default=256,
+        ge=1,
+        description="Task-embedding updates buffered before the index is written.",
+    )
+    max_event_bytes: int = Field(
+        default=65536, ge=64, description="Largest serialised event accepted, in bytes."
+    )
+    weights_cache_size: int = Field(
+        default=20_000, ge=1, description="Generated per-task weights kept in the LRU cache."
+    )
+    seed: int = Field(default=0, description="Seed of the engine's random choices.")
+
+
+class IndexSettings(BaseModel):
+    """The FAISS task index."""
+
+    model_config = _SECTION_CONFIG
+
+    kind: Literal["flat", "ivf"] = Field(
+        default="flat", description="Exact search ('flat') or inverted lists ('ivf')."
+    )
+    nlist: int = Field(default=1024, ge=1, description="IVF only: number of inverted lists.")
+    nprobe: int = Field(default=16, ge=1, description="IVF only: lists visited per search.")
+    train_size: int = Field(
+        default=50_000, ge=1, description="IVF only: embeddings collected before training."
+    )
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint."""
+
+    model_config = _SECTION_CONFIG
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Address to listen on.")
+    port: int = Field(
+        default=9108, ge=0, le=65535, description="Port to listen on; 0 turns the endpoint off."
+    )
+
+
+class StreamSettings(BaseModel):
+    """The built-in synthetic event stream."""
+
+    model_config = _SECTION_CONFIG
+
+    tasks: int = Field(default=10_000, ge=1, description="Distinct tasks over the whole stream.")
+    clusters: int = Field(
+        default=200, ge=0, description="Clusters the tasks are drawn around; 0 means no clusters."
+    )
+    cluster_spread: float = Field(
+        default=0.05, ge=0, description="Spread of task parameters around their cluster centre."
+    )
+    labelled_fraction: float = Field(
+        default=0.7, ge=0, le=1, description="Probability that an event carries its label."
+    )
+    zipf_s: float = Field(
+        default=1.1, gt=0, description="Zipf exponent of task popularity (larger: more skewed)."
+    )
+    new_task_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Probability that an event starts a new task."
+    )
+    seed: int = Field(default=0, description="Seed of the stream.")
+
+
+class TrainSettings(BaseModel):
+    """Episodic meta-training."""
+
+    model_config = _SECTION_CONFIG
+
+    steps: int = Field(default=6000, ge=1, description="Optimiser steps.")
+    batch_tasks: int = Field(default=32, ge=1, description="Tasks per meta-batch.")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
+    min_shots: int = Field(default=0, ge=0, description="Fewest support examples in an episode.")
+    max_shots: int = Field(default=20, ge=1, description="Most support examples in an episode.")
+    query_points: int = Field(default=32, ge=1, description="Query examples per episode.")
+    bank_tasks: int = Field(
+        default=256, ge=1, description="Tasks in the bank that retrieval is trained against."
+    )
+    seed: int = Field(default=0, description="Seed of training.")
+    device: str = Field(default="cpu", min_length=1, description="Torch device to train on.")
+
+    @model_validator(mode="after")
+    def _shots_in_order(self) -> Self:
+        if self.min_shots > self.max_shots:
+            raise ValueError(
+                f"min_shots ({self.min_shots}) must not exceed max_shots ({self.max_shots})"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting of stream-meta, one frozen section per concern.
+
+    Build it with :func:`load_settings`. ``Settings(...)`` itself takes its arguments and the
+    defaults only: it reads no environment variable and no file.
+    """
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The meta-model.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="The event loop.")
+    index: IndexSettings = Field(default_factory=IndexSettings, description="The task index.")
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings, description="The Prometheus endpoint."
+    )
+    stream: StreamSettings = Field(
+        default_factory=StreamSettings, description="The synthetic stream."
+    )
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments only: the environment and files enter through :func:`load_settings`."""
+        return (init_settings,)
+
+
+def settings_summary(settings: Settings) -> dict[str, Any]:
+    """The settings as a JSON-serialisable dict (for logs, reports and checkpoints)."""
+    return settings.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+_Key = tuple[str, ...]
+_OVERRIDES = "overrides"
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load and validate the settings; raise :class:`ConfigError` on any problem.
+
+    ``config_file`` is a TOML file with one table per section (``[engine]``...). ``env`` is a
+    mapping of environment variables; only ``STREAM_META_<SECTION>__<FIELD>`` ones are read (the
+    name is case-insensitive), and ``none``, ``null`` or an empty value set an optional field
+    to None. ``env=None`` means no environment at all. ``overrides`` is a nested mapping such as
+    ``{"engine": {"k_neighbours": 0}}``. Precedence: overrides > env > file > defaults.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[_Key, str] = {}
+    if config_file is not None:
+        _merge(merged, sources, _read_toml(Path(config_file)), str(config_file), ())
+    if env is not None:
+        for name, path, value in _env_entries(env):
+            _merge(merged, sources, _nest(path, value), name, ())
+    if overrides is not None:
+        _merge(merged, sources, _plain(overrides), _OVERRIDES, ())
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc.errors(), sources)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+
+
+def _env_entries(env: Mapping[str, str]) -> list[tuple[str, _Key, Any]]:
+    """``(variable name, key path, value)`` for each STREAM_META_ variable, sorted by name."""
+    entries = []
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER))
+        value: Any = env[name]
+        if value.strip().lower() in ("", "none", "null") and _allows_none(path):
+            value = None
+        entries.append((name, path, value))
+    return entries
+
+
+def _allows_none(path: _Key) -> bool:
+    """Whether the field at ``path`` (section, field) accepts None."""
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if i == len(path) - 1:
+            return type(None) in typing.get_args(annotation)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    return False
+
+
+def _nest(path: _Key, value: Any) -> Any:
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """Mappings (at any depth) as plain dicts."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _merge(
+    target: dict[str, Any], sources: dict[_Key, str], layer: Any, source: str, prefix: _Key
+) -> None:
+    """Merge ``layer`` into ``target`` key by key, recording where each leaf came from."""
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], sources, value, source, path)
+            continue
+        for known in [known for known in sources if known[: len(path)] == path]:
+            del sources[known]
+        target[key] = value
+        if isinstance(value, dict):
+            _merge_sources(sources, value, source, path)
+        else:
+            sources[path] = source
+
+
+def _merge_sources(
+    sources: dict[_Key, str], layer: dict[str, Any], source: str, prefix: _Key
+) -> None:
+    sources[prefix] = source
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict):
+            _merge_sources(sources, value, source, path)
+        else:
+            sources[path] = source
+
+
+def _format_errors(errors: list[ErrorDetails], sources: dict[_Key, str]) -> str:
+    lines = [_format_error(error, sources) for error in errors]
+    count = f"{len(lines)} problem{'s' if len(lines) > 1 else ''}"
+    return f"invalid configuration ({count}):\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def _format_error(error: ErrorDetails, sources: dict[_Key, str]) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    where = ".".join(loc) or "settings"
+    found = _sources_for(loc, sources)
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting" + _did_you_mean(loc)
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        if error["type"] != "missing" and not isinstance(value, dict):
+            from_env = len(found) == 1 and found[0].upper().startswith(ENV_PREFIX)
+            shown = value if from_env and isinstance(value, str) else repr(value)
+            message += f" (got {_shorten(shown)})"
+    if found:
+        message += f" [from {', '.join(found)}]"
+    return f"{where}: {message}"
+
+
+def _sources_for(loc: _Key, sources: dict[_Key, str]) -> list[str]:
+    """Where the value at ``loc`` came from: its own source or an ancestor's, else those of
+    the keys below it (for an error about a whole section)."""
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in sources:
+            return [sources[loc[:end]]]
+    below = [source for key, source in sources.items() if key[: len(loc)] == loc]
+    return list(dict.fromkeys(below))
+
+
+def _did_you_mean(loc: _Key) -> str:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = None if field is None else field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    known = ", ".join(model.model_fields)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {known})"
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,205 @@
+"""Settings: layer precedence (defaults < TOML < env < overrides) and readable errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from stream_meta.config import ConfigError, Settings, load_settings, settings_summary
+
+WriteToml = Callable[..., Path]
+
+
+@pytest.fixture
+def write_toml(tmp_path: Path) -> WriteToml:
+    """Factory: write TOML text to a fresh config file and return its path."""
+
+    def write(text: str, name: str = "config.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+def test_defaults_are_valid_when_nothing_is_given() -> None:
+    settings = load_settings()
+
+    assert settings == Settings()
+    assert settings.model.family == "sinusoid"
+    assert settings.model.checkpoint is None
+    assert settings.engine.support_size == 64
+    assert settings.engine.task_ttl_s is None
+    assert settings.index.kind == "flat"
+    assert settings.metrics.port == 9108
+    assert settings.stream.labelled_fraction == pytest.approx(0.7)
+    assert settings.train.max_shots == 20
+
+
+def test_file_values_are_applied_when_toml_is_given(write_toml: WriteToml) -> None:
+    path = write_toml(
+        """
+        [model]
+        family = "digits"
+        checkpoint = "runs/digits.safetensors"
+
+        [engine]
+        support_size = 16
+        task_ttl_s = 3600
+
+        [index]
+        kind = "ivf"
+        """
+    )
+
+    settings = load_settings(path)
+
+    assert settings.model.family == "digits"
+    assert settings.model.checkpoint == Path("runs/digits.safetensors")
+    assert settings.engine.support_size == 16
+    assert settings.engine.task_ttl_s == pytest.approx(3600.0)
+    assert settings.engine.k_neighbours == 8  # untouched fields keep their defaults
+    assert settings.index.kind == "ivf"
+
+
+def test_env_beats_file_when_both_set_a_field(write_toml: WriteToml) -> None:
+    path = write_toml("[engine]\nsupport_size = 16\nk_neighbours = 4\n")
+    env = {"STREAM_META_ENGINE__SUPPORT_SIZE": "32", "PATH": "/usr/bin"}
+
+    settings = load_settings(path, env=env)
+
+    assert settings.engine.support_size == 32
+    assert settings.engine.k_neighbours == 4
+
+
+def test_overrides_beat_env_when_both_set_a_field() -> None:
+    env = {"STREAM_META_ENGINE__K_NEIGHBOURS": "16", "STREAM_META_ENGINE__SEED": "7"}
+
+    settings = load_settings(env=env, overrides={"engine": {"k_neighbours": 0}})
+
+    assert settings.engine.k_neighbours == 0
+    assert settings.engine.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("none", None), ("", None), ("12.5", 12.5)],
+    ids=["none-word", "empty", "number"],
+)
+def test_env_sets_optional_field_when_value_is_given(value: str, expected: float | None) -> None:
+    settings = load_settings(env={"stream_meta_engine__task_ttl_s": value})
+
+    assert settings.engine.task_ttl_s == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("toml", "engine.suport_size: unknown setting (did you mean 'support_size'?) [from "),
+        ("env", "engine.suport_size: unknown setting (did you mean 'support_size'?) [from "
+                "STREAM_META_ENGINE__SUPORT_SIZE]"),
+        ("overrides", "engine.suport_size: unknown setting (did you mean 'support_size'?) "
+                      "[from overrides]"),
+        ("section", "enigne: unknown setting (did you mean 'engine'?) [from "),
+    ],
+    ids=["toml", "env", "overrides", "unknown-section"],
+)  # fmt: skip
+def test_error_names_unknown_key_when_it_is_misspelt(
+    source: str, expected: str, write_toml: WriteToml
+) -> None:
+    builders: dict[str, Callable[[], dict[str, Any]]] = {
+        "toml": lambda: {"config_file": write_toml("[engine]\nsuport_size = 3\n")},
+        "env": lambda: {"env": {"STREAM_META_ENGINE__SUPORT_SIZE": "3"}},
+        "overrides": lambda: {"overrides": {"engine": {"suport_size": 3}}},
+        "section": lambda: {"config_file": write_toml("[enigne]\nsupport_size = 3\n")},
+    }
+    kwargs = builders[source]()
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**kwargs)
+
+    assert expected in str(caught.value)
+
+
+def test_error_names_field_value_and_variable_when_env_value_is_invalid() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"STREAM_META_ENGINE__SUPPORT_SIZE": "-3"})
+
+    assert (
+        "engine.support_size: Input should be greater than or equal to 1 (got -3) "
+        "[from STREAM_META_ENGINE__SUPPORT_SIZE]"
+    ) in str(caught.value)
+
+
+def test_error_lists_every_problem_with_its_source_when_several_layers_are_invalid(
+    write_toml: WriteToml,
+) -> None:
+    path = write_toml("[metrics]\nport = 70000\n\n[train]\nmin_shots = 30\n")
+    env = {"STREAM_META_INDEX__KIND": "hnsw"}
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env, overrides={"stream": {"labelled_fraction": 1.5}})
+
+    message = str(caught.value)
+    assert message.startswith("invalid configuration (4 problems):")
+    assert (
+        f"metrics.port: Input should be less than or equal to 65535 (got 70000) [from {path}]"
+        in (message)
+    )
+    assert f"train: min_shots (30) must not exceed max_shots (20) [from {path}]" in message
+    assert (
+        "index.kind: Input should be 'flat' or 'ivf' (got hnsw) [from STREAM_META_INDEX__KIND]"
+        in (message)
+    )
+    assert "stream.labelled_fraction:" in message and "(got 1.5) [from overrides]" in message
+
+
+def test_error_when_config_file_is_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.toml"):
+        load_settings(missing)
+
+
+def test_error_when_config_file_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path)
+
+
+def test_error_gives_line_when_toml_is_invalid(write_toml: WriteToml) -> None:
+    path = write_toml("[engine]\nsupport_size = \n")
+
+    with pytest.raises(ConfigError, match=r"invalid TOML in .*config.toml: .*line 2"):
+        load_settings(path)
+
+
+def test_os_environ_is_ignored_when_env_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_META_ENGINE__SUPPORT_SIZE", "3")
+    monkeypatch.setenv("STREAM_META_ENGINE__BOGUS", "1")
+
+    assert load_settings().engine.support_size == 64
+    assert Settings().engine.support_size == 64
+
+
+def test_settings_refuse_assignment_when_frozen() -> None:
+    settings = load_settings()
+
+    with pytest.raises(ValidationError):
+        settings.engine.support_size = 3
+    with pytest.raises(ValidationError):
+        settings.engine = settings.engine
+
+
+def test_summary_is_json_and_round_trips_when_dumped(write_toml: WriteToml) -> None:
+    settings = load_settings(write_toml('[model]\ncheckpoint = "a/b.safetensors"\n'))
+
+    summary = settings_summary(settings)
+
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["model"]["checkpoint"] == "a/b.safetensors"
+    assert Settings.model_validate(summary) == settings
