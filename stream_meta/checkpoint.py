@@ -1,0 +1,144 @@
+"""Safe, atomic model checkpoints: safetensors weights plus a JSON manifest.
+
+A checkpoint is one ``.safetensors`` file: the tensors of a :class:`~stream_meta.model.MetaModel`
+and, in the safetensors metadata, a manifest (format version, family, model configuration,
+training settings, final metrics, creation time, library version). A human-readable copy of
+the manifest is written beside it as ``<name>.json``. Nothing is unpickled on load: safetensors
+holds raw tensors only, so a checkpoint from an untrusted place cannot run code.
+
+Writes are atomic: to a temporary file in the same directory, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stream_meta import __version__
+from stream_meta.model import MetaModel, ModelConfig
+
+FORMAT_VERSION = 1
+SHIPPED = {"sinusoid": "sinusoid.safetensors", "digits": "digits.safetensors"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, of an unknown format or does not fit the model."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same directory + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    path: Path,
+    model: MetaModel,
+    *,
+    family: str,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    model_version: int = 1,
+) -> dict[str, Any]:
+    """Save ``model`` atomically to ``path``; returns the manifest written."""
+    path = Path(path)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "model_version": model_version,
+        "model": model.config.to_dict(),
+        "training": training or {},
+        "metrics": metrics or {},
+        "created_unix": time.time(),
+        "stream_meta_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    manifest = json.loads(json.dumps(manifest))  # exactly what a reader will get back
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint, validated; raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a valid safetensors checkpoint: {exc}") from exc
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has no valid stream-meta manifest") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {manifest.get('format_version')!r} is not supported "
+            f"(this build reads format {FORMAT_VERSION})"
+        )
+    return dict(manifest)
+
+
+def load_checkpoint(
+    path: Path, *, device: str | torch.device = "cpu"
+) -> tuple[MetaModel, dict[str, Any]]:
+    """Rebuild the model of a checkpoint; returns ``(model in eval mode, manifest)``."""
+    manifest = read_manifest(path)
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        model = MetaModel(config)
+        tensors = load_file(str(path), device=str(device))
+        model.load_state_dict(tensors, strict=True)
+    except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
+    return model.to(device).eval(), manifest
+
+
+def shipped_checkpoint(family: str) -> Path:
+    """Path of the checkpoint shipped inside the package for ``family``."""
+    if family not in SHIPPED:
+        raise CheckpointError(f"no shipped checkpoint for family {family!r}; use --checkpoint")
+    path = Path(str(resources.files("stream_meta") / "checkpoints" / SHIPPED[family]))
+    if not path.is_file():
+        raise CheckpointError(
+            f"the shipped {family} checkpoint is missing ({path}); rebuild it with "
+            f"`make checkpoints` or pass --checkpoint"
+        )
+    return path
