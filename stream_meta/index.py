@@ -63,7 +63,7 @@ Example:
     1
 """
 
-# ruff: noqa: E741  (FAISS's array names D and I, as in faiss.contrib; see STYLE.md)
+
 from __future__ import annotations
 
 import hashlib
@@ -600,3 +600,27 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def neighbour_arrays(
+    index: TaskIndex, xq: np.ndarray, k: int, exclude: Sequence[str | None] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``k`` nearest tasks' embeddings as dense arrays, for a model's neighbour input.
+
+    Returns ``zn [nq, k, d]`` (zeros where fewer than ``k`` exist), ``sim [nq, k]`` cosine
+    similarities (0 there) and ``mask [nq, k]`` (1.0 = a real neighbour), all float32.
+    """
+    nq = xq.shape[0]
+    if k == 0 or len(index) == 0:
+        return (
+            np.zeros((nq, 0, index.d), np.float32),
+            np.zeros((nq, 0), np.float32),
+            np.zeros((nq, 0), np.float32),
+        )
+    D, I = index.search(xq, k, exclude=exclude)
+    valid = I >= 0
+    zn = np.zeros((nq, k, index.d), dtype=np.float32)
+    if valid.any():
+        zn[valid] = index.reconstruct_keys(I[valid])
+    sim = np.where(valid, D, 0.0).astype(np.float32)
+    return zn, sim, valid.astype(np.float32)

@@ -1,6 +1,6 @@
 """Tests for stream_meta.index: TaskIndex against brute-force numpy ground truth."""
 
-# ruff: noqa: E741  (FAISS's array names D and I, as in faiss.contrib; see STYLE.md)
+
 
 from __future__ import annotations
 

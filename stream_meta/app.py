@@ -1,0 +1,109 @@
+"""The in-process application loop: source -> micro-batches -> engine -> sinks.
+
+``run_stream`` is what ``stream-meta run`` does: it cuts the source into micro-batches, hands
+them to the :class:`~stream_meta.engine.Engine`, writes predictions and rejections, scores
+unlabelled queries when the source knows their truth, reports progress and returns the run
+summary. ``events=N`` / ``timeout_s`` stop it deterministically (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from stream_meta.engine import Engine
+from stream_meta.sources import Item, JsonlSink
+
+log = logging.getLogger(__name__)
+
+
+class QueryScorer:
+    """Scores predictions of unlabelled events against the truth a synthetic source knows."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.count = 0
+        self.loss_sum = 0.0
+        self.correct = 0
+
+    def add(self, predictions: list[Any], truths: list[Any]) -> None:
+        if not truths:
+            return
+        p = np.asarray(predictions, dtype=np.float64)
+        t = np.asarray(truths, dtype=np.float64)
+        self.count += len(t)
+        if self.kind == "regression":
+            self.loss_sum += float(((p - t) ** 2).sum())
+        else:
+            self.correct += int((p == t).sum())
+
+    def summary(self) -> dict[str, Any]:
+        if not self.count:
+            return {}
+        if self.kind == "regression":
+            return {"query_loss": self.loss_sum / self.count, "queries_scored": self.count}
+        return {"query_accuracy": self.correct / self.count, "queries_scored": self.count}
+
+
+def run_stream(
+    engine: Engine,
+    source: Iterable[Item],
+    *,
+    events: int | None = None,
+    batch_size: int = 512,
+    timeout_s: float | None = None,
+    predictions: JsonlSink | None = None,
+    rejects: JsonlSink | None = None,
+    on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``."""
+    it = iter(source) if events is None else itertools.islice(source, events)
+    scorer = QueryScorer(engine.kind)
+    start = time.perf_counter()
+    done = 0
+    busy = 0.0
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        if not chunk:
+            break
+        t0 = time.perf_counter()
+        raws = [raw for raw, _ in chunk]
+        result = engine.process(raws, received_at=t0)
+        busy += time.perf_counter() - t0
+        out = result.outputs
+        if out is not None:
+            qp, qt = [], []
+            for (_raw, truth), ref in zip(chunk, result.order, strict=True):
+                if truth is not None and ref >= 0 and not out.labelled[ref]:
+                    qp.append(out.values[ref])
+                    qt.append(truth)
+            scorer.add(qp, qt)
+        if predictions is not None:
+            predictions.write_lines([p.to_json() for p in result.predictions])
+        if rejects is not None:
+            rejects.write_lines([_reject_json(r) for r in result.rejections])
+        done += len(chunk)
+        if on_batch is not None:
+            on_batch(len(chunk), engine.summary())
+        if timeout_s is not None and time.perf_counter() - start > timeout_s:
+            log.info("stopping after %.1f s (timeout)", timeout_s)
+            break
+    elapsed = time.perf_counter() - start
+    summary = engine.summary()
+    summary.update(scorer.summary())
+    summary["seconds"] = round(elapsed, 3)
+    summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
+    summary["engine_events_per_s"] = round(done / busy, 1) if busy > 0 else math.inf
+    return summary
+
+
+def _reject_json(rejection: Any) -> str:
+    import json
+
+    return json.dumps(rejection.to_record())

@@ -1,0 +1,614 @@
+"""The per-event loop: predict with the task's adapted weights, score, learn, re-index.
+
+For every event, in order: validate it (a bad one becomes a :class:`Rejection` and changes no
+state); predict with the task's adapted weights; if it is labelled, score the prediction first
+(prequential), then add the example to the task's support set, update its embedding
+incrementally and queue the embedding for the FAISS index.
+
+Throughput comes from micro-batching *across tasks* without changing these semantics. Learning
+depends on the labels only, never on the predictions, so a batch is first walked in order to
+update the support sets and to record, for every event, the support set its task had when the
+event arrived. Every distinct ``(task, support version)`` that has no cached weights becomes an
+adaptation request; all requests of the batch are adapted together (encoder readout from
+incremental prefix sums, one batched k-NN search, hypernetwork, closed-form head), and all events
+are predicted in one batched target-network call. Each event is thus served exactly with the
+examples that came before it, as in a one-at-a-time loop; only the *neighbours* are looked up in
+the index as it stood at the start of the batch (index upserts are applied between batches).
+
+Adapted weights live in a fixed pool of ``weights_cache_size`` rows (FIFO reuse); a row is valid
+for a task while the task's support version and the model generation are unchanged. The model
+is an immutable snapshot read once per batch: :meth:`Engine.swap_model` takes effect between
+batches, so no batch mixes two model versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
+from stream_meta.index import TaskIndex, neighbour_arrays, task_key
+from stream_meta.metrics import EngineMetrics
+from stream_meta.model import MetaModel
+from stream_meta.state import TaskState, TaskStore
+
+log = logging.getLogger(__name__)
+
+Raw = bytes | str | Mapping[str, Any]
+
+#: exact shot counts reported in ``loss_by_shots``; larger counts are bucketed
+SHOT_BUCKETS = ((21, 50, "21-50"), (51, 10**9, "51+"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs (the CLI fills them from the ``[engine]`` settings section)."""
+
+    support_size: int = 64
+    support_policy: str = "recent"
+    k_neighbours: int = 8
+    max_live_tasks: int = 100_000
+    task_ttl_s: float | None = None
+    index_flush_every: int = 256
+    max_event_bytes: int = 65_536
+    weights_cache_size: int = 20_000
+    seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineConfig:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in settings.model_dump().items() if k in names})
+
+
+@dataclass
+class Outputs:
+    """Column-wise outputs of the valid events of one batch (cheap to build, records on demand)."""
+
+    event_ids: list[str]
+    task_ids: list[str]
+    values: list[Any]  # the prediction: a float, or a class index
+    probabilities: list[Any] | None  # class probabilities (classification only)
+    shots: list[int]
+    labelled: list[bool]
+    losses: list[float]  # NaN for unlabelled events
+    latency_s: float
+    model_version: int
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    def record(self, i: int) -> Prediction:
+        loss = self.losses[i]
+        return Prediction.model_construct(
+            event_id=self.event_ids[i],
+            task_id=self.task_ids[i],
+            prediction=self.values[i],
+            probabilities=None if self.probabilities is None else self.probabilities[i],
+            model_version=self.model_version,
+            shots=self.shots[i],
+            labelled=self.labelled[i],
+            loss=None if loss != loss else loss,
+            latency_s=self.latency_s,
+        )
+
+
+@dataclass
+class BatchResult:
+    """What one :meth:`Engine.process` call produced.
+
+    ``order[i]`` says what became of input ``i``: ``j >= 0`` is its prediction
+    (``outputs``/``predictions[j]``), ``-1 - j`` its rejection ``rejections[j]``.
+    """
+
+    rejections: list[Rejection] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    outputs: Outputs | None = None
+
+    @property
+    def predictions(self) -> list[Prediction]:
+        """The prediction records, in input order (built on first access)."""
+        cached = self.__dict__.get("_predictions")
+        if cached is None:
+            out = self.outputs
+            cached = [] if out is None else [out.record(i) for i in range(len(out))]
+            self.__dict__["_predictions"] = cached
+        return cached
+
+
+class _Request:
+    """One adaptation to compute: a task's support set as one of the batch's events saw it."""
+
+    __slots__ = ("embedding", "feature_sum", "n", "ops_before", "state", "version", "xs", "ys")
+
+    def __init__(self, state: TaskState, ops_before: int) -> None:
+        self.state = state
+        self.version = state.version
+        self.n = state.n
+        self.ops_before = ops_before  # examples this batch added to the task before the request
+        # views of the live buffer: the planner snapshots them (copy-on-write) only if the task
+        # learns another example before the batch is adapted
+        self.xs = state.xs[: state.n] if state.xs is not None else None
+        self.ys = state.ys[: state.n] if state.ys is not None else None
+        self.feature_sum: np.ndarray = state.feature_sum
+        self.embedding = state.embedding  # used while n == 0 (a returning task's stored one)
+
+
+class _Plan:
+    """What :meth:`Engine._plan` worked out for a batch of valid events."""
+
+    def __init__(self, n: int) -> None:
+        self.states: list[TaskState] = []
+        self.shots = np.zeros(n, dtype=np.int64)  # support size each event was served with
+        self.request_of = np.zeros(n, dtype=np.int64)  # -1 = cached weights
+        self.requests: list[_Request] = []
+        #: per task key: (event position, evicted index) of each example learned in the batch
+        self.ops: dict[int, list[tuple[int, int]]] = {}
+        self.evicted: list[tuple[np.ndarray, Any] | None] = []
+        self.x = torch.empty(0)
+
+
+class RunningStats:
+    """Prequential counters behind the run summary (cheap, vectorised updates)."""
+
+    def __init__(self, max_shots: int) -> None:
+        self.events = self.labelled = self.queries = self.rejected = 0
+        self.loss_sum = 0.0
+        self.correct = 0
+        self.shot_loss = np.zeros(max_shots + 2, dtype=np.float64)
+        self.shot_count = np.zeros(max_shots + 2, dtype=np.int64)
+
+    def add_labelled(self, losses: np.ndarray, shots: np.ndarray, correct: int = 0) -> None:
+        self.labelled += len(losses)
+        self.loss_sum += float(losses.sum())
+        self.correct += correct
+        idx = np.minimum(shots, len(self.shot_loss) - 1)
+        np.add.at(self.shot_loss, idx, losses)
+        np.add.at(self.shot_count, idx, 1)
+
+    @property
+    def prequential_loss(self) -> float | None:
+        return self.loss_sum / self.labelled if self.labelled else None
+
+    def loss_by_shots(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s in range(min(21, len(self.shot_count))):
+            if self.shot_count[s]:
+                out[str(s)] = float(self.shot_loss[s] / self.shot_count[s])
+        for lo, hi, name in SHOT_BUCKETS:
+            sl = slice(lo, min(hi + 1, len(self.shot_count)))
+            n = int(self.shot_count[sl].sum())
+            if n:
+                out[name] = float(self.shot_loss[sl].sum() / n)
+        return out
+
+
+class Engine:
+    """Adapts every task of a stream; see the module docstring.
+
+    Parameters
+    ----------
+    model:
+        The meta-model to serve (put in eval mode; never trained here).
+    config:
+        Engine knobs; see :class:`EngineConfig`.
+    index:
+        The task index (shared with other components); a flat exact one by default.
+    metrics:
+        Prometheus metrics; a private registry when omitted.
+    model_version:
+        Version reported with every prediction.
+    """
+
+    def __init__(
+        self,
+        model: MetaModel,
+        config: EngineConfig | None = None,
+        *,
+        index: TaskIndex | None = None,
+        metrics: EngineMetrics | None = None,
+        model_version: int = 1,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        self.kind = mc.kind
+        self.schema = EventSchema(
+            x_dim=mc.x_dim,
+            task=mc.kind,
+            n_classes=mc.n_classes,
+            max_bytes=config.max_event_bytes,
+        )
+        self.index = index if index is not None else TaskIndex(mc.embed_dim)
+        if self.index.d != mc.embed_dim:
+            raise ValueError(f"index dimension {self.index.d} != embedding {mc.embed_dim}")
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self.store = TaskStore(
+            x_dim=mc.x_dim,
+            feat_dim=model.encoder.hidden,
+            support_size=config.support_size,
+            policy=config.support_policy,  # type: ignore[arg-type]
+            max_live_tasks=config.max_live_tasks,
+            ttl_s=config.task_ttl_s,
+            y_dtype=np.float32 if mc.kind == "regression" else np.int64,
+            key=task_key,
+            seed=config.seed,
+        )
+        self.stats = RunningStats(config.support_size)
+        self._cache_size = max(config.weights_cache_size, 1)
+        self._pending: dict[str, np.ndarray] = {}
+        self._gen = 0
+        self._install(model, model_version)
+        self.metrics.model_version.set(model_version)
+
+    # -- model snapshot ---------------------------------------------------------------------
+    def _install(self, model: MetaModel, version: int) -> None:
+        model.eval()
+        with torch.inference_mode():
+            empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))[
+                0
+            ].numpy()
+        pool = torch.zeros(self._cache_size, model.target.n_params)
+        self._snapshot = (model, version, empty, pool)
+        self._slot_key = np.full(self._cache_size, -1, dtype=np.int64)
+        self._slot_version = np.full(self._cache_size, -1, dtype=np.int64)
+        self._next_slot = 0
+        for state in self.store:
+            state.slot = -1
+
+    @property
+    def model(self) -> MetaModel:
+        return self._snapshot[0]
+
+    @property
+    def model_version(self) -> int:
+        return self._snapshot[1]
+
+    def swap_model(self, model: MetaModel, version: int) -> None:
+        """Serve ``model`` from the next batch on; re-encodes every live task's embedding."""
+        if model.config != self.model.config:
+            raise ValueError("the new model's configuration differs from the served one")
+        self._install(model, version)
+        states = [s for s in self.store if s.n > 0]
+        for i in range(0, len(states), 4096):
+            self._reembed(states[i : i + 4096])
+        self.flush_index()
+        self.metrics.model_version.set(version)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def process(self, raws: Sequence[Raw], received_at: float | None = None) -> BatchResult:
+        """Validate, predict, score and learn a batch of raw events, in order."""
+        t0 = time.perf_counter() if received_at is None else received_at
+        result = BatchResult()
+        events: list[Event] = []
+        positions: list[int] = []
+        for pos, raw in enumerate(raws):
+            parsed = parse_event(raw, self.schema)
+            if isinstance(parsed, Rejection):
+                result.order.append(-1 - len(result.rejections))
+                result.rejections.append(parsed)
+                self.metrics.rejections.labels(parsed.reason.value).inc()
+            else:
+                result.order.append(-1)  # patched below
+                positions.append(pos)
+                events.append(parsed)
+        n_bad = len(result.rejections)
+        self.stats.rejected += n_bad
+        self.stats.events += len(raws)
+        if n_bad:
+            self.metrics.events.labels("invalid", "rejected").inc(n_bad)
+        if events:
+            result.outputs = self._process_events(events, t0)
+            for i, pos in enumerate(positions):
+                result.order[pos] = i
+        self.flush_index()
+        self._evict(events)
+        return result
+
+    def _process_events(self, events: list[Event], t0: float) -> Outputs:
+        with torch.inference_mode():
+            plan = self._plan(events)
+            weights = self._weights_for(plan)
+            out = self.model.predict(plan.x.unsqueeze(1), weights)[:, 0]
+        return self._score(events, plan, out, t0)
+
+    # -- planning: walk the batch in order, learning as we go --------------------------------
+    def _plan(self, events: list[Event]) -> _Plan:
+        """Update support sets in event order and record what each event must be served with.
+
+        Learning depends on the labels only, never on predictions, so the whole batch's support
+        evolution is known before anything is predicted. Each event is served with the weights
+        of its task's support set *as it was when the event arrived*: the cached weights when
+        the task is unchanged since its last adaptation, else an adaptation *request* capturing
+        that support set, shared by consecutive events of the task at the same version.
+        """
+        plan = _Plan(len(events))
+        store, now = self.store, time.time()
+        last_req: dict[int, tuple[int, int]] = {}  # key -> (version, request index)
+        live: dict[int, _Request] = {}  # requests still viewing their task's live buffer
+        for i, ev in enumerate(events):
+            state, created = store.touch(ev.task_id, ev.ts or now)
+            if created and ev.task_id in self.index:  # a returning task, evicted earlier
+                state.embedding = self.index.reconstruct([ev.task_id])[0]
+            plan.states.append(state)
+            plan.shots[i] = state.n
+            prev = last_req.get(state.key)
+            if prev is not None and prev[0] == state.version:
+                plan.request_of[i] = prev[1]
+            elif prev is None and self._valid(state):
+                plan.request_of[i] = -1
+            else:
+                plan.request_of[i] = len(plan.requests)
+                last_req[state.key] = (state.version, len(plan.requests))
+                req = _Request(state, len(plan.ops.get(state.key, ())))
+                plan.requests.append(req)
+                live[state.key] = req
+            if ev.y is not None:
+                req = live.pop(state.key, None)
+                if req is not None and req.xs is not None and req.ys is not None:
+                    req.xs, req.ys = req.xs.copy(), req.ys.copy()
+                kept, evicted = store.add_example(state, ev.x, ev.y)
+                if kept:
+                    plan.ops.setdefault(state.key, []).append((i, len(plan.evicted)))
+                    plan.evicted.append(evicted)
+        plan.x = torch.as_tensor(np.array([ev.x for ev in events], dtype=np.float32))
+        self._replay_features(events, plan)
+        return plan
+
+    def _replay_features(self, events: list[Event], plan: _Plan) -> None:
+        """Bring every touched task's pooled encoder state up to date, and give each request
+        the pooled state it saw (prefix sums of the batch's feature deltas)."""
+        if not plan.ops:
+            for r in plan.requests:
+                r.feature_sum = r.state.feature_sum
+            return
+        model = self.model
+        lab = [i for i, ev in enumerate(events) if ev.y is not None]
+        row = {i: j for j, i in enumerate(lab)}
+        f_add = self._point_features([events[i].x for i in lab], [events[i].y for i in lab])
+        ev_rows = [j for j, e in enumerate(plan.evicted) if e is not None]
+        f_sub = np.zeros((len(plan.evicted), model.encoder.hidden), dtype=np.float64)
+        if ev_rows:
+            f_sub[ev_rows] = self._point_features(
+                [plan.evicted[j][0] for j in ev_rows],  # type: ignore[index]
+                [plan.evicted[j][1] for j in ev_rows],  # type: ignore[index]
+            )
+        prefix: dict[int, np.ndarray] = {}
+        for key, ops in plan.ops.items():
+            adds = np.array([row[i] for i, _ in ops])
+            subs = np.array([e for _, e in ops])
+            prefix[key] = np.cumsum(f_add[adds] - f_sub[subs], axis=0)
+        for r in plan.requests:
+            cums = prefix.get(r.state.key)
+            r.feature_sum = (
+                r.state.feature_sum
+                if cums is None or r.ops_before == 0
+                else r.state.feature_sum + cums[r.ops_before - 1]
+            )
+        touched: list[TaskState] = []
+        seen: set[int] = set()
+        for s in plan.states:
+            if s.key in prefix and s.key not in seen:
+                seen.add(s.key)
+                s.feature_sum = s.feature_sum + prefix[s.key][-1]
+                touched.append(s)
+        self._reembed(touched)
+
+    def _point_features(self, xs: list[Any], ys: list[Any]) -> np.ndarray:
+        model = self.model
+        x = torch.as_tensor(np.asarray(xs, dtype=np.float32).reshape(len(xs), -1))
+        y_dtype = torch.float32 if self.kind == "regression" else torch.long
+        y = model.encode_labels(torch.as_tensor(ys, dtype=y_dtype))
+        return model.encoder.point_features(x, y).double().numpy()
+
+    # -- adaptation ---------------------------------------------------------------------------
+    def _weights_for(self, plan: _Plan) -> torch.Tensor:
+        """Per-event weights ``[N, n_params]``: cached rows, or freshly adapted requests."""
+        pool = self._snapshot[3]
+        req = torch.as_tensor(plan.request_of)
+        cached = req < 0
+        weights = torch.empty(len(plan.states), pool.shape[1])
+        if bool(cached.any()):
+            idx = cached.nonzero()[:, 0]
+            slots = torch.as_tensor([plan.states[i].slot for i in idx.tolist()], dtype=torch.long)
+            weights[idx] = pool[slots]
+        if plan.requests:
+            fresh = self._adapt(plan.requests)
+            idx = (~cached).nonzero()[:, 0]
+            weights[idx] = fresh[req[idx]]
+            self._cache(plan.requests, fresh)
+        return weights
+
+    def _adapt(self, requests: list[_Request], chunk: int = 4096) -> torch.Tensor:
+        """Adapt every request in batched forward passes -> weights ``[R, n_params]``."""
+        parts = [
+            self._adapt_chunk(requests[lo : lo + chunk]) for lo in range(0, len(requests), chunk)
+        ]
+        self.metrics.adaptations.inc(len(requests))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
+        model, _v, empty, _pool = self._snapshot
+        b = len(rs)
+        counts = np.array([r.n for r in rs], dtype=np.int64)
+        sums = np.stack([r.feature_sum for r in rs]).astype(np.float32)
+        shots = torch.from_numpy(counts.astype(np.float32))
+        z = model.encoder.readout(torch.from_numpy(sums), shots).numpy()
+        for j in np.flatnonzero(counts == 0).tolist():
+            z[j] = rs[j].embedding if rs[j].embedding is not None else empty
+        zn, sim, nmask = self.neighbours(z, [r.state.task_id for r in rs])
+        generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
+        # the closed-form head costs O(n) in the padded support size: solve it in groups of
+        # similar support sizes so short support sets are not padded to the longest
+        order = np.argsort(counts, kind="stable")
+        head = torch.empty(b, model.target.n_features, model.config.y_dim)
+        x_dim, y_dtype = model.config.x_dim, self.store.y_dtype
+        for g in np.array_split(order, min(groups, b)):
+            n_max = max(1, int(counts[g[-1]]))
+            xs = np.zeros((len(g), n_max, x_dim), dtype=np.float32)
+            ys = np.zeros((len(g), n_max), dtype=y_dtype)
+            smask = np.zeros((len(g), n_max), dtype=np.float32)
+            for j, ri in enumerate(g.tolist()):
+                r = rs[ri]
+                if r.n:
+                    xs[j, : r.n] = r.xs
+                    ys[j, : r.n] = r.ys
+                    smask[j, : r.n] = 1.0
+            gi = torch.from_numpy(g)
+            head[gi] = model.solve_head(
+                generated[gi],
+                torch.from_numpy(xs),
+                model.encode_labels(torch.from_numpy(ys)),
+                torch.from_numpy(smask),
+            )
+        self.metrics.adapt_batch.observe(b)
+        return model.with_head(generated, head)
+
+    def _cache(self, requests: list[_Request], weights: torch.Tensor) -> None:
+        """Keep each task's newest adaptation when it still matches the task's support set."""
+        newest: dict[int, int] = {}
+        for j, r in enumerate(requests):
+            if r.version == r.state.version:
+                newest[r.state.key] = j
+        if not newest:
+            return
+        rows = list(newest.values())
+        slots = self._alloc_slots(len(rows))
+        self._snapshot[3][torch.from_numpy(slots)] = weights[rows]
+        for j, slot in zip(rows, slots.tolist(), strict=True):
+            s = requests[j].state
+            s.slot = slot
+            self._slot_key[slot] = s.key
+            self._slot_version[slot] = s.version
+
+    def _valid(self, s: TaskState) -> bool:
+        return (
+            s.slot >= 0
+            and self._slot_key[s.slot] == s.key
+            and self._slot_version[s.slot] == s.version
+        )
+
+    def _alloc_slots(self, b: int) -> np.ndarray:
+        """``b`` rows of the weights pool, reused in FIFO order (grown if ``b`` exceeds it)."""
+        if b > self._cache_size:
+            model, version, empty, pool = self._snapshot
+            grow = b - self._cache_size
+            pool = torch.cat([pool, torch.zeros(grow, pool.shape[1])])
+            self._slot_key = np.concatenate([self._slot_key, np.full(grow, -1, np.int64)])
+            self._slot_version = np.concatenate([self._slot_version, np.full(grow, -1, np.int64)])
+            self._cache_size += grow
+            self._snapshot = (model, version, empty, pool)
+            log.warning("weights cache grown to %d rows for a batch of %d tasks", b, b)
+        slots = (self._next_slot + np.arange(b)) % self._cache_size
+        self._next_slot = int((self._next_slot + b) % self._cache_size)
+        return slots
+
+    def neighbours(
+        self, z: np.ndarray, exclude: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k`` nearest indexed tasks of each embedding: ``zn [B,k,E], sim [B,k], mask [B,k]``."""
+        arrays = neighbour_arrays(self.index, z, self.config.k_neighbours, exclude)
+        return tuple(torch.from_numpy(a) for a in arrays)  # type: ignore[return-value]
+
+    # -- scoring and outputs ------------------------------------------------------------------
+    def _score(self, events: list[Event], plan: _Plan, out: torch.Tensor, t0: float) -> Outputs:
+        version = self.model_version
+        shots = plan.shots
+        labelled = np.array([ev.y is not None for ev in events])
+        losses = np.full(len(events), math.nan)
+        li = np.flatnonzero(labelled)
+        if self.kind == "regression":
+            values = out.numpy().astype(np.float64)
+            predictions: list[Any] = values.tolist()
+            probs: list[Any] = [None] * len(events)
+            if len(li):
+                ys = np.array([events[i].y for i in li], dtype=np.float64)
+                losses[li] = (values[li] - ys) ** 2
+            correct = 0
+        else:
+            p = torch.softmax(out, dim=-1).numpy().astype(np.float64)
+            predictions = p.argmax(axis=1).tolist()
+            probs = [tuple(row) for row in p.round(6).tolist()]
+            correct = 0
+            if len(li):
+                ys_i = np.array([events[i].y for i in li], dtype=np.int64)
+                losses[li] = -np.log(np.clip(p[li, ys_i], 1e-12, None))
+                correct = int((p[li].argmax(axis=1) == ys_i).sum())
+        n_lab = len(li)
+        if n_lab:
+            self.stats.add_labelled(losses[li], shots[li], correct)
+        self.stats.queries += len(events) - n_lab
+        latency = time.perf_counter() - t0
+        m = self.metrics
+        if n_lab:
+            m.events.labels("labelled", "predicted").inc(n_lab)
+            m.loss.observe_many(losses[li])
+            m.loss_mean.set(self.stats.prequential_loss or 0.0)
+        if len(events) - n_lab:
+            m.events.labels("query", "predicted").inc(len(events) - n_lab)
+        m.latency.observe(latency, len(events))
+        return Outputs(
+            event_ids=[ev.event_id for ev in events],
+            task_ids=[ev.task_id for ev in events],
+            values=predictions,
+            probabilities=None if self.kind == "regression" else probs,
+            shots=shots.tolist(),
+            labelled=labelled.tolist(),
+            losses=losses.tolist(),
+            latency_s=latency,
+            model_version=version,
+        )
+
+    def _reembed(self, states: list[TaskState]) -> None:
+        """Recompute embeddings from the pooled encoder state and queue them for the index."""
+        if not states:
+            return
+        model = self._snapshot[0]
+        with torch.inference_mode():
+            sums = torch.from_numpy(np.stack([s.feature_sum for s in states]).astype(np.float32))
+            counts = torch.tensor([float(s.n) for s in states])
+            z = model.encoder.readout(sums, counts).numpy()
+        for s, row in zip(states, z, strict=True):
+            s.embedding = row
+            self._pending[s.task_id] = row
+        if len(self._pending) >= self.config.index_flush_every:
+            self.flush_index()
+
+    def flush_index(self) -> None:
+        """Apply the buffered embedding upserts to the index in one batch."""
+        if not self._pending:
+            return
+        ids = list(self._pending)
+        self.index.upsert(ids, np.stack(list(self._pending.values())))
+        self._pending.clear()
+        self.metrics.index_size.set(len(self.index))
+
+    def _evict(self, events: list[Event]) -> None:
+        now = max((ev.ts or 0.0 for ev in events), default=0.0) or time.time()
+        evicted = self.store.evict(now)
+        if evicted:
+            self.metrics.tasks_evicted.inc(len(evicted))
+        self.metrics.tasks.set(len(self.store))
+
+    # -- reporting ----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        st = self.stats
+        out: dict[str, Any] = {
+            "events": st.events,
+            "labelled": st.labelled,
+            "queries": st.queries,
+            "rejected": st.rejected,
+            "tasks": len(self.store),
+            "index_size": len(self.index),
+            "model_version": self.model_version,
+            "prequential_loss": st.prequential_loss,
+            "loss_by_shots": st.loss_by_shots(),
+        }
+        if self.kind == "classification" and st.labelled:
+            out["prequential_accuracy"] = st.correct / st.labelled
+        return out

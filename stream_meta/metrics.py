@@ -1,0 +1,164 @@
+"""Every Prometheus metric of the engine, defined once against an injected registry.
+
+Names carry the ``stream_meta_`` prefix and base units (``_seconds``, ``_total`` on counters);
+no label ever carries a task id (unbounded cardinality). Tests build a fresh
+``CollectorRegistry`` per engine; the CLI passes the registry it serves.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from stream_meta import __version__
+
+#: per-event prediction latency buckets (seconds); 1 ms and 50 ms are targets
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+#: per-event loss buckets (squared error or cross-entropy)
+LOSS_BUCKETS = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+
+
+class BatchHistogram(Collector):
+    """A Prometheus histogram fed a whole batch at a time (numpy), for per-event values.
+
+    ``prometheus_client.Histogram.observe`` costs about a microsecond and a lock per value; the
+    engine produces tens of thousands of values a second, a batch at a time, so this collector
+    bins a batch with one ``searchsorted`` + ``bincount`` and exposes the standard
+    ``_bucket`` / ``_sum`` / ``_count`` series.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.array([*sorted(buckets), math.inf], dtype=np.float64)
+        self._counts = np.zeros(len(self._bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Count every value of ``values`` (NaN values are ignored)."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        v = v[~np.isnan(v)]
+        if not len(v):
+            return
+        counts = np.bincount(np.searchsorted(self._bounds, v), minlength=len(self._bounds))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(v.sum())
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Count ``value`` ``count`` times (e.g. one batch latency for each of its events)."""
+        if count <= 0 or value != value:
+            return
+        i = int(np.searchsorted(self._bounds, value))
+        with self._lock:
+            self._counts[i] += count
+            self._sum += value * count
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        buckets = [
+            ("+Inf" if math.isinf(b) else repr(float(b)), c)
+            for b, c in zip(self._bounds.tolist(), cumulative, strict=True)
+        ]
+        return [
+            HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+        ]
+
+
+class EngineMetrics:
+    """The engine's metrics. ``registry=None`` gives a private, unexported registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "stream_meta_events_total",
+            "Events processed, by kind (labelled, query, invalid) and outcome.",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "stream_meta_rejections_total",
+            "Events rejected (dead-lettered), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.latency = BatchHistogram(
+            "stream_meta_prediction_latency_seconds",
+            "Time from an event entering the engine to its prediction.",
+            LATENCY_BUCKETS,
+            r,
+        )
+        self.loss = BatchHistogram(
+            "stream_meta_prequential_loss",
+            "Per-event prequential loss of labelled events (scored before learning them); "
+            "rate(_sum)/rate(_count) is the windowed mean.",
+            LOSS_BUCKETS,
+            r,
+        )
+        self.loss_mean = Gauge(
+            "stream_meta_prequential_loss_mean",
+            "Mean prequential loss since start.",
+            registry=r,
+        )
+        self.adaptations = Counter(
+            "stream_meta_adaptations_total",
+            "Task adaptations (weights generated from support set and neighbours).",
+            registry=r,
+        )
+        self.adapt_batch = Histogram(
+            "stream_meta_adapt_batch_size",
+            "Tasks adapted together in one batched forward pass.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.tasks = Gauge("stream_meta_tasks", "Live task states in memory.", registry=r)
+        self.tasks_evicted = Counter(
+            "stream_meta_tasks_evicted_total",
+            "Idle task states evicted from memory (their embeddings stay in the index).",
+            registry=r,
+        )
+        self.index_size = Gauge(
+            "stream_meta_index_vectors", "Task embeddings in the FAISS index.", registry=r
+        )
+        self.model_version = Gauge(
+            "stream_meta_model_version", "Version of the model being served.", registry=r
+        )
+        self.build = Info("stream_meta_build", "Build information.", registry=r)
+
+    def set_build_info(self, **extra: str) -> None:
+        import faiss
+        import torch
+
+        self.build.info(
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "faiss": getattr(faiss, "__version__", "unknown"),
+                **extra,
+            }
+        )
