@@ -121,6 +121,12 @@ class EngineSettings(BaseModel):
         default=20_000, ge=1, description="Generated per-task weights kept in the LRU cache."
     )
     seed: int = Field(default=0, description="Seed of the engine's random choices.")
+    threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Intra-op threads for torch and FAISS in the engine (0 = one per core).",
+    )
 
 
 class IndexSettings(BaseModel):

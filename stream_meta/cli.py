@@ -1,0 +1,420 @@
+"""The ``stream-meta`` command: ``run``, ``train``, ``evaluate``.
+
+This is the application entry point: the only place that reads the environment
+(``STREAM_META_*``), configures logging, starts the metrics endpoint and prints. Exit codes:
+0 success, 1 runtime failure, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("stream_meta")
+
+EXIT_USAGE = 2
+
+#: model architecture per family (the checkpoint manifest records it)
+FAMILY_MODELS: dict[str, dict[str, Any]] = {
+    "sinusoid": {"target_hidden": (40, 40), "hyper_hidden": 256},
+    "digits": {"target_hidden": (64,), "hyper_hidden": 256},
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one message, exit code 2."""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set engine.k_neighbours=0`` items -> a nested overrides dict (values as TOML)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UsageError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare string
+        section, field = key.split(".", 1)
+        out.setdefault(section, {})[field] = parsed
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    from stream_meta.config import load_settings
+
+    return load_settings(
+        args.config,
+        env=os.environ,
+        overrides=_merge(_parse_set(args.set or []), overrides),
+    )
+
+
+def _load_model(checkpoint: Path | None, family: str, device: str = "cpu") -> tuple[Any, dict]:
+    from stream_meta.checkpoint import load_checkpoint, shipped_checkpoint
+
+    path = checkpoint if checkpoint is not None else shipped_checkpoint(family)
+    model, manifest = load_checkpoint(path, device=device)
+    manifest["path"] = str(path)
+    return model, manifest
+
+
+def _family_for(name: str, *, split: str) -> Any:
+    from stream_meta.tasks import get_family
+
+    return get_family(name, split=split) if name == "digits" else get_family(name)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, sort_keys=False))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+            print(f"{key:<{width}}  {inner}")
+        else:
+            print(f"{key:<{width}}  {_fmt(value)}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+# -- run -------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.family:
+        overrides.setdefault("model", {})["family"] = args.family
+    if args.checkpoint:
+        overrides.setdefault("model", {})["checkpoint"] = str(args.checkpoint)
+    if args.metrics_port is not None:
+        overrides.setdefault("metrics", {})["port"] = args.metrics_port
+    if args.k_neighbours is not None:
+        overrides.setdefault("engine", {})["k_neighbours"] = args.k_neighbours
+    settings = _settings(args, overrides)
+
+    import faiss
+    import torch
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from stream_meta.app import run_stream
+    from stream_meta.engine import Engine, EngineConfig
+    from stream_meta.index import TaskIndex
+    from stream_meta.metrics import EngineMetrics
+    from stream_meta.sources import JsonlSink, jsonl_source, synthetic_source
+
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    # one batched search per micro-batch is small: OpenMP regions only add wake-up stalls
+    faiss.omp_set_num_threads(1)
+    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+    family_name = manifest["family"]
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    metrics.set_build_info(family=family_name)
+    server = None
+    if settings.metrics.port:
+        try:
+            server, _thread = start_http_server(
+                settings.metrics.port, addr=settings.metrics.host, registry=registry
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc} "
+                "(choose another with --metrics-port, or 0 to turn it off)"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
+    ix = settings.index
+    index = TaskIndex(
+        model.config.embed_dim,
+        kind=ix.kind,
+        nlist=ix.nlist,
+        nprobe=ix.nprobe,
+        train_size=ix.train_size,
+        seed=settings.engine.seed,
+    )
+    engine = Engine(
+        model,
+        EngineConfig.from_settings(settings.engine),
+        index=index,
+        metrics=metrics,
+        model_version=int(manifest.get("model_version", 1)),
+    )
+    if args.input:
+        source = jsonl_source(args.input)
+        what = "stdin" if args.input == "-" else args.input
+    else:
+        st = settings.stream
+        source = synthetic_source(
+            _family_for(family_name, split="test"),
+            tasks=st.tasks,
+            clusters=st.clusters,
+            cluster_spread=st.cluster_spread,
+            labelled_fraction=st.labelled_fraction,
+            zipf_s=st.zipf_s,
+            new_task_rate=st.new_task_rate,
+            seed=st.seed,
+        )
+        what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
+    events = args.events
+    log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
+    sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=events, unit="ev", unit_scale=True, desc="run", dynamic_ncols=True)
+    last = [time.perf_counter()]
+
+    def on_batch(n: int, summary: dict[str, Any]) -> None:
+        if bar is None:
+            return
+        bar.update(n)
+        if time.perf_counter() - last[0] > 0.5:
+            last[0] = time.perf_counter()
+            loss = summary.get("prequential_loss")
+            bar.set_postfix(
+                tasks=summary["tasks"],
+                loss="-" if loss is None else f"{loss:.4g}",
+                rejected=summary["rejected"],
+            )
+
+    try:
+        summary = run_stream(
+            engine,
+            source,
+            events=events,
+            batch_size=settings.engine.micro_batch,
+            timeout_s=args.timeout,
+            predictions=sinks[0],
+            rejects=sinks[1],
+            on_batch=on_batch,
+        )
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        summary = engine.summary()
+    finally:
+        if bar is not None:
+            bar.close()
+        for sink in sinks:
+            if sink is not None:
+                sink.close()
+        if server is not None:
+            server.shutdown()
+    summary = {"family": family_name, **summary}
+    _emit(summary, args.json)
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    train_over: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "seed": args.seed,
+            "batch_tasks": args.batch_tasks,
+            "lr": args.lr,
+            "device": args.device,
+        }.items()
+        if v is not None
+    }
+    settings = _settings(args, {"train": train_over} if train_over else {})
+    import torch
+
+    from stream_meta.checkpoint import save_checkpoint
+    from stream_meta.evaluation.fewshot import evaluate
+    from stream_meta.model import MetaModel, ModelConfig
+    from stream_meta.training import TrainConfig, meta_train
+
+    ts = settings.train
+    device = _device(ts.device)
+    family = _family_for(args.family, split="train")
+    config = ModelConfig(
+        x_dim=family.x_dim,
+        kind=family.kind,
+        n_classes=family.n_classes,
+        **FAMILY_MODELS[args.family],
+    )
+    torch.manual_seed(ts.seed)
+    model = MetaModel(config)
+    names = TrainConfig.__dataclass_fields__
+    tc = TrainConfig(**{k: v for k, v in ts.model_dump().items() if k in names})
+    log.info("meta-training %s for %d steps on %s", args.family, tc.steps, device)
+    result = meta_train(model, family, tc, device=device, progress=not args.quiet)
+    model.to("cpu").eval()
+    metrics: dict[str, Any] = {"train": result.to_dict()}
+    if args.eval_tasks:
+        shots = [1, 5] if family.kind == "classification" else [1, 5, 10, 20]
+        report = evaluate(
+            model,
+            _family_for(args.family, split="test"),
+            shots=shots,
+            tasks=args.eval_tasks,
+            latency_samples=50,
+        )
+        metrics["eval"] = {"tasks": args.eval_tasks, "metric": report["metric"], **report["shots"]}
+    manifest = save_checkpoint(
+        args.out,
+        model,
+        family=args.family,
+        training={**tc.__dict__, "device": device},
+        metrics=metrics,
+    )
+    summary = {"out": str(args.out), "family": args.family, **manifest["metrics"]}
+    _emit(summary, args.json)
+    return 0
+
+
+# -- evaluate --------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = _settings(args, {})
+    from stream_meta.evaluation.fewshot import evaluate
+
+    device = _device(args.device or "cpu")
+    model, manifest = _load_model(args.checkpoint, args.family, device="cpu")
+    if manifest["family"] != args.family:
+        raise UsageError(
+            f"checkpoint {manifest['path']} is for family {manifest['family']!r}, "
+            f"not {args.family!r}"
+        )
+    del device  # evaluation runs on the CPU: it measures serving latency
+    k = 0 if args.no_neighbours else settings.engine.k_neighbours
+    report = evaluate(
+        model,
+        _family_for(args.family, split="test"),
+        shots=args.shots,
+        tasks=args.tasks,
+        queries=args.queries,
+        k_neighbours=k,
+        bank_tasks=args.bank_tasks,
+        seed=args.seed,
+    )
+    report["checkpoint"] = manifest["path"]
+    _emit(report, args.json)
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from stream_meta import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML settings file")
+    common.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override one setting (repeatable), e.g. --set engine.support_size=32",
+    )
+    common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    p = argparse.ArgumentParser(
+        prog="stream-meta",
+        description="A well-adapted model for every task in a stream, from its first examples.",
+    )
+    p.add_argument("--version", action="version", version=f"stream-meta {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common], help="run the adaptation engine on a stream")
+    r.add_argument("--input", help="JSON-lines file of events, '-' for stdin (default: synthetic)")
+    r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
+    r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
+    r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
+    r.add_argument("--family", choices=["sinusoid", "digits"], help="task family (shipped model)")
+    r.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    r.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
+    r.add_argument("--k-neighbours", type=int, help="neighbours retrieved per task (0 = off)")
+    r.add_argument("--timeout", type=float, help="stop after this many seconds")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", parents=[common], help="meta-train a model and save a checkpoint")
+    t.add_argument("--family", choices=["sinusoid", "digits"], required=True)
+    t.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-tasks", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--device", help="cpu (default) or cuda[:N]")
+    t.add_argument(
+        "--eval-tasks", type=int, default=500, help="held-out tasks scored into the manifest"
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", parents=[common], help="few-shot evaluation on held-out tasks")
+    e.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
+    e.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    e.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 20])
+    e.add_argument("--tasks", type=int, default=1000)
+    e.add_argument("--queries", type=int, default=100, help="query points per task")
+    e.add_argument("--bank-tasks", type=int, default=1000, help="held-out tasks in the index")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-neighbours", action="store_true", help="switch retrieval off")
+    e.add_argument("--device", help="cpu (default) or cuda[:N]")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from stream_meta.checkpoint import CheckpointError
+    from stream_meta.config import ConfigError
+
+    if getattr(args, "command", None) == "run" and args.events is None and not args.input:
+        args.events = 20_000
+    for name in ("events", "tasks", "steps", "batch_tasks", "eval_tasks"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError, CheckpointError, FileNotFoundError) as exc:
+        print(f"stream-meta: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline evaluation: few-shot protocol (and, later, replay-based comparison of strategies)."""
