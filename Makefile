@@ -47,8 +47,11 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 typecheck: $(STAMP) ## mypy on the library
 	$(VENV)/bin/mypy
 
-checkpoints: $(STAMP) ## re-train the shipped default checkpoint(s)
-	$(VENV)/bin/stream-meta train --family sinusoid --out stream_meta/checkpoints/sinusoid.safetensors $(ARGS)
+checkpoints: $(STAMP) ## re-train the shipped checkpoints (sinusoid, digits) on the CPU
+	$(VENV)/bin/stream-meta train --family sinusoid --steps 8000 --threads 1 \
+		--out stream_meta/checkpoints/sinusoid.safetensors $(ARGS)
+	$(VENV)/bin/stream-meta train --family digits --steps 4000 --threads 1 \
+		--out stream_meta/checkpoints/digits.safetensors $(ARGS)
 
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info

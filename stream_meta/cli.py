@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 #: model architecture per family (the checkpoint manifest records it)
 FAMILY_MODELS: dict[str, dict[str, Any]] = {
     "sinusoid": {"target_hidden": (40, 40), "hyper_hidden": 256},
-    "digits": {"target_hidden": (64,), "hyper_hidden": 256},
+    "digits": {"target_hidden": (128,), "hyper_hidden": 256, "skip_input": True},
 }
 
 
@@ -196,19 +196,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=events, unit="ev", unit_scale=True, desc="run", dynamic_ncols=True)
-    last = [time.perf_counter()]
+    start = last = time.perf_counter()
+    seen = 0
 
     def on_batch(n: int, summary: dict[str, Any]) -> None:
-        if bar is None:
+        nonlocal last, seen
+        seen += n
+        if bar is not None:
+            bar.update(n)
+        now = time.perf_counter()
+        # a terminal gets a live bar; a log (not a TTY) gets a progress line every 10 s
+        if now - last < (0.5 if bar is not None else 10.0) or args.quiet:
             return
-        bar.update(n)
-        if time.perf_counter() - last[0] > 0.5:
-            last[0] = time.perf_counter()
-            loss = summary.get("prequential_loss")
-            bar.set_postfix(
-                tasks=summary["tasks"],
-                loss="-" if loss is None else f"{loss:.4g}",
-                rejected=summary["rejected"],
+        last = now
+        loss = summary.get("prequential_loss")
+        loss_s = "-" if loss is None else f"{loss:.4g}"
+        if bar is not None:
+            bar.set_postfix(tasks=summary["tasks"], loss=loss_s, rejected=summary["rejected"])
+        else:
+            log.info(
+                "%d events, %.0f events/s, %d tasks, prequential loss %s, %d rejected",
+                seen,
+                seen / (now - start),
+                summary["tasks"],
+                loss_s,
+                summary["rejected"],
             )
 
     try:
@@ -261,6 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     ts = settings.train
     device = _device(ts.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     family = _family_for(args.family, split="train")
     config = ModelConfig(
         x_dim=family.x_dim,
@@ -370,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-tasks", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--device", help="cpu (default) or cuda[:N]")
+    t.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0 = one per core)"
+    )
     t.add_argument(
         "--eval-tasks", type=int, default=500, help="held-out tasks scored into the manifest"
     )

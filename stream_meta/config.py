@@ -118,7 +118,9 @@ class EngineSettings(BaseModel):
         default=65536, ge=64, description="Largest serialised event accepted, in bytes."
     )
     weights_cache_size: int = Field(
-        default=20_000, ge=1, description="Generated per-task weights kept in the LRU cache."
+        default=8192,
+        ge=1,
+        description="Rows of adapted per-task weights kept (FIFO reuse; a miss re-adapts).",
     )
     seed: int = Field(default=0, description="Seed of the engine's random choices.")
     threads: int = Field(

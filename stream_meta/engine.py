@@ -58,7 +58,7 @@ class EngineConfig:
     task_ttl_s: float | None = None
     index_flush_every: int = 256
     max_event_bytes: int = 65_536
-    weights_cache_size: int = 20_000
+    weights_cache_size: int = 8192
     seed: int = 0
 
     @classmethod
@@ -242,7 +242,6 @@ class Engine:
         self.stats = RunningStats(config.support_size)
         self._cache_size = max(config.weights_cache_size, 1)
         self._pending: dict[str, np.ndarray] = {}
-        self._gen = 0
         self._install(model, model_version)
         self.metrics.model_version.set(model_version)
 

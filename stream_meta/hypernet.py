@@ -13,12 +13,12 @@ help but cannot hurt much.
 >>> import torch
 >>> net = TargetNet(x_dim=1, hidden=(8, 8), out_dim=1)
 >>> net.n_params, net.n_body, net.n_features
-(105, 88, 9)
+(97, 88, 9)
 >>> hyper = HyperNetwork(embed_dim=4, target=net, hidden=16)
 >>> w = hyper(torch.randn(3, 4), torch.randn(3, 2, 4), torch.rand(3, 2), torch.ones(3, 2),
 ...           torch.tensor([0.0, 1.0, 5.0]))
 >>> w.shape, net.forward(torch.randn(3, 7, 1), w).shape
-(torch.Size([3, 105]), torch.Size([3, 7, 1]))
+(torch.Size([3, 97]), torch.Size([3, 7, 1]))
 """
 
 from __future__ import annotations
@@ -37,14 +37,23 @@ class TargetNet:
     meta-model can solve for it in closed form; ``features`` runs the body only.
     """
 
-    def __init__(self, x_dim: int, hidden: Sequence[int] = (40, 40), out_dim: int = 1) -> None:
+    def __init__(
+        self,
+        x_dim: int,
+        hidden: Sequence[int] = (40, 40),
+        out_dim: int = 1,
+        *,
+        skip_input: bool = False,
+    ) -> None:
         self.x_dim, self.hidden, self.out_dim = x_dim, tuple(hidden), out_dim
+        self.skip_input = skip_input
         shapes: list[tuple[str, tuple[int, ...]]] = []
         fan_in = x_dim
         for i, width in enumerate(self.hidden):
             shapes += [(f"w{i}", (fan_in, width)), (f"b{i}", (width,))]
             fan_in = width
-        self.n_features = fan_in + 1  # last hidden layer plus a constant 1 (the head's bias)
+        # last hidden layer (plus the raw input when skip_input) plus a constant 1 (the bias)
+        self.n_features = fan_in + (x_dim if skip_input else 0) + 1
         shapes.append(("head", (self.n_features, out_dim)))
         self.param_shapes: tuple[tuple[str, tuple[int, ...]], ...] = tuple(shapes)
         self.sizes = [math.prod(s) for _, s in shapes]
@@ -71,7 +80,8 @@ class TargetNet:
         h = x
         for i in range(len(self.hidden)):
             h = torch.relu(torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, parts[2 * i]))
-        return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+        extra = [x] if self.skip_input else []
+        return torch.cat([h, *extra, torch.ones_like(h[..., :1])], dim=-1)
 
     def unflatten_body(self, weights: torch.Tensor) -> list[torch.Tensor]:
         """The body's parameter tensors from ``[B, n_body or n_params]``."""
@@ -95,7 +105,7 @@ class NeighbourAttention(nn.Module):
     """Similarity-weighted, learned aggregation of neighbour embeddings with a null slot.
 
     ``z [B, E], zn [B, k, E], sim [B, k], mask [B, k] -> (context [B, E], weights [B, k + 1])``;
-    ``weights[:, 0]`` is the null slot.
+    ``weights[:, 0]`` is the null slot (no neighbour is relevant).
     """
 
     def __init__(self, embed_dim: int, hidden: int = 64) -> None:

@@ -63,7 +63,6 @@ Example:
     1
 """
 
-
 from __future__ import annotations
 
 import hashlib

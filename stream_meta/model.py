@@ -41,6 +41,7 @@ class ModelConfig:
     target_hidden: tuple[int, ...] = (40, 40)
     hyper_hidden: int = 256
     generate: str = "film"
+    skip_input: bool = False
     max_shots: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,7 +68,9 @@ class MetaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.target = TargetNet(config.x_dim, config.target_hidden, config.y_dim)
+        self.target = TargetNet(
+            config.x_dim, config.target_hidden, config.y_dim, skip_input=config.skip_input
+        )
         self.encoder = SetEncoder(
             config.x_dim,
             config.y_dim,

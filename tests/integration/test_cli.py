@@ -163,7 +163,8 @@ def test_metrics_endpoint_serves_engine_counters_when_run_is_live() -> None:
         assert "task_id" not in body  # never a task id as a label
     finally:
         proc.stdin.close()
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+    out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err.decode()
     assert json.loads(out)["rejected"] == 1
 

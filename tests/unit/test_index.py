@@ -1,7 +1,5 @@
 """Tests for stream_meta.index: TaskIndex against brute-force numpy ground truth."""
 
-
-
 from __future__ import annotations
 
 import zipfile
