@@ -407,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning. With spinning (the default), torch's
+    # and FAISS's thread pools on a busy 2-core machine were measured 25x slower (~500 vs
+    # ~12,000 events/s); passive waits cost nothing measurable on an idle one. Must be set
+    # before torch loads; an explicit setting in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -118,9 +118,10 @@ class EngineSettings(BaseModel):
         default=65536, ge=64, description="Largest serialised event accepted, in bytes."
     )
     weights_cache_size: int = Field(
-        default=8192,
-        ge=1,
-        description="Rows of adapted per-task weights kept (FIFO reuse; a miss re-adapts).",
+        default=0,
+        ge=0,
+        description="Rows of adapted per-task weights kept (FIFO reuse; a miss re-adapts); "
+        "0 = as many as fit in 256 MiB, at most max_live_tasks.",
     )
     seed: int = Field(default=0, description="Seed of the engine's random choices.")
     threads: int = Field(

@@ -58,7 +58,7 @@ class EngineConfig:
     task_ttl_s: float | None = None
     index_flush_every: int = 256
     max_event_bytes: int = 65_536
-    weights_cache_size: int = 8192
+    weights_cache_size: int = 0  # 0 = auto: 256 MiB worth of rows, at most max_live_tasks
     seed: int = 0
 
     @classmethod
@@ -240,7 +240,9 @@ class Engine:
             seed=config.seed,
         )
         self.stats = RunningStats(config.support_size)
-        self._cache_size = max(config.weights_cache_size, 1)
+        self._cache_size = config.weights_cache_size or max(
+            1, min(config.max_live_tasks, (256 << 20) // (4 * model.target.n_params))
+        )
         self._pending: dict[str, np.ndarray] = {}
         self._install(model, model_version)
         self.metrics.model_version.set(model_version)

@@ -124,7 +124,7 @@ class TaskStore:
                     state.version -= 1  # not kept: the support set is unchanged
                     return False, None
                 slot = j
-            evicted = (state.xs[slot].copy(), state.ys[slot].item())
+            evicted = (state.xs[slot].copy(), state.ys[slot].tolist())
         state.xs[slot] = x
         state.ys[slot] = y
         return True, evicted
