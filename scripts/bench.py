@@ -799,7 +799,7 @@ def steady_throughput(checkpoint: Path, events: int, stream: dict[str, Any]) -> 
             "micro_batch": batch,
             "k_neighbours": settings.engine.k_neighbours,
             "index_kind": settings.index.kind,
-            "weights_cache_size": settings.engine.weights_cache_size,
+            "weights_cache_size": engine.weights_cache_rows,
             "torch_threads": torch.get_num_threads(),
             "faiss_threads": faiss.omp_get_max_threads(),
         },
@@ -919,11 +919,11 @@ def memory_worker(checkpoint: str, tasks: int, batch: int = 512) -> dict[str, An
     gc.collect()
     rss_after = rss_bytes()
 
-    store, cfg = engine.store, engine.config
+    store = engine.store
     y_itemsize = np.dtype(store.y_dtype).itemsize
     support = tasks * store.support_size * (store.x_dim * 4 + y_itemsize)
     n_params = model.target.n_params
-    cache_rows = max(cfg.weights_cache_size, 1)
+    cache_rows = engine.weights_cache_rows
     pool = cache_rows * n_params * 4
     growth = rss_after - rss_before
     residual = growth - support - pool

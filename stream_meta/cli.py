@@ -318,13 +318,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from stream_meta.evaluation.fewshot import evaluate
 
     device = _device(args.device or "cpu")
-    model, manifest = _load_model(args.checkpoint, args.family, device="cpu")
+    model, manifest = _load_model(args.checkpoint, args.family, device=device)
     if manifest["family"] != args.family:
         raise UsageError(
             f"checkpoint {manifest['path']} is for family {manifest['family']!r}, "
             f"not {args.family!r}"
         )
-    del device  # evaluation runs on the CPU: it measures serving latency
     k = 0 if args.no_neighbours else settings.engine.k_neighbours
     report = evaluate(
         model,

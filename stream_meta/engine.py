@@ -267,6 +267,11 @@ class Engine:
         return self._snapshot[0]
 
     @property
+    def weights_cache_rows(self) -> int:
+        """Rows in the pool of adapted weights (allocated up front)."""
+        return self._cache_size
+
+    @property
     def model_version(self) -> int:
         return self._snapshot[1]
 

@@ -47,8 +47,14 @@ def build_bank(
     per_class = family.kind == "classification"
     k = max(1, shots // family.y_dim) if per_class else shots
     x, y = family.sample(params, k, rng, per_class=per_class)
+    dev = _device_of(model)
     with torch.inference_mode():
-        z = model.embed(torch.from_numpy(x), torch.from_numpy(y), torch.ones(y.shape)).numpy()
+        z = model.embed(
+            torch.from_numpy(x).to(dev),
+            torch.from_numpy(y).to(dev),
+            torch.ones(y.shape, device=dev),
+        )
+        z = z.cpu().numpy()
     index.upsert([f"bank{i}" for i in range(n_tasks)], z)
     return index
 
@@ -60,12 +66,25 @@ def adapt_batch(
     ys: np.ndarray,
     k: int,
 ) -> torch.Tensor:
-    """Embed, retrieve and adapt a batch of support sets -> weights ``[B, n_params]``."""
-    xs_t, ys_t = torch.from_numpy(xs), torch.from_numpy(ys)
-    smask = torch.ones(ys.shape, dtype=torch.float32)
+    """Embed, retrieve and adapt a batch of support sets -> weights ``[B, n_params]``.
+
+    Runs on the model's device; the FAISS index lives on the CPU.
+    """
+    dev = _device_of(model)
+    xs_t, ys_t = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
+    smask = torch.ones(ys.shape, dtype=torch.float32, device=dev)
     z = model.embed(xs_t, ys_t, smask)
-    zn, sim, nmask = (torch.from_numpy(a) for a in neighbour_arrays(index, z.numpy(), k))
+    arrays = neighbour_arrays(index, z.cpu().numpy(), k)
+    zn, sim, nmask = (torch.from_numpy(a).to(dev) for a in arrays)
     return model.adapt(z, zn, sim, nmask, xs_t, ys_t, smask)
+
+
+def _device_of(model: MetaModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _predict(model: MetaModel, x: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
+    return model.predict(torch.from_numpy(x).to(weights.device), weights).cpu()
 
 
 def evaluate(
@@ -92,6 +111,7 @@ def evaluate(
         "tasks": tasks,
         "queries_per_task": queries,
         "neighbours": k_neighbours,
+        "device": str(_device_of(model)),
         "shots": {},
     }
     with torch.inference_mode():
@@ -108,7 +128,7 @@ def evaluate(
                 else:
                     xs, ys, xq, yq = family.sample_episode(params, s, queries, rng)
                 w = adapt_batch(model, index, xs, ys, k_neighbours)
-                out = model.predict(torch.from_numpy(xq), w)
+                out = _predict(model, xq, w)
                 if classification:
                     acc = (out.argmax(-1).numpy() == yq).mean(axis=1)
                     scores.append(acc)
@@ -154,7 +174,7 @@ def _latency(
         for i in range(samples):
             t0 = time.perf_counter()
             w = adapt_batch(model, index, x[i : i + 1], y[i : i + 1], k)
-            model.predict(torch.from_numpy(xq[i : i + 1, :1]), w)
+            _predict(model, xq[i : i + 1, :1], w)
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
@@ -176,10 +196,10 @@ def _throughput(
         params, 100 // (family.y_dim if per_class else 1), rng, per_class=per_class
     )
     w = adapt_batch(model, index, xs, ys, k)
-    xq_t = torch.from_numpy(xq)
+    xq_t = torch.from_numpy(xq).to(w.device)
     model.predict(xq_t, w)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 1.0:
-        model.predict(xq_t, w)
+        model.predict(xq_t, w).cpu()  # .cpu() waits for an asynchronous device
         reps += 1
     return round(reps * xq.shape[0] * xq.shape[1] / (time.perf_counter() - t0), 1)
