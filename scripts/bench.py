@@ -412,28 +412,9 @@ def default_settings(overrides: dict[str, Any] | None = None) -> Any:
 
 def build_engine(model: Any, settings: Any, manifest: dict[str, Any]) -> Any:
     """An :class:`Engine` built the way ``cmd_run`` builds it (private metrics registry)."""
-    from prometheus_client import CollectorRegistry
+    from stream_meta import app
 
-    from stream_meta.engine import Engine, EngineConfig
-    from stream_meta.index import TaskIndex
-    from stream_meta.metrics import EngineMetrics
-
-    ix = settings.index
-    index = TaskIndex(
-        model.config.embed_dim,
-        kind=ix.kind,
-        nlist=ix.nlist,
-        nprobe=ix.nprobe,
-        train_size=ix.train_size,
-        seed=settings.engine.seed,
-    )
-    return Engine(
-        model,
-        EngineConfig.from_settings(settings.engine),
-        index=index,
-        metrics=EngineMetrics(CollectorRegistry()),
-        model_version=int(manifest.get("model_version", 1)),
-    )
+    return app.build_engine(model, settings, model_version=int(manifest.get("model_version", 1)))
 
 
 def family_for(name: str) -> Any:
@@ -746,16 +727,7 @@ def steady_throughput(checkpoint: Path, events: int, stream: dict[str, Any]) -> 
     model, manifest = load_checkpoint(checkpoint)
     engine = build_engine(model, settings, manifest)
     st = settings.stream
-    source = synthetic_source(
-        family_for(manifest["family"]),
-        tasks=st.tasks,
-        clusters=st.clusters,
-        cluster_spread=st.cluster_spread,
-        labelled_fraction=st.labelled_fraction,
-        zipf_s=st.zipf_s,
-        new_task_rate=st.new_task_rate,
-        seed=st.seed,
-    )
+    source = synthetic_source(family_for(manifest["family"]), **st.model_dump())
     batch = settings.engine.micro_batch
     say(f"library: warming the engine until {LIVE_TASKS_TARGET:,} tasks are live")
     t0, warm = time.perf_counter(), 0

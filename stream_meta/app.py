@@ -17,10 +17,39 @@ from typing import Any
 
 import numpy as np
 
-from stream_meta.engine import Engine
+from stream_meta.engine import Engine, EngineConfig
+from stream_meta.index import TaskIndex
+from stream_meta.metrics import EngineMetrics
+from stream_meta.model import MetaModel
 from stream_meta.sources import Item, JsonlSink
 
 log = logging.getLogger(__name__)
+
+
+def build_engine(
+    model: MetaModel,
+    settings: Any,
+    *,
+    metrics: EngineMetrics | None = None,
+    model_version: int = 1,
+) -> Engine:
+    """The engine and its task index, configured from a :class:`~stream_meta.config.Settings`."""
+    ix = settings.index
+    index = TaskIndex(
+        model.config.embed_dim,
+        kind=ix.kind,
+        nlist=ix.nlist,
+        nprobe=ix.nprobe,
+        train_size=ix.train_size,
+        seed=settings.engine.seed,
+    )
+    return Engine(
+        model,
+        EngineConfig.from_settings(settings.engine),
+        index=index,
+        metrics=metrics,
+        model_version=model_version,
+    )
 
 
 class QueryScorer:

@@ -12,8 +12,6 @@ Writes are atomic: to a temporary file in the same directory, fsync, then ``os.r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -21,9 +19,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from stream_meta import __version__
+from stream_meta.atomic import atomic_write_bytes
 from stream_meta.model import MetaModel, ModelConfig
 
 FORMAT_VERSION = 1
@@ -32,23 +31,6 @@ SHIPPED = {"sinusoid": "sinusoid.safetensors", "digits": "digits.safetensors"}
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, of an unknown format or does not fit the model."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shipped and shared read-only
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -75,18 +57,7 @@ def save_checkpoint(
     }
     manifest = json.loads(json.dumps(manifest))  # exactly what a reader will get back
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(manifest)}))
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest, indent=2).encode())
     return manifest
 

@@ -129,9 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from stream_meta.app import run_stream
-    from stream_meta.engine import Engine, EngineConfig
-    from stream_meta.index import TaskIndex
+    from stream_meta.app import build_engine, run_stream
     from stream_meta.metrics import EngineMetrics
     from stream_meta.sources import JsonlSink, jsonl_source, synthetic_source
 
@@ -156,37 +154,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "(choose another with --metrics-port, or 0 to turn it off)"
             ) from exc
         log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
-    ix = settings.index
-    index = TaskIndex(
-        model.config.embed_dim,
-        kind=ix.kind,
-        nlist=ix.nlist,
-        nprobe=ix.nprobe,
-        train_size=ix.train_size,
-        seed=settings.engine.seed,
-    )
-    engine = Engine(
-        model,
-        EngineConfig.from_settings(settings.engine),
-        index=index,
-        metrics=metrics,
-        model_version=int(manifest.get("model_version", 1)),
+    engine = build_engine(
+        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
     if args.input:
         source = jsonl_source(args.input)
         what = "stdin" if args.input == "-" else args.input
     else:
         st = settings.stream
-        source = synthetic_source(
-            _family_for(family_name, split="test"),
-            tasks=st.tasks,
-            clusters=st.clusters,
-            cluster_spread=st.cluster_spread,
-            labelled_fraction=st.labelled_fraction,
-            zipf_s=st.zipf_s,
-            new_task_rate=st.new_task_rate,
-            seed=st.seed,
-        )
+        source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)

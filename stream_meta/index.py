@@ -68,9 +68,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,6 +76,8 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
+
+from stream_meta.atomic import atomic_file
 
 __all__ = ["IndexLoadError", "TaskIndex", "task_key", "task_keys"]
 
@@ -464,24 +464,15 @@ class TaskIndex:
             "ntotal": len(keys),
         }
         meta_json = json.dumps(meta).encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    meta=np.frombuffer(meta_json, dtype=np.uint8),
-                    faiss_index=faiss.serialize_index(self._index),
-                    keys=keys,
-                    names_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                    names_offsets=offsets,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with atomic_file(path, mode=0o600) as f:
+            np.savez(
+                f,
+                meta=np.frombuffer(meta_json, dtype=np.uint8),
+                faiss_index=faiss.serialize_index(self._index),
+                keys=keys,
+                names_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                names_offsets=offsets,
+            )
 
     @classmethod
     def load(cls, path: Path | str) -> TaskIndex:
@@ -585,20 +576,6 @@ def _ivf_ids(index: Any) -> np.ndarray:
             parts.append(faiss.rev_swig_ptr(ptr, size).copy())
             invlists.release_ids(list_no, ptr)
     return np.concatenate(parts)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort where directories can't be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def neighbour_arrays(

@@ -21,7 +21,8 @@ Item = tuple[Any, Any]
 
 
 def synthetic_source(family: TaskFamily, **stream_kwargs: Any) -> Iterator[Item]:
-    """The built-in interleaved task stream (infinite; see :class:`TaskStream`)."""
+    """The built-in interleaved task stream (infinite); ``stream_kwargs`` as in :class:`TaskStream`
+    (the ``[stream]`` settings section maps onto them one to one)."""
     stream = TaskStream(family, **stream_kwargs)
     for item in stream:
         yield item.event, item.truth

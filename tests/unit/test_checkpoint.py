@@ -69,7 +69,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact_when_interrupted(
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("stream_meta.checkpoint.os.replace", boom)
+    monkeypatch.setattr("stream_meta.atomic.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, make_model(seed=2), family="sinusoid")
     assert path.read_bytes() == before
