@@ -9,7 +9,7 @@ EVENTS ?= 20000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast bench lint format typecheck checkpoints clean
+.PHONY: help install run test test-fast check bench lint format typecheck checkpoints clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,8 @@ test: $(STAMP) ## run the whole test suite
 
 test-fast: $(STAMP) ## unit tests only
 	$(PY) -m pytest -q tests/unit $(ARGS)
+
+check: lint typecheck test ## lint, type-check and test: what a change must pass
 
 bench: $(STAMP) ## measure the speed and quality targets into docs/BENCHMARKS.md
 	$(PY) -m scripts.bench $(ARGS)

@@ -355,9 +355,9 @@ class Engine:
                 plan.requests.append(req)
                 live[state.key] = req
             if ev.y is not None:
-                req = live.pop(state.key, None)
-                if req is not None and req.xs is not None and req.ys is not None:
-                    req.xs, req.ys = req.xs.copy(), req.ys.copy()
+                viewing = live.pop(state.key, None)
+                if viewing is not None and viewing.xs is not None and viewing.ys is not None:
+                    viewing.xs, viewing.ys = viewing.xs.copy(), viewing.ys.copy()
                 kept, evicted = store.add_example(state, ev.x, ev.y)
                 if kept:
                     plan.ops.setdefault(state.key, []).append((i, len(plan.evicted)))
@@ -457,7 +457,7 @@ class Engine:
         for g in np.array_split(order, min(groups, b)):
             n_max = max(1, int(counts[g[-1]]))
             xs = np.zeros((len(g), n_max, x_dim), dtype=np.float32)
-            ys = np.zeros((len(g), n_max), dtype=y_dtype)
+            ys: np.ndarray = np.zeros((len(g), n_max), dtype=y_dtype)
             smask = np.zeros((len(g), n_max), dtype=np.float32)
             for j, ri in enumerate(g.tolist()):
                 r = rs[ri]

@@ -54,8 +54,7 @@ def build_bank(
             torch.from_numpy(y).to(dev),
             torch.ones(y.shape, device=dev),
         )
-        z = z.cpu().numpy()
-    index.upsert([f"bank{i}" for i in range(n_tasks)], z)
+    index.upsert([f"bank{i}" for i in range(n_tasks)], z.cpu().numpy())
     return index
 
 
