@@ -156,7 +156,10 @@ def meta_train(
     sampler = EpisodeSampler(family, config, rng)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+        opt,
+        max_lr=config.lr,
+        total_steps=config.steps,
+        pct_start=max(0.05, 2.0 / config.steps),  # >= 2 warm-up steps: short runs too
     )
     bar = _progress(config.steps, progress)
     start, ema, history = time.perf_counter(), math.nan, []
