@@ -155,11 +155,13 @@ def meta_train(
     model.to(device).train()
     sampler = EpisodeSampler(family, config, rng)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=config.lr,
-        total_steps=config.steps,
-        pct_start=max(0.05, 2.0 / config.steps),  # >= 2 warm-up steps: short runs too
+    # one-cycle schedule (5% warm-up); a run too short for one keeps the learning rate flat
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+        )
+        if config.steps >= 40
+        else None
     )
     bar = _progress(config.steps, progress)
     start, ema, history = time.perf_counter(), math.nan, []
@@ -178,7 +180,8 @@ def meta_train(
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         value = float(query_loss.detach())
         ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
         if step % 50 == 0 or step == config.steps:
