@@ -47,6 +47,15 @@ def shipped_sinusoid() -> tuple[MetaModel, dict[str, Any]]:
     return load_checkpoint(shipped_checkpoint("sinusoid"))
 
 
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Any:
+    """Bootstrap address of a real Kafka-protocol broker (see tests/kafka_broker.py)."""
+    from tests.kafka_broker import kafka_broker
+
+    with kafka_broker() as bootstrap:
+        yield bootstrap
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., Engine]:
     """Factory: an engine with its own Prometheus registry."""

