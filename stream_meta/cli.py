@@ -318,6 +318,93 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve / produce (Kafka) -------------------------------------------------------------------
+def _kafka_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {"bootstrap_servers": "bootstrap_servers", "group": "group_id",
+             "topic_prefix": "topic_prefix"}  # fmt: skip
+    return {v: getattr(args, k) for k, v in names.items() if getattr(args, k, None) is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
+    if args.checkpoint:
+        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    settings = _settings(args, overrides)
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from stream_meta.app import build_engine
+    from stream_meta.metrics import EngineMetrics
+    from stream_meta.service import KafkaService
+
+    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    metrics.set_build_info(family=manifest["family"])
+    if settings.metrics.port:
+        start_http_server(settings.metrics.port, addr=settings.metrics.host, registry=registry)
+    engine = build_engine(
+        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
+    )
+    try:
+        service = KafkaService(engine, settings.kafka, batch_size=settings.engine.micro_batch)
+    except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    service.install_signal_handlers()
+    log.info(
+        "serving %s from %s (group %s) on %s",
+        manifest["family"], service.topics.events, settings.kafka.group_id,
+        settings.kafka.bootstrap_servers,
+    )  # fmt: skip
+    summary = service.run(events=args.events, timeout_s=args.timeout)
+    _emit(summary, args.json)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    settings = _settings(args, {"kafka": _kafka_overrides(args)})
+    import numpy as np
+    from kafka import KafkaProducer
+
+    from stream_meta.service import Topics
+    from stream_meta.sources import bad_event, synthetic_source
+
+    family = _family_for(args.family, split="test")
+    source = synthetic_source(family, **{**settings.stream.model_dump(), "tasks": args.tasks,
+                                         "seed": args.seed})  # fmt: skip
+    rng = np.random.default_rng(args.seed)
+    try:
+        producer = KafkaProducer(
+            bootstrap_servers=settings.kafka.bootstrap_servers.split(","), acks="all"
+        )
+    except Exception as exc:
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    topic = Topics.for_prefix(settings.kafka.topic_prefix).events
+    bad = 0
+    start = time.perf_counter()
+    for i, (event, _truth) in enumerate(source):
+        if i >= args.events:
+            break
+        if rng.random() < args.bad_fraction:
+            value, bad = bad_event(event, rng, family.x_dim), bad + 1
+        else:
+            value = json.dumps(event).encode()
+        producer.send(topic, key=event["task_id"].encode(), value=value)
+        if args.rate:
+            delay = start + (i + 1) / args.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+    producer.flush()
+    producer.close()
+    _emit({"topic": topic, "events": args.events, "bad": bad}, args.json)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from stream_meta import __version__
@@ -380,6 +467,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-neighbours", action="store_true", help="switch retrieval off")
     e.add_argument("--device", help="cpu (default) or cuda[:N]")
     e.set_defaults(func=cmd_evaluate)
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument("--bootstrap-servers", help="host:port[,host:port...]")
+    kafka.add_argument("--topic-prefix", help="topic name prefix (default stream-meta)")
+
+    sv = sub.add_parser(
+        "serve", parents=[common, kafka], help="serve the engine from Kafka (consumer group)"
+    )
+    sv.add_argument("--group", help="consumer group id (default stream-meta)")
+    sv.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    sv.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
+    sv.add_argument("--events", type=int, help="stop after consuming N events")
+    sv.add_argument("--timeout", type=float, help="stop after this many seconds")
+    sv.set_defaults(func=cmd_serve)
+
+    pr = sub.add_parser(
+        "produce", parents=[common, kafka], help="write a synthetic task stream to Kafka"
+    )
+    pr.add_argument("--events", type=int, default=10_000)
+    pr.add_argument("--tasks", type=int, default=1000)
+    pr.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
+    pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    pr.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid events")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_produce)
     return p
 
 

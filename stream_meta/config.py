@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "EngineSettings",
     "IndexSettings",
+    "KafkaSettings",
     "MetricsSettings",
     "ModelSettings",
     "Settings",
@@ -158,6 +159,30 @@ class MetricsSettings(BaseModel):
     )
 
 
+class KafkaSettings(BaseModel):
+    """The Kafka-fed service (``stream-meta serve``, ``produce``, ``tail``)."""
+
+    model_config = _SECTION_CONFIG
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", min_length=1, description="Comma-separated host:port list."
+    )
+    group_id: str = Field(default="stream-meta", min_length=1, description="Consumer group.")
+    topic_prefix: str = Field(
+        default="stream-meta",
+        min_length=1,
+        description="Topics are <prefix>.events, <prefix>.predictions, <prefix>.dead-letter.",
+    )
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1000, description="Consumer-group session timeout."
+    )
+    heartbeat_interval_ms: int = Field(default=3000, ge=100, description="Group heartbeat.")
+    max_poll_interval_ms: int = Field(
+        default=300_000, ge=1000, description="Longest allowed gap between two polls."
+    )
+    poll_timeout_ms: int = Field(default=200, ge=1, description="How long one poll waits.")
+
+
 class StreamSettings(BaseModel):
     """The built-in synthetic event stream."""
 
@@ -232,6 +257,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = Field(
         default_factory=StreamSettings, description="The synthetic stream."
     )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="The Kafka service.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
 
     @classmethod

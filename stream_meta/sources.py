@@ -88,3 +88,31 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: the kinds of invalid event ``bad_event`` makes, one per rejection reason it exercises
+BAD_KINDS = (
+    "malformed_json", "not_an_object", "missing_field", "invalid_type", "wrong_dimension",
+    "non_finite", "oversized",
+)  # fmt: skip
+
+
+def bad_event(event: dict[str, Any], rng: Any, x_dim: int, max_bytes: int = 65_536) -> bytes:
+    """An invalid version of ``event`` (one of :data:`BAD_KINDS`, chosen by ``rng``)."""
+    kind = BAD_KINDS[int(rng.integers(0, len(BAD_KINDS)))]
+    e = dict(event)
+    if kind == "malformed_json":
+        return json.dumps(e).encode()[:-1]
+    if kind == "not_an_object":
+        return json.dumps([e]).encode()
+    if kind == "missing_field":
+        e.pop("x")
+    elif kind == "invalid_type":
+        e["x"] = ["a"] * x_dim
+    elif kind == "wrong_dimension":
+        e["x"] = [0.0] * (x_dim + 1)
+    elif kind == "non_finite":
+        return json.dumps({**e, "x": [float("nan")] * x_dim}).encode()  # NaN literal
+    elif kind == "oversized":
+        e["pad"] = "z" * max_bytes
+    return json.dumps(e).encode()

@@ -1,0 +1,72 @@
+"""``stream-meta produce`` and ``serve`` through the suite's real broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from tests.integration.test_cli import cli
+
+pytestmark = pytest.mark.kafka
+
+
+def _read_all(bootstrap: str, topic: str, partitions: int, expect: int) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest")  # fmt: skip
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    out, deadline = [], time.time() + 30
+    while len(out) < expect and time.time() < deadline:
+        for records in consumer.poll(200).values():
+            out.extend(records)
+    time.sleep(0.5)  # anything beyond the expected count would show up now
+    for records in consumer.poll(500).values():
+        out.extend(records)
+    consumer.close()
+    return out
+
+
+def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
+    kafka_bootstrap: str,
+) -> None:
+    prefix = f"sm-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(f"{prefix}.{t}", 2, 1)
+                         for t in ("events", "predictions", "dead-letter")])  # fmt: skip
+    admin.close()
+    common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix, "--json", "-q"]
+    produced = cli("produce", *common, "--events", "600", "--tasks", "40", "--bad-fraction",
+                   "0.05", "--seed", "3")  # fmt: skip
+    assert produced.returncode == 0, produced.stderr.decode()
+    bad = json.loads(produced.stdout)["bad"]
+    assert 10 < bad < 60
+    served = cli("serve", *common, "--group", f"g-{prefix}", "--events", "600",
+                 "--metrics-port", "0", "--timeout", "120",
+                 "--set", "kafka.session_timeout_ms=6000",
+                 "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+    assert served.returncode == 0, served.stderr.decode()
+    summary = json.loads(served.stdout)
+    assert summary["consumed"] == 600
+    assert (summary["predicted"], summary["dead_lettered"]) == (600 - bad, bad)
+
+    preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 2, 600 - bad)
+    letters = _read_all(kafka_bootstrap, f"{prefix}.dead-letter", 2, bad)
+    values = [json.loads(r.value) for r in preds]
+    ids = [v["event_id"] for v in values]
+    assert len(ids) == len(set(ids)) == 600 - bad
+    assert all(r.key.decode() == v["task_id"] for r, v in zip(preds, values, strict=True))
+    assert {"event_id", "task_id", "prediction", "model_version", "latency_s"} <= values[0].keys()
+    dead = [json.loads(r.value) for r in letters]
+    assert len(dead) == bad
+    reasons = {d["reason"] for d in dead}
+    assert reasons <= {"malformed_json", "not_an_object", "missing_field", "invalid_type",
+                       "wrong_dimension", "non_finite", "oversized"}  # fmt: skip
+    assert len(reasons) >= 4
+    for d in dead:
+        assert d["topic"] == f"{prefix}.events" and d["offset"] >= 0
+        assert base64.b64decode(d["raw_b64"])  # the original bytes, for replay or inspection
