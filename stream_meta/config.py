@@ -221,6 +221,18 @@ class TrainSettings(BaseModel):
     bank_tasks: int = Field(
         default=256, ge=1, description="Tasks in the bank that retrieval is trained against."
     )
+    sibling_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Experimental: share of near episodes whose sibling task is injected as a "
+        "retrieved neighbour.",
+    )
+    prior_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Experimental: weight of the prior-only (no example) prediction loss.",
+    )
     seed: int = Field(default=0, description="Seed of training.")
     device: str = Field(default="cpu", min_length=1, description="Torch device to train on.")
 

@@ -168,7 +168,9 @@ class MetaModel(nn.Module):
         return nn.functional.cross_entropy(out.transpose(1, 2), y.long(), reduction="none")
 
 
-def no_neighbours(batch: int, embed_dim: int, device: torch.device | str = "cpu") -> tuple:
+def no_neighbours(
+    batch: int, embed_dim: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty neighbour tensors ``(zn [B, 0, E], sim [B, 0], nmask [B, 0])``."""
     return (
         torch.zeros(batch, 0, embed_dim, device=device),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stream_meta.model import MetaModel
+from stream_meta.model import MetaModel, no_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class TrainConfig:
     cluster_members: int = 4
     cluster_spread: float = 0.05
     neighbour_dropout: float = 0.2
+    #: experimental (off by default, not in the shipped checkpoints): see docs of episode_loss
+    sibling_rate: float = 0.0
+    prior_weight: float = 0.0
     contrastive_weight: float = 0.1
     grad_clip: float = 10.0
     seed: int = 0
@@ -98,6 +101,11 @@ class EpisodeSampler:
         )
         params = np.concatenate([near, fam.sample_params(c.batch_tasks - n_near, rng)])
         x, y = fam.sample(params, c.max_shots + c.query_points, rng)
+        siblings: dict[str, np.ndarray] = {}
+        if c.sibling_rate > 0 or c.prior_weight > 0:
+            # a sibling of each near task (same cluster), as a retriever that finds it would
+            sib = fam.perturb(near, c.cluster_spread, rng)
+            siblings["x_sib"], siblings["y_sib"] = fam.sample(sib, c.max_shots, rng)
         shots = rng.integers(c.min_shots, c.max_shots + 1, size=len(params))
         return {
             "xs": x[:, : c.max_shots],
@@ -107,6 +115,7 @@ class EpisodeSampler:
             "yq": y[:, c.max_shots :],
             "x_all": x,
             "y_all": y,
+            **siblings,
         }
 
 
@@ -131,13 +140,52 @@ def episode_loss(
     z_bank = model.embed(bank["x"], bank["y"], bank["mask"])
     z = model.embed(ep["xs"], ep["ys"], ep["smask"])
     zn, sim, nmask = retrieve(z, z_bank, config.k_neighbours)
+    z_sib = None
+    if "x_sib" in ep:
+        z_sib = model.embed(ep["x_sib"], ep["y_sib"], torch.ones_like(ep["y_sib"], dtype=z.dtype))
+        # for some near tasks the retriever "finds" a sibling (the last neighbour slot), so the
+        # hypernetwork learns what a truly similar neighbour is worth at few shots
+        rows = torch.rand(len(z_sib), device=z.device) < config.sibling_rate
+        take = rows.nonzero()[:, 0]
+        if len(take):
+            zn, sim = zn.clone(), sim.clone()
+            zn[take, -1] = z_sib[take]
+            sim[take, -1] = (z[take] * z_sib[take]).sum(-1)
     nmask = nmask * (1.0 - drop).unsqueeze(-1)
     weights = model.adapt(z, zn, sim, nmask, ep["xs"], ep["ys"], ep["smask"])
     query_loss = model.loss(model.predict(ep["xq"], weights), ep["yq"]).mean()
+    if config.prior_weight > 0 and z_sib is not None:
+        query_loss = query_loss + config.prior_weight * _prior_only_loss(
+            model, ep, z, z_sib, config
+        )
     z_full = model.embed(ep["x_all"], ep["y_all"], torch.ones_like(ep["y_all"], dtype=z.dtype))
     logits = z @ z_full.T / 0.1
     contrastive = nn.functional.cross_entropy(logits, torch.arange(len(z), device=z.device))
     return query_loss, contrastive
+
+
+def _prior_only_loss(
+    model: MetaModel,
+    ep: dict[str, torch.Tensor],
+    z: torch.Tensor,
+    z_sib: torch.Tensor,
+    config: TrainConfig,
+) -> torch.Tensor:
+    """Query loss of prior-only predictions (no example): a near task from its sibling
+    neighbour alone, any task from its own full-data embedding alone. Teaches the
+    hypernetwork to turn an informative embedding into a sharp prior."""
+    n_sib, b = z_sib.shape[0], z.shape[0]
+    empty_x, empty_y = ep["xs"][:, :0], ep["ys"][:, :0]
+    empty_m = torch.zeros(b, 0, device=z.device)
+    z0 = model.embed(empty_x, empty_y, empty_m)
+    zf = model.embed(ep["x_all"][:, : config.max_shots], ep["y_all"][:, : config.max_shots],
+                     torch.ones_like(ep["ys"], dtype=z.dtype))  # fmt: skip
+    one = torch.ones(n_sib, 1, device=z.device)
+    w_sib = model.adapt(z0[:n_sib], z_sib[:, None], (z0[:n_sib] * z_sib).sum(-1, keepdim=True),
+                        one, empty_x[:n_sib], empty_y[:n_sib], empty_m[:n_sib])  # fmt: skip
+    w_own = model.adapt(zf, *no_neighbours(b, zf.shape[1], z.device), empty_x, empty_y, empty_m)
+    prior_loss = model.loss(model.predict(ep["xq"][:n_sib], w_sib), ep["yq"][:n_sib]).mean()
+    return prior_loss + model.loss(model.predict(ep["xq"], w_own), ep["yq"]).mean()
 
 
 def meta_train(

@@ -41,3 +41,10 @@ def test_meta_training_completes_when_steps_are_few(make_model, steps: int) -> N
                                                                     bank_tasks=16),
                         progress=False)  # fmt: skip
     assert result.steps == steps
+
+
+def test_experimental_sibling_and_prior_terms_train_when_enabled(make_model) -> None:
+    config = TrainConfig(steps=5, batch_tasks=8, bank_tasks=16, sibling_rate=0.5,
+                         prior_weight=0.25)  # fmt: skip
+    result = meta_train(make_model(), SinusoidFamily(), config, progress=False)
+    assert result.steps == 5 and np.isfinite(result.final_loss)
