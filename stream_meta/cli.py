@@ -496,9 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning. With spinning (the default), torch's
-    # and FAISS's thread pools on a busy 2-core machine were measured 25x slower (~500 vs
-    # ~12,000 events/s); passive waits cost nothing measurable on an idle one. Must be set
-    # before torch loads; an explicit setting in the environment wins.
+    # and FAISS's thread pools were seen to stall runs by an order of magnitude while other
+    # processes kept the 2 cores busy; passive waits cost nothing measurable on an idle
+    # machine. Must be set before torch loads; an explicit setting in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,7 +13,9 @@ adaptation request; all requests of the batch are adapted together (encoder read
 incremental prefix sums, one batched k-NN search, hypernetwork, closed-form head), and all events
 are predicted in one batched target-network call. Each event is thus served exactly with the
 examples that came before it, as in a one-at-a-time loop; only the *neighbours* are looked up in
-the index as it stood at the start of the batch (index upserts are applied between batches).
+an index that is updated in batches: embedding upserts are applied once ``index_flush_every`` of
+them have accumulated (which can happen while a large batch is being planned, before its
+searches) and at the end of every batch. A task never retrieves itself.
 
 Adapted weights live in a fixed pool of ``weights_cache_size`` rows (FIFO reuse); a row is valid
 for a task while the task's support version and the model generation are unchanged. The model

@@ -2,10 +2,10 @@
 
 Consumes ``<prefix>.events`` in a consumer group, runs every polled batch through the
 :class:`~stream_meta.engine.Engine`, and produces exactly one output per consumed record: a
-prediction to ``<prefix>.predictions`` (key: task id) or a dead letter to
-``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded, source topic,
-partition and offset). Offsets are committed only after the batch's outputs are flushed with
-``acks=all``, so a crash re-delivers rather than loses (at-least-once).
+prediction to ``<prefix>.predictions`` (key: task id; the record ``run --output`` writes) or
+a dead letter to ``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded,
+source topic, partition and offset). Offsets are committed only after the batch's outputs are
+flushed with ``acks=all``, so a crash re-delivers rather than loses (at-least-once).
 
 Not yet here (issue 3): state checkpoints and de-duplication by event id (a redelivered
 labelled event is learned again), commit on revocation, broker-outage backoff, lag metrics,
@@ -104,29 +104,17 @@ class KafkaService:
         send = self.producer.send
         for record, ref in zip(records, result.order, strict=True):
             if ref >= 0 and out is not None:
-                value = {
-                    "event_id": out.event_ids[ref],
-                    "task_id": out.task_ids[ref],
-                    "prediction": out.values[ref],
-                    "model_version": out.model_version,
-                    "latency_s": out.latency_s,
-                    "shots": out.shots[ref],
-                }
-                if out.probabilities is not None:
-                    value["probabilities"] = out.probabilities[ref]
                 send(
                     self.topics.predictions,
                     key=out.task_ids[ref].encode(),
-                    value=json.dumps(value).encode(),
+                    value=out.record(ref).to_json().encode(),
                 )
                 self.predicted += 1
             else:
                 rejection = result.rejections[-1 - ref]
                 letter = {
-                    "reason": rejection.reason.value,
-                    "detail": rejection.detail,
-                    "event_id": rejection.event_id,
-                    "task_id": rejection.task_id,
+                    **rejection.to_record(),
+                    # the whole original bytes (the rejection keeps only the first 4 KiB)
                     "raw_b64": base64.b64encode(record.value or b"").decode("ascii"),
                     "topic": record.topic,
                     "partition": record.partition,

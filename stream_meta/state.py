@@ -7,8 +7,8 @@ or drops tasks idle for longer than ``ttl_s``. An evicted task's embedding stays
 index, so it keeps helping its neighbours and is served from it if it comes back.
 
 Besides the support buffer a task holds its pooled encoder state ``(feature_sum, n)`` (float64,
-so incremental add/subtract does not drift), its embedding and a few scalars: about 1.7 KB with
-the default sizes (see ``TaskStore.bytes_per_task``).
+so incremental add/subtract does not drift), its embedding and a few scalars: about 1.8 KB with
+the default sizes (``TaskStore.bytes_per_task`` estimates it; ``make bench`` measures it).
 """
 
 from __future__ import annotations
