@@ -26,6 +26,11 @@ LATENCY_BUCKETS = (
 #: per-event loss buckets (squared error or cross-entropy)
 LOSS_BUCKETS = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+#: event timestamp -> prediction produced (seconds); 50 ms at 2,000 events/s is a target
+END_TO_END_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class BatchHistogram(Collector):
@@ -147,6 +152,24 @@ class EngineMetrics:
         self.model_version = Gauge(
             "stream_meta_model_version", "Version of the model being served.", registry=r
         )
+        self.duplicates = Counter(
+            "stream_meta_duplicates_total",
+            "Labelled events whose event id was already learned (redeliveries): predicted, "
+            "not learned again.",
+            registry=r,
+        )
+        # Declared here so dashboards and alert rules can rely on them; the drift monitor and
+        # the meta-update worker that increment them are issue 4 (no series until then).
+        self.drift_alarms = Counter(
+            "stream_meta_drift_alarms_total", "Drift alarms raised, by detector.", ["detector"],
+            registry=r,
+        )  # fmt: skip
+        self.meta_updates = Counter(
+            "stream_meta_meta_updates_total",
+            "Meta-updates finished, by outcome (promoted, rejected, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.build = Info("stream_meta_build", "Build information.", registry=r)
 
     def set_build_info(self, **extra: str) -> None:
@@ -161,4 +184,101 @@ class EngineMetrics:
                 "faiss": getattr(faiss, "__version__", "unknown"),
                 **extra,
             }
+        )
+
+
+class ServiceMetrics:
+    """Metrics of the Kafka-fed service (``stream-meta serve``), beside the engine's.
+
+    Partition labels are bounded by the topic's partition count; nothing is labelled by task.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = self.registry = registry
+        self.consumed = Counter(
+            "stream_meta_records_consumed_total", "Records consumed from the events topic.",
+            registry=r,
+        )  # fmt: skip
+        self.predictions = Counter(
+            "stream_meta_predictions_produced_total",
+            "Prediction records produced and acknowledged (acks=all).",
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "stream_meta_dead_letters_total",
+            "Dead-letter records produced and acknowledged, by rejection reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.end_to_end = BatchHistogram(
+            "stream_meta_end_to_end_latency_seconds",
+            "From the event's Kafka timestamp to its output being acknowledged by the broker.",
+            END_TO_END_BUCKETS,
+            r,
+        )
+        self.batch_records = Histogram(
+            "stream_meta_consumer_batch_records",
+            "Records handled per consumer poll.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.lag = Gauge(
+            "stream_meta_consumer_lag_records",
+            "Records in the partition not yet consumed (high watermark minus position).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.assigned = Gauge(
+            "stream_meta_assigned_partitions", "Partitions assigned to this consumer.", registry=r
+        )
+        self.commits = Counter(
+            "stream_meta_commits_total", "Successful offset commits.", registry=r
+        )
+        self.commit_failures = Counter(
+            "stream_meta_commit_failures_total",
+            "Offset commits that failed (retried with the next commit).",
+            registry=r,
+        )
+        self.produce_failures = Counter(
+            "stream_meta_produce_failures_total",
+            "Output records the broker did not acknowledge (re-sent before committing).",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "stream_meta_rebalances_total",
+            "Consumer-group rebalance callbacks, by event (assigned, revoked).",
+            ["event"],
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "stream_meta_checkpoints_total", "State checkpoints written.", registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "stream_meta_checkpoint_failures_total",
+            "State checkpoints that failed (offsets are then not committed).",
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "stream_meta_checkpoint_duration_seconds",
+            "Time to write one state checkpoint.",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Gauge(
+            "stream_meta_checkpoint_bytes", "Size of the last state checkpoint.", registry=r
+        )
+        self.last_checkpoint = Gauge(
+            "stream_meta_last_checkpoint_timestamp_seconds",
+            "Unix time of the last successful state checkpoint.",
+            registry=r,
+        )
+        self.broker_up = Gauge(
+            "stream_meta_broker_up",
+            "1 while the broker answers the consumer and producer, 0 while it is unreachable.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "stream_meta_ready",
+            "1 once state is restored and partitions are assigned (what /readyz reports).",
+            registry=r,
         )
