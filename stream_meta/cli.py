@@ -1,4 +1,4 @@
-"""The ``stream-meta`` command: ``run``, ``train``, ``evaluate``.
+"""The ``stream-meta`` command: ``run``, ``train``, ``evaluate``, ``serve``, ``produce``, ``tail``.
 
 This is the application entry point: the only place that reads the environment
 (``STREAM_META_*``), configures logging, starts the metrics endpoint and prints. Exit codes:
@@ -129,7 +129,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import faiss
     import torch
-    from prometheus_client import CollectorRegistry, start_http_server
 
     from stream_meta.app import build_engine, run_stream
     from stream_meta.metrics import EngineMetrics
@@ -141,21 +140,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     faiss.omp_set_num_threads(1)
     model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
     family_name = manifest["family"]
-    registry = CollectorRegistry()
+    registry = _registry()
     metrics = EngineMetrics(registry)
     metrics.set_build_info(family=family_name)
-    server = None
-    if settings.metrics.port:
-        try:
-            server, _thread = start_http_server(
-                settings.metrics.port, addr=settings.metrics.host, registry=registry
-            )
-        except OSError as exc:
-            raise UsageError(
-                f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc} "
-                "(choose another with --metrics-port, or 0 to turn it off)"
-            ) from exc
-        log.info("metrics on http://%s:%d/metrics", settings.metrics.host, settings.metrics.port)
+    server = _admin_server(settings, registry)
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
@@ -169,11 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
-    bar = None
-    if not args.quiet and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=events, unit="ev", unit_scale=True, desc="run", dynamic_ncols=True)
+    bar = _progress(args, events, "run")
     start = last = time.perf_counter()
     seen = 0
 
@@ -222,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if sink is not None:
                 sink.close()
         if server is not None:
-            server.shutdown()
+            server.close()
     summary = {"family": family_name, **summary}
     _emit(summary, args.json)
     return 0
@@ -325,41 +309,78 @@ def _kafka_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {v: getattr(args, k) for k, v in names.items() if getattr(args, k, None) is not None}
 
 
+def _registry() -> Any:
+    """A fresh Prometheus registry (without the ``*_created`` series, which add nothing)."""
+    from prometheus_client import CollectorRegistry, disable_created_metrics
+
+    disable_created_metrics()
+    return CollectorRegistry()
+
+
+def _admin_server(settings: Any, registry: Any, **probes: Any) -> Any:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on the configured port (None if port 0)."""
+    if not settings.metrics.port:
+        return None
+    from stream_meta.admin import AdminServer
+
+    host, port = settings.metrics.host, settings.metrics.port
+    try:
+        server = AdminServer(registry, host=host, port=port, **probes)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot serve metrics on {host}:{port}: {exc} "
+            "(choose another with --metrics-port, or 0 to turn it off)"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", host, port)
+    return server
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
     if args.metrics_port is not None:
         overrides["metrics"] = {"port": args.metrics_port}
     if args.checkpoint:
         overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    if args.state_dir:
+        overrides["service"] = {"state_dir": str(args.state_dir)}
     settings = _settings(args, overrides)
-    from prometheus_client import CollectorRegistry, start_http_server
+    import faiss
+    import torch
 
     from stream_meta.app import build_engine
-    from stream_meta.metrics import EngineMetrics
-    from stream_meta.service import KafkaService
+    from stream_meta.metrics import EngineMetrics, ServiceMetrics
+    from stream_meta.service import KafkaService, ServiceError, state_dir_ok
+    from stream_meta.snapshot import StateError
 
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    faiss.omp_set_num_threads(1)
     model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
-    registry = CollectorRegistry()
+    registry = _registry()
     metrics = EngineMetrics(registry)
     metrics.set_build_info(family=manifest["family"])
-    if settings.metrics.port:
-        start_http_server(settings.metrics.port, addr=settings.metrics.host, registry=registry)
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
-    try:
-        service = KafkaService(engine, settings.kafka, batch_size=settings.engine.micro_batch)
-    except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
-        raise UsageError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+    service = KafkaService(engine, settings, ServiceMetrics(registry))
+    server = _admin_server(settings, registry, health=service.health, ready=service.ready)
     service.install_signal_handlers()
-    log.info(
-        "serving %s from %s (group %s) on %s",
-        manifest["family"], service.topics.events, settings.kafka.group_id,
-        settings.kafka.bootstrap_servers,
-    )  # fmt: skip
-    summary = service.run(events=args.events, timeout_s=args.timeout)
+    try:
+        if settings.service.state_dir is not None:
+            state_dir_ok(settings.service.state_dir)
+        log.info(
+            "serving %s (model version %d) from %s, group %s, on %s",
+            manifest["family"], engine.model_version, service.topics.events,
+            settings.kafka.group_id, settings.kafka.bootstrap_servers,
+        )  # fmt: skip
+        service.start()
+        summary = service.run(events=args.events, timeout_s=args.timeout)
+    except (ServiceError, StateError) as exc:
+        print(f"stream-meta: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
     _emit(summary, args.json)
     return 0
 
@@ -367,41 +388,142 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
     import numpy as np
-    from kafka import KafkaProducer
+    from kafka import KafkaAdminClient, KafkaProducer
 
-    from stream_meta.service import Topics
+    from stream_meta.service import Topics, ensure_topics
     from stream_meta.sources import bad_event, synthetic_source
 
     family = _family_for(args.family, split="test")
     source = synthetic_source(family, **{**settings.stream.model_dump(), "tasks": args.tasks,
                                          "seed": args.seed})  # fmt: skip
     rng = np.random.default_rng(args.seed)
+    servers = settings.kafka.bootstrap_servers.split(",")
+    topics = Topics.for_prefix(settings.kafka.topic_prefix)
     try:
-        producer = KafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers.split(","), acks="all"
+        if settings.service.create_topics:
+            admin = KafkaAdminClient(bootstrap_servers=servers)
+            try:
+                ensure_topics(admin, topics.all(), settings.service.partitions,
+                              settings.service.replication_factor)  # fmt: skip
+            finally:
+                admin.close()
+        producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=20)
+    except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    topic = topics.events
+    stop = _stop_on_sigterm()
+    total = args.events or None  # 0: until interrupted
+    bar = _progress(args, total, "produce")
+    bad = sent = 0
+    start = last_log = time.perf_counter()
+    try:
+        for event, _truth in source:
+            if (total is not None and sent >= total) or stop.is_set():
+                break
+            if rng.random() < args.bad_fraction:
+                value, bad = bad_event(event, rng, family.x_dim), bad + 1
+            else:
+                value = json.dumps(event).encode()
+            producer.send(topic, key=event["task_id"].encode(), value=value)
+            sent += 1
+            if bar is not None:
+                bar.update(1)
+            elif not args.quiet and time.perf_counter() - last_log > 10:
+                last_log = time.perf_counter()
+                log.info("%d events sent (%.0f/s)", sent, sent / (last_log - start))
+            if args.rate:
+                delay = start + sent / args.rate - time.perf_counter()
+                if delay > 0:
+                    stop.wait(delay)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+    finally:
+        producer.flush()
+        producer.close()
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    _emit({"topic": topic, "events": sent, "bad": bad, "seconds": round(elapsed, 3),
+           "events_per_s": round(sent / elapsed, 1) if elapsed else None}, args.json)  # fmt: skip
+    return 0
+
+
+def _stop_on_sigterm() -> Any:
+    """An event set by SIGTERM (SIGINT stays KeyboardInterrupt)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def _progress(args: argparse.Namespace, total: int | None, desc: str) -> Any:
+    """A progress bar on a terminal, else None (logs report progress instead)."""
+    if args.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ev", unit_scale=True, desc=desc, dynamic_ncols=True)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the records of the predictions (or dead-letter) topic as JSON lines."""
+    settings = _settings(args, {"kafka": _kafka_overrides(args)})
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream_meta.service import Topics
+
+    topics = Topics.for_prefix(settings.kafka.topic_prefix)
+    topic = topics.dead_letter if args.dead_letter else topics.predictions
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
+            enable_auto_commit=False,  # a reader, not a member of any group
         )
     except Exception as exc:
         raise UsageError(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
         ) from exc
-    topic = Topics.for_prefix(settings.kafka.topic_prefix).events
-    bad = 0
-    start = time.perf_counter()
-    for i, (event, _truth) in enumerate(source):
-        if i >= args.events:
-            break
-        if rng.random() < args.bad_fraction:
-            value, bad = bad_event(event, rng, family.x_dim), bad + 1
+    stop = _stop_on_sigterm()
+    shown = 0
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise UsageError(
+                f"topic {topic} does not exist (yet) on {settings.kafka.bootstrap_servers}"
+            )
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)  # manual assignment: instant, no group join
+        if args.from_beginning:
+            consumer.seek_to_beginning(*tps)
         else:
-            value = json.dumps(event).encode()
-        producer.send(topic, key=event["task_id"].encode(), value=value)
-        if args.rate:
-            delay = start + (i + 1) / args.rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-    producer.flush()
-    producer.close()
-    _emit({"topic": topic, "events": args.events, "bad": bad}, args.json)
+            consumer.seek_to_end(*tps)
+        idle_since = time.monotonic()
+        while not stop.is_set() and (args.max is None or shown < args.max):
+            polled = consumer.poll(timeout_ms=200)
+            records = [r for batch in polled.values() for r in batch]
+            if not records:
+                if args.timeout is not None and time.monotonic() - idle_since > args.timeout:
+                    break
+                continue
+            idle_since = time.monotonic()
+            for r in records:
+                if args.max is not None and shown >= args.max:
+                    break
+                value = r.value.decode("utf-8", errors="replace")
+                if args.meta:
+                    obj = {"partition": r.partition, "offset": r.offset,
+                           "timestamp_ms": r.timestamp, "value": json.loads(value)}  # fmt: skip
+                    value = json.dumps(obj)
+                print(value, flush=True)
+                shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
     return 0
 
 
@@ -477,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--group", help="consumer group id (default stream-meta)")
     sv.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     sv.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
+    sv.add_argument("--state-dir", type=Path, help="state checkpoints directory (default: none)")
     sv.add_argument("--events", type=int, help="stop after consuming N events")
     sv.add_argument("--timeout", type=float, help="stop after this many seconds")
     sv.set_defaults(func=cmd_serve)
@@ -484,13 +607,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "produce", parents=[common, kafka], help="write a synthetic task stream to Kafka"
     )
-    pr.add_argument("--events", type=int, default=10_000)
+    pr.add_argument("--events", type=int, default=10_000, help="events to send (0 = until stopped)")
     pr.add_argument("--tasks", type=int, default=1000)
     pr.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
     pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     pr.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid events")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_produce)
+
+    tl = sub.add_parser(
+        "tail", parents=[common, kafka], help="print predictions (or dead letters) as JSON lines"
+    )
+    tl.add_argument("--dead-letter", action="store_true", help="read the dead-letter topic")
+    tl.add_argument("--from-beginning", action="store_true", help="start at the oldest record")
+    tl.add_argument("--max", type=int, help="stop after N records")
+    tl.add_argument("--timeout", type=float, help="stop after S seconds without a new record")
+    tl.add_argument("--meta", action="store_true", help="wrap each value with partition/offset")
+    tl.set_defaults(func=cmd_tail)
     return p
 
 

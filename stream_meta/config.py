@@ -124,6 +124,12 @@ class EngineSettings(BaseModel):
         description="Rows of adapted per-task weights kept (FIFO reuse; a miss re-adapts); "
         "0 = as many as fit in 256 MiB, at most max_live_tasks.",
     )
+    dedupe_window: int = Field(
+        default=200_000,
+        ge=0,
+        description="Ids of learned events remembered so a redelivered event is never learned "
+        "twice (about 120 bytes each); 0 turns de-duplication off.",
+    )
     seed: int = Field(default=0, description="Seed of the engine's random choices.")
     threads: int = Field(
         default=0,
@@ -181,6 +187,50 @@ class KafkaSettings(BaseModel):
         default=300_000, ge=1000, description="Longest allowed gap between two polls."
     )
     poll_timeout_ms: int = Field(default=200, ge=1, description="How long one poll waits.")
+    request_timeout_ms: int = Field(
+        default=30_000, ge=1000, description="Client request timeout (produce, commit, admin)."
+    )
+    reconnect_backoff_ms: int = Field(
+        default=100, ge=1, description="First wait before reconnecting to a broker."
+    )
+    reconnect_backoff_max_ms: int = Field(
+        default=5000, ge=1, description="Longest wait between reconnection attempts."
+    )
+
+
+class ServiceSettings(BaseModel):
+    """State, delivery and lifecycle of ``stream-meta serve``."""
+
+    model_config = _SECTION_CONFIG
+
+    state_dir: Path | None = Field(
+        default=None,
+        description="Directory for state checkpoints (task support sets, index, de-duplication "
+        "window, offsets). Unset: no state survives a restart and offsets are committed after "
+        "every batch.",
+    )
+    checkpoint_every_s: float = Field(
+        default=5.0, gt=0, description="Seconds between state checkpoints (and offset commits)."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="State checkpoints kept on disk.")
+    startup_timeout_s: float = Field(
+        default=60.0, gt=0, description="Give up with an error when Kafka stays unreachable."
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM, how long to keep retrying undelivered outputs before exiting.",
+    )
+    stall_timeout_s: float = Field(
+        default=120.0, gt=0, description="/healthz fails when the loop has not turned this long."
+    )
+    create_topics: bool = Field(
+        default=True, description="Create the service's topics at start-up if they are missing."
+    )
+    partitions: int = Field(default=6, ge=1, description="Partitions of created topics.")
+    replication_factor: int = Field(
+        default=1, ge=1, description="Replication factor of created topics."
+    )
 
 
 class StreamSettings(BaseModel):
@@ -270,6 +320,9 @@ class Settings(BaseSettings):
         default_factory=StreamSettings, description="The synthetic stream."
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="The Kafka service.")
+    service: ServiceSettings = Field(
+        default_factory=ServiceSettings, description="State and lifecycle of `serve`."
+    )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
 
     @classmethod

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stream_meta.dedupe import DedupeWindow
 from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
 from stream_meta.index import TaskIndex, neighbour_arrays, task_key
 from stream_meta.metrics import EngineMetrics
@@ -61,6 +62,7 @@ class EngineConfig:
     index_flush_every: int = 256
     max_event_bytes: int = 65_536
     weights_cache_size: int = 0  # 0 = auto: 256 MiB worth of rows, at most max_live_tasks
+    dedupe_window: int = 200_000  # learned event ids remembered (0 = no de-duplication)
     seed: int = 0
 
     @classmethod
@@ -82,6 +84,7 @@ class Outputs:
     losses: list[float]  # NaN for unlabelled events
     latency_s: float
     model_version: int
+    duplicates: list[bool] | None = None  # labelled events already learned (not learned again)
 
     def __len__(self) -> int:
         return len(self.event_ids)
@@ -98,6 +101,7 @@ class Outputs:
             labelled=self.labelled[i],
             loss=None if loss != loss else loss,
             latency_s=self.latency_s,
+            duplicate=self.duplicates is not None and self.duplicates[i],
         )
 
 
@@ -174,6 +178,26 @@ class RunningStats:
         np.add.at(self.shot_loss, idx, losses)
         np.add.at(self.shot_count, idx, 1)
 
+    _SCALARS = ("events", "labelled", "queries", "rejected", "loss_sum", "correct")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "scalars": np.array([getattr(self, k) for k in self._SCALARS], dtype=np.float64),
+            "shot_loss": self.shot_loss.copy(),
+            "shot_count": self.shot_count.copy(),
+        }
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        scalars = np.asarray(arrays["scalars"]).tolist()
+        if len(scalars) != len(self._SCALARS) or arrays["shot_count"].shape != (
+            len(self.shot_count),
+        ):
+            raise ValueError("run statistics do not match this engine's support size")
+        for name, value in zip(self._SCALARS, scalars, strict=True):
+            setattr(self, name, value if name == "loss_sum" else int(value))
+        self.shot_loss = np.asarray(arrays["shot_loss"], dtype=np.float64).copy()
+        self.shot_count = np.asarray(arrays["shot_count"], dtype=np.int64).copy()
+
     @property
     def prequential_loss(self) -> float | None:
         return self.loss_sum / self.labelled if self.labelled else None
@@ -242,6 +266,7 @@ class Engine:
             seed=config.seed,
         )
         self.stats = RunningStats(config.support_size)
+        self.dedupe = DedupeWindow(config.dedupe_window) if config.dedupe_window else None
         self._cache_size = config.weights_cache_size or max(
             1, min(config.max_live_tasks, (256 << 20) // (4 * model.target.n_params))
         )
@@ -310,13 +335,34 @@ class Engine:
         self.stats.events += len(raws)
         if n_bad:
             self.metrics.events.labels("invalid", "rejected").inc(n_bad)
+        duplicates = self._dedupe(events)
         if events:
             result.outputs = self._process_events(events, t0)
+            result.outputs.duplicates = duplicates
             for i, pos in enumerate(positions):
                 result.order[pos] = i
         self.flush_index()
         self._evict(events)
         return result
+
+    def _dedupe(self, events: list[Event]) -> list[bool] | None:
+        """Turn labelled events already learned (by id) into queries, in place; their flags."""
+        if self.dedupe is None:
+            return None
+        flags = [False] * len(events)
+        add = self.dedupe.add
+        n_dup = 0
+        for i, ev in enumerate(events):
+            if ev.y is not None and not add(ev.event_id):
+                events[i] = Event.model_construct(
+                    event_id=ev.event_id, task_id=ev.task_id, x=ev.x, y=None, ts=ev.ts
+                )
+                flags[i] = True
+                n_dup += 1
+        if not n_dup:
+            return None
+        self.metrics.duplicates.inc(n_dup)
+        return flags
 
     def _process_events(self, events: list[Event], t0: float) -> Outputs:
         with torch.inference_mode():
@@ -407,7 +453,7 @@ class Engine:
                 touched.append(s)
         self._reembed(touched)
 
-    def _point_features(self, xs: list[Any], ys: list[Any]) -> np.ndarray:
+    def _point_features(self, xs: Sequence[Any] | np.ndarray, ys: Sequence[Any]) -> np.ndarray:
         model = self.model
         x = torch.as_tensor(np.asarray(xs, dtype=np.float32).reshape(len(xs), -1))
         y_dtype = torch.float32 if self.kind == "regression" else torch.long
@@ -602,6 +648,68 @@ class Engine:
         if evicted:
             self.metrics.tasks_evicted.inc(len(evicted))
         self.metrics.tasks.set(len(self.store))
+
+    # -- persistence --------------------------------------------------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The engine's learned state as named arrays: task store, index, run statistics and
+        de-duplication window (adapted weights are a cache and are not saved)."""
+        self.flush_index()
+        parts = {
+            "store": self.store.to_arrays(self.model.config.embed_dim),
+            "index": self.index.to_arrays(),
+            "stats": self.stats.to_arrays(),
+        }
+        if self.dedupe is not None:
+            parts["dedupe"] = self.dedupe.to_arrays()
+        return {f"{p}.{k}": v for p, arrays in parts.items() for k, v in arrays.items()}
+
+    def state_layout(self) -> dict[str, Any]:
+        """What saved state must match to be restored into this engine."""
+        return {**self.store.layout(), "embed_dim": self.model.config.embed_dim}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], *, reencode: bool = False) -> None:
+        """Load :meth:`state_arrays` output. ``reencode``: the state was built with another
+        model, so pooled encoder states and embeddings are recomputed from the support sets and
+        the index keeps only live tasks.
+
+        Raises ``ValueError`` (or :class:`~stream_meta.index.IndexLoadError`) on inconsistent
+        arrays; the engine is then unchanged.
+        """
+        part: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in arrays.items():
+            prefix, _, key = name.partition(".")
+            part.setdefault(prefix, {})[key] = value
+        index = TaskIndex.from_arrays(part.get("index", {}))
+        if index.d != self.model.config.embed_dim:
+            raise ValueError(f"saved index has d={index.d}, the model embeds in {self.index.d}")
+        stats = RunningStats(self.config.support_size)
+        stats.restore(part["stats"])
+        states = self.store.restore(part["store"])  # the last check that can fail
+        self.stats = stats
+        if self.dedupe is not None and "dedupe" in part:
+            self.dedupe.restore(part["dedupe"])
+        self._pending.clear()
+        self.index = index.empty_like() if reencode else index
+        if reencode:
+            self._refeature([s for s in states if s.n])
+        self.metrics.tasks.set(len(self.store))
+        self.metrics.index_size.set(len(self.index))
+
+    def _refeature(self, states: list[TaskState], chunk: int = 4096) -> None:
+        """Recompute pooled encoder states from the support sets, then the embeddings."""
+        for lo in range(0, len(states), chunk):
+            part = states[lo : lo + chunk]
+            with torch.inference_mode():
+                feats = self._point_features(
+                    np.concatenate([s.xs[: s.n] for s in part]),  # type: ignore[index]
+                    np.concatenate([s.ys[: s.n] for s in part]).tolist(),  # type: ignore[index]
+                )
+            starts = np.concatenate([[0], np.cumsum([s.n for s in part])[:-1]])
+            sums = np.add.reduceat(feats, starts, axis=0)
+            for s, row in zip(part, sums, strict=True):
+                s.feature_sum = row
+            self._reembed(part)
+        self.flush_index()
 
     # -- reporting ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

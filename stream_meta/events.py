@@ -169,6 +169,10 @@ class Prediction(BaseModel):
         default=None, description="Prequential loss (predict, then reveal) when labelled."
     )
     latency_s: float = Field(ge=0, description="Time from receipt to prediction, in seconds.")
+    duplicate: bool = Field(
+        default=False,
+        description="A labelled event whose id was already learned: predicted, not learned again.",
+    )
 
     def to_json(self) -> str:
         """Serialise to compact JSON (one line, suitable for a Kafka value or a JSONL file)."""

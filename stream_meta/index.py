@@ -66,11 +66,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import sys
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +77,7 @@ import faiss
 import numpy as np
 
 from stream_meta.atomic import atomic_file
+from stream_meta.packing import pack_strings, unpack_strings
 
 __all__ = ["IndexLoadError", "TaskIndex", "task_key", "task_keys"]
 
@@ -442,14 +442,18 @@ class TaskIndex:
             return self._id_map_view().copy()
         return _ivf_ids(self._index)
 
-    def save(self, path: Path | str) -> None:
-        """Write the index to one ``.npz`` file (no pickle), atomically: a temp file in the
-        same directory, fsync, then ``os.replace``."""
-        path = Path(path)
+    def empty_like(self) -> TaskIndex:
+        """A new, empty index with the same settings."""
+        return TaskIndex(
+            self._d, kind=self._kind, nlist=self._nlist, nprobe=self._nprobe,
+            train_size=self._train_size, seed=self._seed,
+        )  # fmt: skip
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The index as plain numpy arrays (no pickle): what :meth:`save` writes, and what a
+        state checkpoint embeds. :meth:`from_arrays` reverses it."""
         keys = self._stored_keys()
-        encoded = [self._names[k].encode("utf-8") for k in keys.tolist()]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        names_utf8, offsets = pack_strings([self._names[k] for k in keys.tolist()])
         meta = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
@@ -463,16 +467,44 @@ class TaskIndex:
             "exact": self.exact,
             "ntotal": len(keys),
         }
-        meta_json = json.dumps(meta).encode("utf-8")
-        with atomic_file(path, mode=0o600) as f:
-            np.savez(
-                f,
-                meta=np.frombuffer(meta_json, dtype=np.uint8),
-                faiss_index=faiss.serialize_index(self._index),
-                keys=keys,
-                names_utf8=np.frombuffer(b"".join(encoded), dtype=np.uint8),
-                names_offsets=offsets,
+        return {
+            "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+            "faiss_index": faiss.serialize_index(self._index),
+            "keys": keys,
+            "names_utf8": names_utf8,
+            "names_offsets": offsets,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TaskIndex:
+        """Rebuild an index from :meth:`to_arrays` output, validating every part.
+
+        Raises:
+            IndexLoadError: missing, corrupt or inconsistent arrays.
+        """
+        missing = {"meta", "faiss_index", "keys", "names_utf8", "names_offsets"}
+        missing -= set(arrays)
+        if missing:
+            raise IndexLoadError(f"not a task index (missing {sorted(missing)})")
+        try:
+            meta = json.loads(np.asarray(arrays["meta"]).tobytes().decode("utf-8"))
+            return cls._from_parts(
+                meta,
+                np.asarray(arrays["faiss_index"]),
+                np.asarray(arrays["keys"]),
+                np.asarray(arrays["names_utf8"]).tobytes(),
+                np.asarray(arrays["names_offsets"]),
             )
+        except IndexLoadError:
+            raise
+        except (RuntimeError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise IndexLoadError(f"corrupt task index: {e}") from e
+
+    def save(self, path: Path | str) -> None:
+        """Write the index to one ``.npz`` file (no pickle), atomically: a temp file in the
+        same directory, fsync, then ``os.replace``."""
+        with atomic_file(Path(path), mode=0o600) as f:
+            np.savez(f, **self.to_arrays())  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path | str) -> TaskIndex:
@@ -484,23 +516,13 @@ class TaskIndex:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
-                missing = {"meta", "faiss_index", "keys", "names_utf8", "names_offsets"}
-                missing -= set(z.files)
-                if missing:
-                    raise IndexLoadError(f"{path}: not a task index (missing {sorted(missing)})")
-                meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-                blob, keys = z["faiss_index"], z["keys"]
-                names_utf8, offsets = z["names_utf8"].tobytes(), z["names_offsets"]
-        except IndexLoadError:
-            raise
+                arrays = {name: z[name] for name in z.files}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise IndexLoadError(f"{path}: cannot read task index: {e}") from e
         try:
-            return cls._from_parts(meta, blob, keys, names_utf8, offsets)
+            return cls.from_arrays(arrays)
         except IndexLoadError as e:
             raise IndexLoadError(f"{path}: {e}") from e
-        except (RuntimeError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise IndexLoadError(f"{path}: corrupt task index: {e}") from e
 
     @classmethod
     def _from_parts(
@@ -528,10 +550,10 @@ class TaskIndex:
         n = int(meta["ntotal"])
         if keys.dtype != np.int64 or keys.shape != (n,) or offsets.shape != (n + 1,):
             raise IndexLoadError("key or name arrays do not match ntotal")
-        if offsets[0] != 0 or offsets[-1] != len(names_utf8) or np.any(np.diff(offsets) < 0):
-            raise IndexLoadError("bad task id offsets")
-        bounds = offsets.tolist()
-        names = [names_utf8[a:b].decode("utf-8") for a, b in itertools.pairwise(bounds)]
+        try:
+            names = unpack_strings(names_utf8, offsets)
+        except ValueError as e:
+            raise IndexLoadError(f"bad task ids: {e}") from e
         key_list = keys.tolist()
         if len(set(key_list)) != n or any(
             task_key(t) != k for t, k in zip(names, key_list, strict=True)

@@ -1,31 +1,61 @@
-"""The Kafka-fed service loop behind ``stream-meta serve`` (first slice of issue 3).
+"""The Kafka-fed service behind ``stream-meta serve``.
 
-Consumes ``<prefix>.events`` in a consumer group, runs every polled batch through the
-:class:`~stream_meta.engine.Engine`, and produces exactly one output per consumed record: a
-prediction to ``<prefix>.predictions`` (key: task id; the record ``run --output`` writes) or
-a dead letter to ``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded,
-source topic, partition and offset). Offsets are committed only after the batch's outputs are
-flushed with ``acks=all``, so a crash re-delivers rather than loses (at-least-once).
+Consumes ``<prefix>.events`` in a consumer group and runs every polled batch through the
+:class:`~stream_meta.engine.Engine`. Each consumed record yields exactly one output: a
+prediction on ``<prefix>.predictions`` (key: task id) or a dead letter on
+``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded, source topic,
+partition and offset).
 
-Not yet here (issue 3): state checkpoints and de-duplication by event id (a redelivered
-labelled event is learned again), commit on revocation, broker-outage backoff, lag metrics,
-health endpoints.
+Delivery, per batch and per checkpoint:
+
+1. poll a bounded batch (fewer records when batches run long, so that processing plus a
+   checkpoint stays well inside ``max_poll_interval_ms``);
+2. process it (predict, score, learn), send its outputs, and wait until the broker
+   acknowledged every one (``acks=all``); an output the broker refused is sent again, with
+   backoff, until it is acknowledged: the loop does not move on while outputs are pending;
+3. every ``checkpoint_every_s``, and when partitions are revoked or the service stops, write a
+   state checkpoint (:mod:`stream_meta.snapshot`: support sets, index, de-duplication window
+   *and* the offsets it reflects), then commit exactly those offsets.
+
+On restart the newest checkpoint is restored and each partition is read again from the
+checkpoint's offset, so the state and the stream resume from the same point: events after the
+checkpoint are learned once, by the restored state; their outputs may be produced a second
+time (at-least-once output, exactly-once learning). A labelled event whose id the restored
+de-duplication window already holds is predicted again but never learned twice. Without a
+state directory offsets are committed after every batch and a restart starts cold.
+
+While the broker is away the kafka-python clients reconnect with exponential backoff
+(``reconnect_backoff_ms`` .. ``reconnect_backoff_max_ms``); at start-up the service waits for
+the broker up to ``startup_timeout_s`` and then fails with a clear error.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from stream_meta.engine import Engine
+import numpy as np
+
+from stream_meta.engine import BatchResult, Engine
+from stream_meta.metrics import ServiceMetrics
+from stream_meta.snapshot import StateDir
 
 log = logging.getLogger(__name__)
+
+#: share of ``max_poll_interval_ms`` one batch (processing + a checkpoint) may take
+_POLL_BUDGET = 0.25
+
+
+class ServiceError(RuntimeError):
+    """The service cannot run (e.g. Kafka unreachable past the start-up deadline)."""
 
 
 @dataclass(frozen=True)
@@ -40,44 +70,178 @@ class Topics:
     def for_prefix(cls, prefix: str) -> Topics:
         return cls(f"{prefix}.events", f"{prefix}.predictions", f"{prefix}.dead-letter")
 
+    def all(self) -> tuple[str, ...]:
+        return (self.events, self.predictions, self.dead_letter)
+
+
+def _backoff(attempt: int, first: float, most: float) -> float:
+    return float(min(most, first * 2**attempt))
+
 
 class KafkaService:
-    """Consume, adapt, produce, commit; see the module docstring.
+    """Consume, adapt, produce, checkpoint, commit; see the module docstring.
 
-    ``kafka`` is a :class:`~stream_meta.config.KafkaSettings`; ``batch_size`` bounds one poll.
+    ``settings`` is the whole :class:`~stream_meta.config.Settings` (its ``kafka``,
+    ``service`` and ``engine`` sections are read). Call :meth:`start`, then :meth:`run`.
     """
 
-    def __init__(self, engine: Engine, kafka: Any, *, batch_size: int = 512) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
-
-        self.engine, self.settings, self.batch_size = engine, kafka, batch_size
-        self.topics = Topics.for_prefix(kafka.topic_prefix)
+    def __init__(self, engine: Engine, settings: Any, metrics: ServiceMetrics) -> None:
+        self.engine, self.metrics = engine, metrics
+        self.kafka, self.cfg = settings.kafka, settings.service
+        self.batch_size = settings.engine.micro_batch
+        self.topics = Topics.for_prefix(self.kafka.topic_prefix)
+        self.state = (
+            StateDir(self.cfg.state_dir, keep=self.cfg.keep_checkpoints)
+            if self.cfg.state_dir is not None
+            else None
+        )
         self.stop_event = threading.Event()
-        self.consumer = KafkaConsumer(
-            self.topics.events,
-            bootstrap_servers=kafka.bootstrap_servers.split(","),
-            group_id=kafka.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-            max_poll_interval_ms=kafka.max_poll_interval_ms,
-            max_poll_records=batch_size,
-        )
-        self.producer = KafkaProducer(
-            bootstrap_servers=kafka.bootstrap_servers.split(","),
-            acks="all",
-            linger_ms=5,
-        )
+        self.consumer: Any = None
+        self.producer: Any = None
         self.consumed = self.predicted = self.dead_lettered = 0
+        self.restored: dict[str, Any] | None = None
+        self._positions: dict[Any, int] = {}  # partition -> next offset, outputs acknowledged
+        self._resume: dict[Any, int] = {}  # partition -> offset from the restored checkpoint
+        self._dirty = False  # processed since the last checkpoint/commit
+        self._max_records = self.batch_size
+        self._per_record_s = 0.0
+        self._last_checkpoint = time.monotonic()
+        self._last_lag = 0.0
+        self._heartbeat = time.monotonic()
+        self._joined = False
+        self._serving = False
+        self._broker_up = False
 
+    def _set_broker_up(self, up: bool) -> None:
+        self._broker_up = up
+        self.metrics.broker_up.set(1 if up else 0)
+
+    # -- lifecycle ----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT finish the current batch, flush, commit, then stop."""
+        """SIGTERM / SIGINT: finish the batch, deliver its outputs, checkpoint, commit, stop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
 
+    def start(self) -> None:
+        """Restore state, wait for the broker (up to ``startup_timeout_s``), create missing
+        topics, and subscribe. Raises :class:`ServiceError` or
+        :class:`~stream_meta.snapshot.StateError`."""
+        if self.state is not None:
+            self.restored = self.state.load(self.engine)
+            if self.restored is None:
+                log.info("no state checkpoint in %s: starting without state", self.state.path)
+            else:
+                self._resume = self._offsets_from(self.restored["extra"].get("offsets", {}))
+                log.info(
+                    "restored %s: %d tasks, %d indexed, offsets %s",
+                    self.restored["path"], len(self.engine.store), len(self.engine.index),
+                    self.restored["extra"].get("offsets"),
+                )  # fmt: skip
+        else:
+            log.warning("no state directory: task state will not survive a restart")
+        self._wait_for_broker()
+        self._open_clients()
+        self._serving = True
+        self.metrics.ready.set(1)
+
+    def _client_config(self) -> dict[str, Any]:
+        k = self.kafka
+        return {
+            "bootstrap_servers": k.bootstrap_servers.split(","),
+            "request_timeout_ms": k.request_timeout_ms,
+            "reconnect_backoff_ms": k.reconnect_backoff_ms,
+            "reconnect_backoff_max_ms": k.reconnect_backoff_max_ms,
+        }
+
+    def _wait_for_broker(self) -> None:
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaError
+
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        attempt = 0
+        while True:
+            try:
+                admin = KafkaAdminClient(**self._client_config())
+                break
+            except (KafkaError, OSError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop_event.is_set():
+                    raise ServiceError(
+                        f"Kafka at {self.kafka.bootstrap_servers} stayed unreachable for "
+                        f"{self.cfg.startup_timeout_s:g} s ({type(exc).__name__}: {exc}); check "
+                        "--bootstrap-servers and that the broker is up"
+                    ) from exc
+                wait = min(left, _backoff(attempt, 0.5, 5.0))
+                log.warning("waiting for Kafka at %s (%s); retry in %.1f s",
+                            self.kafka.bootstrap_servers, exc, wait)  # fmt: skip
+                self._heartbeat = time.monotonic()
+                self.stop_event.wait(wait)
+                attempt += 1
+        try:
+            if self.cfg.create_topics:
+                self._create_topics(admin)
+        finally:
+            admin.close()
+        self._set_broker_up(True)
+
+    def _create_topics(self, admin: Any) -> None:
+        ensure_topics(admin, self.topics.all(), self.cfg.partitions, self.cfg.replication_factor)
+
+    def _open_clients(self) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+        from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+        service = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                service._on_revoked(list(revoked))
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                service._on_assigned(list(assigned))
+
+        k = self.kafka
+        self.producer = KafkaProducer(
+            **self._client_config(),
+            acks="all",
+            linger_ms=5,
+            delivery_timeout_ms=max(k.request_timeout_ms + 5000, 30_000),
+        )
+        self.consumer = KafkaConsumer(
+            **self._client_config(),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=self.batch_size,
+        )
+        self.consumer.subscribe([self.topics.events], listener=Listener())
+
+    # -- health -------------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        """Liveness: the loop (or its delivery retries) turned recently."""
+        idle = time.monotonic() - self._heartbeat
+        if idle > self.cfg.stall_timeout_s:
+            return False, f"loop stalled for {idle:.0f} s"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: state restored, group joined, broker answering."""
+        if not self._serving:
+            return False, "starting" if not self.stop_event.is_set() else "stopping"
+        if not self._joined:
+            return False, "waiting for the consumer-group assignment"
+        if not self._broker_up:
+            return False, "broker unreachable"
+        return True, "ok"
+
+    # -- the loop -----------------------------------------------------------------------------
     def run(self, *, events: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """Serve until stopped, ``events`` records were consumed, or ``timeout_s`` passed."""
+        if self.consumer is None:
+            self.start()
         start = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -85,12 +249,23 @@ class KafkaService:
                     break
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     break
-                polled = self.consumer.poll(timeout_ms=self.settings.poll_timeout_ms)
+                self._heartbeat = time.monotonic()
+                limit = self._max_records
+                if events is not None:
+                    limit = max(1, min(limit, events - self.consumed))
+                polled = self.consumer.poll(
+                    timeout_ms=self.kafka.poll_timeout_ms, max_records=limit
+                )
                 records = [r for batch in polled.values() for r in batch]
                 if records:
                     self._handle(records)
+                now = time.monotonic()
+                if now - self._last_checkpoint >= self.cfg.checkpoint_every_s:
+                    self._checkpoint_and_commit("periodic")
+                if now - self._last_lag >= 1.0:
+                    self._update_lag()
         finally:
-            self.close()
+            self._shutdown()
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
@@ -99,17 +274,42 @@ class KafkaService:
         }
 
     def _handle(self, records: list[Any]) -> None:
-        result = self.engine.process([r.value for r in records])
+        t0 = time.perf_counter()
+        result = self.engine.process([r.value for r in records], received_at=t0)
+        outputs, reasons = self._outputs(records, result)
+        self._deliver(outputs)
+        acked = time.time()
+        stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
+        ts = np.array(stamps, dtype=np.float64)
+        if len(ts):
+            self.metrics.end_to_end.observe_many(acked - ts / 1000.0)
+        n_dead = len(reasons)
+        self.consumed += len(records)
+        self.predicted += len(records) - n_dead
+        self.dead_lettered += n_dead
+        m = self.metrics
+        m.consumed.inc(len(records))
+        m.predictions.inc(len(records) - n_dead)
+        for reason in reasons:
+            m.dead_letters.labels(reason).inc()
+        m.batch_records.observe(len(records))
+        for r in records:  # in offset order within each partition
+            self._positions[_tp(r.topic, r.partition)] = r.offset + 1
+        self._dirty = True
+        if self.state is None:
+            self._commit(dict(self._positions))
+        self._bound_batches(len(records), time.perf_counter() - t0)
+
+    def _outputs(
+        self, records: list[Any], result: BatchResult
+    ) -> tuple[list[tuple[str, bytes | None, bytes]], list[str]]:
         out = result.outputs
-        send = self.producer.send
+        sends: list[tuple[str, bytes | None, bytes]] = []
+        reasons: list[str] = []
         for record, ref in zip(records, result.order, strict=True):
             if ref >= 0 and out is not None:
-                send(
-                    self.topics.predictions,
-                    key=out.task_ids[ref].encode(),
-                    value=out.record(ref).to_json().encode(),
-                )
-                self.predicted += 1
+                value = out.record(ref).to_json().encode()
+                sends.append((self.topics.predictions, out.task_ids[ref].encode(), value))
             else:
                 rejection = result.rejections[-1 - ref]
                 letter = {
@@ -120,15 +320,188 @@ class KafkaService:
                     "partition": record.partition,
                     "offset": record.offset,
                 }
-                send(self.topics.dead_letter, key=record.key, value=json.dumps(letter).encode())
-                self.dead_lettered += 1
-        self.producer.flush()  # outputs durable (acks=all) before the offsets move
-        self.consumer.commit()
-        self.consumed += len(records)
+                sends.append((self.topics.dead_letter, record.key, json.dumps(letter).encode()))
+                reasons.append(rejection.reason.value)
+        return sends, reasons
 
-    def close(self) -> None:
+    def _deliver(self, sends: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Send and wait for every acknowledgement; re-send what the broker refused."""
+        from kafka.errors import KafkaTimeoutError
+
+        pending, attempt = sends, 0
+        deadline: float | None = None
+        while pending:
+            futures = [self.producer.send(t, key=k, value=v) for t, k, v in pending]
+            while True:
+                try:
+                    self.producer.flush(timeout=5.0)
+                    break
+                except KafkaTimeoutError:  # still retrying inside the client: keep waiting
+                    self._heartbeat = time.monotonic()
+                    self._set_broker_up(False)
+                    log.warning("outputs not acknowledged yet; broker unreachable?")
+            failed = [p for p, f in zip(pending, futures, strict=True) if f.failed()]
+            if not failed:
+                break
+            self.metrics.produce_failures.inc(len(failed))
+            self._set_broker_up(False)
+            exc = next(f.exception for f in futures if f.failed())
+            if self.stop_event.is_set():
+                deadline = deadline or time.monotonic() + self.cfg.shutdown_timeout_s
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"{len(failed)} outputs still unacknowledged after "
+                        f"{self.cfg.shutdown_timeout_s:g} s of shutdown ({exc}); their events "
+                        "will be re-delivered"
+                    )
+            wait = _backoff(attempt, 0.2, 5.0)
+            log.warning("%d outputs refused (%s); re-sending in %.1f s", len(failed), exc, wait)
+            self._heartbeat = time.monotonic()
+            time.sleep(wait)
+            pending, attempt = failed, attempt + 1
+        self._set_broker_up(True)
+
+    def _bound_batches(self, n: int, seconds: float) -> None:
+        """Keep one batch's processing (plus a checkpoint) within a share of the poll budget."""
+        per = seconds / n
+        self._per_record_s = per if not self._per_record_s else 0.8 * self._per_record_s + 0.2 * per
+        budget = _POLL_BUDGET * self.kafka.max_poll_interval_ms / 1000.0
+        fit = int(budget / max(self._per_record_s, 1e-9))
+        self._max_records = max(1, min(self.batch_size, fit))
+
+    # -- checkpoints and commits --------------------------------------------------------------
+    def _checkpoint_and_commit(self, why: str) -> bool:
+        """Checkpoint state with the offsets it reflects, then commit them. False on failure."""
+        self._last_checkpoint = time.monotonic()
+        if not self._dirty:
+            return True
+        offsets = dict(self._positions)
+        if self.state is not None:
+            t0 = time.perf_counter()
+            try:
+                path = self.state.save(self.engine, extra={
+                    "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
+                    "group": self.kafka.group_id,
+                    "reason": why,
+                })  # fmt: skip
+            except (OSError, ValueError) as exc:
+                self.metrics.checkpoint_failures.inc()
+                log.error("state checkpoint failed (%s); offsets not committed", exc)
+                return False
+            m = self.metrics
+            m.checkpoints.inc()
+            m.checkpoint_seconds.observe(time.perf_counter() - t0)
+            m.checkpoint_bytes.set(path.stat().st_size)
+            m.last_checkpoint.set(time.time())
+        ok = self._commit(offsets)
+        self._dirty = not ok
+        return ok
+
+    def _commit(self, offsets: dict[Any, int]) -> bool:
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        owned = self.consumer.assignment()
+        todo = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in owned}
+        if not todo:
+            return True
         try:
-            self.producer.flush()
-            self.producer.close()
+            self.consumer.commit(todo)
+        except (KafkaError, OSError) as exc:
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit failed (%s); the next commit covers it", exc)
+            return False
+        self.metrics.commits.inc()
+        return True
+
+    def _on_revoked(self, revoked: list[Any]) -> None:
+        self.metrics.rebalances.labels("revoked").inc()
+        if revoked:
+            self._checkpoint_and_commit("revoked")
+        for tp in revoked:
+            self._positions.pop(tp, None)
+            with contextlib.suppress(KeyError):  # KeyError: no lag reported for it yet
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+        log.info("partitions revoked: %s", _names(revoked))
+
+    def _on_assigned(self, assigned: list[Any]) -> None:
+        self.metrics.rebalances.labels("assigned").inc()
+        self.metrics.assigned.set(len(self.consumer.assignment()))
+        for tp in assigned:
+            offset = self._resume.pop(tp, None)
+            if offset is not None:
+                self.consumer.seek(tp, offset)  # the state checkpoint's point of the stream
+        self._joined = True
+        log.info("partitions assigned: %s", _names(assigned))
+
+    def _update_lag(self) -> None:
+        self._last_lag = time.monotonic()
+        try:  # the consumer's own view of its broker connections
+            connections = self.consumer.metrics()["consumer-metrics"]["connection-count"]
+        except (KeyError, TypeError):
+            connections = None
+        if connections is not None:
+            self._set_broker_up(connections > 0)
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            pos = self._positions.get(tp)
+            if high is None or pos is None:
+                continue
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - pos))
+
+    def _shutdown(self) -> None:
+        self._serving = False
+        self.metrics.ready.set(0)
+        try:
+            if self.consumer is not None:
+                self._checkpoint_and_commit("shutdown")
         finally:
-            self.consumer.close()
+            for client in (self.producer, self.consumer):
+                if client is None:
+                    continue
+                try:
+                    client.close()
+                except Exception as exc:  # closing must not hide the reason we stopped
+                    log.warning("closing %s: %s", type(client).__name__, exc)
+
+    @staticmethod
+    def _offsets_from(saved: dict[str, int]) -> dict[Any, int]:
+        out = {}
+        for name, offset in saved.items():
+            topic, _, part = name.rpartition(":")
+            out[_tp(topic, int(part))] = int(offset)
+        return out
+
+
+def ensure_topics(
+    admin: Any, topics: tuple[str, ...], partitions: int, replication_factor: int
+) -> list[str]:
+    """Create those of ``topics`` that do not exist yet; returns the ones created."""
+    existing = set(admin.list_topics())
+    missing = [t for t in topics if t not in existing]
+    if missing:
+        spec = {"num_partitions": partitions, "replication_factor": replication_factor}
+        admin.create_topics({t: spec for t in missing}, raise_errors=False)
+        log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
+    return missing
+
+
+def _tp(topic: str, partition: int) -> Any:
+    from kafka import TopicPartition
+
+    return TopicPartition(topic, partition)
+
+
+def _names(tps: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
+
+
+def state_dir_ok(path: Path) -> None:
+    """Fail early, with a clear message, when the state directory cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ServiceError(f"state directory {path} is not writable: {exc}") from exc

@@ -13,11 +13,14 @@ the default sizes (``TaskStore.bytes_per_task`` estimates it; ``make bench`` mea
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+
+from stream_meta.packing import pack_strings, unpack_strings
 
 
 class TaskState:
@@ -142,6 +145,105 @@ class TaskStore:
                     break
                 out.append(self._tasks.popitem(last=False)[1])
         return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def layout(self) -> dict[str, object]:
+        """What a saved store must match to be restored into this one."""
+        return {
+            "x_dim": self.x_dim,
+            "feat_dim": self.feat_dim,
+            "support_size": self.support_size,
+            "policy": self.policy,
+            "y_dtype": np.dtype(self.y_dtype).str,
+        }
+
+    def to_arrays(self, embed_dim: int) -> dict[str, np.ndarray]:
+        """Every live task as plain arrays, in least-recently-seen order (no pickle).
+
+        Support buffers are saved in storage order, so a restored "recent" buffer overwrites
+        the same slot next; the reservoir's random generator is saved too. Together with
+        :meth:`restore` this reproduces the store exactly.
+        """
+        states = list(self._tasks.values())
+        utf8, offsets = pack_strings([s.task_id for s in states])
+        with_support = [s for s in states if s.n]
+        emb = np.zeros((len(states), embed_dim), dtype=np.float32)
+        has_emb = np.zeros(len(states), dtype=bool)
+        for i, s in enumerate(states):
+            if s.embedding is not None:
+                emb[i], has_emb[i] = s.embedding, True
+        rng = json.dumps(self._rng.bit_generator.state).encode()
+        return {
+            "ids_utf8": utf8,
+            "ids_offsets": offsets,
+            "n": np.array([s.n for s in states], dtype=np.int64),
+            "seen": np.array([s.seen for s in states], dtype=np.int64),
+            "version": np.array([s.version for s in states], dtype=np.int64),
+            "last_seen": np.array([s.last_seen for s in states], dtype=np.float64),
+            "feature_sum": (
+                np.stack([s.feature_sum for s in states])
+                if states
+                else np.zeros((0, self.feat_dim), dtype=np.float64)
+            ),
+            "embedding": emb,
+            "has_embedding": has_emb,
+            "xs": (
+                np.concatenate([s.xs[: s.n] for s in with_support])  # type: ignore[index]
+                if with_support
+                else np.zeros((0, self.x_dim), dtype=np.float32)
+            ),
+            "ys": (
+                np.concatenate([s.ys[: s.n] for s in with_support])  # type: ignore[index]
+                if with_support
+                else np.zeros(0, dtype=self.y_dtype)
+            ),
+            "rng": np.frombuffer(rng, dtype=np.uint8),
+        }
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> list[TaskState]:
+        """Replace the store's content with :meth:`to_arrays` output; returns the states.
+
+        Raises ``ValueError`` when the arrays are inconsistent (nothing is changed then).
+        """
+        ids = unpack_strings(arrays["ids_utf8"], arrays["ids_offsets"])
+        t = len(ids)
+        n = np.asarray(arrays["n"])
+        xs, ys = np.asarray(arrays["xs"]), np.asarray(arrays["ys"])
+        fsum, emb = np.asarray(arrays["feature_sum"]), np.asarray(arrays["embedding"])
+        for name in ("n", "seen", "version", "last_seen", "has_embedding"):
+            if np.asarray(arrays[name]).shape != (t,):
+                raise ValueError(f"task array {name!r} does not have {t} rows")
+        if fsum.shape != (t, self.feat_dim) or emb.ndim != 2 or len(emb) != t:
+            raise ValueError("feature sums or embeddings do not match the task count")
+        if np.any(n < 0) or np.any(n > self.support_size):
+            raise ValueError(f"support sizes outside 0..{self.support_size}")
+        total = int(n.sum())
+        if xs.shape != (total, self.x_dim) or ys.shape != (total,):
+            raise ValueError("support arrays do not match the support sizes")
+        rng_state = json.loads(np.asarray(arrays["rng"]).tobytes().decode())
+        rng = np.random.default_rng()
+        rng.bit_generator.state = rng_state
+        seen, version = arrays["seen"].tolist(), arrays["version"].tolist()
+        last_seen, has_emb = arrays["last_seen"].tolist(), arrays["has_embedding"].tolist()
+        tasks: OrderedDict[str, TaskState] = OrderedDict()
+        bounds = np.concatenate([[0], np.cumsum(n)]).tolist()
+        for i, task_id in enumerate(ids):
+            state = TaskState(task_id, self._key(task_id), self.feat_dim)
+            k = int(n[i])
+            if k:
+                state.xs = np.zeros((self.support_size, self.x_dim), dtype=np.float32)
+                state.ys = np.zeros(self.support_size, dtype=self.y_dtype)
+                state.xs[:k] = xs[bounds[i] : bounds[i + 1]]
+                state.ys[:k] = ys[bounds[i] : bounds[i + 1]]
+            state.n, state.seen, state.version = k, int(seen[i]), int(version[i])
+            state.last_seen = float(last_seen[i])
+            state.feature_sum = fsum[i].astype(np.float64, copy=True)
+            state.embedding = emb[i].astype(np.float32, copy=True) if has_emb[i] else None
+            tasks[task_id] = state
+        if len(tasks) != t:
+            raise ValueError("duplicate task ids")
+        self._tasks, self._rng = tasks, rng
+        return list(tasks.values())
 
     def bytes_per_task(self, embed_dim: int) -> int:
         """Approximate bytes a live task holds besides its support buffer."""

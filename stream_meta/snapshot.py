@@ -1,0 +1,167 @@
+"""State checkpoints: the engine's learned state and the consumer's offsets, in one file.
+
+A checkpoint is one ``state-<sequence>.npz`` in the state directory: the task store (support
+sets, pooled encoder states, embeddings, LRU order, the reservoir's random generator), the
+FAISS index, the run statistics, the de-duplication window, and a JSON header with the format
+version, the model's version and fingerprint, and the caller's extras (the service puts the
+consumed offsets there). State and offsets are captured together between two batches, so they
+always describe the same point of the stream.
+
+Each checkpoint is written atomically (temporary file, fsync, rename, directory fsync) and the
+newest ``keep`` are kept: a checkpoint that cannot be read (a damaged disk) is reported and the
+previous one is used. Nothing is unpickled.
+
+State written with a different model is restored by re-encoding every live task from its
+support set (the model changed, the examples did not); state whose shape does not fit the
+engine (another family, support size or policy) is refused with an explanation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_meta.atomic import atomic_file
+from stream_meta.engine import Engine
+from stream_meta.index import IndexLoadError
+from stream_meta.model import MetaModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "stream-meta-state"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^state-(\d{12})\.npz$")
+_HEADER = "header"
+
+
+class StateError(RuntimeError):
+    """A state directory that cannot be used (explains what to do)."""
+
+
+def model_fingerprint(model: MetaModel) -> str:
+    """sha256 over the model's configuration and parameters: equal iff the model is."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class StateDir:
+    """Checkpoints of one engine in a directory; see the module docstring."""
+
+    def __init__(self, path: Path | str, *, keep: int = 2) -> None:
+        self.path = Path(path)
+        self.keep = max(1, keep)
+        self._fingerprints: dict[int, str] = {}
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files present, newest first."""
+        if not self.path.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def _fingerprint(self, model: MetaModel) -> str:
+        key = id(model)
+        if key not in self._fingerprints:
+            self._fingerprints = {key: model_fingerprint(model)}
+        return self._fingerprints[key]
+
+    def save(self, engine: Engine, extra: dict[str, Any] | None = None) -> Path:
+        """Write a new checkpoint of ``engine`` (plus ``extra``) and prune old ones."""
+        existing = self.checkpoints()
+        seq = int(_NAME.match(existing[0].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "created_unix": time.time(),
+            "model_version": engine.model_version,
+            "model_fingerprint": self._fingerprint(engine.model),
+            "layout": engine.state_layout(),
+            "extra": extra or {},
+        }
+        arrays = engine.state_arrays()
+        arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        path = self.path / f"state-{seq:012d}.npz"
+        self.path.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, mode=0o600) as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
+        for old in self.checkpoints()[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, engine: Engine) -> dict[str, Any] | None:
+        """Restore the newest readable checkpoint into ``engine``; returns its header, or
+        None when the directory holds no checkpoint.
+
+        Raises:
+            StateError: checkpoints exist but none can be restored into this engine.
+        """
+        errors: list[str] = []
+        for path in self.checkpoints():
+            try:
+                header, arrays = self._read(path)
+            except StateError as exc:
+                log.error("%s", exc)
+                errors.append(str(exc))
+                continue
+            self._check_layout(path, header, engine)
+            reencode = header["model_fingerprint"] != self._fingerprint(engine.model)
+            if reencode:
+                log.warning(
+                    "%s was written with another model (version %s): re-encoding its tasks",
+                    path.name, header.get("model_version"),
+                )  # fmt: skip
+            try:
+                engine.restore_state(arrays, reencode=reencode)
+            except (ValueError, KeyError, IndexLoadError) as exc:
+                msg = f"{path}: inconsistent state checkpoint: {exc}"
+                log.error("%s", msg)
+                errors.append(msg)
+                continue
+            header["path"] = str(path)
+            return header
+        if errors:
+            raise StateError(
+                f"no usable state checkpoint in {self.path} ({'; '.join(errors)}); move the "
+                "directory away to start without state"
+            )
+        return None
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            header = json.loads(arrays.pop(_HEADER).tobytes().decode())
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise StateError(f"{path}: unreadable state checkpoint: {exc}") from exc
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise StateError(f"{path}: not a stream-meta state checkpoint")
+        if header.get("version") != FORMAT_VERSION:
+            raise StateError(
+                f"{path}: state format {header.get('version')!r} is not supported "
+                f"(this build reads {FORMAT_VERSION})"
+            )
+        return header, arrays
+
+    @staticmethod
+    def _check_layout(path: Path, header: dict[str, Any], engine: Engine) -> None:
+        saved, ours = header.get("layout", {}), engine.state_layout()
+        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise StateError(
+                f"{path} does not fit this engine ({what}); restore those settings, or move "
+                f"{path.parent} away to start without state"
+            )
