@@ -413,6 +413,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
         ) from exc
     topic = topics.events
+    # event ids must stay unique across producer runs (the service de-duplicates by id)
+    run_id = args.run_id or os.urandom(4).hex()
     stop = _stop_on_sigterm()
     total = args.events or None  # 0: until interrupted
     bar = _progress(args, total, "produce")
@@ -422,6 +424,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         for event, _truth in source:
             if (total is not None and sent >= total) or stop.is_set():
                 break
+            event["event_id"] = f"{run_id}-{event['event_id']}"
             if rng.random() < args.bad_fraction:
                 value, bad = bad_event(event, rng, family.x_dim), bad + 1
             else:
@@ -441,11 +444,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
         log.warning("interrupted")
     finally:
         producer.flush()
+        elapsed = time.perf_counter() - start
         producer.close()
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - start
-    _emit({"topic": topic, "events": sent, "bad": bad, "seconds": round(elapsed, 3),
+    _emit({"topic": topic, "run_id": run_id, "events": sent, "bad": bad,
+           "seconds": round(elapsed, 3),
            "events_per_s": round(sent / elapsed, 1) if elapsed else None}, args.json)  # fmt: skip
     return 0
 
@@ -613,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     pr.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid events")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--run-id", help="prefix of the event ids (default: random, so runs never collide)"
+    )
     pr.set_defaults(func=cmd_produce)
 
     tl = sub.add_parser(
@@ -641,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     from stream_meta.checkpoint import CheckpointError
     from stream_meta.config import ConfigError
 

@@ -160,8 +160,11 @@ class KafkaService:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         attempt = 0
         while True:
+            left_ms = int(max(1.0, deadline - time.monotonic()) * 1000)
             try:
-                admin = KafkaAdminClient(**self._client_config())
+                admin = KafkaAdminClient(
+                    **self._client_config(), bootstrap_timeout_ms=min(left_ms, 10_000)
+                )
                 break
             except (KafkaError, OSError) as exc:
                 left = deadline - time.monotonic()

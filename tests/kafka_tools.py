@@ -1,0 +1,175 @@
+"""Helpers for tests that run the service against the suite's broker: topics, readers, offsets,
+``serve`` child processes and the state checkpoints they leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+from stream_meta.packing import unpack_strings
+
+#: consumer-group settings that join in ~3 s on Tansu (see docs/KAFKA_TEST_BROKER.md)
+FAST_GROUP_SETS = ("--set", "kafka.session_timeout_ms=6000",
+                   "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without STREAM_META_* settings (the suite may run inside a deploy)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_META_")}
+    env.update(extra)
+    return env
+
+
+def new_prefix() -> str:
+    return f"sm-{uuid.uuid4().hex[:10]}"
+
+
+def create_topics(bootstrap: str, prefix: str, partitions: int = 3) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics(
+            {
+                f"{prefix}.{t}": {"num_partitions": partitions, "replication_factor": 1}
+                for t in ("events", "predictions", "dead-letter")
+            }
+        )
+    finally:
+        admin.close()
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    until: Callable[[list[Any]], bool],
+    timeout: float = 60.0,
+    settle: float = 0.5,
+) -> list[Any]:
+    """Every record of ``topic`` (all partitions, manual assignment) once ``until(records)``
+    holds, plus whatever arrives in the next ``settle`` seconds; raises on timeout."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest")  # fmt: skip
+    try:
+        parts = None
+        deadline = time.time() + timeout
+        while not parts and time.time() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                time.sleep(0.2)
+        if not parts:
+            raise TimeoutError(f"topic {topic} has no partitions")
+        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        out: list[Any] = []
+        while not until(out):
+            if time.time() > deadline:
+                raise TimeoutError(f"{topic}: condition not met after {timeout} s ({len(out)})")
+            for batch in consumer.poll(200).values():
+                out.extend(batch)
+        end = time.time() + settle
+        while time.time() < end:
+            for batch in consumer.poll(100).values():
+                out.extend(batch)
+        return out
+    finally:
+        consumer.close()
+
+
+def end_offsets(records: list[Any]) -> dict[int, int]:
+    """Next offset of each partition, from every record read back.
+
+    Not ``KafkaConsumer.end_offsets``: Tansu answers ListOffsets(latest) with the base offset
+    of the last record batch, short of the true end (docs/KAFKA_TEST_BROKER.md); fetch
+    responses carry the right high watermark, and so do the records themselves.
+    """
+    ends: dict[int, int] = {}
+    for r in records:
+        ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+    return ends
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offsets (an OffsetFetch: this reader does not join the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                             enable_auto_commit=False)  # fmt: skip
+    try:
+        parts = sorted(consumer.partitions_for_topic(topic))
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
+    finally:
+        consumer.close()
+
+
+class Serve:
+    """``stream-meta serve`` as a child process (stderr kept in a file for diagnostics)."""
+
+    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None):
+        self.log = tmp / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_meta", "serve", "--json", "-q", *args],
+            stdout=subprocess.PIPE, stderr=self._fh, env=clean_env(**(env or {})),
+        )  # fmt: skip
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.stderr():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.stderr()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"no {text!r} in the serve log after {timeout} s:\n{self.stderr()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._fh.close()
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, dict[str, Any] | None]:
+        """SIGTERM, wait; ``(exit code, printed JSON summary or None)``."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, dict[str, Any] | None]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self._fh.close()
+        text = out.decode().strip()
+        return self.proc.returncode, json.loads(text) if text else None
+
+
+def newest_state(state_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint's header and per-task support sets, read straight from disk."""
+    files = sorted(state_dir.glob("state-*.npz"))
+    assert files, f"no checkpoint in {state_dir}"
+    with np.load(files[-1], allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    header = json.loads(a["header"].tobytes())
+    ids = unpack_strings(a["store.ids_utf8"], a["store.ids_offsets"])
+    n = a["store.n"]
+    bounds = np.concatenate([[0], np.cumsum(n)])
+    tasks = {
+        t: (int(a["store.seen"][i]), a["store.xs"][bounds[i] : bounds[i + 1]].tobytes(),
+            a["store.ys"][bounds[i] : bounds[i + 1]].tobytes())
+        for i, t in enumerate(ids)
+    }  # fmt: skip
+    scalars = a["stats.scalars"].tolist()  # events, labelled, queries, rejected, loss_sum, ...
+    return {
+        "header": header,
+        "tasks": tasks,
+        "labelled": int(scalars[1]),
+        "prequential_loss": scalars[4] / max(1, scalars[1]),
+        "files": len(files),
+    }
