@@ -302,15 +302,22 @@ class Engine:
     def model_version(self) -> int:
         return self._snapshot[1]
 
+    def clear_weights_cache(self) -> None:
+        """Forget every adapted weight row: each task is adapted again when next seen."""
+        self._install(self.model, self.model_version)
+
     def swap_model(self, model: MetaModel, version: int) -> None:
-        """Serve ``model`` from the next batch on; re-encodes every live task's embedding."""
+        """Serve ``model`` from the next batch on, with every task re-encoded by it.
+
+        Embeddings of two models live in different spaces, so the index is rebuilt from the
+        live tasks' support sets (pooled encoder states recomputed with the new encoder);
+        embeddings of evicted tasks, whose examples are gone, leave the index, and a live task
+        without examples falls back to the new model's empty-set embedding.
+        """
         if model.config != self.model.config:
             raise ValueError("the new model's configuration differs from the served one")
         self._install(model, version)
-        states = [s for s in self.store if s.n > 0]
-        for i in range(0, len(states), 4096):
-            self._reembed(states[i : i + 4096])
-        self.flush_index()
+        self._rebuild_embeddings()
         self.metrics.model_version.set(version)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -684,19 +691,29 @@ class Engine:
             raise ValueError(f"saved index has d={index.d}, the model embeds in {self.index.d}")
         stats = RunningStats(self.config.support_size)
         stats.restore(part["stats"])
-        states = self.store.restore(part["store"])  # the last check that can fail
+        self.store.restore(part["store"])  # the last check that can fail
         self.stats = stats
         if self.dedupe is not None and "dedupe" in part:
             self.dedupe.restore(part["dedupe"])
         self._pending.clear()
-        self.index = index.empty_like() if reencode else index
+        self.index = index
         if reencode:
-            self._refeature([s for s in states if s.n])
+            self._rebuild_embeddings()
         self.metrics.tasks.set(len(self.store))
         self.metrics.index_size.set(len(self.index))
 
-    def _refeature(self, states: list[TaskState], chunk: int = 4096) -> None:
-        """Recompute pooled encoder states from the support sets, then the embeddings."""
+    def _rebuild_embeddings(self, chunk: int = 4096) -> None:
+        """Re-encode every live task with the current model into a fresh index (see
+        :meth:`swap_model`)."""
+        self._pending.clear()
+        self.index = self.index.empty_like()
+        states = []
+        for s in self.store:
+            if s.n:
+                states.append(s)
+            else:
+                s.feature_sum = np.zeros_like(s.feature_sum)
+                s.embedding = None
         for lo in range(0, len(states), chunk):
             part = states[lo : lo + chunk]
             with torch.inference_mode():

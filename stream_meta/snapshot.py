@@ -14,6 +14,10 @@ previous one is used. Nothing is unpickled.
 State written with a different model is restored by re-encoding every live task from its
 support set (the model changed, the examples did not); state whose shape does not fit the
 engine (another family, support size or policy) is refused with an explanation.
+
+Adapted weights are a cache and are not saved: after a restore each task is adapted again,
+with the neighbours the index holds then, so predictions continue close to, not bit-equal
+with, an uninterrupted run (the support sets, and so what is learned, are equal).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import re
 import time
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,7 +67,10 @@ class StateDir:
     def __init__(self, path: Path | str, *, keep: int = 2) -> None:
         self.path = Path(path)
         self.keep = max(1, keep)
-        self._fingerprints: dict[int, str] = {}
+        # per model object (models are immutable snapshots once served)
+        self._fingerprints: weakref.WeakKeyDictionary[MetaModel, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint files present, newest first."""
@@ -72,10 +80,9 @@ class StateDir:
         return [p for _, p in sorted(found, reverse=True)]
 
     def _fingerprint(self, model: MetaModel) -> str:
-        key = id(model)
-        if key not in self._fingerprints:
-            self._fingerprints = {key: model_fingerprint(model)}
-        return self._fingerprints[key]
+        if model not in self._fingerprints:
+            self._fingerprints[model] = model_fingerprint(model)
+        return self._fingerprints[model]
 
     def save(self, engine: Engine, extra: dict[str, Any] | None = None) -> Path:
         """Write a new checkpoint of ``engine`` (plus ``extra``) and prune old ones."""

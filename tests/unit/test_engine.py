@@ -244,3 +244,78 @@ def test_metrics_match_the_summary_when_a_stream_is_processed(make_model, make_e
     assert val("stream_meta_tasks") == s["tasks"] == 20
     assert val("stream_meta_index_vectors") == s["index_size"]
     assert not math.isnan(s["prequential_loss"])
+
+
+# -- de-duplication of labelled events ---------------------------------------------------------
+
+
+def _labelled(event_id: str, task_id: str = "t", x: float = 0.5, y: float = 1.0) -> dict:
+    return {"event_id": event_id, "task_id": task_id, "x": [x], "y": y}
+
+
+def _duplicates_total(engine) -> float:
+    return engine.metrics.registry.get_sample_value("stream_meta_duplicates_total")
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-batch", "two-batches"])
+def test_repeated_labelled_event_is_learned_once_when_its_id_comes_back(
+    make_model, make_engine, split
+) -> None:
+    engine = make_engine(make_model())
+    first, other, again = _labelled("a"), _labelled("b", x=-1.0, y=0.2), _labelled("a")
+    if split:
+        preds = engine.process([first, other]).predictions
+        preds += engine.process([again]).predictions
+    else:
+        preds = engine.process([first, other, again]).predictions
+    state = engine.store.get("t")
+    assert state.n == 2 and state.seen == 2
+    assert [p.duplicate for p in preds] == [False, False, True]
+    assert [p.labelled for p in preds] == [True, True, False]
+    assert preds[2].loss is None and preds[0].loss is not None
+    assert preds[2].shots == 2  # still served, with what the task has learned
+    assert engine.stats.labelled == 2 and engine.stats.queries == 1
+    assert engine.summary()["labelled"] == 2
+    assert _duplicates_total(engine) == 1
+
+
+def test_each_repeat_is_counted_when_an_event_arrives_three_times(make_model, make_engine) -> None:
+    engine = make_engine(make_model())
+    result = engine.process([_labelled("a"), _labelled("a"), _labelled("a", task_id="u")])
+    assert [p.duplicate for p in result.predictions] == [False, True, True]
+    assert engine.store.get("t").seen == 1
+    assert engine.store.get("u").n == 0  # a known id is not learned under another task either
+    assert _duplicates_total(engine) == 2
+
+
+def test_duplicate_is_learned_again_when_dedupe_is_off(make_model, make_engine) -> None:
+    engine = make_engine(make_model(), dedupe_window=0)
+    assert engine.dedupe is None
+    preds = engine.process([_labelled("a"), _labelled("a")]).predictions
+    preds += engine.process([_labelled("a")]).predictions
+    assert engine.store.get("t").n == 3 and engine.store.get("t").seen == 3
+    assert [p.duplicate for p in preds] == [False, False, False]
+    assert all(p.labelled and p.loss is not None for p in preds)
+    assert engine.stats.labelled == 3
+    assert _duplicates_total(engine) == 0
+
+
+def test_repeated_ids_are_not_flagged_when_events_are_unlabelled(make_model, make_engine) -> None:
+    engine = make_engine(make_model())
+    query = {"event_id": "q", "task_id": "t", "x": [0.1]}
+    preds = engine.process([query, query]).predictions + engine.process([query]).predictions
+    assert [p.duplicate for p in preds] == [False, False, False]
+    assert engine.stats.queries == 3 and engine.stats.labelled == 0
+    assert _duplicates_total(engine) == 0
+    # an unlabelled event does not claim its id: the labelled one with it is still learned
+    labelled = engine.process([_labelled("q")]).predictions[0]
+    assert labelled.labelled and not labelled.duplicate
+    assert engine.store.get("t").n == 1
+
+
+def test_duplicate_is_learned_again_when_it_left_a_full_window(make_model, make_engine) -> None:
+    engine = make_engine(make_model(), dedupe_window=2)
+    engine.process([_labelled("a"), _labelled("b"), _labelled("c")])
+    preds = engine.process([_labelled("a"), _labelled("c")]).predictions
+    assert [p.duplicate for p in preds] == [False, True]
+    assert engine.store.get("t").seen == 4

@@ -1,0 +1,131 @@
+"""The admin HTTP endpoint: Prometheus exposition and the liveness / readiness probes."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from stream_meta.admin import AdminServer
+
+
+def _get(port: int, path: str) -> tuple[int, str, str]:
+    """``(status, content type, body)`` of a GET, also for 4xx/5xx answers."""
+    url = f"http://127.0.0.1:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+@pytest.fixture(scope="module")
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("test_widgets_total", "Widgets made.", registry=registry).inc(3)
+    return registry
+
+
+@pytest.fixture(scope="module")
+def _server(registry) -> Iterator[AdminServer]:
+    """One server for the module: each close() waits out serve_forever's 0.5 s poll."""
+    server = AdminServer(registry, host="127.0.0.1", port=0)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def serve(_server) -> Iterator[Callable[..., AdminServer]]:
+    """Factory: the shared server with the given probes (reset to the defaults afterwards)."""
+    defaults = (_server.health, _server.ready)
+
+    def make(**probes) -> AdminServer:
+        _server.health = probes.pop("health", defaults[0])
+        _server.ready = probes.pop("ready", defaults[1])
+        assert not probes, f"unknown probes {probes}"
+        return _server
+
+    yield make
+    _server.health, _server.ready = defaults
+
+
+def test_metrics_returns_the_registry_exposition_when_scraped(serve) -> None:
+    server = serve()
+    assert server.port > 0
+    status, ctype, body = _get(server.port, "/metrics")
+    assert status == 200
+    assert ctype.startswith("text/plain")
+    assert "# TYPE test_widgets_total counter" in body
+    assert "test_widgets_total 3.0" in body
+
+
+def test_metrics_shows_new_values_when_the_registry_changes(serve, registry) -> None:
+    server = serve()
+    Counter("test_late_total", "Registered after start.", registry=registry).inc(5)
+    _, _, body = _get(server.port, "/metrics")
+    assert "test_late_total 5.0" in body
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probe_answers_200_with_reason_when_it_passes(serve, path) -> None:
+    server = serve(health=lambda: (True, "loop alive"), ready=lambda: (True, "serving"))
+    status, _, body = _get(server.port, path)
+    assert status == 200
+    assert body.strip() == ("loop alive" if path == "/healthz" else "serving")
+
+
+def test_probes_answer_503_with_reason_when_they_fail(serve) -> None:
+    server = serve(
+        health=lambda: (False, "loop stalled for 42 s"),
+        ready=lambda: (False, "restoring state"),
+    )
+    assert _get(server.port, "/healthz")[::2] == (503, "loop stalled for 42 s\n")
+    assert _get(server.port, "/readyz")[::2] == (503, "restoring state\n")
+
+
+def test_probes_are_independent_when_only_one_fails(serve) -> None:
+    server = serve(health=lambda: (True, "ok"), ready=lambda: (False, "joining group"))
+    assert _get(server.port, "/healthz")[0] == 200
+    assert _get(server.port, "/readyz")[0] == 503
+
+
+def test_readiness_follows_the_probe_when_its_answer_changes(serve) -> None:
+    state = {"ready": False}
+    server = serve(ready=lambda: (state["ready"], "ready" if state["ready"] else "starting"))
+    assert _get(server.port, "/readyz")[::2] == (503, "starting\n")
+    state["ready"] = True
+    assert _get(server.port, "/readyz")[::2] == (200, "ready\n")
+
+
+def test_probes_answer_200_when_no_probe_is_given(serve) -> None:
+    server = serve()
+    assert _get(server.port, "/healthz")[0] == 200
+    assert _get(server.port, "/readyz")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/nope", "/metrics/extra", "/healthz/x"])
+def test_unknown_path_answers_404_when_requested(serve, path) -> None:
+    server = serve()
+    status, _, body = _get(server.port, path)
+    assert status == 404
+    assert "/metrics" in body
+
+
+def test_query_string_is_ignored_when_routing(serve) -> None:
+    server = serve(ready=lambda: (False, "warming up"))
+    assert _get(server.port, "/readyz?verbose=1")[::2] == (503, "warming up\n")
+
+
+def test_close_stops_serving_when_called(registry) -> None:
+    server = AdminServer(registry, port=0)
+    port = server.port
+    assert _get(port, "/healthz")[0] == 200
+    server.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
