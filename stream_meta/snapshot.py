@@ -68,9 +68,7 @@ class StateDir:
         self.path = Path(path)
         self.keep = max(1, keep)
         # per model object (models are immutable snapshots once served)
-        self._fingerprints: weakref.WeakKeyDictionary[MetaModel, str] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._fingerprints: weakref.WeakKeyDictionary[MetaModel, str] = weakref.WeakKeyDictionary()
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint files present, newest first."""
