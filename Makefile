@@ -9,7 +9,7 @@ EVENTS ?= 20000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast check bench lint format typecheck checkpoints clean
+.PHONY: help install deps run test test-fast check bench lint format typecheck checkpoints clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,10 +24,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
+# Debian's prometheus package gives `prometheus` and `promtool`, which the monitoring tests
+# run for real (rule checks, a live scrape of `serve`). Installed once, with apt-get.
+deps: ## system packages the tests use (Debian's prometheus: prometheus + promtool)
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "install Prometheus (prometheus and promtool on PATH) for the monitoring tests" >&2; \
+		exit 1; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { \
+		$$SUDO apt-get update -q && \
+		$$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
 run: $(STAMP) ## run the engine on the built-in synthetic task stream (EVENTS=N, ARGS=...)
 	$(VENV)/bin/stream-meta run --events $(EVENTS) $(ARGS)
 
-test: $(STAMP) ## run the whole test suite
+test: $(STAMP) deps ## run the whole test suite
 	$(PY) -m pytest -n 2 -q $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only

@@ -1,0 +1,727 @@
+"""deploy/ and services/adapter/: the compose stack, the Prometheus rules and their unit tests, the
+Grafana dashboard, the Kubernetes manifests and the Dockerfile agree with each other and with the
+service (its settings and the metrics it exports). No Docker engine or cluster is needed.
+
+Tests that run ``promtool`` are skipped when it is not on PATH, unless the environment variable
+``TEST_REQUIRE_PROMETHEUS`` is set (to anything): then a missing promtool fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Iterable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from stream_meta.config import ConfigError, load_settings
+from stream_meta.metrics import EngineMetrics, ServiceMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts.test.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "stream-meta.json"
+K8S = DEPLOY / "k8s"
+LAUNCHER = ROOT / "services" / "adapter" / "run.sh"
+
+#: the scrape job the alert rules select on (compose job name; Service name on Kubernetes)
+ADAPTER_JOB = "stream-meta-adapter"
+METRICS_PORT = 9108
+STATE_DIR = "/var/lib/stream-meta"
+ENV_PREFIX = "STREAM_META_"
+
+#: the signals deploy/README.md promises an alert for
+REQUIRED_ALERTS = {
+    "StreamMetaAdapterDown",
+    "StreamMetaBrokerUnreachable",
+    "StreamMetaConsumerLagGrowing",
+    "StreamMetaNoPredictions",
+    "StreamMetaDeadLetterRatioHigh",
+    "StreamMetaEndToEndLatencyHigh",
+    "StreamMetaCommitsFailing",
+    "StreamMetaCheckpointStale",
+    "StreamMetaDriftAlarmStorm",
+    "StreamMetaMetaUpdateFailed",
+}
+SEVERITIES = {"critical", "warning", "info"}
+K8S_KINDS = (
+    "ConfigMap",
+    "Deployment",
+    "PersistentVolumeClaim",
+    "PrometheusRule",
+    "Service",
+    "ServiceMonitor",
+)
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+METRIC_TOKEN = re.compile(r"\bstream_meta_[a-z0-9_]+")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+@cache
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _compose() -> dict[str, Any]:
+    return _yaml(COMPOSE)
+
+
+def _service(name: str) -> dict[str, Any]:
+    return _compose()["services"][name]
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "write compose environments as mappings"
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on", {})
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
+
+
+def _volume_mounts(service: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(type, source, target)`` of each of the service's volumes, short or long syntax."""
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            yield volume["type"], volume.get("source", ""), volume["target"]
+            continue
+        source, target = volume.split(":")[:2]
+        kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+        yield kind, source, target
+
+
+def _mount_target(service: dict[str, Any], source: str) -> str:
+    targets = [t for _, s, t in _volume_mounts(service) if s == source]
+    assert targets, f"{source} is not mounted"
+    return targets[0]
+
+
+@cache
+def _k8s_documents() -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``(file name, document)`` for every document of every manifest in deploy/k8s."""
+    return tuple(
+        (path.name, doc)
+        for path in sorted(K8S.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc is not None
+    )
+
+
+def _k8s(kind: str) -> dict[str, Any]:
+    found = [doc for _, doc in _k8s_documents() if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} in deploy/k8s, found {len(found)}"
+    return found[0]
+
+
+def _container() -> dict[str, Any]:
+    containers = _k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _configmap_toml() -> tuple[str, str]:
+    """``(key, text)`` of the TOML file in the ConfigMap."""
+    data = _k8s("ConfigMap")["data"]
+    tomls = [(key, text) for key, text in data.items() if key.endswith(".toml")]
+    assert len(tomls) == 1, "the ConfigMap should carry one TOML settings file"
+    return tomls[0]
+
+
+def _dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions as ``(INSTRUCTION, arguments)``, one list per stage
+    (continuation lines joined, comments dropped); anything before the first FROM is stage 0."""
+    lines: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        lines.append(pending + line)
+        pending = ""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in lines:
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), args.strip()))
+    return stages
+
+
+def _alert_rules(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(panels: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in (collapsed) rows."""
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def _dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
+    """Every PromQL string of the dashboard: panel targets, annotations, template variables."""
+    queries: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr" and isinstance(value, str):
+                    queries.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dashboard)
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            queries.append(variable["definition"])
+    return queries
+
+
+def _as_promql(query: str) -> str:
+    """A dashboard query as Prometheus would receive it: Grafana's variables replaced, and
+    ``label_values(SELECTOR, label)`` (a Grafana variable query) reduced to its selector."""
+    query = re.sub(r"^label_values\((.+),\s*\w+\)$", r"\1", query.strip())
+    query = query.replace("$__rate_interval", "1m").replace("$__interval", "1m")
+    return re.sub(r"\$\{?(\w+)\}?", ".*", query)
+
+
+@cache
+def exported_metric_names() -> frozenset[str]:
+    """Every series name the service exports (engine and service metrics), as queried:
+    histograms as ``_bucket`` / ``_sum`` / ``_count``, counters with ``_total``."""
+    registry = CollectorRegistry()
+    EngineMetrics(registry)
+    ServiceMetrics(registry)
+    names: set[str] = set()
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if kind == "histogram":
+                names.update(name + suffix for suffix in HISTOGRAM_SUFFIXES)
+            else:
+                names.add(name)
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return frozenset(names)
+
+
+def unknown_metric_names(exprs: Iterable[str], exported: Iterable[str]) -> set[str]:
+    """The ``stream_meta_*`` series names queried by ``exprs`` that are not in ``exported``.
+
+    A histogram is queried through its ``_bucket`` / ``_sum`` / ``_count`` series: those
+    names are accepted when the histogram itself is exported (given either as the series or
+    as the family name); a suffix on any other metric is not."""
+    known = set(exported)
+    unknown = set()
+    for token in {t for expr in exprs for t in METRIC_TOKEN.findall(expr)}:
+        if token in known:
+            continue
+        stem = next((token.removesuffix(s) for s in HISTOGRAM_SUFFIXES if token.endswith(s)), None)
+        if stem is not None and all(stem + s in known for s in HISTOGRAM_SUFFIXES):
+            continue
+        unknown.add(token)
+    return unknown
+
+
+def promtool_path() -> str:
+    """promtool's path; skips the calling test when it is missing, or fails it when
+    TEST_REQUIRE_PROMETHEUS is set. (Called from the test body, not a fixture, so that a
+    missing promtool is a test failure rather than an error.)"""
+    path = shutil.which("promtool")
+    if path is None:
+        if "TEST_REQUIRE_PROMETHEUS" in os.environ:
+            pytest.fail("promtool is not on PATH and TEST_REQUIRE_PROMETHEUS is set")
+        pytest.skip(
+            "promtool is not on PATH (Debian: apt-get install prometheus); "
+            "set TEST_REQUIRE_PROMETHEUS to make this a failure"
+        )
+    return path
+
+
+def _run(*cmd: str | Path) -> str:
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{output}"
+    return output
+
+
+# -- compose ---------------------------------------------------------------------------------
+def test_compose_defines_the_stack_when_parsed() -> None:
+    services = _compose()["services"]
+    assert {"kafka", "kafka-init", "adapter", "producer", "prometheus", "grafana"} <= set(services)
+    for name in ("kafka", "adapter", "prometheus", "grafana"):
+        assert "profiles" not in services[name], f"{name} must start without a profile"
+
+
+def test_kafka_runs_kraft_without_zookeeper_when_composed() -> None:
+    kafka = _service("kafka")
+    env = _environment(kafka)
+    assert kafka["image"].startswith("apache/kafka:")
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    for key in (
+        "KAFKA_NODE_ID",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS",
+        "KAFKA_CONTROLLER_LISTENER_NAMES",
+        "CLUSTER_ID",
+    ):
+        assert env.get(key), f"KRaft needs {key}"
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in env["KAFKA_LISTENERS"]
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert not [k for k in env if "ZOOKEEPER" in k]
+    for name, service in _compose()["services"].items():
+        assert "zookeeper" not in name and "zookeeper" not in str(service.get("image", ""))
+    assert kafka["healthcheck"]["test"]
+
+
+def test_topic_init_creates_the_adapters_topics_when_composed() -> None:
+    init = _service("kafka-init")
+    env = _environment(init)
+    topics = dict(spec.split(":") for spec in env["TOPICS"].split())
+    assert topics.keys() >= {"events", "predictions", "dead-letter"}
+    assert topics["events"] == "6"
+    adapter_env = _environment(_service("adapter"))
+    assert env["TOPIC_PREFIX"] == adapter_env["STREAM_META_KAFKA__TOPIC_PREFIX"]
+    assert env["BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert _depends_on(init) == {"kafka": "service_healthy"}
+    assert init.get("restart") == "no"
+
+
+def test_adapter_waits_for_kafka_and_topics_and_is_healthchecked_when_composed() -> None:
+    adapter = _service("adapter")
+    assert _depends_on(adapter) == {
+        "kafka": "service_healthy",
+        "kafka-init": "service_completed_successfully",
+    }
+    build = adapter["build"]
+    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    check = " ".join(adapter["healthcheck"]["test"])
+    assert f"127.0.0.1:{METRICS_PORT}/healthz" in check
+    assert f"{METRICS_PORT}:{METRICS_PORT}" in adapter["ports"]
+    kind, _, _ = next(m for m in _volume_mounts(adapter) if m[2] == STATE_DIR)
+    assert kind == "volume", "the adapter's state belongs in a named volume"
+    assert adapter.get("read_only") is True and "/tmp" in adapter["tmpfs"]
+
+
+def test_producer_runs_only_in_the_demo_profile_when_composed() -> None:
+    producer = _service("producer")
+    assert producer["profiles"] == ["demo"]
+    command = producer["command"]
+    assert command[0] == "produce"
+    assert command[command.index("--bootstrap-servers") + 1] == "kafka:9092"
+    assert producer["image"] == _service("adapter")["image"]
+    assert producer["healthcheck"] == {"disable": True}
+
+
+def test_bind_mounts_exist_and_named_volumes_are_declared_when_composed() -> None:
+    declared = set(_compose().get("volumes") or {})
+    used = set()
+    for name, service in _compose()["services"].items():
+        for kind, source, _target in _volume_mounts(service):
+            if kind == "bind":
+                assert (COMPOSE.parent / source).exists(), f"{name}: {source} does not exist"
+            elif kind == "volume":
+                assert source in declared, f"{name}: volume {source} is not declared"
+                used.add(source)
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+
+
+def _env_sources() -> dict[str, dict[str, str]]:
+    """The STREAM_META_* variables of every place that configures the service."""
+    image_env: dict[str, str] = {}
+    for instruction, args in _dockerfile_stages()[-1]:
+        if instruction == "ENV":
+            image_env.update(re.findall(r"(\w+)=(\S+)", args))
+    configmap = _k8s("ConfigMap")["data"]
+    k8s_env = {}
+    for var in _container()["env"]:
+        if "value" in var:
+            k8s_env[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == _k8s("ConfigMap")["metadata"]["name"]
+            k8s_env[var["name"]] = configmap[ref["key"]]
+    sources = {
+        "compose adapter": _environment(_service("adapter")),
+        "compose producer": _environment(_service("producer")),
+        "Dockerfile": image_env,
+        "k8s Deployment": k8s_env,
+    }
+    return {
+        name: {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        for name, env in sources.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "source", ["compose adapter", "compose producer", "Dockerfile", "k8s Deployment"]
+)
+def test_service_accepts_the_environment_when_deployed(source: str) -> None:
+    env = _env_sources()[source]
+    try:
+        settings = load_settings(None, env=env)
+    except ConfigError as exc:
+        pytest.fail(f"{source} sets variables the service rejects:\n{exc}")
+    if env:  # every container must listen beyond loopback
+        assert settings.metrics.host == "0.0.0.0"
+
+
+def test_compose_adapter_environment_sets_the_deployed_values_when_loaded() -> None:
+    settings = load_settings(None, env=_env_sources()["compose adapter"])
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert settings.metrics.port == METRICS_PORT
+    assert str(settings.service.state_dir) == STATE_DIR
+
+
+def test_environment_check_rejects_an_unknown_variable_when_misspelt() -> None:
+    with pytest.raises(ConfigError, match="bootstrap_server"):
+        load_settings(None, env={"STREAM_META_KAFKA__BOOTSTRAP_SERVER": "kafka:9092"})
+
+
+def test_prometheus_scrapes_the_adapter_and_loads_the_rules_when_composed() -> None:
+    config = _yaml(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for sc in jobs[ADAPTER_JOB]["static_configs"] for t in sc["targets"]]
+    port = _environment(_service("adapter"))["STREAM_META_METRICS__PORT"]
+    assert targets == [f"adapter:{port}"]
+    assert config["rule_files"] == ["alerts.yml"]
+    prometheus = _service("prometheus")
+    config_dir = Path(_mount_target(prometheus, "./prometheus/prometheus.yml")).parent
+    for rule_file in config["rule_files"]:
+        assert (PROMETHEUS_CONFIG.parent / rule_file).is_file()
+        assert _mount_target(prometheus, f"./prometheus/{rule_file}") == str(config_dir / rule_file)
+
+
+def test_grafana_provisions_the_datasource_and_dashboard_when_composed() -> None:
+    grafana = _service("grafana")
+    assert _mount_target(grafana, "./grafana/provisioning") == "/etc/grafana/provisioning"
+    dashboards_dir = _mount_target(grafana, "./grafana/dashboards")
+    provider = _yaml(GRAFANA / "provisioning" / "dashboards" / "stream-meta.yml")["providers"][0]
+    assert provider["options"]["path"] == dashboards_dir
+    home = _environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_dir}/{DASHBOARD.name}"
+    datasource = _yaml(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")
+    (source,) = datasource["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    variable = next(v for v in _dashboard()["templating"]["list"] if v["type"] == "datasource")
+    assert variable["current"]["value"] == source["uid"]
+
+
+# -- Prometheus ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "config", PROMETHEUS_CONFIG),
+        ("check", "rules", ALERTS),
+        ("test", "rules", ALERTS_TEST),
+    ],
+    ids=["check-config", "check-rules", "test-rules"],
+)
+def test_promtool_accepts_the_prometheus_files_when_run(args: tuple[str, str, Path]) -> None:
+    _run(promtool_path(), *args)
+
+
+def test_dashboard_queries_parse_as_promql_when_checked(tmp_path: Path) -> None:
+    promtool = promtool_path()
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": _as_promql(q)}
+        for i, q in enumerate(_dashboard_queries(_dashboard()))
+    ]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    _run(promtool, "check", "rules", path)
+
+
+def test_alert_rules_cover_every_signal_with_severity_and_annotations_when_loaded() -> None:
+    rules = _alert_rules(_yaml(ALERTS)["groups"])
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)), "alert names must be unique"
+    assert set(names) >= REQUIRED_ALERTS, f"missing: {REQUIRED_ALERTS - set(names)}"
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{rule['alert']}: for"
+        assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    assert f'up{{job="{ADAPTER_JOB}"}}' in next(
+        r["expr"] for r in rules if r["alert"] == "StreamMetaAdapterDown"
+    )
+
+
+def test_alert_unit_tests_fire_and_clear_every_alert_when_read() -> None:
+    suite = _yaml(ALERTS_TEST)
+    assert suite["rule_files"] == [ALERTS.name]
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for test in suite["tests"]:
+        for case in test["alert_rule_test"]:
+            (fired if case["exp_alerts"] else quiet).add(case["alertname"])
+    names = {rule["alert"] for rule in _alert_rules(_yaml(ALERTS)["groups"])}
+    assert fired == names, f"never fired by a test: {names - fired}"
+    assert quiet == names, f"never shown quiet by a test: {names - quiet}"
+
+
+def test_prometheusrule_has_the_groups_of_the_alert_rules_when_compared() -> None:
+    rule = _k8s("PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == _yaml(ALERTS)["groups"], (
+        "deploy/k8s/prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+    )
+
+
+# -- metric names ----------------------------------------------------------------------------
+def _queries_of(source: str) -> list[str]:
+    if source == "alerts.yml":
+        return [rule["expr"] for rule in _alert_rules(_yaml(ALERTS)["groups"])]
+    if source == "prometheusrule.yaml":
+        return [rule["expr"] for rule in _alert_rules(_k8s("PrometheusRule")["spec"]["groups"])]
+    return _dashboard_queries(_dashboard())
+
+
+@pytest.mark.parametrize("source", ["alerts.yml", "prometheusrule.yaml", "dashboard"])
+def test_queried_metrics_are_exported_by_the_service_when_compared(source: str) -> None:
+    queries = _queries_of(source)
+    assert any(METRIC_TOKEN.search(q) for q in queries), f"{source} queries no stream_meta metric"
+    unknown = unknown_metric_names(queries, exported_metric_names())
+    assert not unknown, f"{source} queries metrics the service does not export: {sorted(unknown)}"
+
+
+def test_metric_check_reports_names_the_service_lacks_when_given_them() -> None:
+    exported = exported_metric_names()
+    assert unknown_metric_names(
+        ["sum(rate(stream_meta_not_a_metric_total[5m])) > 0"], exported
+    ) == {"stream_meta_not_a_metric_total"}
+    # a histogram's series are known; a histogram suffix on a counter is not
+    assert not unknown_metric_names(
+        [
+            "rate(stream_meta_end_to_end_latency_seconds_bucket[5m])",
+            "stream_meta_prequential_loss_sum / stream_meta_prequential_loss_count",
+        ],
+        exported,
+    )
+    assert unknown_metric_names(
+        ["rate(stream_meta_records_consumed_total_bucket[5m])"], exported
+    ) == {"stream_meta_records_consumed_total_bucket"}
+    # a family name is accepted as the stem of its histogram series
+    assert not unknown_metric_names(["x_bucket{}"], {"x_bucket", "x_sum", "x_count"})
+
+
+def test_dashboard_is_valid_with_unique_panel_ids_and_a_query_per_panel_when_loaded() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard["schemaVersion"] >= 36
+    panels = list(_panels(dashboard["panels"]))
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    graphs = [panel for panel in panels if panel["type"] != "row"]
+    assert len(graphs) >= 10
+    for panel in graphs:
+        exprs = [target.get("expr", "").strip() for target in panel.get("targets", [])]
+        assert exprs and all(exprs), f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+    titles = " ".join(panel["title"].lower() for panel in graphs)
+    for topic in (
+        "throughput",
+        "end-to-end",
+        "lag",
+        "prequential",
+        "model version",
+        "index vectors",
+        "rebalances",
+        "checkpoint",
+        "drift",
+        "meta-updates",
+    ):
+        assert topic in titles, f"no panel about {topic}"
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= variables
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+def test_k8s_manifests_parse_as_named_resources_when_loaded() -> None:
+    documents = _k8s_documents()
+    assert documents
+    for name, doc in documents:
+        assert doc.get("apiVersion") and doc.get("kind"), name
+        assert doc["metadata"]["name"], name
+    assert sorted(doc["kind"] for _, doc in documents) == sorted(K8S_KINDS)
+
+
+def test_kustomization_lists_every_manifest_when_read() -> None:
+    kustomization = _yaml(K8S / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    manifests = {p.name for p in K8S.iterdir() if p.suffix in (".yaml", ".yml")}
+    assert sorted(kustomization["resources"]) == sorted(manifests - {"kustomization.yaml"})
+    image = _container()["image"].split(":")[0]
+    assert image in {entry["name"] for entry in kustomization.get("images", [])}
+
+
+def test_deployment_probes_health_and_readiness_on_the_metrics_port_when_read() -> None:
+    deployment = _k8s("Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    container = _container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == METRICS_PORT
+
+    def probe(kind: str) -> tuple[str, int]:
+        get = container[kind]["httpGet"]
+        port = get["port"]
+        return get["path"], ports[port] if isinstance(port, str) else port
+
+    assert probe("livenessProbe") == ("/healthz", METRICS_PORT)
+    assert probe("readinessProbe") == ("/readyz", METRICS_PORT)
+    if "startupProbe" in container:
+        assert probe("startupProbe") == ("/healthz", METRICS_PORT)
+
+
+def test_deployment_runs_non_root_read_only_with_writable_state_and_tmp_when_read() -> None:
+    pod = _k8s("Deployment")["spec"]["template"]["spec"]
+    container = _container()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    claim = mounts[STATE_DIR]["persistentVolumeClaim"]["claimName"]
+    assert claim == _k8s("PersistentVolumeClaim")["metadata"]["name"]
+    assert "emptyDir" in mounts["/tmp"]
+    env = {var["name"]: var for var in container["env"]}
+    assert env["STREAM_META_METRICS__HOST"]["value"] == "0.0.0.0"
+    assert "configMapKeyRef" in env["STREAM_META_KAFKA__BOOTSTRAP_SERVERS"]["valueFrom"]
+
+
+def test_configmap_toml_is_the_settings_file_the_deployment_passes_when_loaded(
+    tmp_path: Path,
+) -> None:
+    key, text = _configmap_toml()
+    path = tmp_path / key
+    path.write_text(text)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        pytest.fail(f"the ConfigMap's {key} is not a valid settings file:\n{exc}")
+    assert settings.metrics.port == METRICS_PORT
+    assert str(settings.service.state_dir) == STATE_DIR
+    assert "bootstrap_servers" not in tomllib.loads(text)["kafka"], "set by the environment"
+    container = _container()
+    config_arg = container["args"][container["args"].index("--config") + 1]
+    pod_volumes = {v["name"]: v for v in _k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if config_arg.startswith(m["mountPath"]))
+    assert pod_volumes[mount["name"]]["configMap"]["name"] == _k8s("ConfigMap")["metadata"]["name"]
+    assert config_arg == f"{mount['mountPath']}/{key}"
+    assert container["args"][0] == "serve"
+
+
+def test_service_and_servicemonitor_agree_on_the_metrics_port_when_read() -> None:
+    service, monitor = _k8s("Service"), _k8s("ServiceMonitor")
+    assert service["metadata"]["name"] == ADAPTER_JOB, "the job label the alert rules select on"
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port["port"] == METRICS_PORT
+    assert port["targetPort"] in ("metrics", METRICS_PORT)
+    pod_labels = _k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
+    assert monitor["spec"]["endpoints"][0].get("path", "/metrics") == "/metrics"
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+def test_dockerfile_installs_cpu_torch_before_the_project_when_read() -> None:
+    runs = [
+        (s, args)
+        for s, stage in enumerate(_dockerfile_stages())
+        for instruction, args in stage
+        if instruction == "RUN"
+    ]
+    torch = [
+        i
+        for i, (_, args) in enumerate(runs)
+        if "torch==2.13.0" in args and "--index-url https://download.pytorch.org/whl/cpu" in args
+    ]
+    project = [
+        i
+        for i, (_, args) in enumerate(runs)
+        if re.search(r"pip install (?:-\S+ )*\.(?:\s|$|\[)", args)
+    ]
+    assert torch, "no RUN installs torch==2.13.0 from the CPU index"
+    assert project, "no RUN installs the project (pip install .)"
+    assert torch[0] < project[0], "torch must be installed before the project"
+    assert runs[torch[0]][0] == runs[project[0]][0], "torch and the project in one stage"
+
+
+def test_dockerfile_runs_serve_as_a_non_root_user_when_read() -> None:
+    final = _dockerfile_stages()[-1]
+    users = [args for instruction, args in final if instruction == "USER"]
+    assert users, "the final stage must set a USER"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    last = {instruction: args for instruction, args in final}
+    assert json.loads(last["ENTRYPOINT"]) == ["stream-meta"]
+    assert json.loads(last["CMD"]) == ["serve"]
+    assert str(METRICS_PORT) in last["EXPOSE"].split()
+    assert STATE_DIR in last["VOLUME"]
+    assert "/healthz" in last["HEALTHCHECK"] and "python" in last["HEALTHCHECK"]
+
+
+def test_dockerignore_excludes_environments_and_caches_but_not_the_sources_when_read() -> None:
+    patterns = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "**/__pycache__", ".pytest_cache", ".mypy_cache"} <= patterns
+    copied = [
+        args.split()[:-1]
+        for stage in _dockerfile_stages()
+        for ins, args in stage
+        if ins == "COPY" and not args.startswith("--from")
+    ]
+    for source in (s for sources in copied for s in sources):
+        assert source not in patterns, f".dockerignore excludes {source}, which the image copies"
+        assert (ROOT / source).exists(), source
+
+
+# -- services/adapter ------------------------------------------------------------------------
+def test_adapter_launcher_execs_stream_meta_serve_when_run() -> None:
+    assert os.access(LAUNCHER, os.X_OK), "services/adapter/run.sh must be executable"
+    _run("sh", "-n", LAUNCHER)
+    help_text = _run(LAUNCHER, "--help")
+    assert "usage: stream-meta serve" in help_text
+    assert "--state-dir" in help_text
