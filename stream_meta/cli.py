@@ -407,7 +407,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                               settings.service.replication_factor)  # fmt: skip
             finally:
                 admin.close()
-        producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=20)
+        producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)
     except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
         raise UsageError(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"

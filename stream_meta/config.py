@@ -187,6 +187,13 @@ class KafkaSettings(BaseModel):
         default=300_000, ge=1000, description="Longest allowed gap between two polls."
     )
     poll_timeout_ms: int = Field(default=200, ge=1, description="How long one poll waits.")
+    fetch_max_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        description="Longest time the broker may hold a fetch waiting for data. Kept short: "
+        "a broker that does not answer a waiting fetch as soon as data arrives (Tansu) would "
+        "otherwise add up to this much to every event's latency at low rates.",
+    )
     request_timeout_ms: int = Field(
         default=30_000, ge=1000, description="Client request timeout (produce, commit, admin)."
     )

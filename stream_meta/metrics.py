@@ -18,7 +18,10 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from stream_meta import __version__
+from stream_meta.events import RejectReason
 
+#: outcomes of a meta-update (label values of ``stream_meta_meta_updates_total``)
+META_UPDATE_OUTCOMES = ("promoted", "rejected", "failed")
 #: per-event prediction latency buckets (seconds); 1 ms and 50 ms are targets
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -171,6 +174,12 @@ class EngineMetrics:
             registry=r,
         )
         self.build = Info("stream_meta_build", "Build information.", registry=r)
+        # every known label value exists from the start at 0, so rate()/increase() see the
+        # first increment (a series that appears at 1 hides its first event)
+        for reason in RejectReason:
+            self.rejections.labels(reason.value)
+        for outcome in META_UPDATE_OUTCOMES:
+            self.meta_updates.labels(outcome)
 
     def set_build_info(self, **extra: str) -> None:
         import faiss
@@ -277,6 +286,10 @@ class ServiceMetrics:
             "1 while the broker answers the consumer and producer, 0 while it is unreachable.",
             registry=r,
         )
+        for reason in RejectReason:
+            self.dead_letters.labels(reason.value)
+        for event in ("assigned", "revoked"):
+            self.rebalances.labels(event)
         self.ready = Gauge(
             "stream_meta_ready",
             "1 once state is restored and partitions are assigned (what /readyz reports).",

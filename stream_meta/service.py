@@ -108,6 +108,7 @@ class KafkaService:
         self._last_checkpoint = time.monotonic()
         self._last_lag = 0.0
         self._heartbeat = time.monotonic()
+        self._first_record: float | None = None
         self._joined = False
         self._serving = False
         self._broker_up = False
@@ -219,6 +220,7 @@ class KafkaService:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             max_poll_records=self.batch_size,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
         )
         self.consumer.subscribe([self.topics.events], listener=Listener())
 
@@ -261,6 +263,8 @@ class KafkaService:
                 )
                 records = [r for batch in polled.values() for r in batch]
                 if records:
+                    if self._first_record is None:
+                        self._first_record = time.monotonic()
                     self._handle(records)
                 now = time.monotonic()
                 if now - self._last_checkpoint >= self.cfg.checkpoint_every_s:
@@ -269,10 +273,14 @@ class KafkaService:
                     self._update_lag()
         finally:
             self._shutdown()
+        busy = time.monotonic() - self._first_record if self._first_record else 0.0
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
             "dead_lettered": self.dead_lettered,
+            # from the first record polled to the end (start-up and group join excluded)
+            "seconds": round(busy, 3),
+            "events_per_s": round(self.consumed / busy, 1) if busy else None,
             **self.engine.summary(),
         }
 
