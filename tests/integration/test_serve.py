@@ -70,3 +70,24 @@ def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
     for d in dead:
         assert d["topic"] == f"{prefix}.events" and d["offset"] >= 0
         assert base64.b64decode(d["raw_b64"])  # the original bytes, for replay or inspection
+
+    # `tail` reads both topics back (manual assignment: no group join)
+    tail = ["tail", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
+            "--from-beginning", "--timeout", "5"]  # fmt: skip
+    shown = cli(*tail, "--max", "50")
+    assert shown.returncode == 0, shown.stderr.decode()
+    lines = [json.loads(line) for line in shown.stdout.decode().splitlines()]
+    assert len(lines) == 50 and {v["event_id"] for v in lines} <= set(ids)
+    shown = cli(*tail, "--dead-letter", "--meta")
+    assert shown.returncode == 0, shown.stderr.decode()
+    wrapped = [json.loads(line) for line in shown.stdout.decode().splitlines()]
+    assert len(wrapped) == bad  # all of them, then 5 s without a new record ends it
+    assert {w["value"]["offset"] for w in wrapped} == {d["offset"] for d in dead}
+    assert all({"partition", "offset", "timestamp_ms"} <= w.keys() for w in wrapped)
+
+
+def test_tail_explains_a_missing_topic(kafka_bootstrap: str) -> None:
+    shown = cli("tail", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix",
+                f"none-{uuid.uuid4().hex[:8]}", "--timeout", "1")  # fmt: skip
+    assert shown.returncode == 2
+    assert "does not exist" in shown.stderr.decode()
