@@ -10,6 +10,7 @@ holds across restarts. Memory: about 120 bytes per id (the id string, a set slot
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,8 +49,17 @@ class DedupeWindow:
         return True
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        utf8, offsets = pack_strings(list(self._order))
-        return {"utf8": utf8, "offsets": offsets}
+        return self.capture()()
+
+    def capture(self) -> Callable[[], dict[str, np.ndarray]]:
+        """Copy the ids now (cheap); the returned function packs them into arrays later."""
+        ids = list(self._order)
+
+        def pack() -> dict[str, np.ndarray]:
+            utf8, offsets = pack_strings(ids)
+            return {"utf8": utf8, "offsets": offsets}
+
+        return pack
 
     def restore(self, arrays: dict[str, np.ndarray]) -> None:
         """Replace the window's content with :meth:`to_arrays` output (the newest ids kept

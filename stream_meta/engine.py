@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,10 @@ class _Plan:
         self.ops: dict[int, list[tuple[int, int]]] = {}
         self.evicted: list[tuple[np.ndarray, Any] | None] = []
         self.x = torch.empty(0)
+
+
+def _ready(arrays: dict[str, np.ndarray]) -> Callable[[], dict[str, np.ndarray]]:
+    return lambda: arrays
 
 
 class RunningStats:
@@ -660,15 +664,24 @@ class Engine:
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The engine's learned state as named arrays: task store, index, run statistics and
         de-duplication window (adapted weights are a cache and are not saved)."""
+        return self.capture_state()()
+
+    def capture_state(self) -> Callable[[], dict[str, np.ndarray]]:
+        """Capture the state between two batches, cheaply; the returned function builds
+        :meth:`state_arrays`'s result later, e.g. in a writer thread while serving goes on."""
         self.flush_index()
-        parts = {
-            "store": self.store.to_arrays(self.model.config.embed_dim),
-            "index": self.index.to_arrays(),
-            "stats": self.stats.to_arrays(),
+        packers = {
+            "store": self.store.capture(self.model.config.embed_dim),
+            "index": _ready(self.index.to_arrays()),
+            "stats": _ready(self.stats.to_arrays()),
         }
         if self.dedupe is not None:
-            parts["dedupe"] = self.dedupe.to_arrays()
-        return {f"{p}.{k}": v for p, arrays in parts.items() for k, v in arrays.items()}
+            packers["dedupe"] = self.dedupe.capture()
+
+        def pack() -> dict[str, np.ndarray]:
+            return {f"{p}.{k}": v for p, f in packers.items() for k, v in f().items()}
+
+        return pack
 
     def state_layout(self) -> dict[str, Any]:
         """What saved state must match to be restored into this engine."""

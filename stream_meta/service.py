@@ -38,6 +38,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,13 @@ class KafkaService:
             else None
         )
         self.stop_event = threading.Event()
+        # state checkpoints are written off the serving thread (one at a time)
+        self._writer = (
+            ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            if self.state is not None
+            else None
+        )
+        self._inflight: tuple[Future[Path], dict[Any, int], float] | None = None
         self.consumer: Any = None
         self.producer: Any = None
         self.consumed = self.predicted = self.dead_lettered = 0
@@ -266,9 +274,11 @@ class KafkaService:
                     if self._first_record is None:
                         self._first_record = time.monotonic()
                     self._handle(records)
+                if self._inflight is not None:
+                    self._finish_checkpoint(block=False)
                 now = time.monotonic()
                 if now - self._last_checkpoint >= self.cfg.checkpoint_every_s:
-                    self._checkpoint_and_commit("periodic")
+                    self._checkpoint_and_commit("periodic", wait=False)
                 if now - self._last_lag >= 1.0:
                     self._update_lag()
         finally:
@@ -381,32 +391,57 @@ class KafkaService:
         self._max_records = max(1, min(self.batch_size, fit))
 
     # -- checkpoints and commits --------------------------------------------------------------
-    def _checkpoint_and_commit(self, why: str) -> bool:
-        """Checkpoint state with the offsets it reflects, then commit them. False on failure."""
+    def _checkpoint_and_commit(self, why: str, *, wait: bool = True) -> bool:
+        """Checkpoint state with the offsets it reflects, then commit them; False on failure.
+
+        The state is captured here, between two batches; the file is written by the
+        checkpoint thread. ``wait=False`` (the periodic checkpoint) returns at once and the
+        loop commits when the write is done; revocation and shutdown wait.
+        """
         self._last_checkpoint = time.monotonic()
+        if self._inflight is not None:
+            if not wait:
+                return True  # the previous write is still going: try at the next interval
+            if not self._finish_checkpoint(block=True):
+                return False
         if not self._dirty:
             return True
         offsets = dict(self._positions)
-        if self.state is not None:
-            t0 = time.perf_counter()
-            try:
-                path = self.state.save(self.engine, extra={
-                    "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
-                    "group": self.kafka.group_id,
-                    "reason": why,
-                })  # fmt: skip
-            except (OSError, ValueError) as exc:
-                self.metrics.checkpoint_failures.inc()
-                log.error("state checkpoint failed (%s); offsets not committed", exc)
-                return False
-            m = self.metrics
-            m.checkpoints.inc()
-            m.checkpoint_seconds.observe(time.perf_counter() - t0)
-            m.checkpoint_bytes.set(path.stat().st_size)
-            m.last_checkpoint.set(time.time())
-        ok = self._commit(offsets)
-        self._dirty = not ok
-        return ok
+        if self.state is None or self._writer is None:
+            self._dirty = not self._commit(offsets)
+            return not self._dirty
+        write = self.state.capture(self.engine, extra={
+            "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
+            "group": self.kafka.group_id,
+            "reason": why,
+        })  # fmt: skip
+        self._dirty = False  # set again if the write or the commit fails
+        self._inflight = (self._writer.submit(write), offsets, time.perf_counter())
+        return self._finish_checkpoint(block=True) if wait else True
+
+    def _finish_checkpoint(self, *, block: bool) -> bool:
+        """Commit the offsets of a written checkpoint (when its write is done, or waiting)."""
+        assert self._inflight is not None
+        future, offsets, t0 = self._inflight
+        if not block and not future.done():
+            return True
+        self._inflight = None
+        try:
+            path = future.result()
+        except (OSError, ValueError) as exc:
+            self.metrics.checkpoint_failures.inc()
+            log.error("state checkpoint failed (%s); offsets not committed", exc)
+            self._dirty = True
+            return False
+        m = self.metrics
+        m.checkpoints.inc()
+        m.checkpoint_seconds.observe(time.perf_counter() - t0)
+        m.checkpoint_bytes.set(path.stat().st_size)
+        m.last_checkpoint.set(time.time())
+        if not self._commit(offsets):
+            self._dirty = True
+            return False
+        return True
 
     def _commit(self, offsets: dict[Any, int]) -> bool:
         from kafka.errors import KafkaError
@@ -467,6 +502,8 @@ class KafkaService:
             if self.consumer is not None:
                 self._checkpoint_and_commit("shutdown")
         finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
             for client in (self.producer, self.consumer):
                 if client is None:
                     continue

@@ -29,6 +29,7 @@ import re
 import time
 import weakref
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ FORMAT = "stream-meta-state"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^state-(\d{12})\.npz$")
 _HEADER = "header"
+
+
+def _sequence(path: Path) -> int:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else 0
 
 
 class StateError(RuntimeError):
@@ -84,8 +90,12 @@ class StateDir:
 
     def save(self, engine: Engine, extra: dict[str, Any] | None = None) -> Path:
         """Write a new checkpoint of ``engine`` (plus ``extra``) and prune old ones."""
-        existing = self.checkpoints()
-        seq = int(_NAME.match(existing[0].name).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+        return self.capture(engine, extra)()
+
+    def capture(self, engine: Engine, extra: dict[str, Any] | None = None) -> Callable[[], Path]:
+        """Capture ``engine`` now (between two batches; cheap); the returned function writes
+        the checkpoint and prunes old ones, and may run in another thread while the engine
+        goes on. Writers must not run concurrently."""
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -95,15 +105,22 @@ class StateDir:
             "layout": engine.state_layout(),
             "extra": extra or {},
         }
-        arrays = engine.state_arrays()
-        arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        path = self.path / f"state-{seq:012d}.npz"
-        self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, mode=0o600) as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        for old in self.checkpoints()[self.keep :]:
-            old.unlink(missing_ok=True)
-        return path
+        pack = engine.capture_state()
+
+        def write() -> Path:
+            arrays = pack()
+            arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+            existing = self.checkpoints()
+            seq = _sequence(existing[0]) + 1 if existing else 1
+            path = self.path / f"state-{seq:012d}.npz"
+            self.path.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, mode=0o600) as fh:
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
+            for old in self.checkpoints()[self.keep :]:
+                old.unlink(missing_ok=True)
+            return path
+
+        return write
 
     def load(self, engine: Engine) -> dict[str, Any] | None:
         """Restore the newest readable checkpoint into ``engine``; returns its header, or

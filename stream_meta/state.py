@@ -164,41 +164,59 @@ class TaskStore:
         the same slot next; the reservoir's random generator is saved too. Together with
         :meth:`restore` this reproduces the store exactly.
         """
+        return self.capture(embed_dim)()
+
+    def capture(self, embed_dim: int) -> Callable[[], dict[str, np.ndarray]]:
+        """Take what :meth:`to_arrays` needs now, cheaply; the returned function builds the
+        arrays later (e.g. in a writer thread) while the store keeps changing.
+
+        Support buffers are copied (they are written in place); pooled sums and embeddings are
+        only referenced, since the engine replaces them rather than writing into them.
+        """
         states = list(self._tasks.values())
-        utf8, offsets = pack_strings([s.task_id for s in states])
+        rows = [(s.task_id, s.n, s.seen, s.version, s.last_seen, s.feature_sum, s.embedding)
+                for s in states]  # fmt: skip
         with_support = [s for s in states if s.n]
-        emb = np.zeros((len(states), embed_dim), dtype=np.float32)
-        has_emb = np.zeros(len(states), dtype=bool)
-        for i, s in enumerate(states):
-            if s.embedding is not None:
-                emb[i], has_emb[i] = s.embedding, True
+        xs = (
+            np.concatenate([s.xs[: s.n] for s in with_support])  # type: ignore[index]
+            if with_support
+            else np.zeros((0, self.x_dim), dtype=np.float32)
+        )
+        ys = (
+            np.concatenate([s.ys[: s.n] for s in with_support])  # type: ignore[index]
+            if with_support
+            else np.zeros(0, dtype=self.y_dtype)
+        )
         rng = json.dumps(self._rng.bit_generator.state).encode()
-        return {
-            "ids_utf8": utf8,
-            "ids_offsets": offsets,
-            "n": np.array([s.n for s in states], dtype=np.int64),
-            "seen": np.array([s.seen for s in states], dtype=np.int64),
-            "version": np.array([s.version for s in states], dtype=np.int64),
-            "last_seen": np.array([s.last_seen for s in states], dtype=np.float64),
-            "feature_sum": (
-                np.stack([s.feature_sum for s in states])
-                if states
-                else np.zeros((0, self.feat_dim), dtype=np.float64)
-            ),
-            "embedding": emb,
-            "has_embedding": has_emb,
-            "xs": (
-                np.concatenate([s.xs[: s.n] for s in with_support])  # type: ignore[index]
-                if with_support
-                else np.zeros((0, self.x_dim), dtype=np.float32)
-            ),
-            "ys": (
-                np.concatenate([s.ys[: s.n] for s in with_support])  # type: ignore[index]
-                if with_support
-                else np.zeros(0, dtype=self.y_dtype)
-            ),
-            "rng": np.frombuffer(rng, dtype=np.uint8),
-        }
+        feat_dim = self.feat_dim
+
+        def pack() -> dict[str, np.ndarray]:
+            ids, n, seen, version, last_seen, fsums, embs = (
+                zip(*rows, strict=True) if rows else ((),) * 7
+            )
+            utf8, offsets = pack_strings(ids)
+            emb = np.zeros((len(rows), embed_dim), dtype=np.float32)
+            has_emb = np.array([e is not None for e in embs], dtype=bool)
+            if has_emb.any():
+                emb[has_emb] = np.stack([e for e in embs if e is not None])
+            return {
+                "ids_utf8": utf8,
+                "ids_offsets": offsets,
+                "n": np.array(n, dtype=np.int64),
+                "seen": np.array(seen, dtype=np.int64),
+                "version": np.array(version, dtype=np.int64),
+                "last_seen": np.array(last_seen, dtype=np.float64),
+                "feature_sum": (
+                    np.stack(fsums) if rows else np.zeros((0, feat_dim), dtype=np.float64)
+                ),
+                "embedding": emb,
+                "has_embedding": has_emb,
+                "xs": xs,
+                "ys": ys,
+                "rng": np.frombuffer(rng, dtype=np.uint8),
+            }
+
+        return pack
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> list[TaskState]:
         """Replace the store's content with :meth:`to_arrays` output; returns the states.

@@ -69,3 +69,47 @@ def test_need_checkpoint_marks_targets_not_measured_when_checkpoint_is_missing(t
     assert not bench.need_checkpoint(ctx, section, "digits", ["beats the baseline"])
     assert section.checks[0].measured == "not measured: no digits checkpoint"
     assert section.checks[0].status == "n/a"
+
+
+def test_serve_sizes_last_the_target_minute_when_full() -> None:
+    # 60 s of consuming even at 12,000 events/s, and 60 s of producing at 2,000 events/s
+    assert bench.FULL.serve_events / 12_000 >= bench.SERVE_SUSTAIN_S
+    assert bench.FULL.serve_latency_events / bench.SERVE_LATENCY_RATE >= bench.SERVE_SUSTAIN_S
+
+
+def test_serve_log_times_finds_the_startup_lines_when_logged() -> None:
+    from scripts import bench_serve
+
+    log = (
+        "2026-11-27 06:10:36,100 INFO stream_meta: serving sinusoid (model version 1) from x\n"
+        "2026-11-27 06:10:36,101 INFO stream_meta.service: partitions revoked: none\n"
+        "2026-11-27 06:10:39,350 INFO stream_meta.service: partitions assigned: x.events[0]\n"
+        "2026-11-27 06:10:45,000 INFO stream_meta.service: partitions assigned: x.events[0]\n"
+    )
+    marks = bench_serve.log_times(log)
+    assert marks["assigned"] - marks["serving"] == pytest.approx(3.25, abs=1e-6)
+    assert bench_serve.log_times("no such lines\n") == {}
+
+
+def test_serve_latency_joins_on_event_id_when_predictions_repeat_or_miss() -> None:
+    import json
+
+    from scripts import bench_serve
+
+    def ev(i: int) -> bytes:
+        return json.dumps({"event_id": f"e{i}", "task_id": "t", "x": [0.0]}).encode()
+
+    events = [(1000 + i, ev(i)) for i in range(4)]  # sent at 1000, 1001, 1002, 1003 ms
+    predictions = [
+        (1010, ev(0)),  # 10 ms
+        (1021, ev(1)),  # 20 ms
+        (1500, ev(1)),  # a repeat (at-least-once): the first copy counts
+        (1032, ev(2)),  # 30 ms; e3 has no prediction
+        (1040, ev(9)),  # not one of these events
+    ]
+    stats = bench_serve.latency_ms(events, predictions)
+    assert (stats["events"], stats["matched"], stats["missing"]) == (4, 3, 1)
+    assert stats["p50_ms"] == pytest.approx(20.0)
+    assert stats["max_ms"] == pytest.approx(30.0)
+    assert stats["over_50ms"] == 0
+    assert stats["event_rate_per_s"] == pytest.approx(1000.0)
