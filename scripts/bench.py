@@ -1079,6 +1079,22 @@ def measure_serve(ctx: Context, section: Section) -> None:
             "and each prediction's record timestamp minus its event's, joined on `event_id`",
         )
     )
+    pt = raw.get("passthrough")
+    if pt and "p99_ms" in pt["latency"]:
+        ps = pt["latency"]
+        section.checks.append(
+            Check(
+                "the same harness without the engine (no target): a minimal kafka-python "
+                "consume-produce loop",
+                f"p99 {ps['p99_ms']:.0f} ms (p50 {ps['p50_ms']:.0f}, p95 {ps['p95_ms']:.0f}, "
+                f"max {ps['max_ms']:.0f} ms; {ps['matched']:,} events, producer at "
+                f"{pt['producer_rate_per_s']:,.0f} events/s)",
+                None,
+                f"`python -m {pt['command']}` (manual assignment, `fetch_max_wait_ms=20`, "
+                f"`acks=all`, a flush per batch), fed by `{pt['produce']['command']}` on a "
+                "fresh broker: what the broker and the client cost before any adaptation",
+            )
+        )
     if not judged:
         section.notes.append(
             f"The latency row is not judged: the producer reached {achieved:,.0f} events/s "

@@ -29,6 +29,7 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -431,6 +432,72 @@ def measure_latency(
     }
 
 
+def measure_passthrough(
+    broker: Broker, workdir: Path, events: int, tasks: int, rate: float
+) -> dict[str, Any]:
+    """The latency harness without the engine: a minimal kafka-python loop (manual assignment,
+    the service's fetch and producer settings) forwards every event to the predictions topic;
+    what the broker and the client library cost on this machine."""
+    from kafka import KafkaAdminClient
+
+    prefix = new_name("pass")
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        admin.create_topics({f"{prefix}.{t}": {"num_partitions": 6, "replication_factor": 1}
+                             for t in ("events", "predictions", "dead-letter")})  # fmt: skip
+    finally:
+        admin.close()
+    argv = [sys.executable, "-m", "scripts.bench_serve", "passthrough", broker.bootstrap, prefix,
+            str(events)]  # fmt: skip
+    log = (workdir / f"{prefix}.log").open("wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(2.0)  # assigned and polling before the first event
+        produced, produce_cmd = produce(broker, prefix, events, tasks, rate=rate)
+        proc.wait(timeout=events / rate + 300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    if proc.returncode != 0:
+        raise MeasurementError(f"pass-through exited {proc.returncode}: "
+                               f"{tail((workdir / f'{prefix}.log').read_text())}")  # fmt: skip
+    ev = read_topic(broker, f"{prefix}.events", events)
+    out = read_topic(broker, f"{prefix}.predictions", events)
+    return {
+        "prefix": prefix,
+        "command": " ".join(argv[1:]),
+        "produce": {"command": produce_cmd, "summary": produced},
+        "producer_rate_per_s": round(events / produced["seconds"], 1),
+        "latency": latency_ms(
+            [(r.timestamp, r.value) for r in ev], [(r.timestamp, r.value) for r in out]
+        ),
+    }
+
+
+def passthrough(bootstrap: str, prefix: str, events: int) -> None:
+    """Forward ``events`` records of ``<prefix>.events`` to ``<prefix>.predictions``, batch by
+    batch, waiting for the acknowledgements as ``serve`` does (run as its own process)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", fetch_max_wait_ms=20)  # fmt: skip
+    topic = f"{prefix}.events"
+    consumer.assign(
+        [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    )
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    done = 0
+    while done < events:
+        records = [r for b in consumer.poll(timeout_ms=200, max_records=512).values() for r in b]
+        for r in records:
+            producer.send(f"{prefix}.predictions", key=r.key, value=r.value)
+        producer.flush()
+        done += len(records)
+    producer.close()
+    consumer.close()
+
+
 def measure_startup(
     broker: Broker,
     workdir: Path,
@@ -487,17 +554,33 @@ def measure(
     """All three, against one broker started here and stopped at the end; results go into
     ``raw`` as they come (``broker``, ``startup``, ``latency``, ``throughput``)."""
     ck = checkpoint
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, tansu(Path(tmp)) as broker:
+    # a fresh broker for each measurement: Tansu's in-memory storage slows down as it fills
+    # (docs/KAFKA_TEST_BROKER.md), which a production Kafka does not
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
-        raw["broker"] = {"binary": Path(broker.binary).name}
-        say(f"serve: start-up, fast group ({startup_events} events pre-loaded)")
-        fast = measure_startup(broker, work, startup_events, 100, fast_group=True, checkpoint=ck)
-        say("serve: start-up, default group settings")
-        default = measure_startup(
-            broker, work, startup_events, 100, fast_group=False, checkpoint=ck
-        )
-        raw["startup"] = {"fast_group": fast, "default": default}
-        say(f"serve: latency at {rate:g} events/s ({latency_events:,} events)")
-        raw["latency"] = measure_latency(broker, work, latency_events, tasks, rate, ck)
-        say(f"serve: throughput ({throughput_events:,} events pre-loaded)")
-        raw["throughput"] = measure_throughput(broker, work, throughput_events, tasks, ck)
+        with tansu(work) as broker:
+            raw["broker"] = {"binary": Path(broker.binary).name}
+            say(f"serve: start-up, fast group ({startup_events} events pre-loaded)")
+            fast = measure_startup(broker, work, startup_events, 100, fast_group=True,
+                                   checkpoint=ck)  # fmt: skip
+            say("serve: start-up, default group settings")
+            default = measure_startup(
+                broker, work, startup_events, 100, fast_group=False, checkpoint=ck
+            )
+            raw["startup"] = {"fast_group": fast, "default": default}
+        with tansu(work) as broker:
+            say(f"serve: latency at {rate:g} events/s ({latency_events:,} events)")
+            raw["latency"] = measure_latency(broker, work, latency_events, tasks, rate, ck)
+        with tansu(work) as broker:
+            say(f"serve: the same without the engine (pass-through, {latency_events:,} events)")
+            raw["passthrough"] = measure_passthrough(broker, work, latency_events, tasks, rate)
+        with tansu(work) as broker:
+            say(f"serve: throughput ({throughput_events:,} events pre-loaded)")
+            raw["throughput"] = measure_throughput(broker, work, throughput_events, tasks, ck)
+
+
+if __name__ == "__main__":  # the pass-through baseline's own process
+    if len(sys.argv) == 5 and sys.argv[1] == "passthrough":
+        passthrough(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m scripts.bench_serve passthrough BOOTSTRAP PREFIX EVENTS")

@@ -319,7 +319,12 @@ class KafkaService:
         self._dirty = True
         if self.state is None:
             self._commit(dict(self._positions))
-        self._bound_batches(len(records), time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        self._bound_batches(len(records), took)
+        if log.isEnabledFor(logging.DEBUG) and len(ts):
+            log.debug("batch of %d: oldest event waited %.1f ms before the poll returned, "
+                      "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
+                      took * 1000)  # fmt: skip
 
     def _outputs(
         self, records: list[Any], result: BatchResult
