@@ -466,7 +466,7 @@ def measure_passthrough(
     out = read_topic(broker, f"{prefix}.predictions", events)
     return {
         "prefix": prefix,
-        "command": " ".join(argv[1:]),
+        "command": " ".join(argv[2:]),
         "produce": {"command": produce_cmd, "summary": produced},
         "producer_rate_per_s": round(events / produced["seconds"], 1),
         "latency": latency_ms(

@@ -470,14 +470,18 @@ class KafkaService:
         if revoked:
             self._checkpoint_and_commit("revoked")
         for tp in revoked:
-            self._positions.pop(tp, None)
             with contextlib.suppress(KeyError):  # KeyError: no lag reported for it yet
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
         log.info("partitions revoked: %s", _names(revoked))
 
     def _on_assigned(self, assigned: list[Any]) -> None:
         self.metrics.rebalances.labels("assigned").inc()
-        self.metrics.assigned.set(len(self.consumer.assignment()))
+        owned = self.consumer.assignment()
+        self.metrics.assigned.set(len(owned))
+        # positions of partitions that went elsewhere are forgotten; those that came back
+        # (revoked and re-assigned, committed in between) keep theirs in the checkpoints
+        for tp in [tp for tp in self._positions if tp not in owned]:
+            del self._positions[tp]
         for tp in assigned:
             offset = self._resume.pop(tp, None)
             if offset is not None:

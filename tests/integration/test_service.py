@@ -86,10 +86,14 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
 
     second = Serve(tmp_path, "second", *crash_args)
     events = _all_records(kafka_bootstrap, f"{crash}.events", EVENTS)
+    ends = end_offsets(events)
+    # done when every event has an output and the restarted service committed to the end
+    # (outputs alone are not enough: the killed run wrote some before its last checkpoint)
     deadline = time.time() + 120
     while True:
         covered, dead, _values = _coverage(kafka_bootstrap, crash, events)
-        if len(covered | dead) == EVENTS or time.time() > deadline:
+        committed = committed_offsets(kafka_bootstrap, "g-crash", f"{crash}.events")
+        if (len(covered | dead) == EVENTS and committed == ends) or time.time() > deadline:
             break
         time.sleep(1)
     code, _summary = second.stop()
@@ -100,7 +104,6 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     assert len(covered | dead) == EVENTS
     assert len(dead) == bad and not covered & dead
     # SIGTERM: offsets committed up to the end, and the final checkpoint says the same
-    ends = end_offsets(events)
     assert committed_offsets(kafka_bootstrap, "g-crash", f"{crash}.events") == ends
     final = newest_state(tmp_path / "crash")
     assert final["header"]["extra"]["offsets"] == {f"{crash}.events:{p}": o
