@@ -1,4 +1,5 @@
-"""Task families (distributions over tasks) and the synthetic interleaved task stream.
+"""Task families (distributions over tasks), the synthetic interleaved task stream and its drift
+scenarios.
 
 >>> from stream_meta.tasks import FAMILIES, get_family
 >>> FAMILIES
@@ -10,6 +11,16 @@
 Traceback (most recent call last):
 ...
 ValueError: unknown task family 'mnist'; known: sinusoid, digits
+
+The families of ``functions`` (linear, quadratic, square wave, mixtures) only serve drift
+scenarios and are not registered: ``FAMILIES`` names the families a model is trained on.
+
+>>> from stream_meta.tasks import SCENARIOS, get_scenario
+>>> list(SCENARIOS)  # doctest: +NORMALIZE_WHITESPACE
+['sinusoid-stationary', 'sinusoid-amplitude-shift', 'sinusoid-new-family', 'sinusoid-gradual',
+ 'sinusoid-recurring', 'digits-new-transform']
+>>> get_scenario("sinusoid-gradual").drift_points
+(20000,)
 """
 
 from __future__ import annotations
@@ -18,17 +29,43 @@ from typing import Any
 
 from stream_meta.tasks.base import TaskFamily
 from stream_meta.tasks.digits import DigitsFamily
+from stream_meta.tasks.functions import (
+    LinearFamily,
+    MixtureFamily,
+    QuadraticFamily,
+    SquareWaveFamily,
+    TransformedDigitsFamily,
+)
+from stream_meta.tasks.scenarios import (
+    SCENARIOS,
+    Regime,
+    Scenario,
+    ScenarioStream,
+    Transition,
+    get_scenario,
+)
 from stream_meta.tasks.sinusoid import SinusoidFamily
 from stream_meta.tasks.stream import StreamEvent, TaskStream
 
 __all__ = [
     "FAMILIES",
+    "SCENARIOS",
     "DigitsFamily",
+    "LinearFamily",
+    "MixtureFamily",
+    "QuadraticFamily",
+    "Regime",
+    "Scenario",
+    "ScenarioStream",
     "SinusoidFamily",
+    "SquareWaveFamily",
     "StreamEvent",
     "TaskFamily",
     "TaskStream",
+    "TransformedDigitsFamily",
+    "Transition",
     "get_family",
+    "get_scenario",
 ]
 
 _REGISTRY: dict[str, type[TaskFamily]] = {
