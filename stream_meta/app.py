@@ -90,6 +90,7 @@ def run_stream(
     predictions: JsonlSink | None = None,
     rejects: JsonlSink | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+    watch: Any = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``."""
     it = iter(source) if events is None else itertools.islice(source, events)
@@ -105,6 +106,8 @@ def run_stream(
         raws = [raw for raw, _ in chunk]
         result = engine.process(raws, received_at=t0)
         busy += time.perf_counter() - t0
+        if watch is not None:  # a DriftWatch: losses and embeddings to the drift monitor
+            watch.observe(result)
         out = result.outputs
         if out is not None:
             qp, qt = [], []

@@ -125,6 +125,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.setdefault("metrics", {})["port"] = args.metrics_port
     if args.k_neighbours is not None:
         overrides.setdefault("engine", {})["k_neighbours"] = args.k_neighbours
+    scenario = None
+    if args.scenario:
+        from stream_meta.tasks.scenarios import get_scenario
+
+        if args.input:
+            raise UsageError("--scenario and --input are exclusive")
+        try:
+            scenario = get_scenario(args.scenario)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        if args.family and args.family != scenario.model_family:
+            raise UsageError(f"scenario {scenario.name} is served by the "
+                             f"{scenario.model_family} model, not {args.family}")  # fmt: skip
+        overrides.setdefault("model", {})["family"] = scenario.model_family
+        if args.events is None:
+            args.events = scenario.default_events
+    if args.events is None and not args.input:
+        args.events = 20_000
+    if args.no_drift:
+        overrides.setdefault("drift", {})["enabled"] = False
     settings = _settings(args, overrides)
 
     import faiss
@@ -147,13 +167,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
+    st = settings.stream
     if args.input:
         source = jsonl_source(args.input)
         what = "stdin" if args.input == "-" else args.input
+    elif scenario is not None:
+        kwargs = st.model_dump()
+        seed = kwargs.pop("seed")
+        source = ((e.event, e.truth) for e in scenario.stream(seed=seed, **kwargs))
+        what = f"scenario {scenario.name} (drift at {list(scenario.drift_points)})"
     else:
-        st = settings.stream
         source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
+    watch = _drift_watch(settings, engine, metrics, args.drift_log)
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
@@ -195,6 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             predictions=sinks[0],
             rejects=sinks[1],
             on_batch=on_batch,
+            watch=watch,
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -208,7 +235,78 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.close()
     summary = {"family": family_name, **summary}
+    if scenario is not None:
+        summary["scenario"] = scenario.name
+        summary["drift_points"] = list(scenario.drift_points)
+    if watch is not None:
+        watch.close()
+        summary.update(watch.summary())
+        if scenario is not None:
+            summary["detection"] = _detection(scenario.drift_points, summary["alarms"])
     _emit(summary, args.json)
+    return 0
+
+
+def _drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:
+    """The drift monitor over the engine's batches (None when ``drift.enabled`` is off)."""
+    d = settings.drift
+    if not d.enabled:
+        return None
+    from stream_meta.drift.monitor import DriftConfig, DriftMonitor
+    from stream_meta.drift.watch import DriftWatch
+
+    config = DriftConfig(
+        warmup_events=d.warmup_events,
+        cooldown_events=d.cooldown_events,
+        min_shots=d.min_shots,
+        per_cluster=d.clusters > 0,
+        novelty_quantile=d.novelty_quantile,
+    )
+    return DriftWatch(
+        engine,
+        DriftMonitor(config, seed=settings.engine.seed),
+        clusters=d.clusters,
+        warmup_events=d.warmup_events,
+        window=d.loss_window,
+        metrics=metrics,
+        log_path=log_path,
+        seed=settings.engine.seed,
+    )
+
+
+def _detection(points: Sequence[int], alarms: list[dict[str, Any]]) -> dict[str, Any]:
+    """First alarm after each drift point (its delay in events) and the false alarms: those
+    before the first drift point (every alarm when there is none)."""
+    first = points[0] if points else None
+    false = [a for a in alarms if first is None or a["event_index"] < first]
+    found = []
+    for i, p in enumerate(points):
+        end = points[i + 1] if i + 1 < len(points) else None
+        hits = [
+            a for a in alarms if a["event_index"] >= p and (end is None or a["event_index"] < end)
+        ]
+        hit = hits[0] if hits else None
+        found.append({
+            "drift_point": p,
+            "first_alarm": None if hit is None else hit["event_index"],
+            "delay": None if hit is None else hit["event_index"] - p,
+            "detector": None if hit is None else hit["detector"],
+        })  # fmt: skip
+    return {"drift_points": found, "false_alarms": len(false)}
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from stream_meta.tasks.scenarios import SCENARIOS
+
+    rows = [{"name": s.name, "model_family": s.model_family,
+             "drift_points": list(s.drift_points), "default_events": s.default_events,
+             "description": s.description} for s in SCENARIOS.values()]  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<26} {r['model_family']:<9} drift at {r['drift_points']!s:<16} "
+                  f"{r['default_events']:>7,} events  {r['description']}")  # fmt: skip
     return 0
 
 
@@ -564,7 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
     r.add_argument("--k-neighbours", type=int, help="neighbours retrieved per task (0 = off)")
     r.add_argument("--timeout", type=float, help="stop after this many seconds")
+    r.add_argument("--scenario", help="a drift scenario instead of the stationary stream "
+                   "(see `stream-meta scenarios`)")  # fmt: skip
+    r.add_argument("--drift-log", help="append drift alarms to this JSON-lines file")
+    r.add_argument("--no-drift", action="store_true", help="switch the drift monitor off")
     r.set_defaults(func=cmd_run)
+
+    sc = sub.add_parser("scenarios", parents=[common], help="list the drift scenarios")
+    sc.set_defaults(func=cmd_scenarios)
 
     t = sub.add_parser("train", parents=[common], help="meta-train a model and save a checkpoint")
     t.add_argument("--family", choices=["sinusoid", "digits"], required=True)
@@ -652,8 +757,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stream_meta.checkpoint import CheckpointError
     from stream_meta.config import ConfigError
 
-    if getattr(args, "command", None) == "run" and args.events is None and not args.input:
-        args.events = 20_000
     for name in ("events", "tasks", "steps", "batch_tasks", "eval_tasks"):
         value = getattr(args, name, None)
         if value is not None and value < 0:

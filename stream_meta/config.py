@@ -240,6 +240,41 @@ class ServiceSettings(BaseModel):
     )
 
 
+class DriftSettings(BaseModel):
+    """The drift monitor (``stream_meta.drift``): what it watches and how it alarms."""
+
+    model_config = _SECTION_CONFIG
+
+    enabled: bool = Field(default=True, description="Watch losses and task embeddings for drift.")
+    warmup_events: int = Field(
+        default=2000, ge=0, description="Events observed before any alarm (calibration)."
+    )
+    cooldown_events: int = Field(
+        default=2000, ge=0, description="Events a detector stays silent after it alarmed."
+    )
+    min_shots: int = Field(
+        default=3,
+        ge=0,
+        description="Loss detectors ignore events whose task had fewer support examples (a "
+        "task's first predictions are guesses whatever the world does).",
+    )
+    clusters: int = Field(
+        default=16,
+        ge=0,
+        description="Task clusters (k-means on task embeddings after warm-up) with a loss "
+        "detector each; 0: global detectors only.",
+    )
+    novelty_quantile: float = Field(
+        default=0.99,
+        gt=0,
+        lt=1,
+        description="Reference quantile of nearest-neighbour distances that marks a novel task.",
+    )
+    loss_window: int = Field(
+        default=1000, ge=1, description="Events per window of the run summary's loss_windows."
+    )
+
+
 class StreamSettings(BaseModel):
     """The built-in synthetic event stream."""
 
@@ -327,6 +362,7 @@ class Settings(BaseSettings):
         default_factory=StreamSettings, description="The synthetic stream."
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="The Kafka service.")
+    drift: DriftSettings = Field(default_factory=DriftSettings, description="The drift monitor.")
     service: ServiceSettings = Field(
         default_factory=ServiceSettings, description="State and lifecycle of `serve`."
     )

@@ -442,6 +442,12 @@ class TaskIndex:
             return self._id_map_view().copy()
         return _ivf_ids(self._index)
 
+    def vectors(self) -> np.ndarray:
+        """A copy of every stored embedding ``[n, d]`` (storage order)."""
+        if len(self) == 0:
+            return np.zeros((0, self._d), dtype=np.float32)
+        return self.reconstruct_keys(self._stored_keys())
+
     def empty_like(self) -> TaskIndex:
         """A new, empty index with the same settings."""
         return TaskIndex(

@@ -161,12 +161,18 @@ class EngineMetrics:
             "not learned again.",
             registry=r,
         )
-        # Declared here so dashboards and alert rules can rely on them; the drift monitor and
-        # the meta-update worker that increment them are issue 4 (no series until then).
+        # Drift alarms come from the drift monitor (stream_meta.drift); meta-updates, which
+        # increment the second, are the next part of issue 4 (zero until then).
         self.drift_alarms = Counter(
             "stream_meta_drift_alarms_total", "Drift alarms raised, by detector.", ["detector"],
             registry=r,
         )  # fmt: skip
+        self.drift_statistic = Gauge(
+            "stream_meta_drift_statistic",
+            "Current statistic of each drift detector (per-cluster detectors are not exported).",
+            ["detector"],
+            registry=r,
+        )
         self.meta_updates = Counter(
             "stream_meta_meta_updates_total",
             "Meta-updates finished, by outcome (promoted, rejected, failed).",
