@@ -18,7 +18,6 @@ import numpy as np
 
 from stream_meta.drift.monitor import Alarm, DriftMonitor
 from stream_meta.engine import BatchResult, Engine
-from stream_meta.index import neighbour_arrays
 from stream_meta.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -49,12 +48,14 @@ class DriftWatch:
         window: int = 1000,
         metrics: EngineMetrics | None = None,
         log_path: str | None = None,
+        max_novelty: int = 64,
         seed: int = 0,
     ) -> None:
         self.engine, self.monitor = engine, monitor
         self.clusters, self.warmup_events, self.window = clusters, warmup_events, window
         self.metrics = metrics
-        self.seed = seed
+        self.seed, self.max_novelty = seed, max_novelty
+        self._rng = np.random.default_rng(seed)
         self.seen = 0  # events observed (valid or not): the stream position
         self.centroids: np.ndarray | None = None
         self._win_loss = np.zeros(0, dtype=np.float64)
@@ -123,15 +124,20 @@ class DriftWatch:
         log.info("drift: %d task clusters fitted on %d embeddings", k, len(vectors))
 
     def _novelty(self, task_ids: list[str], end: int) -> list[Alarm]:
-        """The updated tasks' embeddings and cosine distances to their nearest other task."""
+        """The updated tasks' embeddings and cosine distances to their nearest other task
+        (at most ``max_novelty`` tasks a batch, a seeded sample: the embedding tests are
+        statistical, and the search costs as much as the engine's own)."""
         unique = list(dict.fromkeys(task_ids))
+        if len(unique) > self.max_novelty:
+            pick = self._rng.choice(len(unique), self.max_novelty, replace=False)
+            unique = [unique[i] for i in np.sort(pick)]
         z = self._embeddings(unique)
         keep = ~np.isnan(z).any(axis=1)
-        if not keep.any():
+        if not keep.any() or len(self.engine.index) == 0:
             return []
         z, ids = z[keep], [t for t, k in zip(unique, keep.tolist(), strict=True) if k]
-        _zn, sim, mask = neighbour_arrays(self.engine.index, z, 1, ids)
-        dist = np.where(mask[:, 0] > 0, 1.0 - sim[:, 0], np.nan)
+        sim, nearest = self.engine.index.search(z, 1, exclude=ids)
+        dist = np.where(nearest[:, 0] >= 0, 1.0 - sim[:, 0], np.nan)
         return self.monitor.observe_embeddings(end, z, dist)
 
     def _add_windows(self, index: np.ndarray, losses: np.ndarray) -> None:
