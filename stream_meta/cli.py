@@ -460,7 +460,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
-    service = KafkaService(engine, settings, ServiceMetrics(registry))
+    watch = _drift_watch(settings, engine, metrics, None)
+    service = KafkaService(engine, settings, ServiceMetrics(registry), watch=watch)
     server = _admin_server(settings, registry, health=service.health, ready=service.ready)
     service.install_signal_handlers()
     try:
@@ -491,9 +492,21 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from stream_meta.service import Topics, ensure_topics
     from stream_meta.sources import bad_event, synthetic_source
 
-    family = _family_for(args.family, split="test")
-    source = synthetic_source(family, **{**settings.stream.model_dump(), "tasks": args.tasks,
-                                         "seed": args.seed})  # fmt: skip
+    stream_kwargs = {**settings.stream.model_dump(), "tasks": args.tasks, "seed": args.seed}
+    if args.scenario:
+        from stream_meta.tasks.scenarios import get_scenario
+
+        try:
+            scenario = get_scenario(args.scenario)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        seed = stream_kwargs.pop("seed")
+        stream = scenario.stream(seed=seed, **stream_kwargs)
+        family = stream.streams[0].family  # every regime has the same x_dim and kind
+        source: Any = ((e.event, e.truth) for e in stream)
+    else:
+        family = _family_for(args.family, split="test")
+        source = synthetic_source(family, **stream_kwargs)
     rng = np.random.default_rng(args.seed)
     servers = settings.kafka.bootstrap_servers.split(",")
     topics = Topics.for_prefix(settings.kafka.topic_prefix)
@@ -719,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--events", type=int, default=10_000, help="events to send (0 = until stopped)")
     pr.add_argument("--tasks", type=int, default=1000)
     pr.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
+    pr.add_argument("--scenario", help="write a drift scenario (see `stream-meta scenarios`)")
     pr.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
     pr.add_argument("--bad-fraction", type=float, default=0.0, help="share of invalid events")
     pr.add_argument("--seed", type=int, default=0)

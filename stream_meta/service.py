@@ -66,13 +66,15 @@ class Topics:
     events: str
     predictions: str
     dead_letter: str
+    drift: str  # drift alarms (and, later, meta-update outcomes)
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
-        return cls(f"{prefix}.events", f"{prefix}.predictions", f"{prefix}.dead-letter")
+        return cls(f"{prefix}.events", f"{prefix}.predictions", f"{prefix}.dead-letter",
+                   f"{prefix}.drift")  # fmt: skip
 
     def all(self) -> tuple[str, ...]:
-        return (self.events, self.predictions, self.dead_letter)
+        return (self.events, self.predictions, self.dead_letter, self.drift)
 
 
 def _backoff(attempt: int, first: float, most: float) -> float:
@@ -86,8 +88,11 @@ class KafkaService:
     ``service`` and ``engine`` sections are read). Call :meth:`start`, then :meth:`run`.
     """
 
-    def __init__(self, engine: Engine, settings: Any, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, engine: Engine, settings: Any, metrics: ServiceMetrics, *, watch: Any = None
+    ) -> None:
         self.engine, self.metrics = engine, metrics
+        self.watch = watch  # a DriftWatch: its alarms go to the drift topic
         self.kafka, self.cfg = settings.kafka, settings.service
         self.batch_size = settings.engine.micro_batch
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
@@ -284,6 +289,7 @@ class KafkaService:
         finally:
             self._shutdown()
         busy = time.monotonic() - self._first_record if self._first_record else 0.0
+        drift = {} if self.watch is None else {"alarms": self.watch.summary()["alarms"]}
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
@@ -292,12 +298,19 @@ class KafkaService:
             "seconds": round(busy, 3),
             "events_per_s": round(self.consumed / busy, 1) if busy else None,
             **self.engine.summary(),
+            **drift,
         }
 
     def _handle(self, records: list[Any]) -> None:
         t0 = time.perf_counter()
         result = self.engine.process([r.value for r in records], received_at=t0)
         outputs, reasons = self._outputs(records, result)
+        if self.watch is not None:
+            for alarm in self.watch.observe(result):
+                record = {"type": "drift_alarm", **alarm.to_dict(),
+                          "model_version": self.engine.model_version}  # fmt: skip
+                value = json.dumps(record).encode()
+                outputs.append((self.topics.drift, alarm.detector.encode(), value))
         self._deliver(outputs)
         acked = time.time()
         stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]

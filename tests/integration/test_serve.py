@@ -91,3 +91,34 @@ def test_tail_explains_a_missing_topic(kafka_bootstrap: str) -> None:
                 f"none-{uuid.uuid4().hex[:8]}", "--timeout", "1")  # fmt: skip
     assert shown.returncode == 2
     assert "does not exist" in shown.stderr.decode()
+
+
+def test_serve_publishes_drift_alarms_of_a_scenario_to_the_drift_topic(
+    kafka_bootstrap: str,
+) -> None:
+    prefix = f"sm-{uuid.uuid4().hex[:8]}"
+    common = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--json",
+        "-q",
+        "--set",
+        "service.partitions=1",
+    ]  # fmt: skip  (one partition: the scenario's order)
+    produced = cli("produce", *common, "--scenario", "sinusoid-new-family", "--events", "24000")
+    assert produced.returncode == 0, produced.stderr.decode()
+    served = cli("serve", *common, "--group", f"g-{prefix}", "--events", "24000",
+                 "--metrics-port", "0", "--timeout", "120",
+                 "--set", "kafka.session_timeout_ms=6000",
+                 "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+    assert served.returncode == 0, served.stderr.decode()
+    summary = json.loads(served.stdout)
+    assert summary["alarms"], "the new family at event 20,000 raised no alarm"
+    records = _read_all(kafka_bootstrap, f"{prefix}.drift", 1, len(summary["alarms"]))
+    alarms = [json.loads(r.value) for r in records]
+    assert [a["detector"] for a in alarms] == [a["detector"] for a in summary["alarms"]]
+    assert all(a["type"] == "drift_alarm" and a["model_version"] == 1 for a in alarms)
+    assert all(a["event_index"] >= 20_000 for a in alarms)  # nothing before the drift
+    assert alarms[0]["event_index"] <= 20_300
