@@ -158,3 +158,26 @@ def check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
     if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
         raise ValueError(f"{name} must be a finite (low, high) with low <= high, got {bounds}")
     return lo, hi
+
+
+def sample_1d_regression(
+    family: Any,
+    params: FloatArray,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    per_class: bool = False,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """``sample`` of a 1-d regression family with ``x_range``, ``noise_std`` and ``evaluate``:
+    ``x [B, n, 1]`` uniform over ``x_range``, ``y [B, n]`` plus Gaussian noise if set."""
+    if per_class:
+        raise ValueError("per_class sampling needs a classification family")
+    params = family.check_params(params)
+    lo, hi = family.x_range
+    x = rng.random((params.shape[0], n, 1), dtype=np.float32)
+    x *= np.float32(hi - lo)
+    x += np.float32(lo)
+    y = family.evaluate(params, x)
+    if family.noise_std > 0:
+        y += np.float32(family.noise_std) * rng.standard_normal(y.shape, dtype=np.float32)
+    return x, y

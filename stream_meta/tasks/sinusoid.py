@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from stream_meta.tasks.base import FloatArray, Kind, TaskFamily, check_range
+from stream_meta.tasks.base import FloatArray, Kind, TaskFamily, check_range, sample_1d_regression
 
 __all__ = ["SinusoidFamily"]
 
@@ -106,17 +106,7 @@ class SinusoidFamily(TaskFamily):
         per_class: bool = False,
     ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """``x [B, n, 1]`` uniform over ``x_range`` and ``y [B, n]`` (plus noise if set)."""
-        if per_class:
-            raise ValueError("per_class sampling needs a classification family")
-        params = self.check_params(params)
-        lo, hi = self.x_range
-        x = rng.random((params.shape[0], n, 1), dtype=np.float32)
-        x *= np.float32(hi - lo)
-        x += np.float32(lo)
-        y = self.evaluate(params, x)
-        if self.noise_std > 0:
-            y += np.float32(self.noise_std) * rng.standard_normal(y.shape, dtype=np.float32)
-        return x, y
+        return sample_1d_regression(self, params, n, rng, per_class=per_class)
 
     def evaluate(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.float32]:
         """The true, noiseless function: ``params [B, 2]``, ``x [B, n, 1]`` -> ``y [B, n]``."""
