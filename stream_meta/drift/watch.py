@@ -82,10 +82,13 @@ class DriftWatch:
                 shots = np.asarray(out.shots, dtype=np.int64)[labelled]
                 task_ids = [t for t, lab in zip(out.task_ids, out.labelled, strict=True) if lab]
                 self._add_windows(index[labelled], losses)
-                z = self._embeddings(task_ids)
-                clusters = self._assign(z)
+                # each task's embedding is looked up once (after the batch: the state it left)
+                unique = list(dict.fromkeys(task_ids))
+                z_unique = self._embeddings(unique)
+                row = {t: i for i, t in enumerate(unique)}
+                clusters = self._assign(z_unique[[row[t] for t in task_ids]])
                 alarms += self.monitor.observe_losses(index[labelled], losses, shots, clusters)
-                alarms += self._novelty(task_ids, self.seen + n - 1)
+                alarms += self._novelty(unique, z_unique, self.seen + n - 1)
         self.seen += n
         if self.centroids is None and self.clusters and self.seen >= self.warmup_events:
             self._fit_clusters()
@@ -123,15 +126,13 @@ class DriftWatch:
         self.centroids = np.asarray(km.centroids, dtype=np.float32)
         log.info("drift: %d task clusters fitted on %d embeddings", k, len(vectors))
 
-    def _novelty(self, task_ids: list[str], end: int) -> list[Alarm]:
-        """The updated tasks' embeddings and cosine distances to their nearest other task
-        (at most ``max_novelty`` tasks a batch, a seeded sample: the embedding tests are
-        statistical, and the search costs as much as the engine's own)."""
-        unique = list(dict.fromkeys(task_ids))
+    def _novelty(self, unique: list[str], z: np.ndarray, end: int) -> list[Alarm]:
+        """The updated tasks' embeddings (``z``, rows of ``unique``) and cosine distances to
+        their nearest other task (at most ``max_novelty`` tasks a batch, a seeded sample: the
+        embedding tests are statistical, and the search costs as much as the engine's own)."""
         if len(unique) > self.max_novelty:
-            pick = self._rng.choice(len(unique), self.max_novelty, replace=False)
-            unique = [unique[i] for i in np.sort(pick)]
-        z = self._embeddings(unique)
+            pick = np.sort(self._rng.choice(len(unique), self.max_novelty, replace=False))
+            unique, z = [unique[i] for i in pick], z[pick]
         keep = ~np.isnan(z).any(axis=1)
         if not keep.any() or len(self.engine.index) == 0:
             return []

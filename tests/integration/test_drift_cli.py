@@ -6,22 +6,14 @@ import json
 from pathlib import Path
 
 from tests.integration.test_cli import cli
-
-REQUIRED = {
-    "sinusoid-stationary",
-    "sinusoid-amplitude-shift",
-    "sinusoid-new-family",
-    "sinusoid-gradual",
-    "sinusoid-recurring",
-    "digits-new-transform",
-}
+from tests.unit.test_scenarios import REQUIRED
 
 
 def test_scenarios_lists_every_required_scenario_with_its_drift_points() -> None:
     proc = cli("scenarios", "--json")
     assert proc.returncode == 0, proc.stderr.decode()
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
-    assert rows.keys() >= REQUIRED
+    assert rows.keys() >= set(REQUIRED)
     assert rows["sinusoid-stationary"]["drift_points"] == []
     assert rows["sinusoid-recurring"]["drift_points"] == [20_000, 40_000]
     assert rows["digits-new-transform"]["model_family"] == "digits"
