@@ -91,13 +91,19 @@ def run_stream(
     rejects: JsonlSink | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
     watch: Any = None,
+    updater: Any = None,
 ) -> dict[str, Any]:
-    """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``."""
+    """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
+
+    ``watch`` (a :class:`~stream_meta.drift.watch.DriftWatch`) sees every batch, then
+    ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms.
+    """
     it = iter(source) if events is None else itertools.islice(source, events)
     scorer = QueryScorer(engine.kind)
     start = time.perf_counter()
     done = 0
     busy = 0.0
+    batch_latency: list[tuple[float, bool]] = []
     while True:
         chunk = list(itertools.islice(it, batch_size))
         if not chunk:
@@ -106,8 +112,11 @@ def run_stream(
         raws = [raw for raw, _ in chunk]
         result = engine.process(raws, received_at=t0)
         busy += time.perf_counter() - t0
-        if watch is not None:  # a DriftWatch: losses and embeddings to the drift monitor
-            watch.observe(result)
+        alarms = watch.observe(result) if watch is not None else []
+        if updater is not None:
+            # one latency sample per batch: is a job training while this batch was served?
+            batch_latency.append((time.perf_counter() - t0, updater.training))
+            updater.observe(result, alarms)
         out = result.outputs
         if out is not None:
             qp, qt = [], []
@@ -132,7 +141,23 @@ def run_stream(
     summary["seconds"] = round(elapsed, 3)
     summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
     summary["engine_events_per_s"] = round(done / busy, 1) if busy > 0 else math.inf
+    if updater is not None:
+        summary["batch_latency_ms"] = _latency_split(batch_latency)
     return summary
+
+
+def _latency_split(samples: list[tuple[float, bool]]) -> dict[str, Any]:
+    """Batch latency percentiles while a meta-update job was training and otherwise."""
+    out: dict[str, Any] = {}
+    for name, flag in (("outside_update", False), ("during_update", True)):
+        ms = np.array([s for s, f in samples if f == flag]) * 1e3
+        if len(ms):
+            out[name] = {
+                "batches": len(ms),
+                "p50": round(float(np.percentile(ms, 50)), 3),
+                "p99": round(float(np.percentile(ms, 99)), 3),
+            }
+    return out
 
 
 def _reject_json(rejection: Any) -> str:

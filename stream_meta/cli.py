@@ -145,6 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.events = 20_000
     if args.no_drift:
         overrides.setdefault("drift", {})["enabled"] = False
+    if args.no_meta_update:
+        overrides.setdefault("meta_update", {})["enabled"] = False
     settings = _settings(args, overrides)
 
     import faiss
@@ -163,7 +165,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = _registry()
     metrics = EngineMetrics(registry)
     metrics.set_build_info(family=family_name)
-    server = _admin_server(settings, registry)
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
@@ -180,6 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
     watch = _drift_watch(settings, engine, metrics, args.drift_log)
+    updater = _meta_updater(settings, engine, metrics, watch, family_name, worker="inline")
+    server = _admin_server(settings, registry, routes=None if updater is None else updater.routes())
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
@@ -222,6 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rejects=sinks[1],
             on_batch=on_batch,
             watch=watch,
+            updater=updater,
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -234,6 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sink.close()
         if server is not None:
             server.close()
+        if updater is not None:
+            updater.close()
     summary = {"family": family_name, **summary}
     if scenario is not None:
         summary["scenario"] = scenario.name
@@ -243,6 +249,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary.update(watch.summary())
         if scenario is not None:
             summary["detection"] = _detection(scenario.drift_points, summary["alarms"])
+    if updater is not None:
+        summary["meta_updates"] = updater.summary()
+        summary["replay"] = updater.replay.stats()
     _emit(summary, args.json)
     return 0
 
@@ -270,6 +279,40 @@ def _drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None)
         window=d.loss_window,
         metrics=metrics,
         log_path=log_path,
+        seed=settings.engine.seed,
+    )
+
+
+def _meta_updater(
+    settings: Any,
+    engine: Any,
+    metrics: Any,
+    watch: Any,
+    family: str,
+    *,
+    worker: str,
+    models_dir: Any = None,
+) -> Any:
+    """The meta-updater (None when ``meta_update.enabled`` is off)."""
+    mu = settings.meta_update
+    if not mu.enabled:
+        return None
+    from stream_meta.continual.updater import MetaUpdater
+
+    config = mu.configs(
+        worker, seed=settings.engine.seed, k_neighbours=settings.engine.k_neighbours
+    )
+    if config.on_drift and watch is None and not config.every_events:
+        log.warning("meta-updates are on but the drift monitor is off and there is no "
+                    "schedule: only `stream-meta meta-update` requests will start one")  # fmt: skip
+    return MetaUpdater(
+        engine,
+        config,
+        watch=watch,
+        metrics=metrics,
+        emit=None if watch is None else watch.log_record,
+        models_dir=models_dir,
+        family=family,
         seed=settings.engine.seed,
     )
 
@@ -433,6 +476,52 @@ def _admin_server(settings: Any, registry: Any, **probes: Any) -> Any:
     return server
 
 
+def cmd_meta_update(args: argparse.Namespace) -> int:
+    """POST /meta-update to a running process; with --wait, poll /meta-updates for the outcome."""
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(args, {})
+    base = (args.url or f"http://127.0.0.1:{settings.metrics.port}").rstrip("/")
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise UsageError(
+                    f"{base} has no meta-updater (meta_update.enabled is off?)"
+                ) from exc
+            raise UsageError(f"{base}{path}: HTTP {exc.code}: {exc.read().decode()[:200]}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise UsageError(f"cannot reach {base} ({exc}); is `stream-meta serve` running "
+                             "with its metrics port there? (--url)") from exc  # fmt: skip
+
+    if args.status:
+        _emit(call("GET", "/meta-updates"), True)
+        return 0
+    before = call("POST", "/meta-update", {"reason": args.reason})
+    log.info("meta-update requested from %s (serving version %s)", base, before["model_version"])
+    if args.wait <= 0:
+        _emit(before, args.json)
+        return 0
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = call("GET", "/meta-updates")
+        fresh = status["total_records"] - before["records"]
+        if fresh > 0:  # the outcome of this request (or of the update it joined)
+            outcome = status["records"][-min(fresh, len(status["records"]))]
+            _emit(outcome, args.json)
+            return 0 if outcome["outcome"] in ("promoted", "rejected") else 1
+    print(f"stream-meta: error: no outcome within {args.wait:g} s", file=sys.stderr)
+    return 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
     if args.metrics_port is not None:
@@ -460,9 +549,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
-    watch = _drift_watch(settings, engine, metrics, None)
-    service = KafkaService(engine, settings, ServiceMetrics(registry), watch=watch)
-    server = _admin_server(settings, registry, health=service.health, ready=service.ready)
+    watch = _drift_watch(settings, engine, metrics, args.drift_log)
+    state_dir = settings.service.state_dir
+    updater = _meta_updater(
+        settings, engine, metrics, watch, manifest["family"], worker="process",
+        models_dir=None if state_dir is None else Path(state_dir) / "models",
+    )  # fmt: skip
+    service = KafkaService(engine, settings, ServiceMetrics(registry), watch=watch, updater=updater)
+    server = _admin_server(
+        settings, registry, health=service.health, ready=service.ready,
+        routes=None if updater is None else updater.routes(),
+    )  # fmt: skip
     service.install_signal_handlers()
     try:
         if settings.service.state_dir is not None:
@@ -480,6 +577,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        if updater is not None:
+            updater.close()
+        if watch is not None:
+            watch.close()
     _emit(summary, args.json)
     return 0
 
@@ -679,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see `stream-meta scenarios`)")  # fmt: skip
     r.add_argument("--drift-log", help="append drift alarms to this JSON-lines file")
     r.add_argument("--no-drift", action="store_true", help="switch the drift monitor off")
+    r.add_argument("--no-meta-update", action="store_true", help="switch meta-updates off")
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("scenarios", parents=[common], help="list the drift scenarios")
@@ -724,7 +826,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--state-dir", type=Path, help="state checkpoints directory (default: none)")
     sv.add_argument("--events", type=int, help="stop after consuming N events")
     sv.add_argument("--timeout", type=float, help="stop after this many seconds")
+    sv.add_argument(
+        "--drift-log", help="append drift alarms and meta-updates to this JSON-lines file"
+    )
     sv.set_defaults(func=cmd_serve)
+
+    mu = sub.add_parser(
+        "meta-update",
+        parents=[common],
+        help="ask a running `serve` (or `run`) for a meta-update, through its admin endpoint",
+    )
+    mu.add_argument("--url", help="admin endpoint (default: http://127.0.0.1:<metrics port>)")
+    mu.add_argument("--reason", default="requested by stream-meta meta-update")
+    mu.add_argument(
+        "--wait", type=float, default=0.0, help="wait up to S seconds for the outcome (0: no)"
+    )
+    mu.add_argument("--status", action="store_true", help="only print the meta-update status")
+    mu.set_defaults(func=cmd_meta_update)
 
     pr = sub.add_parser(
         "produce", parents=[common, kafka], help="write a synthetic task stream to Kafka"

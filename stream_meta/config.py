@@ -275,6 +275,109 @@ class DriftSettings(BaseModel):
     )
 
 
+class MetaUpdateSettings(BaseModel):
+    """Meta-updates (``stream_meta.continual``): triggers, replay, training and the gate."""
+
+    model_config = _SECTION_CONFIG
+
+    enabled: bool = Field(
+        default=True, description="Run meta-updates (needs [drift] for on_drift)."
+    )
+    on_drift: bool = Field(default=True, description="A drift alarm requests an update.")
+    every_events: int = Field(
+        default=0, ge=0, description="Also request an update every N events (0: no schedule)."
+    )
+    collect_events: int = Field(
+        default=3000,
+        ge=0,
+        description="Events to gather after a drift alarm before training starts (the replay "
+        "buffer needs tasks of the new regime).",
+    )
+    new_lookback_events: int = Field(
+        default=500,
+        ge=0,
+        description="Tasks that arrived up to this many events before a drift alarm count as "
+        "new (the alarm comes after the change).",
+    )
+    cooldown_events: int = Field(
+        default=10_000, ge=0, description="Events after an update ends before the next starts."
+    )
+    budget: int = Field(default=5, ge=1, description="At most this many updates ...")
+    budget_window_events: int = Field(
+        default=500_000, ge=1, description="... per this many events (more are skipped)."
+    )
+    worker: Literal["auto", "inline", "thread", "process"] = Field(
+        default="auto",
+        description="Where a job trains: inline (the stream waits; reproducible), a thread, or "
+        "a worker process (serving never waits). auto: inline for `run`, process for `serve`.",
+    )
+    promote: Literal["gate", "always"] = Field(
+        default="gate",
+        description="gate: promote only what validation approves; always: every trained "
+        "candidate (a baseline for comparisons, not for production).",
+    )
+    probation_events: int = Field(
+        default=2000,
+        ge=0,
+        description="Scored events after a swap compared with as many before it (0: none).",
+    )
+    rollback_factor: float = Field(
+        default=1.25, gt=1, description="Roll back when the probation loss exceeds this x before."
+    )
+    min_shots: int = Field(
+        default=3, ge=0, description="Probation scores events whose task had this many examples."
+    )
+    reservoir_tasks: int = Field(default=2000, ge=0, description="Replay reservoir (tasks).")
+    recent_tasks: int = Field(default=500, ge=1, description="Replay window of recent tasks.")
+    max_examples: int = Field(default=32, ge=2, le=4096, description="Replay examples per task.")
+    steps: int = Field(default=400, ge=1, description="Training steps of a candidate.")
+    batch_tasks: int = Field(default=32, ge=2, description="Episode tasks per step.")
+    bank_tasks: int = Field(default=256, ge=0, description="Neighbour bank tasks per step.")
+    lr: float = Field(default=3e-4, gt=0, description="Adam learning rate.")
+    new_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="Fraction of each batch drawn from new tasks."
+    )
+    distill_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the anti-forgetting term on old tasks."
+    )
+    distill_floor: float = Field(
+        default=0.05,
+        gt=0,
+        description="The anti-forgetting term is relative to the served model's own loss on "
+        "each old episode plus this floor (so precise old tasks stay precise).",
+    )
+    min_task_examples: int = Field(
+        default=4, ge=2, description="Replay tasks need this many examples to be used."
+    )
+    holdout_fraction: float = Field(
+        default=0.2, gt=0, lt=1, description="Replay tasks held out for validation."
+    )
+    min_val_tasks: int = Field(
+        default=8, ge=1, description="Held-out new tasks needed to judge a candidate."
+    )
+    min_improvement: float = Field(
+        default=0.02, ge=0, lt=1, description="Required relative drop of the new-task loss."
+    )
+    old_margin: float = Field(
+        default=0.10, ge=0, description="Allowed relative rise of the old-task loss."
+    )
+    threads: int = Field(default=1, ge=0, description="Torch threads of a job (0: default).")
+
+    def configs(self, worker: str, *, seed: int = 0, k_neighbours: int = 8) -> Any:
+        """The :class:`~stream_meta.continual.updater.MetaUpdateConfig` these settings give."""
+        from stream_meta.continual.update import UpdateConfig
+        from stream_meta.continual.updater import MetaUpdateConfig
+
+        data = self.model_dump()
+        data.pop("worker")
+        up = {k: data.pop(k) for k in list(data) if k in UpdateConfig.__dataclass_fields__}
+        return MetaUpdateConfig(
+            **data,
+            worker=worker if self.worker == "auto" else self.worker,
+            update=UpdateConfig(**up, seed=seed, k_neighbours=k_neighbours),
+        )
+
+
 class StreamSettings(BaseModel):
     """The built-in synthetic event stream."""
 
@@ -363,6 +466,9 @@ class Settings(BaseSettings):
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="The Kafka service.")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="The drift monitor.")
+    meta_update: MetaUpdateSettings = Field(
+        default_factory=MetaUpdateSettings, description="Meta-updates."
+    )
     service: ServiceSettings = Field(
         default_factory=ServiceSettings, description="State and lifecycle of `serve`."
     )

@@ -85,6 +85,8 @@ class Outputs:
     latency_s: float
     model_version: int
     duplicates: list[bool] | None = None  # labelled events already learned (not learned again)
+    x: np.ndarray | None = None  # the events' features [N, x_dim] (for replay)
+    y: list[Any] | None = None  # the labels learned (None: a query, or a duplicate)
 
     def __len__(self) -> int:
         return len(self.event_ids)
@@ -380,7 +382,10 @@ class Engine:
             plan = self._plan(events)
             weights = self._weights_for(plan)
             out = self.model.predict(plan.x.unsqueeze(1), weights)[:, 0]
-        return self._score(events, plan, out, t0)
+        outputs = self._score(events, plan, out, t0)
+        outputs.x = plan.x.numpy()
+        outputs.y = [ev.y for ev in events]
+        return outputs
 
     # -- planning: walk the batch in order, learning as we go --------------------------------
     def _plan(self, events: list[Event]) -> _Plan:

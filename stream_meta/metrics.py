@@ -21,7 +21,7 @@ from stream_meta import __version__
 from stream_meta.events import RejectReason
 
 #: outcomes of a meta-update (label values of ``stream_meta_meta_updates_total``)
-META_UPDATE_OUTCOMES = ("promoted", "rejected", "failed")
+META_UPDATE_OUTCOMES = ("promoted", "rejected", "failed", "rolled_back", "skipped")
 #: per-event prediction latency buckets (seconds); 1 ms and 50 ms are targets
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -161,8 +161,8 @@ class EngineMetrics:
             "not learned again.",
             registry=r,
         )
-        # Drift alarms come from the drift monitor (stream_meta.drift); meta-updates, which
-        # increment the second, are the next part of issue 4 (zero until then).
+        # drift alarms come from the drift monitor (stream_meta.drift), meta-updates from the
+        # meta-updater (stream_meta.continual)
         self.drift_alarms = Counter(
             "stream_meta_drift_alarms_total", "Drift alarms raised, by detector.", ["detector"],
             registry=r,
@@ -175,8 +175,34 @@ class EngineMetrics:
         )
         self.meta_updates = Counter(
             "stream_meta_meta_updates_total",
-            "Meta-updates finished, by outcome (promoted, rejected, failed).",
+            "Meta-updates by outcome: promoted (hot-swapped), rejected (by the validation "
+            "gate), failed (error or non-finite loss), rolled_back (worse in serving after "
+            "promotion), skipped (update budget spent).",
             ["outcome"],
+            registry=r,
+        )
+        self.meta_update_duration = Histogram(
+            "stream_meta_meta_update_duration_seconds",
+            "Wall time of a meta-update job (training and validation of a candidate).",
+            buckets=(1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+            registry=r,
+        )
+        self.meta_update_running = Gauge(
+            "stream_meta_meta_update_running",
+            "1 while a meta-update is collecting data or training, else 0.",
+            registry=r,
+        )
+        self.meta_update_validation_loss = Gauge(
+            "stream_meta_meta_update_validation_loss",
+            "Held-out replay loss of the last meta-update, by task group (new, old) and model "
+            "(served, candidate).",
+            ["group", "model"],
+            registry=r,
+        )
+        self.replay_tasks = Gauge(
+            "stream_meta_replay_tasks",
+            "Tasks held by the replay buffer, by population (recent, reservoir).",
+            ["population"],
             registry=r,
         )
         self.build = Info("stream_meta_build", "Build information.", registry=r)

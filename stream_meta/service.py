@@ -89,10 +89,17 @@ class KafkaService:
     """
 
     def __init__(
-        self, engine: Engine, settings: Any, metrics: ServiceMetrics, *, watch: Any = None
+        self,
+        engine: Engine,
+        settings: Any,
+        metrics: ServiceMetrics,
+        *,
+        watch: Any = None,
+        updater: Any = None,
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.watch = watch  # a DriftWatch: its alarms go to the drift topic
+        self.updater = updater  # a MetaUpdater: its outcomes go to the drift topic too
         self.kafka, self.cfg = settings.kafka, settings.service
         self.batch_size = settings.engine.micro_batch
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
@@ -141,7 +148,8 @@ class KafkaService:
         topics, and subscribe. Raises :class:`ServiceError` or
         :class:`~stream_meta.snapshot.StateError`."""
         if self.state is not None:
-            self.restored = self.state.load(self.engine)
+            restorers = {} if self.updater is None else {"replay": self.updater.replay.restore}
+            self.restored = self.state.load(self.engine, restorers)
             if self.restored is None:
                 log.info("no state checkpoint in %s: starting without state", self.state.path)
             else:
@@ -289,6 +297,8 @@ class KafkaService:
             self._shutdown()
         busy = time.monotonic() - self._first_record if self._first_record else 0.0
         drift = {} if self.watch is None else {"alarms": self.watch.summary()["alarms"]}
+        if self.updater is not None:
+            drift["meta_updates"] = self.updater.summary()
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
@@ -306,12 +316,18 @@ class KafkaService:
         records = [r for batch in polled.values() for r in batch]
         result = self.engine.process([r.value for r in records], received_at=t0)
         outputs, reasons = self._outputs(records, result)
-        if self.watch is not None:
-            for alarm in self.watch.observe(result):
-                record = {"type": "drift_alarm", **alarm.to_dict(),
-                          "model_version": self.engine.model_version}  # fmt: skip
-                value = json.dumps(record).encode()
-                outputs.append((self.topics.drift, alarm.detector.encode(), value))
+        alarms = self.watch.observe(result) if self.watch is not None else []
+        for alarm in alarms:
+            record = {"type": "drift_alarm", **alarm.to_dict(),
+                      "model_version": self.engine.model_version}  # fmt: skip
+            outputs.append(
+                (self.topics.drift, alarm.detector.encode(), json.dumps(record).encode())
+            )
+        if self.updater is not None:
+            # a promotion swaps the model here, between this batch and the next
+            for record in self.updater.observe(result, alarms):
+                value = json.dumps(record, default=str).encode()
+                outputs.append((self.topics.drift, b"meta_update", value))
         self._deliver(outputs)
         acked = time.time()
         stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
@@ -430,7 +446,8 @@ class KafkaService:
         if self.state is None or self._writer is None:
             self._dirty = not self._commit(offsets)
             return not self._dirty
-        write = self.state.capture(self.engine, extra={
+        parts = {} if self.updater is None else {"replay": self.updater.replay.to_arrays()}
+        write = self.state.capture(self.engine, parts=parts, extra={
             "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
             "group": self.kafka.group_id,
             "reason": why,

@@ -13,7 +13,13 @@ previous one is used. Nothing is unpickled.
 
 State written with a different model is restored by re-encoding every live task from its
 support set (the model changed, the examples did not); state whose shape does not fit the
-engine (another family, support size or policy) is refused with an explanation.
+engine (another family, support size or policy) is refused with an explanation. Models
+promoted by meta-updates are saved in ``models/model-v<version>.safetensors`` beside the
+checkpoints: when a checkpoint was written with one of them, that model is served again
+before the state is restored (no re-encoding, the served version survives the restart).
+
+Other components add their own arrays under a prefix (``parts``: the meta-updater's replay
+buffer is ``replay.*``); :meth:`StateDir.load` hands them back to their ``restorers``.
 
 Adapted weights are a cache and are not saved: after a restore each task is adapted again,
 with the neighbours the index holds then, so predictions continue close to, not bit-equal
@@ -88,14 +94,30 @@ class StateDir:
             self._fingerprints[model] = model_fingerprint(model)
         return self._fingerprints[model]
 
-    def save(self, engine: Engine, extra: dict[str, Any] | None = None) -> Path:
-        """Write a new checkpoint of ``engine`` (plus ``extra``) and prune old ones."""
-        return self.capture(engine, extra)()
+    @property
+    def models_dir(self) -> Path:
+        """Where promoted models are kept (``model-v<version>.safetensors``)."""
+        return self.path / "models"
 
-    def capture(self, engine: Engine, extra: dict[str, Any] | None = None) -> Callable[[], Path]:
+    def save(
+        self,
+        engine: Engine,
+        extra: dict[str, Any] | None = None,
+        parts: dict[str, dict[str, np.ndarray]] | None = None,
+    ) -> Path:
+        """Write a new checkpoint of ``engine`` (plus ``extra``) and prune old ones."""
+        return self.capture(engine, extra, parts)()
+
+    def capture(
+        self,
+        engine: Engine,
+        extra: dict[str, Any] | None = None,
+        parts: dict[str, dict[str, np.ndarray]] | None = None,
+    ) -> Callable[[], Path]:
         """Capture ``engine`` now (between two batches; cheap); the returned function writes
         the checkpoint and prunes old ones, and may run in another thread while the engine
-        goes on. Writers must not run concurrently."""
+        goes on. Writers must not run concurrently. ``parts``: other components' arrays by
+        prefix, already copied (they are written as they are)."""
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -107,8 +129,10 @@ class StateDir:
         }
         pack = engine.capture_state()
 
+        more = {f"{p}.{k}": v for p, a in (parts or {}).items() for k, v in a.items()}
+
         def write() -> Path:
-            arrays = pack()
+            arrays = {**pack(), **more}
             arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
             existing = self.checkpoints()
             seq = _sequence(existing[0]) + 1 if existing else 1
@@ -122,9 +146,14 @@ class StateDir:
 
         return write
 
-    def load(self, engine: Engine) -> dict[str, Any] | None:
-        """Restore the newest readable checkpoint into ``engine``; returns its header, or
-        None when the directory holds no checkpoint.
+    def load(
+        self,
+        engine: Engine,
+        restorers: dict[str, Callable[[dict[str, np.ndarray]], None]] | None = None,
+    ) -> dict[str, Any] | None:
+        """Restore the newest readable checkpoint into ``engine`` (and each ``restorers[p]``
+        its ``p.*`` part, when present); returns its header, or None when the directory holds
+        no checkpoint.
 
         Raises:
             StateError: checkpoints exist but none can be restored into this engine.
@@ -138,6 +167,7 @@ class StateDir:
                 errors.append(str(exc))
                 continue
             self._check_layout(path, header, engine)
+            self._serve_saved_model(header, engine)
             reencode = header["model_fingerprint"] != self._fingerprint(engine.model)
             if reencode:
                 log.warning(
@@ -151,6 +181,16 @@ class StateDir:
                 log.error("%s", msg)
                 errors.append(msg)
                 continue
+            for prefix, restore in (restorers or {}).items():
+                part = {
+                    k.partition(".")[2]: v for k, v in arrays.items() if k.startswith(prefix + ".")
+                }
+                if part:
+                    try:
+                        restore(part)
+                    except (ValueError, KeyError) as exc:
+                        log.error("%s: its %s part cannot be restored (%s); starting that "
+                                  "part empty", path.name, prefix, exc)  # fmt: skip
             header["path"] = str(path)
             return header
         if errors:
@@ -159,6 +199,25 @@ class StateDir:
                 "directory away to start without state"
             )
         return None
+
+    def _serve_saved_model(self, header: dict[str, Any], engine: Engine) -> None:
+        """Serve the promoted model a checkpoint was written with, when it is kept here."""
+        version = header.get("model_version")
+        path = self.models_dir / f"model-v{version}.safetensors"
+        if header.get("model_fingerprint") == self._fingerprint(engine.model) or not path.is_file():
+            return
+        from stream_meta.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            model, _ = load_checkpoint(path)
+        except CheckpointError as exc:
+            log.error("cannot load the promoted model the state was written with: %s", exc)
+            return
+        if self._fingerprint(model) != header.get("model_fingerprint"):
+            log.error("%s does not match the checkpoint's model fingerprint: not used", path)
+            return
+        engine.swap_model(model, int(version))
+        log.info("serving the promoted model version %s again (%s)", version, path)
 
     @staticmethod
     def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

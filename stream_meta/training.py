@@ -159,9 +159,15 @@ def episode_loss(
             model, ep, z, z_sib, config
         )
     z_full = model.embed(ep["x_all"], ep["y_all"], torch.ones_like(ep["y_all"], dtype=z.dtype))
-    logits = z @ z_full.T / 0.1
-    contrastive = nn.functional.cross_entropy(logits, torch.arange(len(z), device=z.device))
-    return query_loss, contrastive
+    return query_loss, contrastive_loss(z, z_full)
+
+
+def contrastive_loss(
+    z: torch.Tensor, z_full: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """InfoNCE between few-shot embeddings ``z [B, E]`` and the same tasks' full-data ones."""
+    logits = z @ z_full.T / temperature
+    return nn.functional.cross_entropy(logits, torch.arange(len(z), device=z.device))
 
 
 def _prior_only_loss(

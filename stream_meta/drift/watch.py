@@ -67,6 +67,13 @@ class DriftWatch:
             self._log.close()
             self._log = None
 
+    def model_changed(self) -> None:
+        """The engine serves another model: losses have another level and embeddings live in
+        another space, so the monitor recalibrates (a new warm-up) and the task clusters are
+        fitted again on the re-encoded index."""
+        self.monitor.reset(recalibrate=True)
+        self.centroids = None
+
     # -- per batch ---------------------------------------------------------------------------
     def observe(self, result: BatchResult) -> list[Alarm]:
         """Observe one processed batch (the engine's :class:`BatchResult`); new alarms."""
@@ -151,12 +158,15 @@ class DriftWatch:
         np.add.at(self._win_loss, w, losses)
         np.add.at(self._win_count, w, 1)
 
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to the JSON-lines log (when there is one)."""
+        if self._log is not None:
+            self._log.write(json.dumps(record) + "\n")
+            self._log.flush()
+
     def _report(self, alarms: list[Alarm]) -> None:
         for a in alarms:  # (the monitor logs each alarm)
-            if self._log is not None:
-                self._log.write(json.dumps({"type": "drift_alarm", **a.to_dict()}) + "\n")
-        if self._log is not None and alarms:
-            self._log.flush()
+            self.log_record({"type": "drift_alarm", **a.to_dict()})
         if self.metrics is not None:
             for a in alarms:
                 self.metrics.drift_alarms.labels(_detector_kind(a.detector)).inc()

@@ -147,8 +147,9 @@ def evaluate(
                 baseline[str(s)] = _mean_ci(np.concatenate(base_scores))
         if baseline:
             report["baseline_nearest_centroid"] = baseline
-        report.update(_latency(model, family, index, k_neighbours, latency_samples, rng))
-        report["predictions_per_s"] = _throughput(model, family, index, k_neighbours, rng)
+        if latency_samples > 0:  # 0: losses only
+            report.update(_latency(model, family, index, k_neighbours, latency_samples, rng))
+            report["predictions_per_s"] = _throughput(model, family, index, k_neighbours, rng)
     return report
 
 
