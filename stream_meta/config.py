@@ -288,7 +288,7 @@ class MetaUpdateSettings(BaseModel):
         default=0, ge=0, description="Also request an update every N events (0: no schedule)."
     )
     collect_events: int = Field(
-        default=3000,
+        default=5000,
         ge=0,
         description="Events to gather after a drift alarm before training starts (the replay "
         "buffer needs tasks of the new regime).",
@@ -317,15 +317,21 @@ class MetaUpdateSettings(BaseModel):
         "candidate (a baseline for comparisons, not for production).",
     )
     probation_events: int = Field(
-        default=2000,
+        default=5000,
         ge=0,
         description="Scored events after a swap compared with as many before it (0: none).",
     )
     rollback_factor: float = Field(
-        default=1.25, gt=1, description="Roll back when the probation loss exceeds this x before."
+        default=2.0,
+        gt=1,
+        description="Roll back when the probation loss exceeds this x before (a guard against "
+        "gross failures: the stream itself changes between the two windows).",
     )
     min_shots: int = Field(
-        default=3, ge=0, description="Probation scores events whose task had this many examples."
+        default=1,
+        ge=0,
+        description="Probation scores events whose task had this many examples (1: what the "
+        "validation gate judges, support sizes from 1 up).",
     )
     reservoir_tasks: int = Field(default=2000, ge=0, description="Replay reservoir (tasks).")
     recent_tasks: int = Field(default=500, ge=1, description="Replay window of recent tasks.")

@@ -39,7 +39,12 @@ and old. Every held-out task is adapted at each of ``val_shots`` support sizes (
 0: with no example the model can only give its prior, and the prior *should* move to the new
 regime) below its example count (a fixed permutation of its examples; the rest are the query
 set) with neighbours from the training tasks, by the served model and by the candidate, on
-identical episodes. The loss of a group is the mean over its episodes of the mean query loss.
+identical episodes (``val_repeats`` orders of each task's examples; each episode's loss capped
+at the squared label range). The loss of a group is its per-size mean query loss, weighted by
+how often the stream has served each size (:func:`shot_weights`): the prequential loss the
+model would have on such tasks. Equal weights would judge mostly one-shot guesses, while a
+stream of popular tasks is served mostly with many examples; the probation after a swap
+measures the same mixture in serving.
 The candidate is *promoted* when every loss is finite, its new-task loss is below the served
 model's by at least ``min_improvement`` (relative) and its old-task loss is above the served
 model's by at most ``old_margin`` (relative); otherwise it is *rejected* (or *failed*, on a
@@ -62,7 +67,15 @@ from stream_meta.continual.replay import ReplaySnapshot
 from stream_meta.model import MetaModel, ModelConfig, no_neighbours
 from stream_meta.training import contrastive_loss, retrieve
 
-__all__ = ["UpdateConfig", "decide", "run_job", "train_candidate", "validate"]
+__all__ = [
+    "UpdateConfig",
+    "decide",
+    "run_job",
+    "shot_weights",
+    "train_candidate",
+    "validate",
+    "weighted_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,11 @@ class UpdateConfig:
     max_shots: int = 20
     min_task_examples: int = 4
     holdout_fraction: float = 0.2
-    val_shots: tuple[int, ...] = (1, 3, 5, 10, 20)
+    val_shots: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
+    val_repeats: int = 4
+    #: parameters left as served (none by default: after an amplitude shift the head's prior
+    #: precision is what must move)
+    frozen: tuple[str, ...] = ()
     min_val_tasks: int = 8
     min_improvement: float = 0.02
     old_margin: float = 0.10
@@ -96,7 +113,9 @@ class UpdateConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UpdateConfig:
         data = dict(data)
-        data["val_shots"] = tuple(data.get("val_shots", cls.val_shots))
+        for key in ("val_shots", "frozen"):
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -199,7 +218,9 @@ def train_candidate(
     torch.manual_seed(config.seed)
     teacher = served
     student = copy.deepcopy(served).train()
-    opt = torch.optim.Adam(student.parameters(), lr=config.lr)
+    frozen = set(config.frozen)
+    params = [p for name, p in student.named_parameters() if name not in frozen]
+    opt = torch.optim.Adam(params, lr=config.lr)
     pool = np.concatenate([train_new, train_old])
     b = config.batch_tasks
     n_new = min(len(train_new), round(b * config.new_fraction)) if len(train_old) else b
@@ -244,7 +265,7 @@ def train_candidate(
             raise FloatingPointError(f"non-finite meta-update loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         opt.step()
         value = float(query_loss.detach())
         ema = value if math.isnan(ema) else 0.95 * ema + 0.05 * value
@@ -267,37 +288,83 @@ def validate(
     rows: NDArray[np.int64],
     bank_rows: NDArray[np.int64],
     config: UpdateConfig,
+    shot_weights: dict[str, float] | None = None,
     chunk: int = 512,
 ) -> dict[str, Any]:
     """Held-out loss of ``rows``: every task adapted at each of ``val_shots`` support sizes
-    below its example count, the rest of its examples the query set. Returns ``loss`` (the mean
-    over these episodes of their mean query loss), ``by_shots`` (the same per support size),
-    ``tasks`` and ``episodes``. The episodes depend on ``config.seed`` only, never on the model,
+    below its example count, the rest of its examples the query set, for ``val_repeats``
+    orders of its examples (one-shot losses are heavy-tailed: one order is a noisy judge),
+    each episode's loss capped by :func:`_loss_cap`.
+    Returns ``by_shots`` (per support size, the mean over its episodes of their mean query
+    loss), ``loss`` (those weighted by ``shot_weights``, how often the stream serves each size:
+    the prequential loss the model would have; equal weights without them), ``tasks`` and
+    ``episodes``. The episodes depend on ``config.seed`` only, never on the model,
     so two models are compared on the same ones."""
     out: dict[str, Any] = {"loss": None, "tasks": len(rows), "episodes": 0, "by_shots": {}}
     if not len(rows):
         return out
     rng = np.random.default_rng(config.seed + 1)
-    x_np, y_np, n = _shuffled(snap, rows, rng)
     bank_z = _Bank(model, snap, bank_rows).z
     m = snap.x.shape[1]
-    total, count = 0.0, 0
-    for s in config.val_shots:
-        take = np.flatnonzero(n > s)
-        if not len(take):
-            continue
-        level = 0.0
-        for lo in range(0, len(take), chunk):
-            t = take[lo : lo + chunk]
-            smask, qmask, _ = _masks(n[t], np.full(len(t), s), m)
-            x, y = _tensors(x_np[t], y_np[t])
-            pred, _ = _adapt_and_predict(model, bank_z, x, y, smask, config.k_neighbours)
-            per_point = model.loss(pred, y) * qmask
-            level += float((per_point.sum(1) / qmask.sum(1)).double().sum())
-        out["by_shots"][str(s)] = level / len(take)
-        total, count = total + level, count + len(take)
-    out["loss"], out["episodes"] = (total / count if count else None), count
+    sums = {s: [0.0, 0] for s in config.val_shots}
+    cap = _loss_cap(model, snap)
+    for _ in range(config.val_repeats):  # each repeat: another order of every task's examples
+        x_np, y_np, n = _shuffled(snap, rows, rng)
+        for s in config.val_shots:
+            take = np.flatnonzero(n > s)
+            for lo in range(0, len(take), chunk):
+                t = take[lo : lo + chunk]
+                smask, qmask, _ = _masks(n[t], np.full(len(t), s), m)
+                x, y = _tensors(x_np[t], y_np[t])
+                pred, _ = _adapt_and_predict(model, bank_z, x, y, smask, config.k_neighbours)
+                per_point = model.loss(pred, y) * qmask
+                episode = (per_point.sum(1) / qmask.sum(1)).double().clamp(max=cap)
+                sums[s][0] += float(episode.sum())
+                sums[s][1] += len(t)
+    out["by_shots"] = {str(s): v[0] / v[1] for s, v in sums.items() if v[1]}
+    out["episodes"] = sum(v[1] for v in sums.values())
+    out["loss"] = weighted_loss(out["by_shots"], shot_weights)
     return out
+
+
+def shot_weights(shot_counts: NDArray[np.int64], levels: tuple[int, ...]) -> dict[str, float]:
+    """How often the stream serves each validation level: ``shot_counts[s]`` labelled events
+    were predicted with ``s`` support examples; each count goes to the largest level ``<= s``
+    (counts below the first level are left out). Returns weights summing to 1 (equal weights
+    when the stream has shown nothing yet)."""
+    lv = np.asarray(sorted(levels))
+    s = np.arange(len(shot_counts))
+    keep = s >= lv[0]
+    bins = np.searchsorted(lv, s[keep], side="right") - 1
+    w = np.bincount(bins, weights=np.asarray(shot_counts, dtype=np.float64)[keep],
+                    minlength=len(lv))  # fmt: skip
+    if w.sum() <= 0:
+        w = np.ones(len(lv))
+    return {str(int(level)): float(x) for level, x in zip(lv, w / w.sum(), strict=True)}
+
+
+def weighted_loss(by_shots: dict[str, float], weights: dict[str, float] | None) -> float | None:
+    """The loss the stream would see: per-level losses weighted by ``weights`` (renormalised
+    over the levels measured); a plain mean over levels without weights."""
+    if not by_shots:
+        return None
+    w = {k: (weights or {}).get(k, 0.0 if weights else 1.0) for k in by_shots}
+    total = sum(w.values())
+    if total <= 0:
+        w, total = dict.fromkeys(by_shots, 1.0), float(len(by_shots))
+    return sum(by_shots[k] * w[k] for k in by_shots) / total
+
+
+def _loss_cap(model: MetaModel, snap: ReplaySnapshot) -> float:
+    """Largest episode loss validation counts (regression: the squared range of every label
+    in the replay). A prediction outside that range is wrong by about that much whatever its
+    value; without the cap one degenerate few-shot fit (a 3-point support set extrapolated to
+    an error of 26 on labels within +-5) outweighed a hundred ordinary episodes."""
+    if model.config.kind != "regression" or not len(snap):
+        return math.inf
+    valid = np.arange(snap.y.shape[1])[None, :] < snap.n[:, None]
+    y = snap.y[valid]
+    return float(y.max() - y.min()) ** 2 if len(y) else math.inf
 
 
 def decide(validation: dict[str, dict[str, Any]], config: UpdateConfig) -> tuple[str, str]:
@@ -350,7 +417,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     ``payload``: ``model`` (a :class:`ModelConfig` dict), ``weights`` (:func:`model_arrays`),
     ``replay`` (snapshot arrays), ``new_from`` (first stream position of a *new* task) and
-    ``config`` (an :class:`UpdateConfig` dict); ``keep_rejected`` returns a rejected
+    ``config`` (an :class:`UpdateConfig` dict), optionally ``shot_weights`` (see
+    :func:`shot_weights`); ``keep_rejected`` returns a rejected
     candidate's weights too (for ``promote = always``). Returns ``outcome``, ``reason``, ``weights``
     (the candidate's, when promoted), ``validation``, ``train`` and ``split`` sizes; an error
     is returned as ``outcome = "failed"`` with its message, never raised.
@@ -381,10 +449,11 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             served, snap, split["train_new"], split["train_old"], config
         )
         bank = np.concatenate([split["train_new"], split["train_old"]])
+        weights = payload.get("shot_weights")
         validation = {
             name: {
-                "new": validate(model, snap, split["val_new"], bank, config),
-                "old": validate(model, snap, split["val_old"], bank, config),
+                "new": validate(model, snap, split["val_new"], bank, config, weights),
+                "old": validate(model, snap, split["val_old"], bank, config, weights),
             }
             for name, model in (("served", served), ("candidate", candidate))
         }
