@@ -66,7 +66,7 @@ class Topics:
     events: str
     predictions: str
     dead_letter: str
-    drift: str  # drift alarms (and, later, meta-update outcomes)
+    drift: str  # drift alarms and meta-update outcomes
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
@@ -148,7 +148,7 @@ class KafkaService:
         topics, and subscribe. Raises :class:`ServiceError` or
         :class:`~stream_meta.snapshot.StateError`."""
         if self.state is not None:
-            restorers = {} if self.updater is None else {"replay": self.updater.replay.restore}
+            restorers = {} if self.updater is None else {"meta_update": self.updater.restore_state}
             self.restored = self.state.load(self.engine, restorers)
             if self.restored is None:
                 log.info("no state checkpoint in %s: starting without state", self.state.path)
@@ -286,6 +286,8 @@ class KafkaService:
                     if self._first_record is None:
                         self._first_record = time.monotonic()
                     self._handle(polled)
+                elif self.updater is not None:  # idle: requests still start, jobs still land
+                    self._publish_meta(self.updater.poll())
                 if self._inflight is not None:
                     self._finish_checkpoint(block=False)
                 now = time.monotonic()
@@ -325,9 +327,7 @@ class KafkaService:
             )
         if self.updater is not None:
             # a promotion swaps the model here, between this batch and the next
-            for record in self.updater.observe(result, alarms):
-                value = json.dumps(record, default=str).encode()
-                outputs.append((self.topics.drift, b"meta_update", value))
+            outputs += self._meta_outputs(self.updater.observe(result, alarms))
         self._deliver(outputs)
         acked = time.time()
         stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
@@ -356,6 +356,16 @@ class KafkaService:
             log.debug("batch of %d: oldest event waited %.1f ms before the poll returned, "
                       "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
                       took * 1000)  # fmt: skip
+
+    def _meta_outputs(self, records: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
+        return [
+            (self.topics.drift, b"meta_update", json.dumps(r, default=str).encode())
+            for r in records
+        ]
+
+    def _publish_meta(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            self._deliver(self._meta_outputs(records))
 
     def _outputs(
         self, records: list[Any], result: BatchResult
@@ -446,7 +456,7 @@ class KafkaService:
         if self.state is None or self._writer is None:
             self._dirty = not self._commit(offsets)
             return not self._dirty
-        parts = {} if self.updater is None else {"replay": self.updater.replay.to_arrays()}
+        parts = {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
         write = self.state.capture(self.engine, parts=parts, extra={
             "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
             "group": self.kafka.group_id,

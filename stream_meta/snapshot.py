@@ -19,7 +19,8 @@ checkpoints: when a checkpoint was written with one of them, that model is serve
 before the state is restored (no re-encoding, the served version survives the restart).
 
 Other components add their own arrays under a prefix (``parts``: the meta-updater's replay
-buffer is ``replay.*``); :meth:`StateDir.load` hands them back to their ``restorers``.
+buffer and stream position are ``meta_update.*``); :meth:`StateDir.load` hands them back to
+their ``restorers``.
 
 Adapted weights are a cache and are not saved: after a restore each task is adapted again,
 with the neighbours the index holds then, so predictions continue close to, not bit-equal

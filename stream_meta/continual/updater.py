@@ -232,6 +232,16 @@ class MetaUpdater:
         self._report_gauges()
         return new
 
+    def poll(self) -> list[dict[str, Any]]:
+        """Between batches when the stream is idle: start a due request, collect a finished
+        job (a manual request must not wait for the next event to start)."""
+        new: list[dict[str, Any]] = []
+        self._collect_triggers((), self.seen)
+        self._maybe_start(self.seen, new)
+        self._maybe_finish(self.seen, new, block=False)
+        self._report_gauges()
+        return new
+
     def finish(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Wait for a running job (at most ``timeout`` s) and act on it; new records."""
         new: list[dict[str, Any]] = []
@@ -504,6 +514,24 @@ class MetaUpdater:
         st = self.replay.stats()
         m.replay_tasks.labels("recent").set(st["recent"])
         m.replay_tasks.labels("reservoir").set(st["reservoir"])
+
+    # -- persistence (part of the service's state checkpoint) -------------------------------
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The replay buffer and the stream position (copies: safe to write from a thread)."""
+        return {
+            **{f"replay_{k}": v for k, v in self.replay.to_arrays().items()},
+            "position": np.array([self.seen, self._max_version], dtype=np.int64),
+        }
+
+    def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load :meth:`state_arrays` output (``ValueError`` if the replay does not fit)."""
+        self.replay.restore({k[len("replay_") :]: v for k, v in arrays.items()
+                             if k.startswith("replay_")})  # fmt: skip
+        seen, max_version = (int(v) for v in np.asarray(arrays["position"]))
+        self.seen = seen
+        self._max_version = max(self._max_version, max_version)
+        if self.config.every_events:
+            self._next_scheduled = seen + self.config.every_events
 
     def summary(self) -> list[dict[str, Any]]:
         """The outcome records, for the run summary."""

@@ -1,0 +1,121 @@
+"""Meta-updates in ``serve``: requested through the admin endpoint by ``stream-meta
+meta-update``, trained in a worker process, hot-swapped, published to the drift topic, and
+still served (with the replay buffer) after a restart."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import cli
+from tests.integration.test_serve import _read_all
+from tests.kafka_broker import free_port
+from tests.kafka_tools import Serve
+
+pytestmark = pytest.mark.kafka
+
+
+def _status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/meta-updates", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_for_events(port: int, events: int, serve: Serve, timeout: float = 60.0) -> dict:
+    """The updater's status once it has seen ``events`` events (the admin endpoint comes up
+    a moment after the process starts)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            status = _status(port)
+            if status["events"] >= events:
+                return status
+        except OSError:
+            pass
+        if serve.proc.poll() is not None:
+            raise AssertionError(f"serve exited:\n{serve.stderr()}")
+        time.sleep(0.2)
+    raise TimeoutError(f"serve did not reach {events} events:\n{serve.stderr()}")
+
+
+def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_restart(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    prefix = f"sm-{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    kafka = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix]
+    settings = [
+        "--set", "service.partitions=1",
+        "--set", "kafka.session_timeout_ms=6000", "--set", "kafka.heartbeat_interval_ms=2000",
+        # a short job whose candidate is swapped in whatever the gate says: this test is about
+        # the plumbing (the gate has its own tests)
+        "--set", "meta_update.steps=20", "--set", "meta_update.promote=always",
+        "--set", "meta_update.min_val_tasks=1",
+    ]  # fmt: skip
+    produced = cli("produce", *kafka, *settings, "--events", "4000", "--tasks", "200", "-q",
+                   "--run-id", "a")  # fmt: skip
+    assert produced.returncode == 0, produced.stderr.decode()
+
+    port = free_port()
+    serve_args = [*kafka, *settings, "--group", f"g-{prefix}", "--state-dir", str(state),
+                  "--metrics-port", str(port), "--timeout", "150"]  # fmt: skip
+    first = Serve(tmp_path, "first", *serve_args)
+    try:
+        _wait_for_events(port, 4000, first)
+        asked = cli("meta-update", "--url", f"http://127.0.0.1:{port}", "--wait", "90", "--json",
+                    "--reason", "test", timeout=120)  # fmt: skip
+        assert asked.returncode == 0, asked.stderr.decode() + first.stderr()
+        outcome = json.loads(asked.stdout)
+        assert outcome["outcome"] == "promoted" and outcome["version"] == 2, outcome
+        assert outcome["trigger"] == "manual" and outcome["detail"] == "test"
+        status = _status(port)
+        assert status["model_version"] == 2 and status["replay"]["tasks"] > 0
+        # events after the swap are served by version 2
+        more = cli("produce", *kafka, *settings, "--events", "300", "--tasks", "200", "-q",
+                   "--run-id", "b")  # fmt: skip
+        assert more.returncode == 0, more.stderr.decode()
+        preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4300)
+        versions = [json.loads(r.value)["model_version"] for r in preds]
+        assert len(versions) == 4300
+        assert versions[-300:] == [2] * 300
+        code, summary = first.stop()
+    except BaseException:
+        if first.proc.poll() is None:
+            first.kill()
+        raise
+    assert code == 0, first.stderr()
+    assert summary is not None and summary["model_version"] == 2
+    assert [r["outcome"] for r in summary["meta_updates"]] == ["promoted"]
+    assert (state / "models" / "model-v2.safetensors").is_file()
+
+    # the outcome is on the drift topic
+    drift = [json.loads(r.value) for r in _read_all(kafka_bootstrap, f"{prefix}.drift", 1, 1)]
+    updates = [d for d in drift if d["type"] == "meta_update"]
+    assert [(u["outcome"], u["version"]) for u in updates] == [("promoted", 2)]
+    assert updates[0]["validation"]["candidate"]["new"]["tasks"] >= 1
+
+    # a restart serves version 2 again, with the replay buffer it had
+    port2 = free_port()
+    second = Serve(tmp_path, "second", *[a if a != str(port) else str(port2) for a in serve_args])
+    try:
+        second.wait_for_log("serving the promoted model version 2 again", timeout=60)
+        more = cli("produce", *kafka, *settings, "--events", "100", "--tasks", "200", "-q",
+                   "--run-id", "c")  # fmt: skip
+        assert more.returncode == 0, more.stderr.decode()
+        preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4400)
+        assert [json.loads(r.value)["model_version"] for r in preds[-100:]] == [2] * 100
+        after = _wait_for_events(port2, status["events"] + 100, second)
+        assert after["model_version"] == 2
+        # restored from the checkpoint (a fresh buffer would hold the 100 new events' tasks only)
+        assert after["replay"]["tasks"] >= status["replay"]["tasks"]
+        code, summary = second.stop()
+    except BaseException:
+        if second.proc.poll() is None:
+            second.kill()
+        raise
+    assert code == 0, second.stderr()
+    assert summary is not None and summary["model_version"] == 2
