@@ -30,9 +30,13 @@ Sections (``--only`` takes these names):
 * ``serve``: ``stream-meta serve`` through a local Tansu broker (issue 3): sustained throughput
   of one consumer, end-to-end latency at 2,000 events/s, start-up to the first prediction
   (mechanics in ``scripts/bench_serve.py``).
-* ``drift``: ``stream-meta run --scenario`` on the sinusoid drift scenarios (issue 4): delay
-  from each drift point to the first alarm, false alarms on stationary streams (3 seeds of
-  100,000 events), beside a periodic-alarm baseline.
+* ``drift``: ``stream-meta run --scenario --no-meta-update`` on the sinusoid drift scenarios
+  (issue 4): delay from each drift point to the first alarm, false alarms on stationary streams
+  (3 seeds of 100,000 events), beside a periodic-alarm baseline.
+* ``meta_update``: the same scenarios with meta-updates (issue 4): the prequential loss after
+  the promoted update against the pre-drift level, beside no update and blind periodic
+  retraining on the same events; the old family's held-out loss before and after; batch
+  latency while a background update trains.
 
 ``--quick`` shrinks every size for a smoke run; its report says so at the top and must not be
 committed as the project's numbers. The CLI is run with the default settings: ``STREAM_META_*``
@@ -121,6 +125,8 @@ class Sizes:
     drift_events: int
     drift_stationary_events: int
     drift_seeds: int
+    meta_events: int
+    meta_latency_events: int
 
 
 FULL = Sizes(
@@ -142,6 +148,8 @@ FULL = Sizes(
     drift_events=60_000,
     drift_stationary_events=100_000,
     drift_seeds=3,
+    meta_events=60_000,
+    meta_latency_events=400_000,
 )
 QUICK = Sizes(
     eval_tasks=200,
@@ -161,6 +169,8 @@ QUICK = Sizes(
     drift_events=26_000,
     drift_stationary_events=20_000,
     drift_seeds=1,
+    meta_events=32_000,
+    meta_latency_events=100_000,
 )
 
 
@@ -1215,7 +1225,7 @@ def measure_drift(ctx: Context, section: Section) -> None:
     ]
     for name in ("sinusoid-new-family", "sinusoid-amplitude-shift", "sinusoid-gradual",
                  "sinusoid-recurring"):  # fmt: skip
-        result, cmd = run_cli(ctx, sz.drift_events, "--scenario", name)
+        result, cmd = run_cli(ctx, sz.drift_events, "--scenario", name, "--no-meta-update")
         section.raw[name] = {"command": cmd, "detection": result["detection"],
                              "alarms": result["alarms"]}  # fmt: skip
         found = result["detection"]["drift_points"]
@@ -1242,7 +1252,8 @@ def measure_drift(ctx: Context, section: Section) -> None:
     cmds = []
     for seed in range(sz.drift_seeds):
         result, cmd = run_cli(ctx, sz.drift_stationary_events, "--scenario",
-                              "sinusoid-stationary", "--set", f"stream.seed={seed}")  # fmt: skip
+                              "sinusoid-stationary", "--no-meta-update",
+                              "--set", f"stream.seed={seed}")  # fmt: skip
         false += result["detection"]["false_alarms"]
         total += result["events"]
         cmds.append(cmd)
@@ -1268,9 +1279,196 @@ def measure_drift(ctx: Context, section: Section) -> None:
         "The shipped sinusoid model serves every scenario with the default `[drift]` settings "
         "(warm-up 2,000 events, cooldown 2,000, loss detectors on events whose task had >= 3 "
         "examples). A drift point is the first event of the new regime (of the blend, for "
-        "`sinusoid-gradual`); a false alarm is one before the first drift point. "
-        "Meta-updates are not built yet, so the loss after a drift does not recover here."
+        "`sinusoid-gradual`); a false alarm is one before the first drift point. Meta-updates "
+        "are off here (`--no-meta-update`): a promoted update recalibrates the monitor, which "
+        "would change what is measured after it; section 10 measures them."
     )
+
+
+META_RECOVERY_FACTOR = 1.5  # post-update loss within this x the pre-drift level...
+META_RECOVERY_EVENTS = 5000  # ...over this many events after the promotion
+META_FORGETTING = 0.10  # old family's held-out loss may rise by at most this fraction
+META_LATENCY_FACTOR = 2.0  # p99 batch latency during an update <= this x outside one
+META_PERIODIC = 10_000  # blind periodic retraining: an update every this many events
+META_SCENARIOS = ("sinusoid-amplitude-shift", "sinusoid-new-family")
+META_STRATEGIES = {
+    "none": ["--no-meta-update"],
+    "drift": [],
+    "periodic": [
+        "--set", "meta_update.on_drift=false", "--set", f"meta_update.every_events={META_PERIODIC}",
+        "--set", "meta_update.promote=always", "--set", "meta_update.probation_events=0",
+        "--set", "meta_update.cooldown_events=0", "--set", "meta_update.collect_events=0",
+        "--set", "meta_update.budget=1000",
+    ],
+}  # fmt: skip
+
+
+def _window_loss(rows: list[tuple[int, int, float]], lo: int, hi: int, min_shots: int = 0) -> float:
+    """Mean prequential loss of the labelled events at stream positions ``[lo, hi)``."""
+    vals = [loss for i, shots, loss in rows if lo <= i < hi and shots >= min_shots]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _scored(path: Path) -> list[tuple[int, int, float]]:
+    """``(stream position, support size, loss)`` of every labelled prediction a run wrote."""
+    out = []
+    with path.open() as fh:
+        for line in fh:
+            p = json.loads(line)
+            if p.get("loss") is not None:
+                out.append((int(p["event_id"][1:]), int(p["shots"]), float(p["loss"])))
+    return out
+
+
+def _latencies(path: Path) -> dict[int, float]:
+    """Stream position -> prediction latency (ms) of every prediction a run wrote."""
+    out = {}
+    with path.open() as fh:
+        for line in fh:
+            p = json.loads(line)
+            out[int(p["event_id"][1:])] = float(p["latency_s"]) * 1e3
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def measure_meta_update(ctx: Context, section: Section) -> None:
+    t_rec = (f"post-drift loss within {META_RECOVERY_FACTOR:g}x the pre-drift level within "
+             f"{META_RECOVERY_EVENTS:,} events of the promoted update")  # fmt: skip
+    t_forget = f"old family's held-out loss rises by <= {META_FORGETTING:.0%} after the update"
+    t_lat = f"p99 latency during a meta-update <= {META_LATENCY_FACTOR:g}x outside one"
+    if not need_checkpoint(ctx, section, "sinusoid", [t_rec, t_forget, t_lat]):
+        return
+    sz = ctx.sizes
+    rows = [
+        "| scenario | strategy | updates (promoted / rejected / rolled back / failed) | "
+        f"pre-drift loss (10,000 events; >= 1 example) | loss over {META_RECOVERY_EVENTS:,} "
+        "events after the promotion | same, events with >= 1 example | loss from the drift to "
+        "the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    tmp = Path(ROOT / "build" / "bench-meta")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in META_SCENARIOS:
+        results: dict[str, Any] = {}
+        for strategy, extra in META_STRATEGIES.items():
+            out = tmp / f"{name}-{strategy}.jsonl"
+            models = tmp / f"{name}-{strategy}-models"
+            result, cmd = run_cli(ctx, sz.meta_events, "--scenario", name, "--output", rel(out),
+                                  "--models-dir", rel(models), *extra)  # fmt: skip
+            results[strategy] = (result, cmd, _scored(out), models)
+            section.raw[f"{name}/{strategy}"] = {
+                "command": cmd, "meta_updates": result.get("meta_updates", []),
+                "loss_windows": result["loss_windows"],
+            }  # fmt: skip
+        drift = get_drift_point(name)
+        promoted = [r for r in results["drift"][0].get("meta_updates", [])
+                    if r["outcome"] == "promoted"]  # fmt: skip
+        swap = promoted[0]["event_index"] if promoted else None
+        pre = _window_loss(results["none"][2], drift - 10_000, drift)
+        pre1 = _window_loss(results["none"][2], drift - 10_000, drift, min_shots=1)
+        for strategy, (result, _cmd, scored, _m) in results.items():
+            recs = result.get("meta_updates", [])
+            outcomes = ("promoted", "rejected", "rolled_back", "failed")
+            counts = " / ".join(str(sum(r["outcome"] == o for r in recs)) for o in outcomes)
+            post = post1 = float("nan")
+            if swap is not None:
+                post = _window_loss(scored, swap, swap + META_RECOVERY_EVENTS)
+                post1 = _window_loss(scored, swap, swap + META_RECOVERY_EVENTS, min_shots=1)
+            tail = _window_loss(scored, drift, sz.meta_events)
+            shown = counts if recs or strategy != "none" else "-"
+            rows.append(f"| `{name}` | {strategy} | {shown} | {pre:.3f}; {pre1:.3f} | "
+                        f"{post:.3f} | {post1:.3f} | {tail:.3f} |")  # fmt: skip
+        d_cmd = results["drift"][1]
+        if swap is None:
+            section.checks.append(Check(f"{t_rec} (`{name}`)", "no update was promoted", False,
+                                        f"`{d_cmd}`: `meta_updates`"))  # fmt: skip
+            continue
+        post = _window_loss(results["drift"][2], swap, swap + META_RECOVERY_EVENTS)
+        none_post = _window_loss(results["none"][2], swap, swap + META_RECOVERY_EVENTS)
+        section.checks.append(Check(
+            f"{t_rec} (`{name}`)",
+            f"{post:.3f} = {post / pre:.2f}x the pre-drift {pre:.3f} (update promoted at event "
+            f"{swap:,}, trigger at {promoted[0]['trigger_index']:,}); without an update "
+            f"{none_post:.3f} ({post / none_post - 1:+.1%} with it)",
+            post <= META_RECOVERY_FACTOR * pre,
+            f"`{d_cmd}` and `{results['none'][1]}`: losses of `--output` by stream position",
+        ))  # fmt: skip
+        version = promoted[0]["version"]
+        new_model = results["drift"][3] / f"model-v{version}.safetensors"
+        shots = [1, 5, 10, 20]
+        before, cmd_b = evaluate_cli(ctx, "sinusoid", shots, sz.eval_tasks)
+        after, _seconds, cmd_a = cli_json([
+            "evaluate", "--family", "sinusoid", "--checkpoint", rel(new_model),
+            "--shots", *map(str, shots), "--tasks", str(sz.eval_tasks), "--json", "-q",
+        ])  # fmt: skip
+        mb = sum(before["shots"][str(k)]["mean"] for k in shots) / len(shots)
+        ma = sum(after["shots"][str(k)]["mean"] for k in shots) / len(shots)
+        per = ", ".join(f"{k}: {before['shots'][str(k)]['mean']:.4f} -> "
+                        f"{after['shots'][str(k)]['mean']:.4f}" for k in shots)  # fmt: skip
+        section.checks.append(Check(
+            f"{t_forget} (`{name}`)",
+            f"mean over shots {mb:.4f} -> {ma:.4f} ({ma / mb - 1:+.1%}); per shot MSE {per}",
+            ma <= (1 + META_FORGETTING) * mb,
+            f"`{cmd_b}` and `{cmd_a}`",
+        ))  # fmt: skip
+    section.tables.append("\n".join(rows))
+    # latency: a background (worker process) update while the stream runs at full speed,
+    # against the same events without any update (same stream phase, same index size)
+    name = META_SCENARIOS[0]
+    runs = {}
+    for label, extra in (("update", ["--set", "meta_update.worker=process"]),
+                         ("none", ["--no-meta-update"])):  # fmt: skip
+        out = tmp / f"latency-{label}.jsonl"
+        result, cmd = run_cli(ctx, sz.meta_latency_events, "--scenario", name,
+                              "--output", rel(out), *extra)  # fmt: skip
+        runs[label] = (result, cmd, _latencies(out))
+    spans = runs["update"][0].get("update_spans", [])
+    section.raw["latency"] = {
+        "commands": [runs[k][1] for k in runs],
+        "update_spans": spans,
+        "meta_updates": runs["update"][0].get("meta_updates", []),
+    }
+    if spans:
+        inside = [runs["update"][2], runs["none"][2]]
+        ms = [[lat for i, lat in v.items() if any(a <= i < b for a, b in spans)] for v in inside]
+        p99 = [_percentile(m, 99) for m in ms]
+        p50 = [_percentile(m, 50) for m in ms]
+        span_txt = ", ".join(f"{a:,}-{b:,}" for a, b in spans)
+        section.checks.append(Check(
+            t_lat,
+            f"p99 {p99[0]:.1f} ms while a background update trained (events {span_txt}) vs "
+            f"{p99[1]:.1f} ms for the same events without one ({p99[0] / p99[1]:.2f}x); p50 "
+            f"{p50[0]:.1f} vs {p50[1]:.1f} ms",
+            p99[0] <= META_LATENCY_FACTOR * p99[1],
+            f"`{runs['update'][1]}` and `{runs['none'][1]}`: `latency_s` of `--output` "
+            "(per event: its 512-event batch's engine time)",
+        ))  # fmt: skip
+    else:
+        section.checks.append(Check(t_lat, "not measured: no update trained during the run",
+                                    None, f"`{runs['update'][1]}`"))  # fmt: skip
+    section.notes.append(
+        "Strategies on the same events (`stream-meta run --scenario`, default settings, "
+        "updates trained inline: the stream waits, so every strategy sees the same events at "
+        f"the same model versions): **none** (`--no-meta-update`), **drift** (the default: an "
+        "alarm requests an update, which collects 5,000 events, trains 400 steps on the replay "
+        "buffer and is promoted only through the validation gate), **periodic** (blind "
+        f"retraining every {META_PERIODIC:,} events, promoted without the gate or probation). "
+        "Post-update losses are over the events after the *drift* strategy's first promotion, "
+        "for every strategy. The old family's held-out loss is `stream-meta evaluate` (1,000 "
+        "fresh sinusoid tasks, shots 1/5/10/20) of the shipped model and of the promoted one."
+    )
+
+
+def get_drift_point(name: str) -> int:
+    from stream_meta.tasks.scenarios import get_scenario
+
+    return get_scenario(name).drift_points[0]
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -1284,6 +1482,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context, Section], None]]] = {
     "index": ("Task index micro-benchmarks", measure_index),
     "serve": ("Kafka service (`stream-meta serve`)", measure_serve),
     "drift": ("Drift detection", measure_drift),
+    "meta_update": ("Meta-updates: recovery, forgetting, latency", measure_meta_update),
 }
 
 

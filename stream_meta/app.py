@@ -104,6 +104,7 @@ def run_stream(
     done = 0
     busy = 0.0
     batch_latency: list[tuple[float, bool]] = []
+    spans: list[list[int | None]] = []  # stream positions [start, end) while a job trained
     while True:
         chunk = list(itertools.islice(it, batch_size))
         if not chunk:
@@ -115,7 +116,12 @@ def run_stream(
         alarms = watch.observe(result) if watch is not None else []
         if updater is not None:
             # one latency sample per batch: is a job training while this batch was served?
-            batch_latency.append((time.perf_counter() - t0, updater.training))
+            training = updater.training
+            batch_latency.append((time.perf_counter() - t0, training))
+            if training and (not spans or spans[-1][1] is not None):
+                spans.append([done, None])
+            elif not training and spans and spans[-1][1] is None:
+                spans[-1][1] = done
             updater.observe(result, alarms)
         out = result.outputs
         if out is not None:
@@ -143,6 +149,7 @@ def run_stream(
     summary["engine_events_per_s"] = round(done / busy, 1) if busy > 0 else math.inf
     if updater is not None:
         summary["batch_latency_ms"] = _latency_split(batch_latency)
+        summary["update_spans"] = [[a, done if b is None else b] for a, b in spans]
     return summary
 
 

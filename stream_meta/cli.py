@@ -181,7 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
     watch = _drift_watch(settings, engine, metrics, args.drift_log)
-    updater = _meta_updater(settings, engine, metrics, watch, family_name, worker="inline")
+    updater = _meta_updater(settings, engine, metrics, watch, family_name, worker="inline",
+                            models_dir=args.models_dir)  # fmt: skip
     server = _admin_server(settings, registry, routes=None if updater is None else updater.routes())
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
@@ -781,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drift-log", help="append drift alarms to this JSON-lines file")
     r.add_argument("--no-drift", action="store_true", help="switch the drift monitor off")
     r.add_argument("--no-meta-update", action="store_true", help="switch meta-updates off")
+    r.add_argument("--models-dir", type=Path, help="save promoted models here (default: not)")
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("scenarios", parents=[common], help="list the drift scenarios")

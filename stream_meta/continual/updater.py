@@ -543,6 +543,10 @@ def _finite(model: MetaModel) -> bool:
 
 
 def _init_worker() -> None:
+    """The worker process trains at a lower CPU priority than serving (on a busy machine the
+    scheduler gives serving the cores first; training takes what is left)."""
+    import contextlib
     import os
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    with contextlib.suppress(AttributeError, OSError):  # not here / not permitted: as is
+        os.nice(10)
