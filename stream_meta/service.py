@@ -357,7 +357,7 @@ class KafkaService:
                       "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
                       took * 1000)  # fmt: skip
 
-    def _meta_outputs(self, records: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
+    def _meta_outputs(self, records: list[dict[str, Any]]) -> list[tuple[str, bytes | None, bytes]]:
         return [
             (self.topics.drift, b"meta_update", json.dumps(r, default=str).encode())
             for r in records

@@ -204,6 +204,8 @@ class StateDir:
     def _serve_saved_model(self, header: dict[str, Any], engine: Engine) -> None:
         """Serve the promoted model a checkpoint was written with, when it is kept here."""
         version = header.get("model_version")
+        if not isinstance(version, int):
+            return
         path = self.models_dir / f"model-v{version}.safetensors"
         if header.get("model_fingerprint") == self._fingerprint(engine.model) or not path.is_file():
             return
@@ -217,7 +219,7 @@ class StateDir:
         if self._fingerprint(model) != header.get("model_fingerprint"):
             log.error("%s does not match the checkpoint's model fingerprint: not used", path)
             return
-        engine.swap_model(model, int(version))
+        engine.swap_model(model, version)
         log.info("serving the promoted model version %s again (%s)", version, path)
 
     @staticmethod

@@ -253,7 +253,7 @@ class ReplayBuffer:
             dtype=np.int64,
         )
         return ReplaySnapshot(
-            task_ids=[self._ids[s] for s in slots.tolist()],  # type: ignore[misc]
+            task_ids=[str(self._ids[s]) for s in slots.tolist()],
             x=self._x[slots].copy(),
             y=self._y[slots].copy(),
             n=self._n[slots].copy(),

@@ -97,8 +97,8 @@ class UpdateConfig:
     holdout_fraction: float = 0.2
     val_shots: tuple[int, ...] = (1, 2, 3, 5, 10, 20)
     val_repeats: int = 4
-    #: parameters left as served (none by default: after an amplitude shift the head's prior
-    #: precision is what must move)
+    #: parameters (or modules: ``encoder``) left as served; none by default (after an
+    #: amplitude shift the head's prior precision is what must move)
     frozen: tuple[str, ...] = ()
     min_val_tasks: int = 8
     min_improvement: float = 0.02
@@ -197,6 +197,11 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _frozen(name: str, frozen: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` is in ``frozen`` (a name, or a module prefix: ``encoder``)."""
+    return any(name == f or name.startswith(f + ".") for f in frozen)
+
+
 def _draw(rng: np.random.Generator, rows: NDArray[np.int64], k: int) -> NDArray[np.int64]:
     """``k`` of ``rows`` (with replacement only when there are fewer)."""
     return rng.choice(rows, k, replace=len(rows) < k) if k else rows[:0]
@@ -218,8 +223,7 @@ def train_candidate(
     torch.manual_seed(config.seed)
     teacher = served
     student = copy.deepcopy(served).train()
-    frozen = set(config.frozen)
-    params = [p for name, p in student.named_parameters() if name not in frozen]
+    params = [p for name, p in student.named_parameters() if not _frozen(name, config.frozen)]
     opt = torch.optim.Adam(params, lr=config.lr)
     pool = np.concatenate([train_new, train_old])
     b = config.batch_tasks
@@ -337,9 +341,9 @@ def shot_weights(shot_counts: NDArray[np.int64], levels: tuple[int, ...]) -> dic
     keep = s >= lv[0]
     bins = np.searchsorted(lv, s[keep], side="right") - 1
     w = np.bincount(bins, weights=np.asarray(shot_counts, dtype=np.float64)[keep],
-                    minlength=len(lv))  # fmt: skip
+                    minlength=len(lv)).astype(np.float64)  # fmt: skip
     if w.sum() <= 0:
-        w = np.ones(len(lv))
+        w = np.ones(len(lv), dtype=np.float64)
     return {str(int(level)): float(x) for level, x in zip(lv, w / w.sum(), strict=True)}
 
 
