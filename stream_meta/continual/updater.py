@@ -273,6 +273,13 @@ class MetaUpdater:
                 self._pending = req
                 log.info("meta-update requested (%s %s at event %d)", req.trigger, req.detail,
                          req.index)  # fmt: skip
+            elif req.trigger == "manual" and self._pending is not None:
+                # an operator asks now: the pending update stops collecting and starts
+                self._pending.start_at = min(self._pending.start_at, end)
+                log.info("meta-update requested (manual): the pending %s update starts now",
+                         self._pending.trigger)  # fmt: skip
+            else:
+                log.info("meta-update request (%s) joins the update in progress", req.trigger)
 
     def _maybe_start(self, end: int, new: list[dict[str, Any]]) -> None:
         req, c = self._pending, self.config
@@ -389,7 +396,11 @@ class MetaUpdater:
         if self.config.probation_events and math.isfinite(before):
             self._probation = _Probation(previous, before, self.config.probation_events)
         if self.models_dir is not None:
-            self._save(candidate, version, result)
+            try:
+                self._save(candidate, version, result)
+            except OSError as exc:  # serving goes on; a restart re-encodes with the base model
+                log.error("cannot save promoted model version %d in %s: %s", version,
+                          self.models_dir, exc)  # fmt: skip
         log.warning("meta-update promoted: serving model version %d from event %d (%s)",
                     version, self.seen, result.get("reason", ""))  # fmt: skip
         return version
