@@ -1042,6 +1042,19 @@ def measure_serve(ctx: Context, section: Section) -> None:
     s, loaded = tp["serve"]["summary"], tp["produce"]["summary"]
     eps, secs = s["events_per_s"], s["seconds"]
     measured = f"{eps:,.0f} events/s over {secs:.1f} s ({tp['events']:,} events)"
+    alarms = s.get("alarms", [])
+    if alarms:
+        measured += (
+            f"; {len(alarms)} drift alarms on this stationary stream (first at event "
+            f"{alarms[0]['event_index']:,}, {alarms[0]['detector']})"
+        )
+    background = [r for r in s.get("meta_updates", []) if r.get("started_index") is not None]
+    for r in background:
+        measured += (
+            f"; a meta-update trained in the background from event {r['started_index']:,} to "
+            f"{r['event_index']:,} ({r['trigger']} alarm at {r['trigger_index']:,}, "
+            f"{r['outcome']})"
+        )
     if secs < SERVE_SUSTAIN_S:
         measured += f"; the run lasted under {SERVE_SUSTAIN_S:.0f} s"
         if eps >= SERVE_THROUGHPUT_TARGET:
