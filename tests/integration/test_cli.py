@@ -275,3 +275,12 @@ def test_train_digits_and_serve_it_when_run_briefly(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     summary = json.loads(proc.stdout)
     assert summary["family"] == "digits" and 0.0 <= summary["prequential_accuracy"] <= 1.0
+
+
+def test_meta_update_explains_an_unreachable_endpoint() -> None:
+    from tests.kafka_broker import free_port
+
+    port = free_port()  # nothing listens there
+    proc = cli("meta-update", "--url", f"http://127.0.0.1:{port}", "--wait", "1")
+    assert proc.returncode == 2
+    assert b"cannot reach" in proc.stderr and b"--url" in proc.stderr
