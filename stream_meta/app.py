@@ -92,11 +92,14 @@ def run_stream(
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
     watch: Any = None,
     updater: Any = None,
+    recorder: Any = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
 
     ``watch`` (a :class:`~stream_meta.drift.watch.DriftWatch`) sees every batch, then
-    ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms.
+    ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms;
+    ``recorder`` (an :class:`~stream_meta.recording.EventRecorder`) records every raw event and
+    each change of the served model.
     """
     it = iter(source) if events is None else itertools.islice(source, events)
     scorer = QueryScorer(engine.kind)
@@ -113,6 +116,8 @@ def run_stream(
         raws = [raw for raw, _ in chunk]
         result = engine.process(raws, received_at=t0)
         busy += time.perf_counter() - t0
+        if recorder is not None:
+            recorder.events(raws, start=done)
         alarms = watch.observe(result) if watch is not None else []
         if updater is not None:
             # one latency sample per batch: is a job training while this batch was served?
@@ -122,7 +127,10 @@ def run_stream(
                 spans.append([done, None])
             elif not training and spans and spans[-1][1] is None:
                 spans[-1][1] = done
-            updater.observe(result, alarms)
+            for rec in updater.observe(result, alarms):
+                if recorder is not None and rec["outcome"] in ("promoted", "rolled_back"):
+                    recorder.model_change(rec["version"], index=done + len(chunk),
+                                          outcome=rec["outcome"])  # fmt: skip
         out = result.outputs
         if out is not None:
             qp, qt = [], []

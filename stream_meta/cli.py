@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from stream_meta.app import build_engine, run_stream
     from stream_meta.metrics import EngineMetrics
+    from stream_meta.recording import EventRecorder, is_recording, recorded_events
     from stream_meta.sources import JsonlSink, jsonl_source, synthetic_source
 
     if settings.engine.threads:
@@ -169,7 +170,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
     st = settings.stream
-    if args.input:
+    source: Iterable[tuple[Any, Any]]
+    if args.input and is_recording(args.input):
+        source = recorded_events(args.input)
+        what = f"recording {args.input}"
+    elif args.input:
         source = jsonl_source(args.input)
         what = "stdin" if args.input == "-" else args.input
     elif scenario is not None:
@@ -187,6 +192,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
+    recorder = EventRecorder(args.record) if args.record else None
+    if recorder is not None:
+        recorder.model_change(engine.model_version, index=0, outcome="start")
     bar = _progress(args, events, "run")
     start = last = time.perf_counter()
     seen = 0
@@ -227,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             on_batch=on_batch,
             watch=watch,
             updater=updater,
+            recorder=recorder,
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -241,6 +250,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             server.close()
         if updater is not None:
             updater.close()
+        if recorder is not None:
+            recorder.close()
     summary = {"family": family_name, **summary}
     if scenario is not None:
         summary["scenario"] = scenario.name
@@ -556,7 +567,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings, engine, metrics, watch, manifest["family"], worker="process",
         models_dir=None if state_dir is None else Path(state_dir) / "models",
     )  # fmt: skip
-    service = KafkaService(engine, settings, ServiceMetrics(registry), watch=watch, updater=updater)
+    recorder = None
+    if args.record:
+        from stream_meta.recording import EventRecorder
+
+        recorder = EventRecorder(args.record)
+        recorder.model_change(engine.model_version, index=0, outcome="start")
+    service = KafkaService(
+        engine, settings, ServiceMetrics(registry), watch=watch, updater=updater, recorder=recorder
+    )
     server = _admin_server(
         settings, registry, health=service.health, ready=service.ready,
         routes=None if updater is None else updater.routes(),
@@ -582,6 +601,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             updater.close()
         if watch is not None:
             watch.close()
+        if recorder is not None:
+            recorder.close()
     _emit(summary, args.json)
     return 0
 
@@ -768,7 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common], help="run the adaptation engine on a stream")
-    r.add_argument("--input", help="JSON-lines file of events, '-' for stdin (default: synthetic)")
+    r.add_argument("--input", help="JSON-lines file of events, '-' for stdin, or a recording "
+                   "directory (--record) (default: the synthetic stream)")  # fmt: skip
     r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
     r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
     r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
@@ -783,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-drift", action="store_true", help="switch the drift monitor off")
     r.add_argument("--no-meta-update", action="store_true", help="switch meta-updates off")
     r.add_argument("--models-dir", type=Path, help="save promoted models here (default: not)")
+    r.add_argument("--record", type=Path, help="record the consumed events to this directory")
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("scenarios", parents=[common], help="list the drift scenarios")
@@ -831,6 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--drift-log", help="append drift alarms and meta-updates to this JSON-lines file"
     )
+    sv.add_argument("--record", type=Path, help="record the consumed events to this directory")
     sv.set_defaults(func=cmd_serve)
 
     mu = sub.add_parser(

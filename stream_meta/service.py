@@ -96,8 +96,10 @@ class KafkaService:
         *,
         watch: Any = None,
         updater: Any = None,
+        recorder: Any = None,
     ) -> None:
         self.engine, self.metrics = engine, metrics
+        self.recorder = recorder  # an EventRecorder: every consumed record, as it arrived
         self.watch = watch  # a DriftWatch: its alarms go to the drift topic
         self.updater = updater  # a MetaUpdater: its outcomes go to the drift topic too
         self.kafka, self.cfg = settings.kafka, settings.service
@@ -317,6 +319,11 @@ class KafkaService:
         t0 = time.perf_counter()
         records = [r for batch in polled.values() for r in batch]
         result = self.engine.process([r.value for r in records], received_at=t0)
+        if self.recorder is not None:
+            self.recorder.events([r.value or b"" for r in records], start=self.consumed, meta=[
+                {"topic": r.topic, "partition": r.partition, "offset": r.offset,
+                 "ts": r.timestamp} for r in records
+            ])  # fmt: skip
         outputs, reasons = self._outputs(records, result)
         alarms = self.watch.observe(result) if self.watch is not None else []
         for alarm in alarms:
@@ -327,7 +334,9 @@ class KafkaService:
             )
         if self.updater is not None:
             # a promotion swaps the model here, between this batch and the next
-            outputs += self._meta_outputs(self.updater.observe(result, alarms))
+            outputs += self._meta_outputs(
+                self.updater.observe(result, alarms), self.consumed + len(records)
+            )
         self._deliver(outputs)
         acked = time.time()
         stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
@@ -357,7 +366,16 @@ class KafkaService:
                       "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
                       took * 1000)  # fmt: skip
 
-    def _meta_outputs(self, records: list[dict[str, Any]]) -> list[tuple[str, bytes | None, bytes]]:
+    def _meta_outputs(
+        self, records: list[dict[str, Any]], next_index: int
+    ) -> list[tuple[str, bytes | None, bytes]]:
+        """Outcome records for the drift topic (and model changes for the recording: the new
+        model serves from stream position ``next_index``)."""
+        if self.recorder is not None:
+            for r in records:
+                if r["outcome"] in ("promoted", "rolled_back"):
+                    self.recorder.model_change(r["version"], index=next_index,
+                                               outcome=r["outcome"])  # fmt: skip
         return [
             (self.topics.drift, b"meta_update", json.dumps(r, default=str).encode())
             for r in records
@@ -365,7 +383,7 @@ class KafkaService:
 
     def _publish_meta(self, records: list[dict[str, Any]]) -> None:
         if records:
-            self._deliver(self._meta_outputs(records))
+            self._deliver(self._meta_outputs(records, self.consumed))
 
     def _outputs(
         self, records: list[Any], result: BatchResult

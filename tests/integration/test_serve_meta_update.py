@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_meta.recording import read_records
 from tests.integration.test_cli import cli
 from tests.integration.test_serve import _read_all
 from tests.kafka_broker import free_port
@@ -61,8 +62,10 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     assert produced.returncode == 0, produced.stderr.decode()
 
     port = free_port()
+    recording = tmp_path / "recording"
     serve_args = [*kafka, *settings, "--group", f"g-{prefix}", "--state-dir", str(state),
-                  "--metrics-port", str(port), "--timeout", "150"]  # fmt: skip
+                  "--metrics-port", str(port), "--timeout", "150",
+                  "--record", str(recording)]  # fmt: skip
     first = Serve(tmp_path, "first", *serve_args)
     try:
         _wait_for_events(port, 4000, first)
@@ -91,6 +94,15 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     assert summary is not None and summary["model_version"] == 2
     assert [r["outcome"] for r in summary["meta_updates"]] == ["promoted"]
     assert (state / "models" / "model-v2.safetensors").is_file()
+
+    # the recording holds every consumed record, with its Kafka coordinates, and the swap
+    recorded = list(read_records(recording))
+    events = [r for r in recorded if r["kind"] == "event"]
+    assert len(events) == 4300
+    assert [r["offset"] for r in events] == list(range(4300))
+    assert {r["topic"] for r in events} == {f"{prefix}.events"}
+    changes = [(r["version"], r["outcome"]) for r in recorded if r["kind"] == "model"]
+    assert changes == [(1, "start"), (2, "promoted")]
 
     # the outcome is on the drift topic
     drift = [json.loads(r.value) for r in _read_all(kafka_bootstrap, f"{prefix}.drift", 1, 1)]
