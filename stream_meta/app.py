@@ -175,6 +175,67 @@ def _latency_split(samples: list[tuple[float, bool]]) -> dict[str, Any]:
     return out
 
 
+def build_drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:
+    """The drift monitor over the engine's batches (None when ``drift.enabled`` is off)."""
+    d = settings.drift
+    if not d.enabled:
+        return None
+    from stream_meta.drift.monitor import DriftConfig, DriftMonitor
+    from stream_meta.drift.watch import DriftWatch
+
+    config = DriftConfig(
+        warmup_events=d.warmup_events,
+        cooldown_events=d.cooldown_events,
+        min_shots=d.min_shots,
+        per_cluster=d.clusters > 0,
+        novelty_quantile=d.novelty_quantile,
+    )
+    return DriftWatch(
+        engine,
+        DriftMonitor(config, seed=settings.engine.seed),
+        clusters=d.clusters,
+        warmup_events=d.warmup_events,
+        window=d.loss_window,
+        metrics=metrics,
+        log_path=log_path,
+        seed=settings.engine.seed,
+    )
+
+
+def build_meta_updater(
+    settings: Any,
+    engine: Any,
+    metrics: Any,
+    watch: Any,
+    family: str,
+    *,
+    worker: str,
+    models_dir: Any = None,
+) -> Any:
+    """The meta-updater (None when ``meta_update.enabled`` is off)."""
+    mu = settings.meta_update
+    if not mu.enabled:
+        return None
+    from stream_meta.continual.updater import MetaUpdater
+
+    config = mu.configs(
+        worker, seed=settings.engine.seed, k_neighbours=settings.engine.k_neighbours
+    )
+    if config.on_drift and watch is None and not config.every_events:
+        log.warning("meta-updates are on but the drift monitor is off and there is no "
+                    "schedule: only `stream-meta meta-update` requests will start one")  # fmt: skip
+    return MetaUpdater(
+        engine,
+        config,
+        watch=watch,
+        metrics=metrics,
+        emit=None if watch is None else watch.log_record,
+        models_dir=models_dir,
+        family=family,
+        seed=settings.engine.seed,
+    )
+
+
 def _reject_json(rejection: Any) -> str:
     import json
 

@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import faiss
     import torch
 
-    from stream_meta.app import build_engine, run_stream
+    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater, run_stream
     from stream_meta.metrics import EngineMetrics
     from stream_meta.recording import EventRecorder, is_recording, recorded_events
     from stream_meta.sources import JsonlSink, jsonl_source, synthetic_source
@@ -185,8 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
-    watch = _drift_watch(settings, engine, metrics, args.drift_log)
-    updater = _meta_updater(settings, engine, metrics, watch, family_name, worker="inline",
+    watch = build_drift_watch(settings, engine, metrics, args.drift_log)
+    updater = build_meta_updater(settings, engine, metrics, watch, family_name, worker="inline",
                             models_dir=args.models_dir)  # fmt: skip
     server = _admin_server(settings, registry, routes=None if updater is None else updater.routes())
     events = args.events
@@ -268,67 +268,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:
-    """The drift monitor over the engine's batches (None when ``drift.enabled`` is off)."""
-    d = settings.drift
-    if not d.enabled:
-        return None
-    from stream_meta.drift.monitor import DriftConfig, DriftMonitor
-    from stream_meta.drift.watch import DriftWatch
-
-    config = DriftConfig(
-        warmup_events=d.warmup_events,
-        cooldown_events=d.cooldown_events,
-        min_shots=d.min_shots,
-        per_cluster=d.clusters > 0,
-        novelty_quantile=d.novelty_quantile,
-    )
-    return DriftWatch(
-        engine,
-        DriftMonitor(config, seed=settings.engine.seed),
-        clusters=d.clusters,
-        warmup_events=d.warmup_events,
-        window=d.loss_window,
-        metrics=metrics,
-        log_path=log_path,
-        seed=settings.engine.seed,
-    )
-
-
-def _meta_updater(
-    settings: Any,
-    engine: Any,
-    metrics: Any,
-    watch: Any,
-    family: str,
-    *,
-    worker: str,
-    models_dir: Any = None,
-) -> Any:
-    """The meta-updater (None when ``meta_update.enabled`` is off)."""
-    mu = settings.meta_update
-    if not mu.enabled:
-        return None
-    from stream_meta.continual.updater import MetaUpdater
-
-    config = mu.configs(
-        worker, seed=settings.engine.seed, k_neighbours=settings.engine.k_neighbours
-    )
-    if config.on_drift and watch is None and not config.every_events:
-        log.warning("meta-updates are on but the drift monitor is off and there is no "
-                    "schedule: only `stream-meta meta-update` requests will start one")  # fmt: skip
-    return MetaUpdater(
-        engine,
-        config,
-        watch=watch,
-        metrics=metrics,
-        emit=None if watch is None else watch.log_record,
-        models_dir=models_dir,
-        family=family,
-        seed=settings.engine.seed,
-    )
-
-
 def _detection(points: Sequence[int], alarms: list[dict[str, Any]]) -> dict[str, Any]:
     """First alarm after each drift point (its delay in events) and the false alarms: those
     before the first drift point (every alarm when there is none)."""
@@ -362,6 +301,73 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['name']:<26} {r['model_family']:<9} drift at {r['drift_points']!s:<16} "
                   f"{r['default_events']:>7,} events  {r['description']}")  # fmt: skip
+    return 0
+
+
+# -- replay -----------------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run a recorded stream under one or more strategies; write predictions and a report."""
+    overrides: dict[str, Any] = {"metrics": {"port": 0}}
+    if args.family:
+        overrides.setdefault("model", {})["family"] = args.family
+    if args.checkpoint:
+        overrides.setdefault("model", {})["checkpoint"] = str(args.checkpoint)
+    settings = _settings(args, overrides)
+    import torch
+
+    from stream_meta.evaluation.replay import (
+        STRATEGIES,
+        ReplayConfig,
+        replay_strategy,
+        strategy_settings,
+    )
+    from stream_meta.recording import is_recording, recorded_events
+    from stream_meta.sources import jsonl_source
+
+    names = list(STRATEGIES) if "all" in args.strategy else list(dict.fromkeys(args.strategy))
+    for name in names:
+        try:
+            strategy_settings(settings, name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    if args.label_delay < 0:
+        raise UsageError("--label-delay must be >= 0")
+    log_path = Path(args.log)
+    if not (is_recording(log_path) or log_path.is_file()):
+        raise UsageError(f"{log_path} is neither a recording directory nor a JSON-lines file")
+    source = recorded_events(log_path) if is_recording(log_path) else jsonl_source(log_path)
+    raws = [raw for raw, _ in source]
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    config = ReplayConfig(label_delay=args.label_delay, batch_size=settings.engine.micro_batch)
+    results = {}
+    for name in names:
+        # a fresh copy of the model per strategy: meta-updates must not leak between them
+        model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+        log.info("replaying %d events of %s with strategy %s", len(raws), log_path, name)
+        results[name] = replay_strategy(
+            name, raws, model, settings, config, report_dir / f"predictions-{name}.jsonl",
+            family=manifest["family"],
+        )  # fmt: skip
+    report = {
+        "log": str(log_path),
+        "events": len(raws),
+        "label_delay": args.label_delay,
+        "checkpoint": manifest["path"],
+        "strategies": results,
+    }
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        _emit(report, True)
+    else:
+        for name, r in results.items():
+            loss = r["prequential_loss"]
+            print(f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
+                  f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
+                  f"sha256 {r['predictions_sha256'][:12]}")  # fmt: skip
+        print(f"report: {report_dir / 'report.json'}")
     return 0
 
 
@@ -546,7 +552,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import faiss
     import torch
 
-    from stream_meta.app import build_engine
+    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater
     from stream_meta.metrics import EngineMetrics, ServiceMetrics
     from stream_meta.service import KafkaService, ServiceError, state_dir_ok
     from stream_meta.snapshot import StateError
@@ -561,9 +567,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(
         model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
     )
-    watch = _drift_watch(settings, engine, metrics, args.drift_log)
+    watch = build_drift_watch(settings, engine, metrics, args.drift_log)
     state_dir = settings.service.state_dir
-    updater = _meta_updater(
+    updater = build_meta_updater(
         settings, engine, metrics, watch, manifest["family"], worker="process",
         models_dir=None if state_dir is None else Path(state_dir) / "models",
     )  # fmt: skip
@@ -856,6 +862,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--record", type=Path, help="record the consumed events to this directory")
     sv.set_defaults(func=cmd_serve)
+
+    rp = sub.add_parser(
+        "replay", parents=[common], help="re-run a recorded stream under strategies and report"
+    )
+    rp.add_argument("log", help="a recording directory (--record) or a JSON-lines file of events")
+    rp.add_argument(
+        "--strategy", action="append", required=True,
+        help="full, no-neighbours, no-meta-update, or all (repeatable)",
+    )  # fmt: skip
+    rp.add_argument("--report", required=True, help="directory for report.json and predictions")
+    rp.add_argument("--label-delay", type=int, default=0, help="labels arrive N events late")
+    rp.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    rp.add_argument("--family", choices=["sinusoid", "digits"], help="shipped model to use")
+    rp.set_defaults(func=cmd_replay)
 
     mu = sub.add_parser(
         "meta-update",

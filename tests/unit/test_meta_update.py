@@ -246,12 +246,12 @@ def test_a_drift_triggers_a_promoted_update_that_lowers_the_loss(shipped_sinusoi
     events = 32_000
 
     def run(meta: bool) -> tuple[dict[str, Any], MetaUpdater | None]:
-        from stream_meta.cli import _drift_watch, _meta_updater
+        from stream_meta.app import build_drift_watch, build_meta_updater
 
         metrics = EngineMetrics(CollectorRegistry())
         engine = build_engine(model, settings, metrics=metrics)
-        watch = _drift_watch(settings, engine, metrics, None)
-        updater = _meta_updater(settings, engine, metrics, watch, "sinusoid", worker="inline")
+        watch = build_drift_watch(settings, engine, metrics, None)
+        updater = build_meta_updater(settings, engine, metrics, watch, "sinusoid", worker="inline")
         source = ((e.event, None) for e in get_scenario("sinusoid-amplitude-shift").stream(seed=0))
         summary = run_stream(engine, itertools.islice(source, events), watch=watch,
                              updater=updater if meta else None)  # fmt: skip
