@@ -358,7 +358,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "checkpoint": manifest["path"],
         "strategies": results,
     }
+    from stream_meta.evaluation.report import write_html
+
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_html(report, report_dir / "report.html")
     if args.json:
         _emit(report, True)
     else:
@@ -367,7 +370,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
             print(f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
                   f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
                   f"sha256 {r['predictions_sha256'][:12]}")  # fmt: skip
-        print(f"report: {report_dir / 'report.json'}")
+        print(f"report: {report_dir / 'report.json'}, {report_dir / 'report.html'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Markdown table of B against A; exit 1 when B regresses past the threshold."""
+    from stream_meta.evaluation.report import compare, load_report
+
+    try:
+        a, b = load_report(args.a), load_report(args.b)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    table, regressions = compare(a, b, threshold=args.threshold)
+    print(table)
+    if regressions:
+        print("\nregressions:\n" + "\n".join(f"- {r}" for r in regressions))
+        return 1
+    print(f"\nno strategy regresses by more than {args.threshold:.0%}")
     return 0
 
 
@@ -876,6 +896,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     rp.add_argument("--family", choices=["sinusoid", "digits"], help="shipped model to use")
     rp.set_defaults(func=cmd_replay)
+
+    cp = sub.add_parser(
+        "compare", parents=[common], help="compare two replay reports (exit 1 on a regression)"
+    )
+    cp.add_argument("a", help="the reference report (report.json or its directory)")
+    cp.add_argument("b", help="the candidate report")
+    cp.add_argument(
+        "--threshold", type=float, default=0.05,
+        help="relative rise of a strategy's prequential loss that counts as a regression",
+    )  # fmt: skip
+    cp.set_defaults(func=cmd_compare)
 
     mu = sub.add_parser(
         "meta-update",

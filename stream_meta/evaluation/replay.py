@@ -218,7 +218,7 @@ def _adapt_latency(engine: Any, k: int, samples: int) -> dict[str, Any]:
     generate, predict one point, for tasks of the replay with >= 6 examples (5 as support)."""
     tasks = [s for s in engine.store if s.n >= 6][:samples]
     if not tasks:
-        return {"adapt_latency_ms_p50": None}
+        return {"adapt_latency_ms_p50": None, "adapt_latency_ms_p99": None, "adapt_latency_ms": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
@@ -236,5 +236,6 @@ def _adapt_latency(engine: Any, k: int, samples: int) -> dict[str, Any]:
     ms = np.array(times[5:] or times) * 1e3
     return {
         "adapt_latency_ms_p50": round(float(np.percentile(ms, 50)), 4),
-        "adapt_latency_tasks": len(times),
+        "adapt_latency_ms_p99": round(float(np.percentile(ms, 99)), 4),
+        "adapt_latency_ms": [round(float(v), 4) for v in ms],
     }

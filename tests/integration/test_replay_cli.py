@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,58 @@ def test_unknown_and_planned_strategies_are_explained(shifted_log: Path, tmp_pat
     assert b"planned, not built yet" in proc.stderr and b"no-neighbours" in proc.stderr
     proc = cli("replay", str(tmp_path / "nope"), "--report", str(tmp_path), "--strategy", "full")
     assert proc.returncode == 2 and b"neither a recording" in proc.stderr
+
+
+class _Html(HTMLParser):
+    """Collects images and checks that every opened element is closed, in order."""
+
+    VOID = frozenset({"meta", "img", "br", "hr", "link", "input"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.images: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unbalanced </{tag}>")
+
+
+def test_the_html_report_is_valid_and_shows_its_plots(shifted_log: Path, tmp_path: Path) -> None:
+    _replay(shifted_log, tmp_path, "--strategy", "no-meta-update", "--strategy", "full")
+    page = (tmp_path / "report.html").read_text()
+    parser = _Html()
+    parser.feed(page)
+    assert page.startswith("<!DOCTYPE html>")
+    assert not parser.errors and not parser.stack
+    assert len(parser.images) == 3
+    for src in parser.images:
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        png = base64.b64decode(src[len(prefix) :])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "no-meta-update" in page and "full" in page
+
+
+def test_compare_gates_a_regression(shifted_log: Path, tmp_path: Path) -> None:
+    _replay(shifted_log, tmp_path / "a", "--strategy", "no-meta-update")
+    same = cli("compare", str(tmp_path / "a"), str(tmp_path / "a" / "report.json"))
+    assert same.returncode == 0, same.stderr.decode()
+    assert b"| no-meta-update |" in same.stdout and b"+0.0%" in same.stdout
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    report["strategies"]["no-meta-update"]["prequential_loss"] *= 1.2  # a constructed regression
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(report))
+    proc = cli("compare", str(tmp_path / "a"), str(worse))
+    assert proc.returncode == 1
+    assert b"regressions" in proc.stdout and b"+20.0%" in proc.stdout
+    assert cli("compare", str(tmp_path / "a"), str(worse), "--threshold", "0.25").returncode == 0
+    missing = cli("compare", str(tmp_path / "a"), str(tmp_path / "nope"))
+    assert missing.returncode == 2 and b"no replay report" in missing.stderr
