@@ -293,6 +293,12 @@ class MetaUpdateSettings(BaseModel):
         description="Events to gather after a drift alarm before training starts (the replay "
         "buffer needs tasks of the new regime).",
     )
+    follow_up_events: int = Field(
+        default=10_000,
+        ge=0,
+        description="After a promoted drift update, another on the same drift this many events "
+        "later, until one is not promoted (0: one update per drift).",
+    )
     new_lookback_events: int = Field(
         default=500,
         ge=0,

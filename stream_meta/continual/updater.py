@@ -13,7 +13,10 @@ Called once per processed batch (:meth:`MetaUpdater.observe`, from the serving t
 4. collects a finished job and acts on its outcome: *promoted* candidates are hot-swapped into
    the engine between two batches as version ``max + 1`` (the engine re-encodes every live task
    and rebuilds its index, the drift monitor recalibrates); *rejected* and *failed* ones are
-   dropped (a failure also raises an alarm);
+   dropped (a failure also raises an alarm). A promoted drift update is *followed up*
+   ``follow_up_events`` later by another on the same drift (the recalibrated monitor will not
+   alarm again, but new tasks keep arriving and the replay buffer keeps growing), until a
+   candidate is not promoted, a rollback, or the budget ends the chain;
 5. watches a promoted model on *probation*: its first ``probation_events`` scored events (tasks
    with ``>= min_shots`` examples) against as many before the swap; if their mean loss exceeds
    ``rollback_factor`` times the earlier one, or a prediction is not finite, the previous
@@ -72,6 +75,7 @@ class MetaUpdateConfig:
     on_drift: bool = True
     every_events: int = 0
     collect_events: int = 5000
+    follow_up_events: int = 10_000
     new_lookback_events: int = 500
     cooldown_events: int = 10_000
     budget: int = 5
@@ -295,7 +299,7 @@ class MetaUpdater:
             new.append(self._record(req, end, {"outcome": "skipped", "reason": why}))
             return
         self._started.append(end)
-        if req.trigger == "drift":
+        if req.trigger in ("drift", "follow_up"):
             since = req.index if self._drift_since is None else self._drift_since
             new_from = max(0, since - c.new_lookback_events)
         else:  # the recent window is what is new
@@ -367,6 +371,20 @@ class MetaUpdater:
         new.append(rec)
         if outcome == "failed":
             self._alarm(rec)
+        self._follow_up(req, outcome, version, end)
+
+    def _follow_up(self, req: _Request, outcome: str, version: int | None, end: int) -> None:
+        """After a promoted drift update, another one on the same drift (new tasks keep coming
+        and the buffer keeps growing) once ``follow_up_events`` have passed; the chain ends at
+        the first candidate that is not promoted (no more to gain) or a rollback."""
+        if req.trigger not in ("drift", "follow_up"):
+            return
+        every = self.config.follow_up_events
+        if outcome == "promoted" and every:
+            self._pending = _Request("follow_up", req.index, f"after version {version}",
+                                     end + every)  # fmt: skip
+        else:
+            self._drift_since = None  # the drift is answered as well as it can be
 
     # -- swaps --------------------------------------------------------------------------------
     def adopt(self, model: MetaModel, reason: str = "adopted") -> dict[str, Any]:
@@ -391,7 +409,6 @@ class MetaUpdater:
         engine.swap_model(candidate, version)
         if self.watch is not None:
             self.watch.model_changed()
-        self._drift_since = None
         self._recent_losses.clear()
         if self.config.probation_events and math.isfinite(before):
             self._probation = _Probation(previous, before, self.config.probation_events)
@@ -462,6 +479,9 @@ class MetaUpdater:
             return
         bad_version = self.engine.model_version
         model, version = p.previous
+        if self._pending is not None and self._pending.trigger == "follow_up":
+            self._pending = None  # no follow-up on a model that had to go
+        self._drift_since = None
         self.engine.swap_model(model, version)
         if self.watch is not None:
             self.watch.model_changed()

@@ -265,6 +265,8 @@ def test_a_drift_triggers_a_promoted_update_that_lowers_the_loss(shipped_sinusoi
     assert first["trigger"] == "drift" and 20_000 <= first["trigger_index"] <= 20_300
     assert first["outcome"] == "promoted", first["reason"]
     assert with_update["model_version"] == 2
+    # the drift is followed up: another update on it is due 10,000 events after the promotion
+    assert updater.status()["pending"] == "follow_up"
     swap = first["event_index"]
 
     def loss(summary: dict[str, Any]) -> float:
