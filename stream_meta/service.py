@@ -546,6 +546,9 @@ class KafkaService:
             offset = self._resume.pop(tp, None)
             if offset is not None:
                 self.consumer.seek(tp, offset)  # the state checkpoint's point of the stream
+                # and the position the next checkpoint records, even if nothing more arrives
+                # on this partition (else that checkpoint would drop it)
+                self._positions.setdefault(tp, offset)
         self._joined = True
         log.info("partitions assigned: %s", _names(assigned))
 
