@@ -111,6 +111,8 @@ def _fmt(v: Any) -> str:
         return f"{v:,}"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return f"{len(v)} records (--json shows them)"  # windows, alarms, meta-updates
     return str(v)
 
 
