@@ -213,11 +213,6 @@ class MetaUpdater:
         }
 
     @property
-    def running(self) -> bool:
-        """A request is collecting data, a job is training, or a promoted model on probation."""
-        return self._pending is not None or self._job is not None or self._probation is not None
-
-    @property
     def training(self) -> bool:
         return self._job is not None
 
