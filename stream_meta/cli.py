@@ -891,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("log", help="a recording directory (--record) or a JSON-lines file of events")
     rp.add_argument(
         "--strategy", action="append", required=True,
-        help="full, no-neighbours, no-meta-update, or all (repeatable)",
+        help="full, no-neighbours, no-meta-update, global, or all (repeatable)",
     )  # fmt: skip
     rp.add_argument("--report", required=True, help="directory for report.json and predictions")
     rp.add_argument("--label-delay", type=int, default=0, help="labels arrive N events late")

@@ -12,7 +12,10 @@ Strategies built so far are the engine's own configurations:
 * ``full``: the whole system (neighbours, drift monitor, meta-updates trained inline, so the
   replay is deterministic);
 * ``no-neighbours``: the hypernetwork without retrieved neighbours (``k = 0``);
-* ``no-meta-update``: no meta-updates (the drift monitor still runs).
+* ``no-meta-update``: no meta-updates (the drift monitor still runs);
+* ``global``: no adaptation at all: the labels are scored but never taught, so every event is
+  predicted by the meta-model with no example and no neighbour, one function for every task
+  (the model's prior).
 
 Everything is computed here from the predictions, not from the strategy's own counters, so
 every strategy is scored the same way on the same events. The predictions file holds no wall
@@ -45,9 +48,13 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {"meta_update": {"worker": "inline"}},
     "no-neighbours": {"engine": {"k_neighbours": 0}, "meta_update": {"worker": "inline"}},
     "no-meta-update": {"meta_update": {"enabled": False}},
-}
+    "global": {"engine": {"k_neighbours": 0}, "meta_update": {"enabled": False},
+               "drift": {"enabled": False}},
+}  # fmt: skip
+#: strategies that never learn a label (scored only)
+NO_LEARNING = frozenset({"global"})
 #: named by issue 5, not built yet
-PLANNED = ("global", "scratch", "finetune", "maml", "nearest-task")
+PLANNED = ("scratch", "finetune", "maml", "nearest-task")
 
 
 @dataclass(frozen=True)
@@ -70,17 +77,19 @@ def strategy_settings(settings: Any, name: str) -> Any:
 
 
 # -- the stream as the strategy sees it ------------------------------------------------------
-def _delayed(raws: Iterable[Any], delay: int) -> Iterator[tuple[Any, int, Any]]:
+def _delayed(raws: Iterable[Any], delay: int, learn: bool = True) -> Iterator[tuple[Any, int, Any]]:
     """``(raw to feed, stream position, label to score or None)``; position -1 marks a delayed
-    label (learned, not reported). Without delay labelled events are fed as they are."""
+    label (learned, not reported). Without delay labelled events are fed as they are; with
+    ``learn=False`` labels are scored and never fed."""
     pending: deque[tuple[int, dict[str, Any]]] = deque()  # (due position, labelled event)
     for i, raw in enumerate(raws):
         while pending and pending[0][0] <= i:
             yield pending.popleft()[1], -1, None
         event = _parse(raw)
-        if delay and event is not None and event.get("y") is not None:
+        if (delay or not learn) and event is not None and event.get("y") is not None:
             query = {k: v for k, v in event.items() if k != "y"}
-            pending.append((i + delay, {**event, "event_id": f"{event['event_id']}#label"}))
+            if learn:
+                pending.append((i + delay, {**event, "event_id": f"{event['event_id']}#label"}))
             yield query, i, event["y"]
         else:
             yield raw, i, None
@@ -124,7 +133,7 @@ def replay_strategy(
     digest = hashlib.sha256()
     rejected = 0
     start = time.perf_counter()
-    feed = _delayed(raws, config.label_delay)
+    feed = _delayed(raws, config.label_delay, learn=name not in NO_LEARNING)
     with predictions_path.open("w", encoding="utf-8") as out:
         while True:
             chunk = list(itertools.islice(feed, config.batch_size))

@@ -48,7 +48,11 @@ def test_two_replays_give_byte_identical_predictions(shifted_log: Path, tmp_path
 def test_every_strategy_scores_the_same_events_sanely(shifted_log: Path, tmp_path: Path) -> None:
     report = _replay(shifted_log, tmp_path, "--strategy", "all")
     runs = report["strategies"]
-    assert set(runs) == {"full", "no-neighbours", "no-meta-update"}
+    assert set(runs) == {"full", "no-neighbours", "no-meta-update", "global"}
+    # no adaptation: every event predicted with no example, far worse than adapting
+    g = runs.pop("global")
+    assert set(g["loss_by_shots"]) == {"0"} and g["model_version"] == 1
+    assert g["prequential_loss"] > 3 * runs["full"]["prequential_loss"]
     labelled = {r["labelled"] for r in runs.values()}
     assert len(labelled) == 1 and labelled.pop() > 10_000  # the same labelled events for all
     for name, r in runs.items():
@@ -61,6 +65,7 @@ def test_every_strategy_scores_the_same_events_sanely(shifted_log: Path, tmp_pat
         assert len(lines) == 23_000
     assert runs["no-meta-update"]["model_version"] == 1
     assert runs["full"]["model_version"] == 2
+    assert g["labelled"] == runs["full"]["labelled"]  # the same events scored
 
 
 def test_delayed_labels_are_scored_on_arrival_and_learned_later(
@@ -82,6 +87,7 @@ def test_unknown_and_planned_strategies_are_explained(shifted_log: Path, tmp_pat
     proc = cli("replay", str(shifted_log), "--report", str(tmp_path), "--strategy", "maml")
     assert proc.returncode == 2
     assert b"planned, not built yet" in proc.stderr and b"no-neighbours" in proc.stderr
+    assert b"global" in proc.stderr
     proc = cli("replay", str(tmp_path / "nope"), "--report", str(tmp_path), "--strategy", "full")
     assert proc.returncode == 2 and b"neither a recording" in proc.stderr
 
