@@ -23,7 +23,9 @@ Called once per processed batch (:meth:`MetaUpdater.observe`, from the serving t
    model is swapped back (``rolled_back``, with an alarm). This is a guard against gross
    failures, not a quality test: the two windows hold different events of a changing stream
    (on ``sinusoid-amplitude-shift`` the loss of the unchanged model rose by 23% from one
-   1,000-event window to the next after the shift), so the factor must be loose; the
+   1,000-event window to the next after the shift: ``loss_windows`` 25,000 and 26,000 of
+   ``stream-meta run --scenario sinusoid-amplitude-shift --no-meta-update --json``), so the
+   factor must be loose; the
    validation gate, which compares both models on the same held-out episodes, judges quality.
 
 Jobs (:func:`~stream_meta.continual.update.run_job`) run ``inline`` (the stream waits: exact,

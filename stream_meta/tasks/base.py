@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["FloatArray", "Kind", "TaskFamily"]
+__all__ = ["FloatArray", "Kind", "Regression1DFamily", "TaskFamily"]
 
 Kind = Literal["regression", "classification"]
 FloatArray = NDArray[np.float64]
@@ -160,24 +160,46 @@ def check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-def sample_1d_regression(
-    family: Any,
-    params: FloatArray,
-    n: int,
-    rng: np.random.Generator,
-    *,
-    per_class: bool = False,
-) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-    """``sample`` of a 1-d regression family with ``x_range``, ``noise_std`` and ``evaluate``:
-    ``x [B, n, 1]`` uniform over ``x_range``, ``y [B, n]`` plus Gaussian noise if set."""
-    if per_class:
-        raise ValueError("per_class sampling needs a classification family")
-    params = family.check_params(params)
-    lo, hi = family.x_range
-    x = rng.random((params.shape[0], n, 1), dtype=np.float32)
-    x *= np.float32(hi - lo)
-    x += np.float32(lo)
-    y = family.evaluate(params, x)
-    if family.noise_std > 0:
-        y += np.float32(family.noise_std) * rng.standard_normal(y.shape, dtype=np.float32)
-    return x, y
+class Regression1DFamily(TaskFamily):
+    """A 1-d regression family: ``x ~ U[x_range]``, ``y = function(params, x)`` plus Gaussian
+    noise of ``noise_std``. Subclasses set ``x_range`` and ``noise_std`` and define
+    :meth:`function`; ``sample`` and the validated ``evaluate`` come from here."""
+
+    x_dim = 1
+    kind: Kind = "regression"
+    n_classes = None
+    x_range: tuple[float, float]
+    noise_std: float
+
+    @abc.abstractmethod
+    def function(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.floating]:
+        """The task functions: ``params [B, p]``, ``x [B, n]`` -> ``y [B, n]``."""
+
+    def evaluate(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.float32]:
+        """The true, noiseless function: ``params [B, p]``, ``x [B, n, 1]`` -> ``y [B, n]``."""
+        params = self.check_params(params)
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[0] != params.shape[0] or x.shape[2] != 1:
+            raise ValueError(f"x must have shape [{params.shape[0]}, n, 1], got {x.shape}")
+        return np.asarray(self.function(params, x[..., 0]), dtype=np.float32)
+
+    def sample(
+        self,
+        params: FloatArray,
+        n: int,
+        rng: np.random.Generator,
+        *,
+        per_class: bool = False,
+    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """``x [B, n, 1]`` uniform over ``x_range`` and ``y [B, n]`` (plus noise if set)."""
+        if per_class:
+            raise ValueError("per_class sampling needs a classification family")
+        params = self.check_params(params)
+        lo, hi = self.x_range
+        x = rng.random((params.shape[0], n, 1), dtype=np.float32)
+        x *= np.float32(hi - lo)
+        x += np.float32(lo)
+        y = self.evaluate(params, x)
+        if self.noise_std > 0:
+            y += np.float32(self.noise_std) * rng.standard_normal(y.shape, dtype=np.float32)
+        return x, y

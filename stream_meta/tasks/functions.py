@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from stream_meta.tasks.base import FloatArray, Kind, TaskFamily, check_range, sample_1d_regression
+from stream_meta.tasks.base import FloatArray, Regression1DFamily, TaskFamily, check_range
 from stream_meta.tasks.digits import TRANSFORM_NAMES, DigitsFamily, Split, TransformRange
 
 __all__ = [
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 
-class UniformRegressionFamily(TaskFamily):
+class UniformRegressionFamily(Regression1DFamily):
     """A 1-D regression family whose parameters are independent uniforms over given ranges.
 
     Subclasses set ``name`` and ``param_names`` and implement :meth:`function`; the constructor
@@ -74,10 +74,6 @@ class UniformRegressionFamily(TaskFamily):
         x_range: range of the uniform input distribution.
         noise_std: standard deviation of Gaussian noise added to the sampled ``y``.
     """
-
-    x_dim = 1
-    kind: Kind = "regression"
-    n_classes = None
 
     def __init__(
         self,
@@ -105,10 +101,6 @@ class UniformRegressionFamily(TaskFamily):
         fields = ", ".join(f"{n}={r}" for n, r in zip(self.param_names, self.ranges, strict=True))
         return f"{fields}, x_range={self.x_range}, noise_std={self.noise_std}"
 
-    def function(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.floating]:
-        """The task functions: ``params [B, p]``, ``x [B, n]`` -> ``y [B, n]``."""
-        raise NotImplementedError
-
     def sample_params(self, n: int, rng: np.random.Generator) -> FloatArray:
         """``[n, p]``, every column uniform over its range."""
         out: FloatArray = self._low + self._width * rng.random((n, self.param_dim))
@@ -124,25 +116,6 @@ class UniformRegressionFamily(TaskFamily):
         out = params + rng.standard_normal(params.shape) * (spread * self._width)
         clipped: FloatArray = np.clip(out, self._low, self._low + self._width)
         return clipped
-
-    def sample(
-        self,
-        params: FloatArray,
-        n: int,
-        rng: np.random.Generator,
-        *,
-        per_class: bool = False,
-    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """``x [B, n, 1]`` uniform over ``x_range`` and ``y [B, n]`` (plus noise if set)."""
-        return sample_1d_regression(self, params, n, rng, per_class=per_class)
-
-    def evaluate(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.float32]:
-        """The true, noiseless function: ``params [B, p]``, ``x [B, n, 1]`` -> ``y [B, n]``."""
-        params = self.check_params(params)
-        x = np.asarray(x)
-        if x.ndim != 3 or x.shape[0] != params.shape[0] or x.shape[2] != 1:
-            raise ValueError(f"x must have shape [{params.shape[0]}, n, 1], got {x.shape}")
-        return np.asarray(self.function(params, x[..., 0]), dtype=np.float32)
 
 
 class LinearFamily(UniformRegressionFamily):

@@ -25,14 +25,14 @@ from typing import ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from stream_meta.tasks.base import FloatArray, Kind, TaskFamily, check_range, sample_1d_regression
+from stream_meta.tasks.base import FloatArray, Regression1DFamily, check_range
 
 __all__ = ["SinusoidFamily"]
 
 _TWO_PI = 2.0 * math.pi
 
 
-class SinusoidFamily(TaskFamily):
+class SinusoidFamily(Regression1DFamily):
     """``y = amplitude * sin(x - phase)``; params ``[B, 2]`` = (amplitude, phase).
 
     Args:
@@ -43,9 +43,6 @@ class SinusoidFamily(TaskFamily):
     """
 
     name: ClassVar[str] = "sinusoid"
-    x_dim = 1
-    kind: Kind = "regression"
-    n_classes = None
     param_names = ("amplitude", "phase")
 
     def __init__(
@@ -97,22 +94,7 @@ class SinusoidFamily(TaskFamily):
             out[:, 1] = np.clip(out[:, 1], p_lo, p_hi)
         return out
 
-    def sample(
-        self,
-        params: FloatArray,
-        n: int,
-        rng: np.random.Generator,
-        *,
-        per_class: bool = False,
-    ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        """``x [B, n, 1]`` uniform over ``x_range`` and ``y [B, n]`` (plus noise if set)."""
-        return sample_1d_regression(self, params, n, rng, per_class=per_class)
-
-    def evaluate(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.float32]:
-        """The true, noiseless function: ``params [B, 2]``, ``x [B, n, 1]`` -> ``y [B, n]``."""
-        params = self.check_params(params)
-        x = np.asarray(x)
-        if x.ndim != 3 or x.shape[0] != params.shape[0] or x.shape[2] != 1:
-            raise ValueError(f"x must have shape [{params.shape[0]}, n, 1], got {x.shape}")
+    def function(self, params: FloatArray, x: NDArray[np.floating]) -> NDArray[np.floating]:
+        """``params [B, 2]``, ``x [B, n]`` -> ``amplitude * sin(x - phase)`` ``[B, n]``."""
         amplitude, phase = params[:, 0:1], params[:, 1:2]
-        return (amplitude * np.sin(x[..., 0] - phase)).astype(np.float32)
+        return amplitude * np.sin(x - phase)
