@@ -32,8 +32,10 @@ def build_engine(
     *,
     metrics: EngineMetrics | None = None,
     model_version: int = 1,
+    cls: type[Engine] = Engine,
 ) -> Engine:
-    """The engine and its task index, configured from a :class:`~stream_meta.config.Settings`."""
+    """The engine (``cls``: :class:`Engine` or a subclass) and its task index, configured from
+    a :class:`~stream_meta.config.Settings`."""
     ix = settings.index
     index = TaskIndex(
         model.config.embed_dim,
@@ -43,7 +45,7 @@ def build_engine(
         train_size=ix.train_size,
         seed=settings.engine.seed,
     )
-    return Engine(
+    return cls(
         model,
         EngineConfig.from_settings(settings.engine),
         index=index,

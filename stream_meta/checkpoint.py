@@ -43,7 +43,6 @@ def save_checkpoint(
     model_version: int = 1,
 ) -> dict[str, Any]:
     """Save ``model`` atomically to ``path``; returns the manifest written."""
-    path = Path(path)
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -55,8 +54,16 @@ def save_checkpoint(
         "stream_meta_version": __version__,
         "torch_version": torch.__version__,
     }
+    return write_tensors(path, model.state_dict(), manifest)
+
+
+def write_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``tensors`` with ``manifest`` atomically (and ``<name>.json`` beside them)."""
+    path = Path(path)
     manifest = json.loads(json.dumps(manifest))  # exactly what a reader will get back
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(manifest)}))
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(manifest, indent=2).encode())
     return manifest

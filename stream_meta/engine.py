@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,11 +381,15 @@ class Engine:
         with torch.inference_mode():
             plan = self._plan(events)
             weights = self._weights_for(plan)
-            out = self.model.predict(plan.x.unsqueeze(1), weights)[:, 0]
+            out = self._predict(plan.x.unsqueeze(1), weights)[:, 0]
         outputs = self._score(events, plan, out, t0)
         outputs.x = plan.x.numpy()
         outputs.y = [ev.y for ev in events]
         return outputs
+
+    def _predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, x_dim], [N, n_params] -> [N, 1]`` values or ``[N, 1, C]`` logits."""
+        return self.model.predict(x, weights)
 
     # -- planning: walk the batch in order, learning as we go --------------------------------
     def _plan(self, events: list[Event]) -> _Plan:
@@ -515,10 +519,27 @@ class Engine:
         generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
         # the closed-form head costs O(n) in the padded support size: solve it in groups of
         # similar support sizes so short support sets are not padded to the longest
-        order = np.argsort(counts, kind="stable")
         head = torch.empty(b, model.target.n_features, model.config.y_dim)
-        x_dim, y_dtype = model.config.x_dim, self.store.y_dtype
-        for g in np.array_split(order, min(groups, b)):
+        for g, xs, ys, smask in self._support_groups(rs, groups):
+            gi = torch.from_numpy(g)
+            head[gi] = model.solve_head(
+                generated[gi],
+                torch.from_numpy(xs),
+                model.encode_labels(torch.from_numpy(ys)),
+                torch.from_numpy(smask),
+            )
+        self.metrics.adapt_batch.observe(b)
+        return model.with_head(generated, head)
+
+    def _support_groups(
+        self, rs: list[_Request], groups: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """The requests' support sets in ``groups`` of similar size, padded to each group's
+        largest: ``(request indices, xs [g, n, x_dim], ys [g, n], smask [g, n])``."""
+        counts = np.array([r.n for r in rs], dtype=np.int64)
+        order = np.argsort(counts, kind="stable")
+        x_dim, y_dtype = self.store.x_dim, self.store.y_dtype
+        for g in np.array_split(order, min(groups, len(rs))):
             n_max = max(1, int(counts[g[-1]]))
             xs = np.zeros((len(g), n_max, x_dim), dtype=np.float32)
             ys: np.ndarray = np.zeros((len(g), n_max), dtype=y_dtype)
@@ -529,15 +550,7 @@ class Engine:
                     xs[j, : r.n] = r.xs
                     ys[j, : r.n] = r.ys
                     smask[j, : r.n] = 1.0
-            gi = torch.from_numpy(g)
-            head[gi] = model.solve_head(
-                generated[gi],
-                torch.from_numpy(xs),
-                model.encode_labels(torch.from_numpy(ys)),
-                torch.from_numpy(smask),
-            )
-        self.metrics.adapt_batch.observe(b)
-        return model.with_head(generated, head)
+            yield g, xs, ys, smask
 
     def _cache(self, requests: list[_Request], weights: torch.Tensor) -> None:
         """Keep each task's newest adaptation when it still matches the task's support set."""

@@ -194,6 +194,23 @@ def _prior_only_loss(
     return prior_loss + model.loss(model.predict(ep["xq"], w_own), ep["yq"]).mean()
 
 
+def make_optimizer(
+    params: Any, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Adam with a one-cycle schedule (5% warm-up); a run too short for one keeps the rate flat.
+
+    Shared by :func:`meta_train` and the baselines trained on the same budget."""
+    opt = torch.optim.Adam(params, lr=config.lr)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+        )
+        if config.steps >= 40
+        else None
+    )
+    return opt, sched
+
+
 def meta_train(
     model: MetaModel,
     family: Any,
@@ -208,15 +225,7 @@ def meta_train(
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     sampler = EpisodeSampler(family, config, rng)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    # one-cycle schedule (5% warm-up); a run too short for one keeps the learning rate flat
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
-        )
-        if config.steps >= 40
-        else None
-    )
+    opt, sched = make_optimizer(model.parameters(), config)
     bar = _progress(config.steps, progress)
     start, ema, history = time.perf_counter(), math.nan, []
     for step in range(1, config.steps + 1):
@@ -262,9 +271,9 @@ def _to_tensors(
     }
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, desc: str = "meta-train") -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="meta-train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)

@@ -64,16 +64,18 @@ def adapt_batch(
     xs: np.ndarray,
     ys: np.ndarray,
     k: int,
+    exclude: list[str | None] | None = None,
 ) -> torch.Tensor:
     """Embed, retrieve and adapt a batch of support sets -> weights ``[B, n_params]``.
 
-    Runs on the model's device; the FAISS index lives on the CPU.
+    ``exclude[i]``: a task id row ``i`` must not retrieve (itself, when it is indexed). Runs on
+    the model's device; the FAISS index lives on the CPU.
     """
     dev = _device_of(model)
     xs_t, ys_t = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
     smask = torch.ones(ys.shape, dtype=torch.float32, device=dev)
     z = model.embed(xs_t, ys_t, smask)
-    arrays = neighbour_arrays(index, z.cpu().numpy(), k)
+    arrays = neighbour_arrays(index, z.cpu().numpy(), k, exclude)
     zn, sim, nmask = (torch.from_numpy(a).to(dev) for a in arrays)
     return model.adapt(z, zn, sim, nmask, xs_t, ys_t, smask)
 
