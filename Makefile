@@ -9,7 +9,7 @@ EVENTS ?= 20000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps run test test-fast check bench lint format typecheck checkpoints clean
+.PHONY: help install deps run test test-fast check bench lint format typecheck checkpoints baselines test-logs clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,11 +62,20 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 typecheck: $(STAMP) ## mypy on the library
 	$(VENV)/bin/mypy
 
-checkpoints: $(STAMP) ## re-train the shipped checkpoints (sinusoid, digits) on the CPU
+checkpoints: $(STAMP) ## re-train the shipped checkpoints and baseline initialisations on the CPU
 	$(VENV)/bin/stream-meta train --family sinusoid --steps 8000 --threads 1 \
 		--out stream_meta/checkpoints/sinusoid.safetensors $(ARGS)
 	$(VENV)/bin/stream-meta train --family digits --steps 4000 --threads 1 \
 		--out stream_meta/checkpoints/digits.safetensors $(ARGS)
+	$(MAKE) baselines
+
+baselines: $(STAMP) ## re-train the MAML and pre-trained baselines on the models' budgets
+	for f in sinusoid digits; do for m in maml pretrained; do \
+		$(VENV)/bin/stream-meta train-baseline --family $$f --method $$m --threads 1 \
+			--out stream_meta/checkpoints/$$f-$$m.safetensors || exit 1; done; done
+
+test-logs: $(STAMP) ## re-record the scenario logs of tests/data/logs and their expected losses
+	$(VENV)/bin/python -m scripts.make_test_logs
 
 clean: ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info

@@ -317,10 +317,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args, overrides)
     import torch
 
-    from stream_meta.evaluation.replay import (
+    from stream_meta.checkpoint import CheckpointError
+    from stream_meta.evaluation.replay import ReplayConfig, replay_strategy
+    from stream_meta.evaluation.strategies import (
         STRATEGIES,
-        ReplayConfig,
-        replay_strategy,
+        StrategyOptions,
+        load_gradient_init,
         strategy_settings,
     )
     from stream_meta.recording import is_recording, recorded_events
@@ -334,6 +336,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
     if args.label_delay < 0:
         raise UsageError("--label-delay must be >= 0")
+    if args.inner_steps < 0 or args.scratch_steps < 0:
+        raise UsageError("--inner-steps and --scratch-steps must be >= 0")
+    options = StrategyOptions(baseline_dir=args.baseline_dir, inner_steps=args.inner_steps,
+                              scratch_steps=args.scratch_steps)  # fmt: skip
+    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+    for name in names:  # a missing or unfit baseline initialisation fails before any replay
+        if name in ("scratch", "finetune", "maml"):
+            try:
+                load_gradient_init(name, model, manifest["family"], options)
+            except (CheckpointError, ValueError) as exc:
+                raise UsageError(f"strategy {name}: {exc}") from exc
     log_path = Path(args.log)
     if not (is_recording(log_path) or log_path.is_file()):
         raise UsageError(f"{log_path} is neither a recording directory nor a JSON-lines file")
@@ -344,6 +357,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
     config = ReplayConfig(label_delay=args.label_delay, batch_size=settings.engine.micro_batch)
+    from stream_meta.evaluation.families import build_probes, parse_events
+
+    probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
     results = {}
     for name in names:
         # a fresh copy of the model per strategy: meta-updates must not leak between them
@@ -351,7 +367,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         log.info("replaying %d events of %s with strategy %s", len(raws), log_path, name)
         results[name] = replay_strategy(
             name, raws, model, settings, config, report_dir / f"predictions-{name}.jsonl",
-            family=manifest["family"],
+            family=manifest["family"], options=options, probes=probes,
         )  # fmt: skip
     report = {
         "log": str(log_path),
@@ -452,6 +468,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     summary = {"out": str(args.out), "family": args.family, **manifest["metrics"]}
     _emit(summary, args.json)
+    return 0
+
+
+def cmd_train_baseline(args: argparse.Namespace) -> int:
+    """Train a baseline initialisation (MAML or pre-trained) on the meta-model's budget."""
+    _settings(args, {})
+    import torch
+
+    from stream_meta.evaluation.baselines import (
+        DEFAULT_INNER_LR,
+        InnerLoop,
+        evaluate_init,
+        load_init,
+        save_init,
+        train_init,
+    )
+    from stream_meta.training import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, manifest = _load_model(args.checkpoint, args.family)
+    if manifest["family"] != args.family:
+        raise UsageError(f"checkpoint {manifest['path']} is for family {manifest['family']!r}")
+    names = TrainConfig.__dataclass_fields__
+    budget = {k: v for k, v in manifest.get("training", {}).items() if k in names}
+    if args.steps is not None:
+        budget["steps"] = args.steps
+    tc = TrainConfig(**budget)
+    if args.inner_steps < 1 or args.serve_steps < 0:
+        raise UsageError("--inner-steps must be >= 1 and --serve-steps >= 0")
+    lr = args.inner_lr or DEFAULT_INNER_LR[model.config.kind]
+    train_loop = InnerLoop(steps=args.inner_steps, lr=lr)
+    log.info("training the %s initialisation of %s for %d steps (the meta-model's budget: %d "
+             "tasks per step)", args.method, args.family, tc.steps, tc.batch_tasks)  # fmt: skip
+    theta, result = train_init(args.method, _family_for(args.family, split="train"), model.config,
+                               tc, train_loop, first_order=args.first_order,
+                               progress=not args.quiet)  # fmt: skip
+    serve_loop = InnerLoop(steps=args.serve_steps, lr=lr, clip=args.serve_clip)
+    tuning = {}
+    if args.method == "pretrained" and args.inner_lr is None:
+        # fine-tuning's step size is free: pick it on training tasks (MAML's is meta-learned)
+        from stream_meta.evaluation.baselines import GradientInit, target_for, tune_lr
+
+        probe = GradientInit(args.method, args.family, model.config.kind, theta,
+                             target_for(model.config), serve_loop, {})  # fmt: skip
+        best, tried = tune_lr(probe, _family_for(args.family, split="train"))
+        serve_loop = InnerLoop(steps=args.serve_steps, lr=best, clip=args.serve_clip)
+        tuning = {"serve_lr_tuned_on_training_tasks": tried, "serve_lr": best}
+    save_init(args.out, theta, method=args.method, family=args.family, model_config=model.config,
+              loop=serve_loop, training={**tc.__dict__, "inner_steps": args.inner_steps,
+                                         "first_order": args.first_order, **tuning},
+              metrics={"train": result}, first_order=args.first_order)  # fmt: skip
+    metrics: dict[str, Any] = {"train": result}
+    if args.eval_tasks:
+        init = load_init(args.out)
+        shots = [1, 5] if model.config.kind == "classification" else [1, 5, 10, 20]
+        metrics["eval"] = evaluate_init(init, _family_for(args.family, split="test"),
+                                        shots=shots, tasks=args.eval_tasks)  # fmt: skip
+        save_init(args.out, theta, method=args.method, family=args.family,
+                  model_config=model.config, loop=serve_loop,
+                  training=init.manifest["training"], metrics=metrics,
+                  first_order=args.first_order)  # fmt: skip
+    _emit({"out": str(args.out), "family": args.family, "method": args.method, **metrics},
+          args.json)  # fmt: skip
     return 0
 
 
@@ -855,6 +935,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_train)
 
+    tb = sub.add_parser(
+        "train-baseline", parents=[common],
+        help="train a MAML or pre-trained initialisation on the meta-model's training budget",
+    )  # fmt: skip
+    tb.add_argument("--family", choices=["sinusoid", "digits"], required=True)
+    tb.add_argument("--method", choices=["maml", "pretrained"], required=True)
+    tb.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
+    tb.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the meta-model whose architecture and budget to match (default: shipped)",
+    )
+    tb.add_argument("--steps", type=int, help="override the budget's steps")
+    tb.add_argument(
+        "--inner-steps",
+        type=int,
+        default=10,
+        help="MAML inner SGD steps in training (default 10, as served)",
+    )
+    tb.add_argument(
+        "--serve-steps",
+        type=int,
+        default=10,
+        help="SGD steps per adaptation when serving (stored in the manifest)",
+    )
+    tb.add_argument(
+        "--inner-lr",
+        type=float,
+        help="inner/fine-tuning SGD step size (default 0.01 regression, 0.1 classes)",
+    )
+    tb.add_argument(
+        "--serve-clip",
+        type=float,
+        default=100.0,
+        help="per-task gradient norm cap when serving (a single far-out example "
+        "can make 10 uncapped steps diverge; default 100)",
+    )
+    tb.add_argument("--first-order", action="store_true", help="first-order MAML")
+    tb.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    tb.add_argument("--eval-tasks", type=int, default=500, help="held-out tasks scored")
+    tb.set_defaults(func=cmd_train_baseline)
+
     e = sub.add_parser("evaluate", parents=[common], help="few-shot evaluation on held-out tasks")
     e.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
     e.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
@@ -891,8 +1013,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("log", help="a recording directory (--record) or a JSON-lines file of events")
     rp.add_argument(
         "--strategy", action="append", required=True,
-        help="full, no-neighbours, no-meta-update, global, or all (repeatable)",
+        help="full, no-neighbours, no-meta-update, global, scratch, finetune, maml, "
+             "nearest-task, or all (repeatable)",
     )  # fmt: skip
+    rp.add_argument(
+        "--baseline-dir", type=Path,
+        help="directory of <family>-maml/-pretrained.safetensors (default: the shipped ones)",
+    )  # fmt: skip
+    rp.add_argument(
+        "--inner-steps",
+        type=int,
+        default=10,
+        help="SGD steps per adaptation of finetune and maml (default 10)",
+    )
+    rp.add_argument(
+        "--scratch-steps",
+        type=int,
+        default=100,
+        help="Adam steps per adaptation of scratch (default 100)",
+    )
     rp.add_argument("--report", required=True, help="directory for report.json and predictions")
     rp.add_argument("--label-delay", type=int, default=0, help="labels arrive N events late")
     rp.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")

@@ -7,15 +7,8 @@ and then learned. With ``label_delay = N`` a label reaches the strategy only ``N
 its event: the event is predicted (and scored) on arrival as a query, and its label is learned
 ``N`` events later (the strategy's own drift monitor sees that late loss, as it would live).
 
-Strategies built so far are the engine's own configurations:
-
-* ``full``: the whole system (neighbours, drift monitor, meta-updates trained inline, so the
-  replay is deterministic);
-* ``no-neighbours``: the hypernetwork without retrieved neighbours (``k = 0``);
-* ``no-meta-update``: no meta-updates (the drift monitor still runs);
-* ``global``: no adaptation at all: the labels are scored but never taught, so every event is
-  predicted by the meta-model with no example and no neighbour, one function for every task
-  (the model's prior).
+The strategies (the system, its ablations and the baselines it is compared with) are
+described in :mod:`stream_meta.evaluation.strategies`.
 
 Everything is computed here from the predictions, not from the strategy's own counters, so
 every strategy is scored the same way on the same events. The predictions file holds no wall
@@ -31,7 +24,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,22 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_meta.evaluation.fewshot import _predict, adapt_batch
+from stream_meta.evaluation.families import FamilyProbes, matrix_summary
+from stream_meta.evaluation.strategies import (
+    NO_LEARNING,
+    StrategyOptions,
+    adapter,
+    build_strategy_engine,
+    strategy_settings,
+)
 
-__all__ = ["STRATEGIES", "ReplayConfig", "replay_strategy", "strategy_settings"]
-
-#: strategy name -> settings overrides (on top of the user's settings)
-STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {"meta_update": {"worker": "inline"}},
-    "no-neighbours": {"engine": {"k_neighbours": 0}, "meta_update": {"worker": "inline"}},
-    "no-meta-update": {"meta_update": {"enabled": False}},
-    "global": {"engine": {"k_neighbours": 0}, "meta_update": {"enabled": False},
-               "drift": {"enabled": False}},
-}  # fmt: skip
-#: strategies that never learn a label (scored only)
-NO_LEARNING = frozenset({"global"})
-#: named by issue 5, not built yet
-PLANNED = ("scratch", "finetune", "maml", "nearest-task")
+__all__ = ["ReplayConfig", "replay_strategy"]
 
 
 @dataclass(frozen=True)
@@ -63,17 +50,6 @@ class ReplayConfig:
     window: int = 1000
     batch_size: int = 512
     latency_tasks: int = 200
-
-
-def strategy_settings(settings: Any, name: str) -> Any:
-    """``settings`` with strategy ``name``'s overrides; ``ValueError`` for an unknown name."""
-    if name not in STRATEGIES:
-        planned = f" ({name} is planned, not built yet)" if name in PLANNED else ""
-        raise ValueError(f"unknown strategy {name!r}{planned}; available: {', '.join(STRATEGIES)}")
-    data = settings.model_dump()
-    for section, values in STRATEGIES[name].items():
-        data[section] = {**data[section], **values}
-    return type(settings).model_validate(data)
 
 
 # -- the stream as the strategy sees it ------------------------------------------------------
@@ -117,23 +93,31 @@ def replay_strategy(
     predictions_path: Path,
     *,
     family: str = "",
+    options: StrategyOptions | None = None,
+    probes: FamilyProbes | None = None,
 ) -> dict[str, Any]:
-    """Replay ``raws`` under strategy ``name``; write its predictions; return its summary."""
+    """Replay ``raws`` under strategy ``name``; write its predictions; return its summary.
+
+    ``probes`` (from :func:`~stream_meta.evaluation.families.build_probes`) adds the per-family
+    matrix, probed at the end of each of its phases."""
     from prometheus_client import CollectorRegistry
 
-    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater
+    from stream_meta.app import build_drift_watch, build_meta_updater
     from stream_meta.metrics import EngineMetrics
 
     s = strategy_settings(settings, name)
     metrics = EngineMetrics(CollectorRegistry())
-    engine = build_engine(model, s, metrics=metrics)
+    engine = build_strategy_engine(name, model, s, metrics, family, options or StrategyOptions())
     watch = build_drift_watch(s, engine, metrics, None)
     updater = build_meta_updater(s, engine, metrics, watch, family, worker="inline")
     losses: list[tuple[int, int, float]] = []  # (position, shots, loss)
     digest = hashlib.sha256()
-    rejected = 0
+    rejected = non_finite = 0
     start = time.perf_counter()
     feed = _delayed(raws, config.label_delay, learn=name not in NO_LEARNING)
+    probe = _prober(engine, s.engine.k_neighbours, name in NO_LEARNING, probes)
+    rows: list[dict[str, float]] = []
+    probe_seconds = 0.0
     with predictions_path.open("w", encoding="utf-8") as out:
         while True:
             chunk = list(itertools.islice(feed, config.batch_size))
@@ -143,6 +127,14 @@ def replay_strategy(
             alarms = watch.observe(result) if watch is not None else []
             if updater is not None:
                 updater.observe(result, alarms)
+            if probes is not None:  # probes read the state, never change it; not timed
+                t0 = time.perf_counter()
+                consumed = max(c[1] for c in chunk) + 1
+                while (
+                    len(rows) < len(probes.phases) and consumed >= probes.phases[len(rows)]["end"]
+                ):
+                    rows.append(probe())
+                probe_seconds += time.perf_counter() - t0
             o = result.outputs
             lines = []
             for (_raw, pos, late_label), ref in zip(chunk, result.order, strict=True):
@@ -160,19 +152,27 @@ def replay_strategy(
                        "model_version": o.model_version}  # fmt: skip
                 if loss == loss:
                     losses.append((pos, o.shots[ref], loss))
+                elif o.labelled[ref] or late_label is not None:
+                    non_finite += 1  # a labelled event predicted NaN: counted, never hidden
                 lines.append(json.dumps(rec, separators=(",", ":")))
             if lines:
                 text = "\n".join(lines) + "\n"
                 out.write(text)
                 digest.update(text.encode())
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - probe_seconds
     if updater is not None:
         updater.close()
     summary = _metrics(losses, config.window)
+    if probes is not None:
+        while len(rows) < len(probes.phases):
+            rows.append(probe())
+        summary["families"] = matrix_summary(probes, rows)
     summary.update(
         strategy=name,
         events=len(raws),
         rejected=rejected,
+        non_finite_predictions=non_finite,
+        diverged_fits=getattr(engine, "diverged", None),
         seconds=round(seconds, 3),
         events_per_s=round(len(raws) / seconds, 1) if seconds > 0 else math.inf,
         model_version=engine.model_version,
@@ -183,6 +183,21 @@ def replay_strategy(
         **_adapt_latency(engine, s.engine.k_neighbours, config.latency_tasks),
     )
     return summary
+
+
+def _prober(
+    engine: Any, k: int, prior_only: bool, probes: FamilyProbes | None
+) -> Callable[[], dict[str, float]]:
+    """Scores every family's probes with the strategy's current state (a strategy that never
+    learns gets no example: its prior)."""
+    adapt = adapter(engine, k)
+
+    def run(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, ids: list[str]) -> Any:
+        if prior_only:
+            xs, ys = xs[:, :0], ys[:, :0]
+        return adapt(xs, ys, xq, ids)
+
+    return lambda: probes.score(run) if probes is not None else {}
 
 
 def _loss(kind: str, o: Any, ref: int, label: Any) -> float:
@@ -223,23 +238,25 @@ def _metrics(losses: list[tuple[int, int, float]], window: int) -> dict[str, Any
 
 
 def _adapt_latency(engine: Any, k: int, samples: int) -> dict[str, Any]:
-    """One task at a time on one thread, as ``stream-meta evaluate`` measures it: embed, k-NN,
-    generate, predict one point, for tasks of the replay with >= 6 examples (5 as support)."""
+    """One task at a time on one thread, as ``stream-meta evaluate`` measures it: the strategy's
+    whole adaptation of a 5-example support set (for the system: embed, k-NN, generate, solve
+    the head; for a gradient baseline: its steps) and one prediction, for tasks of the replay
+    with >= 6 examples."""
     tasks = [s for s in engine.store if s.n >= 6][:samples]
     if not tasks:
         return {"adapt_latency_ms_p50": None, "adapt_latency_ms_p99": None, "adapt_latency_ms": []}
+    adapt = adapter(engine, k)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
     try:
-        with torch.inference_mode():
-            for s in tasks:
-                xs = s.xs[None, :5].astype(np.float32)
-                ys = s.ys[None, :5]
-                t0 = time.perf_counter()
-                w = adapt_batch(engine.model, engine.index, xs, ys, k)
-                _predict(engine.model, s.xs[None, 5:6].astype(np.float32), w)
-                times.append(time.perf_counter() - t0)
+        for s in tasks:
+            xs = s.xs[None, :5].astype(np.float32)
+            ys = s.ys[None, :5]
+            xq = s.xs[None, 5:6].astype(np.float32)
+            t0 = time.perf_counter()
+            adapt(xs, ys, xq)
+            times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
     ms = np.array(times[5:] or times) * 1e3

@@ -12,6 +12,7 @@ import pytest
 from stream_meta.tasks.scenarios import get_scenario
 from tests.integration.test_cli import cli
 
+LOGS = Path(__file__).resolve().parent.parent / "data" / "logs"
 QUICK_UPDATE = ["--set", "meta_update.collect_events=1000", "--set", "meta_update.steps=20",
                 "--set", "meta_update.promote=always"]  # fmt: skip
 
@@ -46,9 +47,10 @@ def test_two_replays_give_byte_identical_predictions(shifted_log: Path, tmp_path
 
 
 def test_every_strategy_scores_the_same_events_sanely(shifted_log: Path, tmp_path: Path) -> None:
-    report = _replay(shifted_log, tmp_path, "--strategy", "all")
+    engine_strategies = ["full", "no-neighbours", "no-meta-update", "global"]
+    report = _replay(shifted_log, tmp_path, *(f"--strategy={s}" for s in engine_strategies))
     runs = report["strategies"]
-    assert set(runs) == {"full", "no-neighbours", "no-meta-update", "global"}
+    assert list(runs) == engine_strategies
     # no adaptation: every event predicted with no example, far worse than adapting
     g = runs.pop("global")
     assert set(g["loss_by_shots"]) == {"0"} and g["model_version"] == 1
@@ -83,13 +85,73 @@ def test_delayed_labels_are_scored_on_arrival_and_learned_later(
     assert b["loss_by_shots"]["0"] == pytest.approx(a["loss_by_shots"]["0"], rel=0.5)
 
 
-def test_unknown_and_planned_strategies_are_explained(shifted_log: Path, tmp_path: Path) -> None:
-    proc = cli("replay", str(shifted_log), "--report", str(tmp_path), "--strategy", "maml")
+def test_unknown_strategies_and_missing_baselines_are_explained(
+    shifted_log: Path, tmp_path: Path
+) -> None:
+    proc = cli("replay", str(shifted_log), "--report", str(tmp_path), "--strategy", "mamal")
     assert proc.returncode == 2
-    assert b"planned, not built yet" in proc.stderr and b"no-neighbours" in proc.stderr
-    assert b"global" in proc.stderr
+    assert b"unknown strategy 'mamal'" in proc.stderr and b"nearest-task" in proc.stderr
     proc = cli("replay", str(tmp_path / "nope"), "--report", str(tmp_path), "--strategy", "full")
     assert proc.returncode == 2 and b"neither a recording" in proc.stderr
+    # a missing initialisation fails before any strategy runs
+    proc = cli("replay", str(shifted_log), "--report", str(tmp_path / "r"), "--strategy", "full",
+               "--strategy", "maml", "--baseline-dir", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 2 and b"strategy maml" in proc.stderr
+    assert b"train-baseline" in proc.stderr
+    assert not (tmp_path / "r" / "predictions-full.jsonl").exists()
+
+
+def _losses(path: Path) -> dict[int, tuple[int, float]]:
+    """``{stream position: (shots, loss)}`` of the labelled events of a predictions file."""
+    out = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["loss"] is not None:
+            out[r["i"]] = (r["shots"], r["loss"])
+    return out
+
+
+def test_baselines_adapt_and_beat_no_adaptation_on_an_easy_log(tmp_path: Path) -> None:
+    log = LOGS / "sinusoid-stationary"
+    names = ["global", "scratch", "finetune", "maml", "nearest-task"]
+    report = _replay(log, tmp_path, *(f"--strategy={s}" for s in names), "--scratch-steps", "50")
+    runs = report["strategies"]
+    assert list(runs) == names
+    assert {r["rejected"] for r in runs.values()} == {3}  # the log's malformed messages
+    assert len({r["labelled"] for r in runs.values()}) == 1
+    prior = _losses(tmp_path / "predictions-global.jsonl")
+    for name in names[1:]:
+        r = runs[name]
+        assert r["non_finite_predictions"] == 0 and r["adapt_latency_ms_p50"] > 0, name
+        assert 0 < r["prequential_loss"] < 10, name
+        mine = _losses(tmp_path / f"predictions-{name}.jsonl")
+        assert mine.keys() == prior.keys()
+        many = [i for i, (shots, _) in mine.items() if shots >= 10]
+        assert len(many) > 500
+        # on tasks with >= 10 examples every strategy adapts: better than the shared prior
+        ours = sum(mine[i][1] for i in many) / len(many)
+        theirs = sum(prior[i][1] for i in many) / len(many)
+        assert ours < 0.7 * theirs, (name, ours, theirs)
+    assert runs["maml"]["loss_by_shots"]["10"] < runs["scratch"]["loss_by_shots"]["10"]
+    assert runs["global"]["prequential_loss"] > 2 * runs["maml"]["prequential_loss"]
+
+
+def test_the_family_matrix_tracks_each_family_across_phases(tmp_path: Path) -> None:
+    report = _replay(LOGS / "sinusoid-recurring", tmp_path, "--strategy", "no-meta-update",
+                     "--strategy", "maml")  # fmt: skip
+    for name, r in report["strategies"].items():
+        fam = r["families"]
+        assert fam["families"] == ["base", "new"] and fam["metric"] == "mse", name
+        assert [p["family"] for p in fam["phases"]] == ["base", "new", "base"]
+        assert len(fam["matrix"]) == 3 and all(len(row) == 2 for row in fam["matrix"])
+        assert fam["probe_tasks"]["base"] > 10 and fam["probe_tasks"]["new"] > 10
+        # square waves and lines are harder than the sinusoids every model was trained on
+        assert fam["matrix"][-1][1] > fam["matrix"][-1][0]
+    maml = report["strategies"]["maml"]["families"]
+    # MAML's initialisation never changes during a stream: nothing forgotten, rows equal
+    assert maml["matrix"][0] == maml["matrix"][-1] and maml["backward_transfer"] == 0.0
+    system = report["strategies"]["no-meta-update"]["families"]
+    assert system["matrix"][-1][0] < 0.1 < maml["matrix"][-1][0]  # 10-shot sinusoids
 
 
 class _Html(HTMLParser):

@@ -1,0 +1,389 @@
+"""Gradient-based baselines: per-task models fitted by gradient steps on the support set.
+
+Every baseline serves a task with the *same target network* as the meta-model (the checkpoint's
+:class:`~stream_meta.hypernet.TargetNet`: for the sinusoid, MAML's own 1-40-40-1 ReLU network),
+fitted to the task's current support set by an :class:`InnerLoop` from an initialisation ``theta``:
+
+* ``scratch``: a fixed random initialisation (seeded), ``scratch_steps`` steps of Adam;
+* ``finetune``: weights *pre-trained* on the family's training tasks by plain multi-task
+  learning (one network for all tasks, no adaptation in the loop), then ``k`` steps of SGD;
+* ``maml``: weights meta-trained by MAML (Finn et al., 2017) with ``torch.func``: a
+  ``vmap`` over tasks of ``k`` inner SGD steps taken by ``grad``, second-order by default
+  (``first_order=True`` detaches the inner gradients, FOMAML); ``k`` SGD steps at serving time.
+
+Pre-training and MAML get the meta-model's training budget: the same episode sampler
+(:class:`~stream_meta.training.EpisodeSampler`, so with the same seed the very same task draws,
+support sizes ``0..max_shots`` and query points), the same number of steps and tasks per step,
+the same optimiser, schedule and gradient clipping. A trained initialisation is saved like a
+model checkpoint (safetensors + manifest, no pickle).
+
+Shapes: ``theta [P]``, support ``xs [B, n, x_dim]``, labels ``ys [B, n]``, mask ``smask [B, n]``,
+adapted weights ``[B, P]``.
+
+>>> import torch
+>>> from stream_meta.model import ModelConfig
+>>> net = target_for(ModelConfig(x_dim=1, target_hidden=(8,)))
+>>> theta = net.init_flat(torch.Generator().manual_seed(0))
+>>> xs = torch.linspace(-1, 1, 6).reshape(1, 6, 1)
+>>> ys, m = 3 * xs[..., 0], torch.ones(1, 6)
+>>> w = fit(net, "regression", theta, xs, ys, m, InnerLoop(steps=200, lr=0.05, optimizer="adam"))
+>>> before = float(((predict(net, "regression", xs, theta[None]) - ys) ** 2).mean())
+>>> after = float(((predict(net, "regression", xs, w) - ys) ** 2).mean())
+>>> after < 0.05 * before
+True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from stream_meta.checkpoint import FORMAT_VERSION, CheckpointError, read_manifest, write_tensors
+from stream_meta.hypernet import TargetNet
+from stream_meta.model import ModelConfig
+
+__all__ = [
+    "TRAINED",
+    "GradientInit",
+    "InnerLoop",
+    "evaluate_init",
+    "fit",
+    "load_init",
+    "predict",
+    "save_init",
+    "scratch_init",
+    "shipped_init",
+    "target_for",
+    "train_init",
+    "tune_lr",
+]
+
+#: initialisations that are trained (``stream-meta train-baseline --method``)
+TRAINED = ("maml", "pretrained")
+#: inner-loop learning rate by task kind (MAML's 0.01 for regression)
+DEFAULT_INNER_LR = {"regression": 0.01, "classification": 0.1}
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """How a task's weights are fitted to its support set: ``steps`` steps of ``optimizer``.
+
+    The loss is the mean over the task's support set, so the step size does not depend on how
+    many examples the task has; a task with none keeps the initialisation.
+    """
+
+    steps: int = 10
+    lr: float = 0.01
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    #: per-task gradient norm cap (None: no cap)
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.steps < 0 or not self.lr > 0 or self.optimizer not in ("sgd", "adam")
+                or (self.clip is not None and not self.clip > 0)):  # fmt: skip
+            raise ValueError(
+                f"bad inner loop {self}: steps >= 0, lr > 0, optimizer sgd|adam, clip > 0"
+            )
+
+
+def target_for(config: ModelConfig) -> TargetNet:
+    """The meta-model's target network for ``config`` (the architecture every baseline uses)."""
+    return TargetNet(config.x_dim, config.target_hidden, config.y_dim, skip_input=config.skip_input)
+
+
+def predict(net: TargetNet, kind: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[B, n, x_dim], [B, P] -> [B, n]`` values, or ``[B, n, C]`` class logits."""
+    out = net.forward(x, weights)
+    return out.squeeze(-1) if kind == "regression" else out
+
+
+def _targets(kind: str, ys: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Labels as the loss wants them: ``[B, n]`` floats, or one-hot ``[B, n, C]``."""
+    if kind == "regression":
+        return ys.to(torch.float32)
+    return nn.functional.one_hot(ys.long(), n_out).to(torch.float32)
+
+
+def _task_loss(
+    net: TargetNet, kind: str, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """Mean loss of one task's masked examples (unbatched: ``w [P], x [n, d], m [n]``)."""
+    out = net.forward(x.unsqueeze(0), w.unsqueeze(0))[0]  # [n, out]
+    if kind == "regression":
+        per = (out[:, 0] - y) ** 2
+    else:
+        per = -(torch.log_softmax(out, dim=-1) * y).sum(-1)
+    return (per * m).sum() / m.sum().clamp(min=1.0)
+
+
+def fit(
+    net: TargetNet,
+    kind: str,
+    theta: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    smask: torch.Tensor,
+    loop: InnerLoop,
+    *,
+    first_order: bool = False,
+    keep_best: bool = True,
+) -> torch.Tensor:
+    """Fit ``theta [P]`` to every support set -> ``[B, P]``.
+
+    Steps are a ``torch.func.vmap`` over tasks of ``torch.func.grad_and_value`` steps. SGD is
+    differentiable with respect to ``theta`` (MAML's meta-gradient; ``first_order`` drops its
+    second-order part); Adam keeps per-task moments (serving only). With ``keep_best`` each
+    task gets the iterate with the lowest support loss (the initialisation included), so a step
+    size that diverges on some task (a single far-out example can) never serves a worse model
+    than the one it started from; MAML is meta-trained without it, as published.
+    """
+    y = _targets(kind, ys, net.out_dim)
+    step = torch.func.grad_and_value(lambda w, x_, y_, m_: _task_loss(net, kind, w, x_, y_, m_))
+    adam = loop.optimizer == "adam"
+
+    def inner(w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor) -> Any:
+        best_w, best_l = w, torch.full((), math.inf)
+        m1 = m2 = torch.zeros_like(w)
+        for t in range(1, loop.steps + 1):
+            g, loss = step(w, x, y_, m)
+            if keep_best:
+                better = loss < best_l  # False for NaN
+                best_w, best_l = torch.where(better, w, best_w), torch.where(better, loss, best_l)
+            if first_order or adam:
+                g = g.detach()
+            if loop.clip is not None:
+                g = g * torch.clamp(loop.clip / (g.norm() + 1e-12), max=1.0)
+            if adam:  # Adam's update, per task (elementwise)
+                m1 = 0.9 * m1 + 0.1 * g
+                m2 = 0.999 * m2 + 0.001 * g * g
+                g = (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
+            w = w - loop.lr * g
+        if not keep_best:
+            return w
+        loss = _task_loss(net, kind, w, x, y_, m)
+        return torch.where(loss < best_l, w, best_w)
+
+    return torch.func.vmap(inner, in_dims=(None, 0, 0, 0))(theta, xs, y, smask)
+
+
+def scratch_init(config: ModelConfig, seed: int = 0) -> torch.Tensor:
+    """The fixed random initialisation of the ``scratch`` baseline ``[P]``."""
+    return target_for(config).init_flat(torch.Generator().manual_seed(seed))
+
+
+# -- trained initialisations ------------------------------------------------------------------
+@dataclass(frozen=True)
+class GradientInit:
+    """A trained initialisation with what it needs to serve: the network, kind and inner loop."""
+
+    method: str
+    family: str
+    kind: str
+    theta: torch.Tensor
+    net: TargetNet
+    loop: InnerLoop
+    manifest: dict[str, Any]
+
+
+def train_init(
+    method: str,
+    family: Any,
+    model_config: ModelConfig,
+    train_config: Any,
+    loop: InnerLoop,
+    *,
+    first_order: bool = False,
+    progress: bool = True,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Train the ``maml`` or ``pretrained`` initialisation on ``family`` -> ``(theta, summary)``.
+
+    ``train_config`` is a :class:`~stream_meta.training.TrainConfig`: its steps, tasks per step,
+    learning rate, schedule, clipping, episode shapes and seed are the meta-model's budget.
+    Each step draws exactly the episodes :func:`~stream_meta.training.meta_train` draws.
+    """
+    from stream_meta.training import EpisodeSampler, _progress, make_optimizer
+
+    if method not in TRAINED:
+        raise ValueError(f"unknown method {method!r}; trained ones: {', '.join(TRAINED)}")
+    c = train_config
+    torch.manual_seed(c.seed)
+    rng = np.random.default_rng(c.seed)
+    net, kind = target_for(model_config), model_config.kind
+    theta = net.init_flat(torch.Generator().manual_seed(c.seed)).requires_grad_()
+    opt, sched = make_optimizer([theta], c)
+    sampler = EpisodeSampler(family, c, rng)
+    bar = _progress(c.steps, progress, desc=f"train {method}")
+    start, ema = time.perf_counter(), math.nan
+    for step in range(1, c.steps + 1):
+        # the same draws as meta_train: a bank (its cluster centres place half the episode
+        # tasks), the episodes, then the neighbour-dropout coin flips
+        bank = sampler.bank()
+        ep = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+              sampler.episodes(bank["centres"]).items()}  # fmt: skip
+        rng.random(c.batch_tasks)
+        if method == "maml":
+            w = fit(net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop,
+                    first_order=first_order, keep_best=False)  # fmt: skip
+            x, y = ep["xq"], ep["yq"]
+        else:  # one network for every task: fitted to all of each task's points
+            w = theta.expand(ep["x_all"].shape[0], -1)
+            x, y = ep["x_all"], ep["y_all"]
+        loss = _batch_loss(kind, predict(net, kind, x, w), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {method} training loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([theta], c.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        value = float(loss.detach())
+        ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
+        if bar is not None:
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{ema:.4g}")
+    if bar is not None:
+        bar.close()
+    summary = {"steps": c.steps, "seconds": round(time.perf_counter() - start, 1),
+               "final_loss": ema}  # fmt: skip
+    return theta.detach(), summary
+
+
+def _batch_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "regression":
+        return ((out - y) ** 2).mean()
+    return nn.functional.cross_entropy(out.transpose(1, 2), y.long())
+
+
+def evaluate_init(
+    init: GradientInit,
+    family: Any,
+    *,
+    shots: list[int],
+    tasks: int = 1000,
+    queries: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Few-shot MSE (or accuracy) of ``init`` with its inner loop on held-out tasks."""
+    from stream_meta.evaluation.fewshot import EVAL_SEED_OFFSET, _mean_ci
+
+    rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
+    report: dict[str, Any] = {"tasks": tasks, "metric": family.metric_name,
+                              "inner_loop": asdict(init.loop)}  # fmt: skip
+    per_class = init.kind == "classification"
+    for s in shots:
+        params = family.sample_params(tasks, rng)
+        q = max(1, queries // family.y_dim) if per_class else queries
+        xs, ys, xq, yq = (torch.from_numpy(a) for a in family.sample_episode(params, s, q, rng))
+        w = fit(init.net, init.kind, init.theta, xs, ys, torch.ones(ys.shape), init.loop)
+        with torch.no_grad():
+            out = predict(init.net, init.kind, xq, w)
+        score = (out.argmax(-1) == yq).float() if per_class else (out - yq) ** 2
+        report[str(s)] = _mean_ci(score.mean(1).numpy())
+    return report
+
+
+def tune_lr(
+    init: GradientInit,
+    family: Any,
+    candidates: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1),
+    *,
+    shots: tuple[int, ...] = (1, 2, 5, 10, 20),
+    tasks: int = 200,
+    seed: int = 0,
+) -> tuple[float, dict[str, float]]:
+    """The serving step size with the lowest mean loss on *training* tasks at ``shots``
+    (the held-out tasks are never looked at) -> ``(best lr, {lr: loss})``."""
+    rng = np.random.default_rng(seed + 7919)
+    episodes = []
+    for s in shots:
+        params = family.sample_params(tasks, rng)
+        episodes.append([torch.from_numpy(a) for a in family.sample_episode(params, s, 20, rng)])
+    losses: dict[str, float] = {}
+    for lr in candidates:
+        loop = replace(init.loop, lr=lr)
+        total = 0.0
+        for xs, ys, xq, yq in episodes:
+            w = fit(init.net, init.kind, init.theta, xs, ys, torch.ones(ys.shape), loop)
+            with torch.no_grad():
+                out = predict(init.net, init.kind, xq, w.detach())
+                total += float(_batch_loss(init.kind, out, yq))
+        losses[str(lr)] = total / len(episodes) if math.isfinite(total) else math.inf
+    best = min(candidates, key=lambda lr: losses[str(lr)])
+    return best, losses
+
+
+def save_init(
+    path: Path,
+    theta: torch.Tensor,
+    *,
+    method: str,
+    family: str,
+    model_config: ModelConfig,
+    loop: InnerLoop,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    first_order: bool = False,
+) -> dict[str, Any]:
+    """Save a trained initialisation (safetensors + manifest); returns the manifest."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "baseline": method,
+        "family": family,
+        "model": model_config.to_dict(),
+        "inner_loop": asdict(loop),
+        "first_order": first_order,
+        "training": training,
+        "metrics": metrics,
+        "created_unix": time.time(),
+    }
+    return write_tensors(Path(path), {"theta": theta}, manifest)
+
+
+def load_init(path: Path, *, steps: int | None = None) -> GradientInit:
+    """Load and validate a trained initialisation; ``steps`` overrides its serving steps.
+
+    Raises :class:`~stream_meta.checkpoint.CheckpointError` for a missing, corrupt, foreign or
+    non-finite file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(path)
+    try:
+        method = manifest["baseline"]
+        config = ModelConfig.from_dict(manifest["model"])
+        loop = InnerLoop(**manifest["inner_loop"])
+        theta = load_file(str(path))["theta"]
+    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"{path} is not a baseline initialisation: {exc}") from exc
+    net = target_for(config)
+    if theta.shape != (net.n_params,) or not bool(torch.isfinite(theta).all()):
+        raise CheckpointError(
+            f"{path}: theta must be {net.n_params} finite values, got shape {tuple(theta.shape)}"
+        )
+    if steps is not None:
+        loop = replace(loop, steps=steps)
+    return GradientInit(method, manifest["family"], config.kind, theta, net, loop, manifest)
+
+
+def shipped_init(family: str, method: str) -> Path:
+    """Path of the initialisation shipped for ``family`` (``<family>-<method>.safetensors``)."""
+    name = f"{family}-{method}.safetensors"
+    path = Path(str(resources.files("stream_meta") / "checkpoints" / name))
+    if not path.is_file():
+        raise CheckpointError(
+            f"no shipped {method} initialisation for family {family!r} ({name}); build it "
+            f"with `stream-meta train-baseline --family {family} --method {method} --out PATH` "
+            f"and pass --baseline-dir"
+        )
+    return path

@@ -1,0 +1,253 @@
+"""What each replay strategy is: an engine that serves the same events its own way.
+
+Every strategy runs inside an :class:`~stream_meta.engine.Engine` (or a subclass that replaces
+how a support set becomes weights), so all of them parse, validate, de-duplicate, store support
+sets (same size and policy) and are scored identically: each event is served with the examples
+its task had when it arrived, then learns its label.
+
+* ``full``: the whole system (neighbours, drift monitor, meta-updates trained inline);
+* ``no-neighbours``: the hypernetwork without retrieved neighbours (``k = 0``);
+* ``no-meta-update``: meta-updates off (the drift monitor still runs);
+* ``global``: no adaptation: labels are scored, never taught, so every task gets the
+  meta-model's prior (one function for all tasks);
+* ``scratch``, ``finetune``, ``maml``: the target network fitted by gradient steps on the
+  support set from a random, a pre-trained or a MAML initialisation
+  (:mod:`stream_meta.evaluation.baselines`);
+* ``nearest-task``: the weights the system adapts for the task's nearest *other* live task
+  (by the task's embedding in the FAISS index), never the task's own examples; the prior while
+  the task has no example or no other task is indexed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_meta.checkpoint import CheckpointError
+from stream_meta.engine import Engine, EngineConfig, _Request
+from stream_meta.evaluation.baselines import (
+    GradientInit,
+    InnerLoop,
+    fit,
+    load_init,
+    predict,
+    scratch_init,
+    shipped_init,
+    target_for,
+)
+from stream_meta.model import MetaModel
+
+__all__ = [
+    "NO_LEARNING",
+    "STRATEGIES",
+    "GradientEngine",
+    "NearestTaskEngine",
+    "StrategyOptions",
+    "adapter",
+    "build_strategy_engine",
+    "strategy_settings",
+]
+
+_OFF = {"meta_update": {"enabled": False}, "drift": {"enabled": False}}
+#: strategy name -> settings overrides (on top of the user's settings)
+STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {"meta_update": {"worker": "inline"}},
+    "no-neighbours": {"engine": {"k_neighbours": 0}, "meta_update": {"worker": "inline"}},
+    "no-meta-update": {"meta_update": {"enabled": False}},
+    "global": {"engine": {"k_neighbours": 0}, **_OFF},
+    "scratch": _OFF,
+    "finetune": _OFF,
+    "maml": _OFF,
+    "nearest-task": {"meta_update": {"enabled": False}},
+}  # fmt: skip
+#: strategies that never learn a label (scored only)
+NO_LEARNING = frozenset({"global"})
+#: gradient baselines -> the initialisation they start from
+_INIT = {"scratch": "scratch", "finetune": "pretrained", "maml": "maml"}
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Knobs of the baselines (``stream-meta replay --inner-steps ...``)."""
+
+    #: where ``<family>-maml.safetensors`` and ``<family>-pretrained.safetensors`` are found
+    #: (None: the ones shipped in the package)
+    baseline_dir: Path | None = None
+    #: SGD steps of ``finetune`` and ``maml`` at serving time
+    inner_steps: int = 10
+    #: Adam steps and learning rate of ``scratch``
+    scratch_steps: int = 100
+    scratch_lr: float = 0.01
+    seed: int = 0
+
+
+def strategy_settings(settings: Any, name: str) -> Any:
+    """``settings`` with strategy ``name``'s overrides; ``ValueError`` for an unknown name."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}, all")
+    data = settings.model_dump()
+    for section, values in STRATEGIES[name].items():
+        data[section] = {**data[section], **values}
+    return type(settings).model_validate(data)
+
+
+def build_strategy_engine(
+    name: str,
+    model: MetaModel,
+    settings: Any,
+    metrics: Any,
+    family: str,
+    options: StrategyOptions,
+) -> Engine:
+    """The engine of strategy ``name`` (``settings`` already carry its overrides)."""
+    from stream_meta.app import build_engine
+
+    if name in _INIT:
+        init = load_gradient_init(name, model, family, options)
+        return GradientEngine(model, EngineConfig.from_settings(settings.engine), init,
+                              metrics=metrics)  # fmt: skip
+    cls = NearestTaskEngine if name == "nearest-task" else Engine
+    return build_engine(model, settings, metrics=metrics, cls=cls)
+
+
+def load_gradient_init(
+    name: str, model: MetaModel, family: str, options: StrategyOptions
+) -> GradientInit:
+    """The initialisation and inner loop of gradient baseline ``name`` for ``model``'s family."""
+    method = _INIT[name]
+    config = model.config
+    if method == "scratch":
+        loop = InnerLoop(options.scratch_steps, options.scratch_lr, "adam")
+        return GradientInit("scratch", family, config.kind, scratch_init(config, options.seed),
+                            target_for(config), loop, {})  # fmt: skip
+    if options.baseline_dir is None:
+        path = shipped_init(family, method)
+    else:
+        path = options.baseline_dir / f"{family}-{method}.safetensors"
+        if not path.is_file():
+            raise CheckpointError(
+                f"no {method} initialisation at {path}; build it with `stream-meta "
+                f"train-baseline --family {family} --method {method} --out {path}`"
+            )
+    init = load_init(path, steps=options.inner_steps)
+    if init.net.n_params != model.target.n_params or init.kind != config.kind:
+        raise ValueError(
+            f"{path}: its target network ({init.net.n_params} weights, {init.kind}) differs "
+            f"from the model's ({model.target.n_params}, {config.kind})"
+        )
+    return init
+
+
+class GradientEngine(Engine):
+    """Serves each task with the target network fitted to its support set by gradient steps.
+
+    Only adaptation and prediction differ from :class:`~stream_meta.engine.Engine`: there is no
+    set encoder, embedding or neighbour (the index stays empty).
+    """
+
+    def __init__(
+        self, model: MetaModel, config: EngineConfig, init: GradientInit, *, metrics: Any
+    ) -> None:
+        super().__init__(model, config, metrics=metrics)
+        self.init = init
+        self.diverged = 0  # fits with non-finite weights (served the initialisation)
+
+    def _replay_features(self, events: Any, plan: Any) -> None:
+        """No encoder state to pool."""
+
+    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
+        init = self.init
+        parts = []
+        # the engine predicts under inference mode; fitting needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            for g, xs, ys, smask in self._support_groups(rs, groups):
+                w = fit(init.net, init.kind, init.theta, torch.from_numpy(xs),
+                        torch.from_numpy(ys), torch.from_numpy(smask), init.loop)  # fmt: skip
+                parts.append((g, w.detach()))
+        weights = torch.empty(len(rs), init.net.n_params)
+        for g, w in parts:
+            weights[torch.from_numpy(g)] = w
+        diverged = ~torch.isfinite(weights).all(dim=1)
+        if bool(diverged.any()):  # a fit that blew up serves the initialisation instead
+            weights[diverged] = init.theta
+            self.diverged += int(diverged.sum())
+        self.metrics.adapt_batch.observe(len(rs))
+        return weights
+
+    def _predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return predict(self.init.net, self.init.kind, x, weights)
+
+
+class NearestTaskEngine(Engine):
+    """Serves each task with the weights adapted for its nearest other live task."""
+
+    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
+        return super()._adapt_chunk(self._nearest(rs), groups)
+
+    def _nearest(self, rs: list[_Request]) -> list[_Request]:
+        """Each request replaced by its task's nearest indexed neighbour's current support set;
+        a task without examples, or without a live neighbour, keeps its own (prior) request."""
+        own = [j for j, r in enumerate(rs) if r.n > 0]
+        if not own or len(self.index) == 0:
+            return rs
+        model = self.model
+        sums = np.stack([rs[j].feature_sum for j in own]).astype(np.float32)
+        counts = torch.tensor([float(rs[j].n) for j in own])
+        z = model.encoder.readout(torch.from_numpy(sums), counts).numpy()
+        _D, I = self.index.search(z, 1, exclude=[rs[j].state.task_id for j in own])
+        out = list(rs)
+        for j, key in zip(own, I[:, 0].tolist(), strict=True):
+            neighbour = None if key < 0 else self.store.get(self.index.task_id_of([key])[0] or "")
+            if neighbour is not None and neighbour.n > 0:
+                out[j] = _Request(neighbour, 0)
+        return out
+
+
+def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
+    """``(xs [B, n, d], ys [B, n], xq [B, q, d], exclude=None) -> predictions [B, q]`` (or
+    logits ``[B, q, C]``): the strategy's whole adaptation of each support set with its current
+    state, ``exclude[i]`` a task id never retrieved for row ``i`` (for the one-task latency of
+    the report and the per-family probes)."""
+    from stream_meta.evaluation.fewshot import adapt_batch
+
+    if isinstance(engine, GradientEngine):
+        init = engine.init
+
+        def gradient(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
+            with torch.enable_grad():
+                w = fit(init.net, init.kind, init.theta, torch.from_numpy(xs),
+                        torch.from_numpy(ys), torch.ones(ys.shape), init.loop)  # fmt: skip
+            with torch.no_grad():
+                return predict(init.net, init.kind, torch.from_numpy(xq), w.detach())
+
+        return gradient
+    model = engine.model
+
+    def hypernetwork(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
+        with torch.inference_mode():
+            w = adapt_batch(model, engine.index, xs, ys, k, exclude)
+            return model.predict(torch.from_numpy(xq), w)
+
+    if not isinstance(engine, NearestTaskEngine):
+        return hypernetwork
+
+    def nearest(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
+        """Each row served with the adaptation of its nearest indexed task's support set."""
+        with torch.inference_mode():
+            z = model.embed(torch.from_numpy(xs), torch.from_numpy(ys), torch.ones(ys.shape))
+            _D, I = engine.index.search(z.numpy(), 1, exclude=exclude)
+        rows = []
+        for i, key in enumerate(I[:, 0].tolist()):
+            state = None if key < 0 else engine.store.get(engine.index.task_id_of([key])[0] or "")
+            sx, sy = xs[i : i + 1], ys[i : i + 1]
+            if state is not None and state.n > 0 and state.xs is not None and state.ys is not None:
+                sx, sy = state.xs[None, : state.n], state.ys[None, : state.n]
+            rows.append(hypernetwork(sx, sy, xq[i : i + 1], [state.task_id] if state else None))
+        return torch.cat(rows)
+
+    return nearest

@@ -1,0 +1,287 @@
+"""Gradient baselines (scratch, fine-tuning, MAML with torch.func) and the strategy engines."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from stream_meta.checkpoint import CheckpointError
+from stream_meta.engine import Engine, EngineConfig
+from stream_meta.evaluation.baselines import (
+    GradientInit,
+    InnerLoop,
+    _task_loss,
+    evaluate_init,
+    fit,
+    load_init,
+    predict,
+    save_init,
+    scratch_init,
+    shipped_init,
+    target_for,
+    train_init,
+    tune_lr,
+)
+from stream_meta.evaluation.families import build_probes, matrix_summary, phases
+from stream_meta.evaluation.strategies import GradientEngine, NearestTaskEngine, adapter
+from stream_meta.metrics import EngineMetrics
+from stream_meta.model import ModelConfig
+from stream_meta.tasks import SinusoidFamily
+from stream_meta.training import TrainConfig
+from tests.conftest import sinusoid_events
+
+CONFIG = ModelConfig(x_dim=1)  # the sinusoid target network: 1-40-40-1
+
+
+def _episode(shots: int, tasks: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    fam, rng = SinusoidFamily(), np.random.default_rng(seed)
+    return [torch.from_numpy(a) for a in fam.sample_episode(fam.sample_params(tasks, rng),
+                                                            shots, 20, rng)]  # fmt: skip
+
+
+def _init(theta: torch.Tensor, loop: InnerLoop, method: str = "t") -> GradientInit:
+    return GradientInit(method, "sinusoid", "regression", theta, target_for(CONFIG), loop, {})
+
+
+def test_maml_meta_gradient_flows_through_the_inner_steps_and_first_order_drops_a_part() -> None:
+    net = target_for(CONFIG)
+    xs, ys, xq, yq = _episode(5, tasks=8)
+    grads = {}
+    for first_order in (False, True):
+        theta = scratch_init(CONFIG).requires_grad_()
+        w = fit(net, "regression", theta, xs, ys, torch.ones(ys.shape), InnerLoop(3, 0.01),
+                first_order=first_order, keep_best=False)  # fmt: skip
+        ((predict(net, "regression", xq, w) - yq) ** 2).mean().backward()
+        grads[first_order] = theta.grad
+    assert all(bool(torch.isfinite(g).all()) and float(g.norm()) > 0 for g in grads.values())
+    assert not torch.allclose(grads[False], grads[True])  # the second-order term is there
+
+
+def test_each_task_is_fitted_alone_whatever_the_batch() -> None:
+    xs, ys, _, _ = _episode(5, tasks=6)
+    loop = InnerLoop(20, 0.01, "adam")
+    theta = scratch_init(CONFIG)
+    both = fit(target_for(CONFIG), "regression", theta, xs, ys, torch.ones(ys.shape), loop)
+    one = fit(target_for(CONFIG), "regression", theta, xs[2:3], ys[2:3], torch.ones(1, 5), loop)
+    torch.testing.assert_close(both[2:3], one, rtol=1e-4, atol=1e-5)
+    # a task without examples keeps the initialisation
+    none = fit(target_for(CONFIG), "regression", theta, xs[:2], ys[:2], torch.zeros(2, 5), loop)
+    torch.testing.assert_close(none, theta.expand(2, -1))
+
+
+def test_a_diverging_step_size_never_serves_a_worse_support_fit_than_the_start() -> None:
+    net = target_for(CONFIG)
+    xs, ys, _, _ = _episode(5, tasks=32)
+    theta, m = scratch_init(CONFIG), torch.ones(ys.shape)
+    start = torch.stack([_task_loss(net, "regression", theta, xs[i], ys[i], m[i])
+                         for i in range(32)])  # fmt: skip
+    wild = InnerLoop(10, 10.0)
+    raw = fit(net, "regression", theta, xs, ys, m, wild, keep_best=False)
+    kept = fit(net, "regression", theta, xs, ys, m, wild)
+    after = torch.stack([_task_loss(net, "regression", kept[i], xs[i], ys[i], m[i])
+                         for i in range(32)])  # fmt: skip
+    raw_loss = torch.stack([_task_loss(net, "regression", raw[i], xs[i], ys[i], m[i])
+                            for i in range(32)])  # fmt: skip
+    assert not bool((raw_loss <= start).all())  # lr 10 blows some tasks up...
+    assert bool((after <= start + 1e-6).all())  # ...but never the served fit
+
+
+def test_the_gradient_cap_bounds_every_step() -> None:
+    xs, ys, _, _ = _episode(1, tasks=16)
+    theta = scratch_init(CONFIG)
+    w = fit(target_for(CONFIG), "regression", theta, xs, ys, torch.ones(ys.shape),
+            InnerLoop(1, 0.5, clip=2.0), keep_best=False)  # fmt: skip
+    assert float((w - theta).norm(dim=1).max()) <= 0.5 * 2.0 + 1e-5
+    with pytest.raises(ValueError, match="clip > 0"):
+        InnerLoop(clip=0.0)
+
+
+def test_a_short_maml_run_adapts_far_better_than_the_random_start() -> None:
+    cfg = TrainConfig(steps=200, batch_tasks=16, max_shots=10, query_points=16, bank_tasks=32,
+                      lr=0.01)  # fmt: skip
+    theta, summary = train_init("maml", SinusoidFamily(), CONFIG, cfg, InnerLoop(3, 0.01),
+                                progress=False)  # fmt: skip
+    assert summary["steps"] == 200 and math.isfinite(summary["final_loss"])
+    loop = InnerLoop(10, 0.01, clip=100.0)
+    shots = [5]
+    trained = evaluate_init(_init(theta, loop), SinusoidFamily(), shots=shots, tasks=200)
+    scratch = evaluate_init(_init(scratch_init(CONFIG), loop), SinusoidFamily(), shots=shots,
+                            tasks=200)  # fmt: skip
+    assert trained["5"]["mean"] < 0.7 * scratch["5"]["mean"], (trained, scratch)
+
+
+def test_pretraining_fits_the_family_average_and_the_step_size_is_tuned() -> None:
+    cfg = TrainConfig(steps=100, batch_tasks=16, max_shots=10, query_points=16, bank_tasks=32)
+    theta, _ = train_init("pretrained", SinusoidFamily(), CONFIG, cfg, InnerLoop(), progress=False)
+    init = _init(theta, InnerLoop(5, 0.01, clip=100.0))
+    best, tried = tune_lr(init, SinusoidFamily(), (1e-4, 0.01), shots=(5,), tasks=50)
+    assert set(tried) == {"0.0001", "0.01"} and best == min(
+        (1e-4, 0.01), key=lambda v: tried[str(v)]
+    )
+    with pytest.raises(ValueError, match="unknown method"):
+        train_init("reptile", SinusoidFamily(), CONFIG, cfg, InnerLoop(), progress=False)
+
+
+def test_an_initialisation_round_trips_and_a_bad_file_is_refused(tmp_path) -> None:
+    theta = scratch_init(CONFIG, seed=3)
+    path = tmp_path / "sinusoid-maml.safetensors"
+    save_init(path, theta, method="maml", family="sinusoid", model_config=CONFIG,
+              loop=InnerLoop(10, 0.02, clip=50.0), training={"steps": 1}, metrics={})  # fmt: skip
+    init = load_init(path)
+    assert torch.equal(init.theta, theta) and init.loop == InnerLoop(10, 0.02, clip=50.0)
+    assert load_init(path, steps=3).loop == InnerLoop(3, 0.02, clip=50.0)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(CheckpointError):
+        load_init(bad)
+    for wrong in (torch.zeros(7), torch.full_like(theta, math.nan)):
+        save_init(bad, wrong, method="maml", family="sinusoid", model_config=CONFIG,
+                  loop=InnerLoop(), training={}, metrics={})  # fmt: skip
+        with pytest.raises(CheckpointError, match="finite values"):
+            load_init(bad)
+    with pytest.raises(CheckpointError, match="train-baseline"):
+        shipped_init("digits-nope", "maml")
+
+
+@pytest.mark.parametrize("method", ["maml", "pretrained"])
+def test_the_shipped_initialisations_load_and_fit_the_shipped_model(
+    method, shipped_sinusoid
+) -> None:
+    init = load_init(shipped_init("sinusoid", method))
+    model, _ = shipped_sinusoid
+    assert init.net.n_params == model.target.n_params and init.kind == "regression"
+    assert init.manifest["training"]["steps"] == 8000  # the meta-model's budget
+
+
+def _engines(model, init):
+    config = EngineConfig(k_neighbours=0)
+    g = GradientEngine(model, config, init, metrics=EngineMetrics(CollectorRegistry()))
+    return g
+
+
+def test_the_gradient_engine_serves_each_event_with_its_tasks_support_set_at_arrival(
+    shipped_sinusoid,
+) -> None:
+    model, _ = shipped_sinusoid
+    init = _init(scratch_init(CONFIG), InnerLoop(15, 0.01, "adam"))
+    engine = _engines(model, init)
+    events = sinusoid_events(300, tasks=12, seed=4)
+    served = []
+    for lo in range(0, 300, 64):
+        out = engine.process(events[lo : lo + 64]).outputs
+        served += list(zip(out.values, out.shots, strict=True))
+    support: dict[str, list] = {}
+    net = init.net
+    for ev, (value, shots) in zip(events, served, strict=True):
+        seen = support.setdefault(ev["task_id"], [])
+        assert shots == len(seen)
+        if seen:
+            xs = torch.tensor([[s[0] for s in seen]], dtype=torch.float32)
+            ys = torch.tensor([[s[1] for s in seen]], dtype=torch.float32)
+            w = fit(net, "regression", init.theta, xs, ys, torch.ones(ys.shape), init.loop)
+        else:
+            w = init.theta[None]
+        expect = predict(net, "regression", torch.tensor([[ev["x"]]]), w.detach())
+        assert value == pytest.approx(float(expect), rel=1e-3, abs=1e-4)
+        if "y" in ev:
+            seen.append((ev["x"], ev["y"]))
+
+
+def test_a_diverged_fit_serves_the_initialisation_and_is_counted(shipped_sinusoid) -> None:
+    model, _ = shipped_sinusoid
+    theta = scratch_init(CONFIG)
+    theta[0] = math.inf  # every fit of a task with examples becomes non-finite
+    engine = _engines(model, _init(theta, InnerLoop(2, 0.01), method="broken"))
+    out = engine.process(sinusoid_events(50, tasks=3)).outputs
+    assert engine.diverged > 0
+    assert all(isinstance(v, float) for v in out.values)
+
+
+def test_nearest_task_serves_the_adaptation_of_its_nearest_other_task(
+    shipped_sinusoid, make_engine
+) -> None:
+    model, _ = shipped_sinusoid
+    near = NearestTaskEngine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    full = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    xs = np.linspace(-4.5, 4.5, 20)
+    teach = [{"event_id": f"a{i}", "task_id": "a", "x": [float(x)], "y": float(2 * np.sin(x))}
+             for i, x in enumerate(xs)]  # fmt: skip
+    # b is another function: with two tasks, each is the other's nearest
+    other = [{"event_id": f"b{i}", "task_id": "b", "x": [float(x)], "y": float(-3 * np.sin(x))}
+             for i, x in enumerate(xs[::4])]  # fmt: skip
+    query_a = {"event_id": "qa", "task_id": "a", "x": [1.3]}
+    query_b = {"event_id": "qb", "task_id": "b", "x": [1.3]}
+    for engine in (near, full):
+        engine.process(teach)
+        engine.process(other)
+    served_b = near.process([query_b]).outputs.values[0]
+    served_a = full.process([query_a]).outputs.values[0]
+    own_b = full.process([query_b]).outputs.values[0]
+    assert served_b == pytest.approx(served_a, rel=1e-4)  # b is served with a's adaptation
+    assert abs(served_b - own_b) > 1.0  # ...not with its own examples
+    # the one-task adapter the report and probes use does the same
+    probe = adapter(near, 8)(np.array([[[x] for x in xs[::4]]], dtype=np.float32),
+                             np.array([[-3 * np.sin(x) for x in xs[::4]]], dtype=np.float32),
+                             np.array([[[1.3]]], dtype=np.float32), ["b"])  # fmt: skip
+    assert float(probe[0, 0]) == pytest.approx(served_a, rel=1e-4)
+
+
+# -- the per-family matrix ---------------------------------------------------------------------
+def _ev(task: str, y: float | None = 1.0, x: float = 0.0) -> dict:
+    e = {"event_id": "e", "task_id": task, "x": [x]}
+    return e if y is None else {**e, "y": y}
+
+
+def test_phases_follow_the_dominant_family_and_a_returning_family_starts_a_new_one() -> None:
+    events = [_ev("a:1")] * 30 + [_ev("b:1")] * 25 + [_ev("a:1", None)] * 5 + [_ev("a:2")] * 20
+    assert [(p["family"], p["start"], p["end"]) for p in phases(events, 10)] == [
+        ("a", 0, 30), ("b", 30, 60), ("a", 60, 80)]  # fmt: skip
+
+
+def test_the_matrix_summary_follows_gem_and_chaudhry() -> None:
+    events = [_ev(f"a:{i % 2}", float(i)) for i in range(40)] + [
+        _ev(f"b:{i % 2}", float(i)) for i in range(40)]  # fmt: skip
+    probes = build_probes(events, "regression", window=20, tasks=2, shots=5, queries=5)
+    assert probes is not None and probes.families == ["a", "b"]
+    assert [p["family"] for p in probes.phases] == ["a", "b"]
+    # mse: a is 1.0 after its own phase and 3.0 at the end (forgotten); b 2.0 then 0.5
+    s = matrix_summary(probes, [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 0.5}])
+    assert s["matrix"] == [[1.0, 2.0], [3.0, 0.5]] and s["average"] == 1.75
+    assert s["backward_transfer"] == -2.0  # negative: worse after its phase
+    assert s["forgetting"] == 2.0
+    assert build_probes([_ev("t1")] * 50, "regression") is None  # no family prefix
+
+
+def test_probes_read_the_state_and_never_change_it(shipped_sinusoid) -> None:
+    model, _ = shipped_sinusoid
+    events = [dict(e, task_id=f"{'a' if int(e['task_id'][1:]) < 4 else 'b'}:{e['task_id']}")
+              for e in sinusoid_events(600, tasks=8, seed=2, labelled=1.0)]  # fmt: skip
+    probes = build_probes(events, "regression", window=100, tasks=3)
+    assert probes is not None
+    engine = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    engine.process(events[:300])
+    adapt = adapter(engine, 8)
+    first = probes.score(adapt)
+    assert first == probes.score(adapt)
+    after = engine.process(events[300:]).outputs.values
+    again = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    again.process(events[:300])
+    assert again.process(events[300:]).outputs.values == after
+    assert all(0 <= v < 5 for v in first.values())
+
+
+def test_a_gradient_init_that_does_not_fit_the_model_is_refused(tmp_path, shipped_sinusoid) -> None:
+    from stream_meta.evaluation.strategies import StrategyOptions, load_gradient_init
+
+    model, _ = shipped_sinusoid
+    small = dataclasses.replace(CONFIG, target_hidden=(8,))
+    save_init(tmp_path / "sinusoid-maml.safetensors", scratch_init(small), method="maml",
+              family="sinusoid", model_config=small, loop=InnerLoop(), training={},
+              metrics={})  # fmt: skip
+    with pytest.raises(ValueError, match="differs from the model"):
+        load_gradient_init("maml", model, "sinusoid", StrategyOptions(baseline_dir=tmp_path))
