@@ -356,7 +356,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.engine.threads)
     report_dir = Path(args.report)
     report_dir.mkdir(parents=True, exist_ok=True)
-    config = ReplayConfig(label_delay=args.label_delay, batch_size=settings.engine.micro_batch)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    config = ReplayConfig(label_delay=args.label_delay,
+                          batch_size=args.batch_size or settings.engine.micro_batch)  # fmt: skip
     from stream_meta.evaluation.families import build_probes, parse_events
 
     probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
@@ -373,6 +376,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "log": str(log_path),
         "events": len(raws),
         "label_delay": args.label_delay,
+        "batch_size": config.batch_size,
+        "baselines": {
+            "dir": str(options.baseline_dir or "shipped"),
+            "inner_steps": options.inner_steps,
+            "scratch_steps": options.scratch_steps,
+        },
         "checkpoint": manifest["path"],
         "strategies": results,
     }
@@ -873,6 +882,58 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time_ms(text: str | None) -> int | None:
+    """``--since``/``--until``: epoch milliseconds, or an ISO-8601 time (UTC unless it says)."""
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"{text!r} is neither epoch milliseconds nor an ISO-8601 time") from exc
+    return int((t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp() * 1000)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Copy a Kafka topic, between offsets or times, into a recording for ``replay``."""
+    settings = _settings(args, {"kafka": _kafka_overrides(args)})
+    from kafka import KafkaConsumer
+
+    from stream_meta.kafka_export import ExportRange, export_topic
+    from stream_meta.recording import EventRecorder
+    from stream_meta.service import Topics
+
+    topic = args.topic or Topics.for_prefix(settings.kafka.topic_prefix).events
+    try:
+        bounds = ExportRange(args.from_offset, args.to_offset, _time_ms(args.since),
+                             _time_ms(args.until))  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
+            enable_auto_commit=False,  # a reader, not a member of any group
+        )
+    except Exception as exc:
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    try:
+        with EventRecorder(args.out) as recorder:
+            summary = export_topic(consumer, topic, recorder, bounds,
+                                   idle_timeout_s=args.idle_timeout, max_events=args.max,
+                                   stop=_stop_on_sigterm())  # fmt: skip
+    except ValueError as exc:
+        raise UsageError(f"{exc} on {settings.kafka.bootstrap_servers}") from exc
+    finally:
+        consumer.close()
+    _emit({**summary, "out": str(args.out)}, args.json)
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from stream_meta import __version__
@@ -1021,6 +1082,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of <family>-maml/-pretrained.safetensors (default: the shipped ones)",
     )  # fmt: skip
     rp.add_argument(
+        "--batch-size", type=int,
+        help="events per engine batch (default: engine.micro_batch, as served; larger batches "
+             "replay faster, and only the index flushes, hence some neighbours, differ)",
+    )  # fmt: skip
+    rp.add_argument(
         "--inner-steps",
         type=int,
         default=10,
@@ -1086,6 +1152,25 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--timeout", type=float, help="stop after S seconds without a new record")
     tl.add_argument("--meta", action="store_true", help="wrap each value with partition/offset")
     tl.set_defaults(func=cmd_tail)
+
+    ex = sub.add_parser(
+        "export", parents=[common, kafka],
+        help="copy a Kafka topic (between offsets or times) into a recording for replay",
+    )  # fmt: skip
+    ex.add_argument("--out", type=Path, required=True, help="recording directory to write")
+    ex.add_argument("--topic", help="topic to export (default: <prefix>.events)")
+    ex.add_argument("--from-offset", type=int, help="first offset of every partition")
+    ex.add_argument("--to-offset", type=int, help="end offset (exclusive) of every partition")
+    ex.add_argument("--since", help="first record time: epoch ms or ISO-8601 (UTC by default)")
+    ex.add_argument("--until", help="last record time (inclusive): epoch ms or ISO-8601")
+    ex.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=5.0,
+        help="a partition is at its end after S seconds without a record (5)",
+    )
+    ex.add_argument("--max", type=int, help="stop after N events")
+    ex.set_defaults(func=cmd_export)
     return p
 
 
