@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from stream_meta.app import build_drift_watch, build_engine, build_meta_updater, run_stream
     from stream_meta.metrics import EngineMetrics
-    from stream_meta.recording import EventRecorder, is_recording, recorded_events
+    from stream_meta.recording import is_recording, recorded_events
     from stream_meta.sources import JsonlSink, jsonl_source, synthetic_source
 
     if settings.engine.threads:
@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
-    recorder = EventRecorder(args.record) if args.record else None
+    recorder = _recorder(args.record, args.record_format) if args.record else None
     if recorder is not None:
         recorder.model_change(engine.model_version, index=0, outcome="start")
     bar = _progress(args, events, "run")
@@ -686,9 +686,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     recorder = None
     if args.record:
-        from stream_meta.recording import EventRecorder
-
-        recorder = EventRecorder(args.record)
+        recorder = _recorder(args.record, args.record_format)
         recorder.model_change(engine.model_version, index=0, outcome="start")
     service = KafkaService(
         engine, settings, ServiceMetrics(registry), watch=watch, updater=updater, recorder=recorder
@@ -882,6 +880,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorder(path: Path, fmt: str) -> Any:
+    from stream_meta.recording import EventRecorder
+
+    try:
+        return EventRecorder(path, format=fmt)
+    except RuntimeError as exc:  # Parquet without pyarrow
+        raise UsageError(str(exc)) from exc
+
+
 def _time_ms(text: str | None) -> int | None:
     """``--since``/``--until``: epoch milliseconds, or an ISO-8601 time (UTC unless it says)."""
     if text is None:
@@ -903,7 +910,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer
 
     from stream_meta.kafka_export import ExportRange, export_topic
-    from stream_meta.recording import EventRecorder
     from stream_meta.service import Topics
 
     topic = args.topic or Topics.for_prefix(settings.kafka.topic_prefix).events
@@ -922,7 +928,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
         ) from exc
     try:
-        with EventRecorder(args.out) as recorder:
+        with _recorder(args.out, args.format) as recorder:
             summary = export_topic(consumer, topic, recorder, bounds,
                                    idle_timeout_s=args.idle_timeout, max_events=args.max,
                                    stop=_stop_on_sigterm())  # fmt: skip
@@ -975,6 +981,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-meta-update", action="store_true", help="switch meta-updates off")
     r.add_argument("--models-dir", type=Path, help="save promoted models here (default: not)")
     r.add_argument("--record", type=Path, help="record the consumed events to this directory")
+    r.add_argument(
+        "--record-format",
+        choices=["jsonl", "parquet"],
+        default="jsonl",
+        help="gzipped JSON lines (default, crash-safe) or Parquet (needs pyarrow)",
+    )
     r.set_defaults(func=cmd_run)
 
     sc = sub.add_parser("scenarios", parents=[common], help="list the drift scenarios")
@@ -1066,6 +1078,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--drift-log", help="append drift alarms and meta-updates to this JSON-lines file"
     )
     sv.add_argument("--record", type=Path, help="record the consumed events to this directory")
+    sv.add_argument(
+        "--record-format",
+        choices=["jsonl", "parquet"],
+        default="jsonl",
+        help="gzipped JSON lines (default, crash-safe) or Parquet (needs pyarrow)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser(
@@ -1170,6 +1188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a partition is at its end after S seconds without a record (5)",
     )
     ex.add_argument("--max", type=int, help="stop after N events")
+    ex.add_argument(
+        "--format",
+        choices=["jsonl", "parquet"],
+        default="jsonl",
+        help="gzipped JSON lines (default) or Parquet (needs pyarrow)",
+    )
     ex.set_defaults(func=cmd_export)
     return p
 

@@ -4,7 +4,8 @@
 as it arrived, in consumption order, plus a record each time the served model changes, so the
 stream can be replayed later (``run --input DIR``; replay-based evaluation builds on it).
 
-Layout: ``DIR/events-<seq>.jsonl.gz``, numbered from 1. A file is closed and the next one started
+Layout: ``DIR/events-<seq>.jsonl.gz`` (or ``.parquet`` with ``format="parquet"``: the same
+records as columns, through pyarrow), numbered from 1. A file is closed and the next one started
 once ``max_bytes`` (uncompressed) have gone into it; a new recorder never touches existing files
 (it starts after the highest number), so a log only grows. Each line is one JSON object:
 
@@ -39,13 +40,29 @@ import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventRecorder", "is_recording", "read_records", "recorded_events"]
+__all__ = ["FORMATS", "EventRecorder", "is_recording", "read_records", "recorded_events"]
 
-_NAME = re.compile(r"^events-(\d{6})\.jsonl(\.gz)?$")
+_NAME = re.compile(r"^events-(\d{6})\.(jsonl|jsonl\.gz|parquet)$")
+FORMATS = ("jsonl", "parquet")
+#: the columns of a Parquet recording (a record's absent fields are nulls)
+_COLUMNS = (("kind", "string"), ("i", "int64"), ("raw", "string"), ("raw_b64", "string"),
+            ("topic", "string"), ("partition", "int64"), ("offset", "int64"), ("ts", "int64"),
+            ("version", "int64"), ("outcome", "string"))  # fmt: skip
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # an optional dependency
+        raise RuntimeError(
+            "Parquet recordings need pyarrow: pip install 'stream-meta[parquet]'"
+        ) from exc
+    return pa, pq
 
 
 def _files(path: Path) -> list[Path]:
@@ -70,49 +87,76 @@ class EventRecorder:
         Uncompressed bytes per file before the next one is started.
     compress:
         gzip the files (``.jsonl.gz``); plain ``.jsonl`` otherwise.
+    format:
+        ``"jsonl"`` (the default), or ``"parquet"`` (``events-<seq>.parquet``, one row group a
+        batch, needs pyarrow). A Parquet file is readable once closed (at rotation or
+        :meth:`close`): after a crash its open file is lost, where a JSON-lines log keeps every
+        flushed batch. Choose Parquet for compact logs read by other tools, JSON lines for
+        crash safety.
     """
 
     def __init__(
-        self, path: str | Path, *, max_bytes: int = 256 << 20, compress: bool = True
+        self,
+        path: str | Path,
+        *,
+        max_bytes: int = 256 << 20,
+        compress: bool = True,
+        format: str = "jsonl",
     ) -> None:
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
+        if format not in FORMATS:
+            raise ValueError(f"unknown recording format {format!r}; known: {', '.join(FORMATS)}")
         self.path = Path(path)
+        self.max_bytes, self.compress, self.format = max_bytes, compress, format
+        self._schema = None
+        if format == "parquet":
+            pa, _ = _pyarrow()
+            self._schema = pa.schema([(n, getattr(pa, t)()) for n, t in _COLUMNS])
         self.path.mkdir(parents=True, exist_ok=True)
-        self.max_bytes, self.compress = max_bytes, compress
         existing = _files(self.path)
         last = _NAME.match(existing[-1].name) if existing else None
         self._seq = int(last.group(1)) if last else 0
-        self._fh: IO[bytes] | None = None
+        self._fh: Any = None  # a binary file, or a pyarrow ParquetWriter
         self._written = 0
         self.records = 0
 
-    def _open(self) -> IO[bytes]:
+    def _open(self) -> Any:
         if self._fh is None or self._written >= self.max_bytes:
             self._close_file()
             self._seq += 1
-            name = f"events-{self._seq:06d}.jsonl" + (".gz" if self.compress else "")
-            target = self.path / name
+            suffix = {"parquet": ".parquet"}.get(self.format, ".jsonl.gz" if self.compress
+                                                 else ".jsonl")  # fmt: skip
+            target = self.path / f"events-{self._seq:06d}{suffix}"
             # a long-lived handle, closed by _close_file / close
-            fh = gzip.open(target, "xb") if self.compress else target.open("xb")  # noqa: SIM115
-            self._fh = fh  # type: ignore[assignment]
+            if self.format == "parquet":
+                _, pq = _pyarrow()
+                if target.exists():  # never overwrite, as "xb" guarantees for JSON lines
+                    raise FileExistsError(target)
+                self._fh = pq.ParquetWriter(str(target), self._schema)
+            else:
+                self._fh = gzip.open(target, "xb") if self.compress else target.open("xb")  # noqa: SIM115
             self._written = 0
             log.debug("recording to %s", target)
-        assert self._fh is not None
         return self._fh
 
-    def _write(self, lines: list[bytes]) -> None:
-        if not lines:
+    def _write(self, recs: list[dict[str, Any]]) -> None:
+        if not recs:
             return
-        data = b"\n".join(lines) + b"\n"
+        lines = [json.dumps(r, separators=(",", ":")).encode() for r in recs]
         fh = self._open()
-        fh.write(data)
-        self._written += len(data)
-        self.records += len(lines)
-        if isinstance(fh, gzip.GzipFile):
-            fh.flush(zlib.Z_SYNC_FLUSH)  # readable up to here even if the process dies
+        size = sum(len(line) + 1 for line in lines)  # rotation counts JSON bytes in any format
+        if self.format == "parquet":
+            pa, _ = _pyarrow()
+            fh.write_table(pa.Table.from_pylist(recs, schema=self._schema))
         else:
-            fh.flush()
+            fh.write(b"\n".join(lines) + b"\n")
+            if isinstance(fh, gzip.GzipFile):
+                fh.flush(zlib.Z_SYNC_FLUSH)  # readable up to here even if the process dies
+            else:
+                fh.flush()
+        self._written += size
+        self.records += len(recs)
 
     def events(
         self,
@@ -122,7 +166,7 @@ class EventRecorder:
     ) -> None:
         """Record a batch of raw events (bytes, text, or event dicts) consumed from stream
         position ``start`` on; ``meta[i]`` adds fields to event ``i``'s record."""
-        lines = []
+        recs = []
         for k, raw in enumerate(raws):
             rec: dict[str, Any] = {"kind": "event", "i": start + k}
             if isinstance(raw, Mapping):
@@ -136,13 +180,12 @@ class EventRecorder:
                     rec["raw_b64"] = base64.b64encode(bytes(raw)).decode("ascii")
             if meta is not None:
                 rec.update(meta[k])
-            lines.append(json.dumps(rec, separators=(",", ":")).encode())
-        self._write(lines)
+            recs.append(rec)
+        self._write(recs)
 
     def model_change(self, version: int, *, index: int, outcome: str = "") -> None:
         """The model served from stream position ``index`` on is ``version``."""
-        rec = {"kind": "model", "i": index, "version": version, "outcome": outcome}
-        self._write([json.dumps(rec).encode()])
+        self._write([{"kind": "model", "i": index, "version": version, "outcome": outcome}])
 
     def _close_file(self) -> None:
         if self._fh is not None:
@@ -166,8 +209,13 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
         raise FileNotFoundError(f"no recording directory: {p}")
     files = _files(p)
     if not files:
-        raise FileNotFoundError(f"{p} holds no recording (events-<n>.jsonl[.gz] files)")
+        raise FileNotFoundError(
+            f"{p} holds no recording (events-<n>.jsonl[.gz] or events-<n>.parquet files)"
+        )
     for f in files:
+        if f.suffix == ".parquet":
+            yield from _parquet_records(f)
+            continue
         opener = gzip.open if f.suffix == ".gz" else open
         with opener(f, "rb") as fh:
             try:
@@ -179,6 +227,19 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 log.warning("%s ends early (%s): the writer stopped; records before it kept", f,
                             exc)  # fmt: skip
+
+
+def _parquet_records(f: Path) -> Iterator[dict[str, Any]]:
+    pa, pq = _pyarrow()
+    try:
+        reader = pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        log.warning("%s is unreadable (%s): skipped (the writer stopped before closing it)",
+                    f, exc)  # fmt: skip
+        return
+    for batch in reader.iter_batches():
+        for row in batch.to_pylist():
+            yield {k: v for k, v in row.items() if v is not None}
 
 
 def recorded_events(path: str | Path) -> Iterator[tuple[Any, None]]:

@@ -48,3 +48,21 @@ def test_a_recorded_run_replays_to_the_same_predictions_and_model_changes(
         (r["event_index"], r["outcome"], r["version"]) for r in summary["meta_updates"]
     ]
     assert _predictions(tmp_path / "a.jsonl") == _predictions(tmp_path / "b.jsonl")
+
+
+def test_a_parquet_recording_replays_like_a_json_lines_one(tmp_path: Path) -> None:
+    for fmt in ("jsonl", "parquet"):
+        proc = cli("run", "--scenario", "sinusoid-stationary", "--events", "3000",
+                   "--metrics-port", "0", "--no-meta-update", "--record", str(tmp_path / fmt),
+                   "--record-format", fmt, "--json", "-q")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert list((tmp_path / "parquet").glob("events-*.parquet"))
+    assert list(read_records(tmp_path / "parquet")) == list(read_records(tmp_path / "jsonl"))
+    reports = {}
+    for fmt in ("jsonl", "parquet"):
+        proc = cli("replay", str(tmp_path / fmt), "--family", "sinusoid", "--strategy",
+                   "no-meta-update", "--report", str(tmp_path / f"r-{fmt}"), "--json",
+                   "-q")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+        reports[fmt] = json.loads(proc.stdout)["strategies"]["no-meta-update"]
+    assert reports["jsonl"]["predictions_sha256"] == reports["parquet"]["predictions_sha256"]

@@ -76,3 +76,38 @@ def test_reading_what_is_not_a_recording_explains(tmp_path: Path) -> None:
         list(read_records(tmp_path / "missing"))
     with pytest.raises(ValueError, match="max_bytes"):
         EventRecorder(tmp_path / "r", max_bytes=0)
+
+
+def test_a_parquet_recording_holds_the_same_records_and_mixes_with_json_lines(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "rec"
+    with EventRecorder(path, format="parquet", max_bytes=300) as rec:
+        rec.model_change(1, index=0, outcome="start")
+        rec.events(RAWS[:3], start=0)
+        rec.events(RAWS[3:], start=3, meta=[{"offset": k, "ts": 10 * k} for k in range(3)])
+    parquet = [r for r in read_records(path)]
+    with EventRecorder(tmp_path / "json") as rec:
+        rec.model_change(1, index=0, outcome="start")
+        rec.events(RAWS[:3], start=0)
+        rec.events(RAWS[3:], start=3, meta=[{"offset": k, "ts": 10 * k} for k in range(3)])
+    assert parquet == list(read_records(tmp_path / "json"))
+    assert len(list(path.glob("events-*.parquet"))) >= 2  # rotated
+    # a JSON-lines recorder appends to the same log after the Parquet files
+    with EventRecorder(path) as rec:
+        rec.events([RAWS[0]], start=6)
+    assert [r["i"] for r in read_records(path)][-2:] == [5, 6]
+    assert [raw for raw, _ in recorded_events(path)][3] == RAWS[3]  # bytes kept exactly
+
+
+def test_an_unclosed_parquet_file_is_skipped_and_closed_ones_kept(tmp_path: Path) -> None:
+    path = tmp_path / "rec"
+    with EventRecorder(path, format="parquet") as rec:
+        rec.events(RAWS[:2], start=0)
+    crashed = EventRecorder(path, format="parquet")
+    crashed.events(RAWS[2:3], start=2)  # the process dies before close(): no Parquet footer
+    assert [r["i"] for r in read_records(path)] == [0, 1]
+    crashed.close()
+    assert [r["i"] for r in read_records(path)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="unknown recording format"):
+        EventRecorder(path, format="csv")
