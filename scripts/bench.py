@@ -1,4 +1,4 @@
-"""Measure the targets of issues #2 and #3 into ``docs/BENCHMARKS.md`` and ``docs/benchmarks.json``.
+"""Measure the targets of issues #2 to #5 into ``docs/BENCHMARKS.md`` and ``docs/benchmarks.json``.
 
     python -m scripts.bench [--quick] [--only NAME[,NAME]] [--checkpoint-dir DIR]
         [--out docs/BENCHMARKS.md] [--json-out PATH]
@@ -37,6 +37,11 @@ Sections (``--only`` takes these names):
   the promoted update against the pre-drift level, beside no update and blind periodic
   retraining on the same events; the old family's held-out loss before and after; batch
   latency while a background update trains.
+* ``replay``: ``stream-meta replay --strategy all`` on a recording of every shipped scenario
+  (``run --record``, to 10,000 events past the last drift point; ``--quick``: the logs of
+  tests/data/logs) (issue 5): prequential loss of the system against its ablations and the
+  baselines, the sinusoid 10-shot MSE and adaptation latency against MAML's, and replay speed
+  of a 100,000-event recording.
 
 ``--quick`` shrinks every size for a smoke run; its report says so at the top and must not be
 committed as the project's numbers. The CLI is run with the default settings: ``STREAM_META_*``
@@ -92,6 +97,14 @@ LATENCY_P50_TARGET_MS = 1.0
 THROUGHPUT_TARGET = 20_000.0
 LIVE_TASKS_TARGET = 10_000
 BYTES_PER_TASK_TARGET = 4096
+
+#: the targets of issue 5 (replay evaluation); FULL replays each scenario to 10,000 events past
+#: its last drift point
+REPLAY_TAIL_EVENTS = 10_000
+REPLAY_MAML_MSE_RATIO = 20.0
+REPLAY_MAML_LATENCY_RATIO = 100.0
+REPLAY_SPEED_EVENTS = 100_000
+REPLAY_SPEED_TARGET = 20_000.0
 
 #: the targets of issue 3 (the Kafka service)
 SERVE_THROUGHPUT_TARGET = 10_000.0
@@ -1488,6 +1501,134 @@ def measure_meta_update(ctx: Context, section: Section) -> None:
     )
 
 
+def measure_replay(ctx: Context, section: Section) -> None:
+    """Issue 5: every strategy on every shipped scenario's recording, the MAML ratios, replay
+    speed of a 100,000-event recording."""
+    from stream_meta.tasks.scenarios import SCENARIOS
+
+    t_best = "the full system has the lowest prequential loss of all strategies"
+    t_mse = f"sinusoid 10-shot MSE <= 1/{REPLAY_MAML_MSE_RATIO:g} of MAML's (same replay)"
+    t_lat = f"adaptation latency >= {REPLAY_MAML_LATENCY_RATIO:g}x lower than MAML's 10 steps"
+    t_speed = (f"replay of a {REPLAY_SPEED_EVENTS:,}-event recording at >= "
+               f"{REPLAY_SPEED_TARGET:,.0f} events/s")  # fmt: skip
+    if not need_checkpoint(ctx, section, "sinusoid", [t_best, t_mse, t_lat, t_speed]):
+        return
+    tmp = Path(ROOT / "build" / "bench-replay")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cols = ["prequential loss", "cold start", "1 shot", "5 shots", "10 shots", "events/s",
+            "adapt p50 (ms)", "meta-updates", "family backward transfer / forgetting"]  # fmt: skip
+    runs_by_scenario: dict[str, dict[str, Any]] = {}
+    for name, scenario in SCENARIOS.items():
+        family = scenario.model_family
+        if ctx.quick:
+            log, how = ROOT / "tests" / "data" / "logs" / name, "the test log"
+        else:
+            last = scenario.drift_points[-1] if scenario.drift_points else 20_000
+            events = last + REPLAY_TAIL_EVENTS
+            log = tmp / f"{name}-recording"
+            _r, _s, rec_cmd = cli_json(["run", "--scenario", name, "--events", str(events),
+                                        "--no-meta-update", "--record", rel(log),
+                                        "--metrics-port", "0", "--json", "-q"])  # fmt: skip
+            how = f"`{rec_cmd}`"
+        result, seconds, cmd = cli_json(["replay", rel(log), "--family", family,
+                                         "--strategy", "all", "--report", rel(tmp / name),
+                                         "--json", "-q"])  # fmt: skip
+        runs = result["strategies"]
+        runs_by_scenario[name] = runs
+        section.raw[name] = {"command": cmd, "recorded_by": how, "seconds": round(seconds, 1),
+                             "strategies": {k: {m: v for m, v in r.items()
+                                                if m not in ("adapt_latency_ms", "loss_windows")}
+                                            for k, r in runs.items()}}  # fmt: skip
+        rows = [f"**`{name}`** ({result['events']:,} events recorded by {how}; replayed by "
+                f"`{cmd}` in {seconds:.0f} s)", "", "| strategy | " + " | ".join(cols) + " |",
+                "|---|" + "---|" * len(cols)]  # fmt: skip
+        for strategy, r in runs.items():
+            by = r["loss_by_shots"]
+            fam = r.get("families") or {}
+            bwt = fam.get("backward_transfer")
+            fam_cell = "-" if bwt is None else f"{bwt:+.4g} / {fam['forgetting']:.4g}"
+            cells = [_num(r["prequential_loss"]), _num(r["cold_start_loss"]),
+                     _num(by.get("1")), _num(by.get("5")), _num(by.get("10")),
+                     f"{r['events_per_s']:,.0f}", _num(r["adapt_latency_ms_p50"]),
+                     str(sum(u["outcome"] == "promoted" for u in r["meta_updates"])) + " promoted",
+                     fam_cell]  # fmt: skip
+            rows.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        section.tables.append("\n".join(rows))
+        full = runs["full"]["prequential_loss"]
+        others = {k: r["prequential_loss"] for k, r in runs.items() if k != "full"}
+        best = min(others, key=lambda k: others[k])
+        # a tie is possible only with an ablation that served the very same predictions (no
+        # meta-update happened): the system is then still not beaten
+        sha = runs["full"]["predictions_sha256"]
+        ties = [k for k, v in others.items() if v == full and runs[k]["predictions_sha256"] == sha]
+        tie = f"; equal to {', '.join(ties)} (identical predictions: no update promoted)"
+        section.checks.append(Check(
+            f"{t_best} (`{name}`)",
+            f"full {full:.4g}; best other: {best} {others[best]:.4g} "
+            f"({full / others[best] - 1:+.1%}){tie if ties else ''}",
+            full <= others[best], f"`{cmd}`: `prequential_loss`",
+        ))  # fmt: skip
+    stationary = runs_by_scenario["sinusoid-stationary"]
+    cmd = section.raw["sinusoid-stationary"]["command"]
+    full10 = stationary["full"]["loss_by_shots"]["10"]
+    maml10 = stationary["maml"]["loss_by_shots"]["10"]
+    section.checks.append(Check(
+        t_mse, f"full {full10:.4g} vs MAML {maml10:.4g}: 1/{maml10 / full10:.0f}",
+        full10 * REPLAY_MAML_MSE_RATIO <= maml10,
+        f"`{cmd}`: `loss_by_shots[\"10\"]` (events served with exactly 10 examples)",
+    ))  # fmt: skip
+    lf = stationary["full"]["adapt_latency_ms_p50"]
+    lm = stationary["maml"]["adapt_latency_ms_p50"]
+    section.checks.append(Check(
+        t_lat, f"p50 full {lf:.3f} ms vs MAML {lm:.3f} ms: {lm / lf:.0f}x lower",
+        lm >= REPLAY_MAML_LATENCY_RATIO * lf,
+        f"`{cmd}`: `adapt_latency_ms_p50` (one task of the replay at a time, one thread: "
+        "5-example support set adapted, one point predicted)",
+    ))  # fmt: skip
+    n = REPLAY_SPEED_EVENTS if not ctx.quick else 20_000
+    log = tmp / "speed-recording"
+    _r, _s, rec_cmd = cli_json(["run", "--scenario", "sinusoid-stationary", "--events", str(n),
+                                "--no-meta-update", "--record", rel(log), "--metrics-port", "0",
+                                "--json", "-q"])  # fmt: skip
+    speeds = {}
+    for label, extra in (("as served (engine.micro_batch)", []),
+                         ("--batch-size 4096", ["--batch-size", "4096"])):  # fmt: skip
+        result, seconds, cmd = cli_json(["replay", rel(log), "--family", "sinusoid",
+                                         "--strategy", "full", "--report",
+                                         rel(tmp / f"speed-{len(speeds)}"), *extra, "--json",
+                                         "-q"])  # fmt: skip
+        speeds[label] = (result["strategies"]["full"]["events_per_s"], seconds, cmd)
+    (v0, s0, c0), (v1, _s1, c1) = speeds.values()
+    section.checks.append(Check(
+        t_speed,
+        f"{v0:,.0f} events/s with the served batch size; {v1:,.0f} with 4,096-event batches "
+        f"(the command took {s0:.0f} s in all, start-up and report included)",
+        max(v0, v1) >= REPLAY_SPEED_TARGET,
+        f"`{rec_cmd}`, then `{c0}` and `{c1}`: `events_per_s` (strategy `full`)",
+    ))  # fmt: skip
+    section.raw["speed"] = {k: {"events_per_s": v, "seconds": sec, "command": c}
+                            for k, (v, sec, c) in speeds.items()}  # fmt: skip
+    section.notes.append(
+        "Strategies (`stream-meta replay --strategy all`, each on the same events, test then "
+        "train): `full` (neighbours, drift monitor, meta-updates trained inline), "
+        "`no-neighbours`, `no-meta-update`, `global` (no adaptation: the meta-model's prior for "
+        "every event), `scratch` (the target network from a random init, 100 Adam steps per "
+        "adaptation), `finetune` (a multi-task pre-trained init, 10 SGD steps), `maml` (MAML "
+        "meta-trained with torch.func on the meta-model's budget, 10 SGD steps), "
+        "`nearest-task` (the system's adaptation of the nearest other task). Losses are mean "
+        "squared errors (sinusoid) or cross-entropies (digits); `N shots` are events served "
+        "with exactly N examples of their task; the family columns come from probes of every "
+        "task family (task-id prefix) at the end of each phase (see "
+        "`stream_meta/evaluation/families.py`): negative backward transfer means a family got "
+        "worse after its phase, forgetting is the drop from its best."
+    )
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
 def get_drift_point(name: str) -> int:
     from stream_meta.tasks.scenarios import get_scenario
 
@@ -1506,6 +1647,7 @@ MEASUREMENTS: dict[str, tuple[str, Callable[[Context, Section], None]]] = {
     "serve": ("Kafka service (`stream-meta serve`)", measure_serve),
     "drift": ("Drift detection", measure_drift),
     "meta_update": ("Meta-updates: recovery, forgetting, latency", measure_meta_update),
+    "replay": ("Replay evaluation: strategies and baselines", measure_replay),
 }
 
 

@@ -11,6 +11,11 @@ fitted to the task's current support set by an :class:`InnerLoop` from an initia
   ``vmap`` over tasks of ``k`` inner SGD steps taken by ``grad``, second-order by default
   (``first_order=True`` detaches the inner gradients, FOMAML); ``k`` SGD steps at serving time.
 
+Serving needs no meta-gradient: :func:`fit` steps all tasks as one ``[B, P]`` tensor with
+plain autograd (for one task 1.5 ms for 10 steps on one thread, against 5.6 ms through
+``vmap``; measured once on the development machine), so the baselines are not slowed by
+the meta-training machinery.
+
 Pre-training and MAML get the meta-model's training budget: the same episode sampler
 (:class:`~stream_meta.training.EpisodeSampler`, so with the same seed the very same task draws,
 support sizes ``0..max_shots`` and query points), the same number of steps and tasks per step,
@@ -57,6 +62,7 @@ __all__ = [
     "evaluate_init",
     "fit",
     "load_init",
+    "maml_adapt",
     "predict",
     "save_init",
     "scratch_init",
@@ -133,43 +139,85 @@ def fit(
     smask: torch.Tensor,
     loop: InnerLoop,
     *,
-    first_order: bool = False,
     keep_best: bool = True,
 ) -> torch.Tensor:
-    """Fit ``theta [P]`` to every support set -> ``[B, P]``.
+    """Fit ``theta [P]`` to every support set -> ``[B, P]`` (serving: no graph is kept).
 
-    Steps are a ``torch.func.vmap`` over tasks of ``torch.func.grad_and_value`` steps. SGD is
-    differentiable with respect to ``theta`` (MAML's meta-gradient; ``first_order`` drops its
-    second-order part); Adam keeps per-task moments (serving only). With ``keep_best`` each
-    task gets the iterate with the lowest support loss (the initialisation included), so a step
-    size that diverges on some task (a single far-out example can) never serves a worse model
-    than the one it started from; MAML is meta-trained without it, as published.
+    All tasks step together as one ``[B, P]`` tensor: the gradient of the sum of the tasks'
+    mean losses is each task's own gradient, so every task is fitted alone. With ``keep_best``
+    each task gets the iterate with the lowest support loss (the initialisation included), so
+    a step that diverges on some task never serves a worse fit than the start.
     """
     y = _targets(kind, ys, net.out_dim)
-    step = torch.func.grad_and_value(lambda w, x_, y_, m_: _task_loss(net, kind, w, x_, y_, m_))
     adam = loop.optimizer == "adam"
-
-    def inner(w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor) -> Any:
-        best_w, best_l = w, torch.full((), math.inf)
-        m1 = m2 = torch.zeros_like(w)
+    w = theta.detach().expand(xs.shape[0], -1).clone()
+    best_w, best_l = w.clone(), torch.full((xs.shape[0],), math.inf)
+    m1, m2 = torch.zeros_like(w), torch.zeros_like(w)
+    with torch.enable_grad():
         for t in range(1, loop.steps + 1):
-            g, loss = step(w, x, y_, m)
+            w.requires_grad_(True)
+            per = _task_losses(net, kind, w, xs, y, smask)
+            (g,) = torch.autograd.grad(per.sum(), w)
+            w, per = w.detach(), per.detach()
             if keep_best:
-                better = loss < best_l  # False for NaN
-                best_w, best_l = torch.where(better, w, best_w), torch.where(better, loss, best_l)
-            if first_order or adam:
-                g = g.detach()
+                _keep(best_w, best_l, w, per)
             if loop.clip is not None:
-                g = g * torch.clamp(loop.clip / (g.norm() + 1e-12), max=1.0)
-            if adam:  # Adam's update, per task (elementwise)
-                m1 = 0.9 * m1 + 0.1 * g
-                m2 = 0.999 * m2 + 0.001 * g * g
+                g = g * torch.clamp(loop.clip / (g.norm(dim=1, keepdim=True) + 1e-12), max=1.0)
+            if adam:  # Adam's update, elementwise (so per task)
+                m1.mul_(0.9).add_(g, alpha=0.1)
+                m2.mul_(0.999).addcmul_(g, g, value=0.001)
                 g = (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8)
             w = w - loop.lr * g
-        if not keep_best:
-            return w
-        loss = _task_loss(net, kind, w, x, y_, m)
-        return torch.where(loss < best_l, w, best_w)
+    if not keep_best:
+        return w
+    with torch.no_grad():
+        _keep(best_w, best_l, w, _task_losses(net, kind, w, xs, y, smask))
+    return best_w
+
+
+def _keep(best_w: torch.Tensor, best_l: torch.Tensor, w: torch.Tensor, loss: torch.Tensor) -> None:
+    better = loss < best_l  # False for NaN
+    torch.where(better[:, None], w, best_w, out=best_w)
+    torch.where(better, loss, best_l, out=best_l)
+
+
+def _task_losses(
+    net: TargetNet, kind: str, w: torch.Tensor, xs: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """Each task's mean loss over its masked support set ``[B]``."""
+    out = net.forward(xs, w)  # [B, n, out]
+    if kind == "regression":
+        per = (out[..., 0] - y) ** 2
+    else:
+        per = -(torch.log_softmax(out, dim=-1) * y).sum(-1)
+    return (per * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def maml_adapt(
+    net: TargetNet,
+    kind: str,
+    theta: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    smask: torch.Tensor,
+    loop: InnerLoop,
+    *,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """MAML's inner loop, differentiable with respect to ``theta`` -> ``[B, P]``.
+
+    A ``torch.func.vmap`` over tasks of ``loop.steps`` SGD steps taken by ``torch.func.grad``;
+    the meta-gradient flows through them (second order), or not through the inner gradients
+    with ``first_order`` (FOMAML).
+    """
+    y = _targets(kind, ys, net.out_dim)
+    grad = torch.func.grad(lambda w, x_, y_, m_: _task_loss(net, kind, w, x_, y_, m_))
+
+    def inner(w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor) -> Any:
+        for _ in range(loop.steps):
+            g = grad(w, x, y_, m)
+            w = w - loop.lr * (g.detach() if first_order else g)
+        return w
 
     return torch.func.vmap(inner, in_dims=(None, 0, 0, 0))(theta, xs, y, smask)
 
@@ -230,8 +278,8 @@ def train_init(
               sampler.episodes(bank["centres"]).items()}  # fmt: skip
         rng.random(c.batch_tasks)
         if method == "maml":
-            w = fit(net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop,
-                    first_order=first_order, keep_best=False)  # fmt: skip
+            w = maml_adapt(net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop,
+                           first_order=first_order)  # fmt: skip
             x, y = ep["xq"], ep["yq"]
         else:  # one network for every task: fitted to all of each task's points
             w = theta.expand(ep["x_all"].shape[0], -1)

@@ -121,6 +121,29 @@ def _table(report: dict[str, Any]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _families(report: dict[str, Any]) -> str:
+    """Each strategy's per-family matrix (rows: phase ends; columns: families), if any."""
+    parts = []
+    for name, r in report["strategies"].items():
+        fam = r.get("families")
+        if not fam:
+            continue
+        head = "".join(f"<th>{html.escape(f)}</th>" for f in ["after phase", *fam["families"]])
+        rows = "".join(
+            f"<tr><th>{i + 1}: {html.escape(p['family'])} [{p['start']}, {p['end']})</th>"
+            + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+            for i, (p, row) in enumerate(zip(fam["phases"], fam["matrix"], strict=True))
+        )  # fmt: skip
+        summary = (f"{fam['metric']}: average {_fmt(fam['average'])}, backward transfer "
+                   f"{_fmt(fam['backward_transfer'])}, "
+                   f"forgetting {_fmt(fam['forgetting'])}")  # fmt: skip
+        parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(summary)}</p><table>"
+                     f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")  # fmt: skip
+    if not parts:
+        return ""
+    return "<h2>Per-family matrix</h2>" + "".join(parts)
+
+
 def write_html(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report page to ``path``; returns it."""
     plots = "".join(
@@ -141,6 +164,7 @@ img{{max-width:100%}}</style></head>
 <body><h1>stream-meta replay report</h1><p>{meta}</p>
 <h2>Comparison</h2>{_table(report)}
 {plots}
+{_families(report)}
 </body></html>
 """
     out = Path(path)

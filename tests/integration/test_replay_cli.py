@@ -152,6 +152,8 @@ def test_the_family_matrix_tracks_each_family_across_phases(tmp_path: Path) -> N
     assert maml["matrix"][0] == maml["matrix"][-1] and maml["backward_transfer"] == 0.0
     system = report["strategies"]["no-meta-update"]["families"]
     assert system["matrix"][-1][0] < 0.1 < maml["matrix"][-1][0]  # 10-shot sinusoids
+    page = (tmp_path / "report.html").read_text()
+    assert "Per-family matrix" in page and page.count("<h3>") == 2
 
 
 class _Html(HTMLParser):

@@ -19,6 +19,7 @@ from stream_meta.evaluation.baselines import (
     evaluate_init,
     fit,
     load_init,
+    maml_adapt,
     predict,
     save_init,
     scratch_init,
@@ -54,12 +55,24 @@ def test_maml_meta_gradient_flows_through_the_inner_steps_and_first_order_drops_
     grads = {}
     for first_order in (False, True):
         theta = scratch_init(CONFIG).requires_grad_()
-        w = fit(net, "regression", theta, xs, ys, torch.ones(ys.shape), InnerLoop(3, 0.01),
-                first_order=first_order, keep_best=False)  # fmt: skip
+        w = maml_adapt(net, "regression", theta, xs, ys, torch.ones(ys.shape), InnerLoop(3, 0.01),
+                       first_order=first_order)  # fmt: skip
         ((predict(net, "regression", xq, w) - yq) ** 2).mean().backward()
         grads[first_order] = theta.grad
     assert all(bool(torch.isfinite(g).all()) and float(g.norm()) > 0 for g in grads.values())
     assert not torch.allclose(grads[False], grads[True])  # the second-order term is there
+
+
+@pytest.mark.parametrize("kind", ["regression", "classification"])
+def test_the_serving_fit_and_the_torch_func_inner_loop_agree(kind: str) -> None:
+    config = CONFIG if kind == "regression" else ModelConfig(x_dim=3, kind=kind, n_classes=4)
+    net, gen = target_for(config), torch.Generator().manual_seed(1)
+    xs = torch.randn(5, 6, config.x_dim, generator=gen)
+    ys = torch.randn(5, 6, generator=gen) if kind == "regression" else torch.randint(0, 4, (5, 6))
+    m = (torch.rand(5, 6, generator=gen) > 0.3).float()
+    theta, loop = scratch_init(config), InnerLoop(4, 0.05)
+    served = fit(net, kind, theta, xs, ys, m, loop, keep_best=False)
+    torch.testing.assert_close(served, maml_adapt(net, kind, theta, xs, ys, m, loop).detach())
 
 
 def test_each_task_is_fitted_alone_whatever_the_batch() -> None:
