@@ -753,7 +753,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
             admin = KafkaAdminClient(bootstrap_servers=servers)
             try:
                 ensure_topics(admin, topics.all(), settings.service.partitions,
-                              settings.service.replication_factor)  # fmt: skip
+                              settings.service.replication_factor,
+                              compacted=topics.compacted)  # fmt: skip
             finally:
                 admin.close()
         producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)

@@ -238,6 +238,12 @@ class ServiceSettings(BaseModel):
     replication_factor: int = Field(
         default=1, ge=1, description="Replication factor of created topics."
     )
+    share_embeddings: bool = Field(
+        default=True,
+        description="Publish this replica's task embeddings to <prefix>.task-embeddings (a "
+        "compacted topic) and index every other replica's, so neighbours are found across "
+        "partitions. Off: each replica retrieves among its own tasks only.",
+    )
 
 
 class DriftSettings(BaseModel):

@@ -277,6 +277,8 @@ class Engine:
             1, min(config.max_live_tasks, (256 << 20) // (4 * model.target.n_params))
         )
         self._pending: dict[str, np.ndarray] = {}
+        #: embeddings changed since the last drain (for other replicas), when sharing is on
+        self._outbox: dict[str, np.ndarray] | None = None
         self._install(model, model_version)
         self.metrics.model_version.set(model_version)
 
@@ -659,6 +661,8 @@ class Engine:
         for s, row in zip(states, z, strict=True):
             s.embedding = row
             self._pending[s.task_id] = row
+        if self._outbox is not None:
+            self._outbox.update((s.task_id, row) for s, row in zip(states, z, strict=True))
         if len(self._pending) >= self.config.index_flush_every:
             self.flush_index()
 
@@ -670,6 +674,33 @@ class Engine:
         self.index.upsert(ids, np.stack(list(self._pending.values())))
         self._pending.clear()
         self.metrics.index_size.set(len(self.index))
+
+    # -- sharing embeddings with other replicas ------------------------------------------------
+    def share_embeddings(self) -> None:
+        """From now on, collect every task embedding this engine computes for
+        :meth:`drain_embeddings` (an engine that serves a share of the tasks publishes them)."""
+        if self._outbox is None:
+            self._outbox = {}
+
+    def drain_embeddings(self) -> dict[str, np.ndarray]:
+        """The embeddings computed since the last drain (task id -> ``[E]``), newest kept."""
+        if not self._outbox:
+            return {}
+        out, self._outbox = self._outbox, {}
+        return out
+
+    def merge_embeddings(self, task_ids: Sequence[str], z: np.ndarray) -> int:
+        """Index embeddings of tasks another replica serves; returns how many were taken.
+
+        A task this engine holds itself keeps its own (fresher) embedding; the others become
+        neighbours like local ones (a task a replica takes over starts from its indexed
+        embedding). ``z`` must come from the served model version (the caller checks).
+        """
+        keep = [i for i, t in enumerate(task_ids) if t not in self.store]
+        if keep:
+            self.index.upsert([task_ids[i] for i in keep], z[keep])
+            self.metrics.index_size.set(len(self.index))
+        return len(keep)
 
     def _evict(self, events: list[Event]) -> None:
         now = max((ev.ts or 0.0 for ev in events), default=0.0) or time.time()

@@ -318,6 +318,22 @@ class ServiceMetrics:
             "1 while the broker answers the consumer and producer, 0 while it is unreachable.",
             registry=r,
         )
+        self.embeddings_published = Counter(
+            "stream_meta_embeddings_published_total",
+            "Task embeddings this replica published to the shared embeddings topic.",
+            registry=r,
+        )
+        self.embeddings_merged = Counter(
+            "stream_meta_embeddings_merged_total",
+            "Other replicas' task embeddings added to this replica's index.",
+            registry=r,
+        )
+        self.embeddings_skipped = Counter(
+            "stream_meta_embeddings_skipped_total",
+            "Shared-embedding records skipped: malformed, non-finite or from another model "
+            "version.",
+            registry=r,
+        )
         for reason in RejectReason:
             self.dead_letters.labels(reason.value)
         for event in ("assigned", "revoked"):

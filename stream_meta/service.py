@@ -67,14 +67,21 @@ class Topics:
     predictions: str
     dead_letter: str
     drift: str  # drift alarms and meta-update outcomes
+    task_embeddings: str  # compacted: every replica's task embeddings, for all the others
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
         return cls(f"{prefix}.events", f"{prefix}.predictions", f"{prefix}.dead-letter",
-                   f"{prefix}.drift")  # fmt: skip
+                   f"{prefix}.drift", f"{prefix}.task-embeddings")  # fmt: skip
 
     def all(self) -> tuple[str, ...]:
-        return (self.events, self.predictions, self.dead_letter, self.drift)
+        return (self.events, self.predictions, self.dead_letter, self.drift,
+                self.task_embeddings)  # fmt: skip
+
+    @property
+    def compacted(self) -> frozenset[str]:
+        """Topics that keep only the newest record per key."""
+        return frozenset({self.task_embeddings})
 
 
 def _backoff(attempt: int, first: float, most: float) -> float:
@@ -120,6 +127,7 @@ class KafkaService:
         self._inflight: tuple[Future[Path], dict[Any, int], float] | None = None
         self.consumer: Any = None
         self.producer: Any = None
+        self.sync: Any = None  # an EmbeddingSync (other replicas' task embeddings)
         self.consumed = self.predicted = self.dead_lettered = 0
         self.restored: dict[str, Any] | None = None
         self._positions: dict[Any, int] = {}  # partition -> next offset, outputs acknowledged
@@ -212,7 +220,8 @@ class KafkaService:
         self._set_broker_up(True)
 
     def _create_topics(self, admin: Any) -> None:
-        ensure_topics(admin, self.topics.all(), self.cfg.partitions, self.cfg.replication_factor)
+        ensure_topics(admin, self.topics.all(), self.cfg.partitions, self.cfg.replication_factor,
+                      compacted=self.topics.compacted)  # fmt: skip
 
     def _open_clients(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
@@ -246,6 +255,13 @@ class KafkaService:
             fetch_max_wait_ms=k.fetch_max_wait_ms,
         )
         self.consumer.subscribe([self.topics.events], listener=Listener())
+        if self.cfg.share_embeddings:
+            from stream_meta.embedding_sync import EmbeddingSync
+
+            reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False,
+                                   auto_offset_reset="earliest")  # fmt: skip
+            self.sync = EmbeddingSync(self.engine, self.topics.task_embeddings, reader,
+                                      self.metrics)  # fmt: skip
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -278,6 +294,8 @@ class KafkaService:
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     break
                 self._heartbeat = time.monotonic()
+                if self.sync is not None:
+                    self.sync.poll()
                 limit = self._max_records
                 if events is not None:
                     limit = max(1, min(limit, events - self.consumed))
@@ -325,6 +343,8 @@ class KafkaService:
                  "ts": r.timestamp} for r in records
             ])  # fmt: skip
         outputs, reasons = self._outputs(records, result)
+        if self.sync is not None:
+            outputs += self.sync.outgoing()
         alarms = self.watch.observe(result) if self.watch is not None else []
         for alarm in alarms:
             record = {"type": "drift_alarm", **alarm.to_dict(),
@@ -576,6 +596,8 @@ class KafkaService:
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
+            if self.sync is not None:
+                self.sync.close()
             for client in (self.producer, self.consumer):
                 if client is None:
                     continue
@@ -594,14 +616,22 @@ class KafkaService:
 
 
 def ensure_topics(
-    admin: Any, topics: tuple[str, ...], partitions: int, replication_factor: int
+    admin: Any,
+    topics: tuple[str, ...],
+    partitions: int,
+    replication_factor: int,
+    *,
+    compacted: frozenset[str] = frozenset(),
 ) -> list[str]:
-    """Create those of ``topics`` that do not exist yet; returns the ones created."""
+    """Create those of ``topics`` that do not exist yet (``compacted`` ones with
+    ``cleanup.policy=compact``); returns the ones created."""
     existing = set(admin.list_topics())
     missing = [t for t in topics if t not in existing]
     if missing:
         spec = {"num_partitions": partitions, "replication_factor": replication_factor}
-        admin.create_topics({t: spec for t in missing}, raise_errors=False)
+        compact = {"configs": {"cleanup.policy": "compact"}}
+        admin.create_topics({t: {**spec, **(compact if t in compacted else {})}
+                             for t in missing}, raise_errors=False)  # fmt: skip
         log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
     return missing
 
