@@ -111,6 +111,16 @@ def load_checkpoint(
     return model.to(device).eval(), manifest
 
 
+def load_checkpoint_bytes(blob: bytes) -> tuple[MetaModel, dict[str, Any]]:
+    """:func:`load_checkpoint` of a checkpoint held in memory (e.g. received from Kafka)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="stream-meta-model-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        path.write_bytes(blob)
+        return load_checkpoint(path)
+
+
 def shipped_checkpoint(family: str) -> Path:
     """Path of the checkpoint shipped inside the package for ``family``."""
     if family not in SHIPPED:

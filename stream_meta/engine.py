@@ -279,6 +279,8 @@ class Engine:
         self._pending: dict[str, np.ndarray] = {}
         #: embeddings changed since the last drain (for other replicas), when sharing is on
         self._outbox: dict[str, np.ndarray] | None = None
+        #: tasks whose support set changed since the last drain (for a state changelog)
+        self._changed: dict[str, TaskState] | None = None
         self._install(model, model_version)
         self.metrics.model_version.set(model_version)
 
@@ -329,8 +331,18 @@ class Engine:
         self.metrics.model_version.set(version)
 
     # -- the loop ---------------------------------------------------------------------------
-    def process(self, raws: Sequence[Raw], received_at: float | None = None) -> BatchResult:
-        """Validate, predict, score and learn a batch of raw events, in order."""
+    def process(
+        self,
+        raws: Sequence[Raw],
+        received_at: float | None = None,
+        *,
+        learned: Sequence[bool] | None = None,
+    ) -> BatchResult:
+        """Validate, predict, score and learn a batch of raw events, in order.
+
+        ``learned[i]``: raw ``i`` is known to be learned already (a redelivery after a state
+        restore): it is predicted and reported as a duplicate, never learned again.
+        """
         t0 = time.perf_counter() if received_at is None else received_at
         result = BatchResult()
         events: list[Event] = []
@@ -351,6 +363,8 @@ class Engine:
         if n_bad:
             self.metrics.events.labels("invalid", "rejected").inc(n_bad)
         duplicates = self._dedupe(events)
+        if learned is not None:
+            duplicates = self._already_learned(events, [learned[p] for p in positions], duplicates)
         if events:
             result.outputs = self._process_events(events, t0)
             result.outputs.duplicates = duplicates
@@ -377,6 +391,24 @@ class Engine:
         if not n_dup:
             return None
         self.metrics.duplicates.inc(n_dup)
+        return flags
+
+    def _already_learned(
+        self, events: list[Event], learned: list[bool], flags: list[bool] | None
+    ) -> list[bool] | None:
+        """Turn labelled events marked as learned into queries, in place; the duplicate flags."""
+        n = 0
+        for i, ev in enumerate(events):
+            if learned[i] and ev.y is not None:
+                if flags is None:
+                    flags = [False] * len(events)
+                events[i] = Event.model_construct(
+                    event_id=ev.event_id, task_id=ev.task_id, x=ev.x, y=None, ts=ev.ts
+                )
+                flags[i] = True
+                n += 1
+        if n:
+            self.metrics.duplicates.inc(n)
         return flags
 
     def _process_events(self, events: list[Event], t0: float) -> Outputs:
@@ -429,6 +461,8 @@ class Engine:
                 if viewing is not None and viewing.xs is not None and viewing.ys is not None:
                     viewing.xs, viewing.ys = viewing.xs.copy(), viewing.ys.copy()
                 kept, evicted = store.add_example(state, ev.x, ev.y)
+                if kept and self._changed is not None:
+                    self._changed[state.task_id] = state
                 if kept:
                     plan.ops.setdefault(state.key, []).append((i, len(plan.evicted)))
                     plan.evicted.append(evicted)
@@ -702,6 +736,53 @@ class Engine:
             self.metrics.index_size.set(len(self.index))
         return len(keep)
 
+    # -- a task-state changelog ---------------------------------------------------------------
+    def track_changes(self) -> None:
+        """From now on, note every task whose support set changes (see :meth:`drain_changes`)."""
+        if self._changed is None:
+            self._changed = {}
+
+    def drain_changes(self) -> list[TaskState]:
+        """The tasks whose support set changed since the last drain (live states: read them
+        before the next batch)."""
+        if not self._changed:
+            return []
+        out, self._changed = list(self._changed.values()), {}
+        return out
+
+    def restore_tasks(self, tasks: Sequence[tuple[str, int, np.ndarray, np.ndarray]]) -> int:
+        """Load ``(task_id, seen, xs [n, x_dim], ys [n])`` support sets (from a changelog), each
+        unless this engine already holds the task with as many examples seen; re-encodes and
+        re-indexes them. Returns how many were loaded."""
+        now = time.time()
+        states = []
+        for task_id, seen, xs, ys in tasks:
+            current = self.store.get(task_id)
+            if current is not None and current.seen >= seen:
+                continue
+            state, _ = self.store.touch(task_id, now)
+            self.store.load(state, xs, ys, seen)
+            states.append(state)
+        if states:
+            self._encode_support(states)
+            self.flush_index()
+        return len(states)
+
+    def _encode_support(self, states: list[TaskState], chunk: int = 4096) -> None:
+        """Pooled encoder sums of ``states``' support sets from scratch, then embeddings."""
+        for lo in range(0, len(states), chunk):
+            part = states[lo : lo + chunk]
+            with torch.inference_mode():
+                feats = self._point_features(
+                    np.concatenate([s.xs[: s.n] for s in part]),  # type: ignore[index]
+                    np.concatenate([s.ys[: s.n] for s in part]).tolist(),  # type: ignore[index]
+                )
+            starts = np.concatenate([[0], np.cumsum([s.n for s in part])[:-1]])
+            sums = np.add.reduceat(feats, starts, axis=0)
+            for s, row in zip(part, sums, strict=True):
+                s.feature_sum = row
+            self._reembed(part)
+
     def _evict(self, events: list[Event]) -> None:
         now = max((ev.ts or 0.0 for ev in events), default=0.0) or time.time()
         evicted = self.store.evict(now)
@@ -776,18 +857,7 @@ class Engine:
             else:
                 s.feature_sum = np.zeros_like(s.feature_sum)
                 s.embedding = None
-        for lo in range(0, len(states), chunk):
-            part = states[lo : lo + chunk]
-            with torch.inference_mode():
-                feats = self._point_features(
-                    np.concatenate([s.xs[: s.n] for s in part]),  # type: ignore[index]
-                    np.concatenate([s.ys[: s.n] for s in part]).tolist(),  # type: ignore[index]
-                )
-            starts = np.concatenate([[0], np.cumsum([s.n for s in part])[:-1]])
-            sums = np.add.reduceat(feats, starts, axis=0)
-            for s, row in zip(part, sums, strict=True):
-                s.feature_sum = row
-            self._reembed(part)
+        self._encode_support(states, chunk)
         self.flush_index()
 
     # -- reporting ----------------------------------------------------------------------------

@@ -334,6 +334,25 @@ class ServiceMetrics:
             "version.",
             registry=r,
         )
+        self.changelog_restored = Counter(
+            "stream_meta_changelog_tasks_restored_total",
+            "Task support sets loaded from the task-state changelog on partition assignment.",
+            registry=r,
+        )
+        self.changelog_skipped = Counter(
+            "stream_meta_changelog_records_skipped_total",
+            "Task-state changelog records that did not parse (skipped).",
+            registry=r,
+        )
+        self.models_refused = Counter(
+            "stream_meta_model_messages_refused_total",
+            "Published model versions refused (the model in use stays), by reason: malformed, "
+            "oversized, sha256, invalid (not a loadable checkpoint), architecture.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("malformed", "oversized", "sha256", "invalid", "architecture"):
+            self.models_refused.labels(reason)
         for reason in RejectReason:
             self.dead_letters.labels(reason.value)
         for event in ("assigned", "revoked"):

@@ -15,7 +15,15 @@ Delivery, per batch and per checkpoint:
    backoff, until it is acknowledged: the loop does not move on while outputs are pending;
 3. every ``checkpoint_every_s``, and when partitions are revoked or the service stops, write a
    state checkpoint (:mod:`stream_meta.snapshot`: support sets, index, de-duplication window
-   *and* the offsets it reflects), then commit exactly those offsets.
+   *and* the offsets it reflects), then commit exactly those offsets (on revocation the commit
+   is sent without waiting: the rebalance callback runs on the client's IO thread, which must
+   not block).
+
+Replicas (several processes in one group) share two compacted topics: task embeddings
+(:mod:`stream_meta.embedding_sync`: every replica indexes every task) and the task-state
+changelog (:mod:`stream_meta.changelog`: a replica assigned a partition pauses it, loads its
+tasks' support sets, then serves it, never learning an event twice). Model versions published
+on ``<prefix>.models`` (:mod:`stream_meta.model_topic`) are verified and adopted.
 
 On restart the newest checkpoint is restored and each partition is read again from the
 checkpoint's offset, so the state and the stream resume from the same point: events after the
@@ -68,20 +76,23 @@ class Topics:
     dead_letter: str
     drift: str  # drift alarms and meta-update outcomes
     task_embeddings: str  # compacted: every replica's task embeddings, for all the others
+    task_state: str  # compacted, co-partitioned with events: the task-state changelog
+    models: str  # one partition: published model versions, in chunks
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
-        return cls(f"{prefix}.events", f"{prefix}.predictions", f"{prefix}.dead-letter",
-                   f"{prefix}.drift", f"{prefix}.task-embeddings")  # fmt: skip
+        names = ("events", "predictions", "dead-letter", "drift", "task-embeddings",
+                 "task-state", "models")  # fmt: skip
+        return cls(*(f"{prefix}.{n}" for n in names))
 
     def all(self) -> tuple[str, ...]:
         return (self.events, self.predictions, self.dead_letter, self.drift,
-                self.task_embeddings)  # fmt: skip
+                self.task_embeddings, self.task_state, self.models)  # fmt: skip
 
     @property
     def compacted(self) -> frozenset[str]:
         """Topics that keep only the newest record per key."""
-        return frozenset({self.task_embeddings})
+        return frozenset({self.task_embeddings, self.task_state})
 
 
 def _backoff(attempt: int, first: float, most: float) -> float:
@@ -128,6 +139,7 @@ class KafkaService:
         self.consumer: Any = None
         self.producer: Any = None
         self.sync: Any = None  # an EmbeddingSync (other replicas' task embeddings)
+        self.models: Any = None  # a ModelFollower (published model versions)
         self.consumed = self.predicted = self.dead_lettered = 0
         self.restored: dict[str, Any] | None = None
         self._positions: dict[Any, int] = {}  # partition -> next offset, outputs acknowledged
@@ -139,6 +151,9 @@ class KafkaService:
         self._last_lag = 0.0
         self._heartbeat = time.monotonic()
         self._first_record: float | None = None
+        #: (partition, task id) -> offset of the last event the restored changelog reflects
+        self._applied: dict[tuple[int, str], int] = {}
+        self._to_restore: set[Any] = set()  # assigned partitions paused until restored
         self._joined = False
         self._serving = False
         self._broker_up = False
@@ -177,13 +192,7 @@ class KafkaService:
         self.metrics.ready.set(1)
 
     def _client_config(self) -> dict[str, Any]:
-        k = self.kafka
-        return {
-            "bootstrap_servers": k.bootstrap_servers.split(","),
-            "request_timeout_ms": k.request_timeout_ms,
-            "reconnect_backoff_ms": k.reconnect_backoff_ms,
-            "reconnect_backoff_max_ms": k.reconnect_backoff_max_ms,
-        }
+        return dict(self.kafka.client_config())
 
     def _wait_for_broker(self) -> None:
         from kafka import KafkaAdminClient
@@ -220,8 +229,21 @@ class KafkaService:
         self._set_broker_up(True)
 
     def _create_topics(self, admin: Any) -> None:
-        ensure_topics(admin, self.topics.all(), self.cfg.partitions, self.cfg.replication_factor,
-                      compacted=self.topics.compacted)  # fmt: skip
+        t = self.topics
+        others = tuple(n for n in t.all() if n not in (t.task_state, t.models))
+        ensure_topics(admin, others, self.cfg.partitions, self.cfg.replication_factor,
+                      compacted=t.compacted)  # fmt: skip
+        ensure_topics(admin, (t.models,), 1, self.cfg.replication_factor)  # chunks in order
+        if self.cfg.state_changelog:  # co-partitioned: as many partitions as the events topic
+            events = _partition_count(admin, t.events) or self.cfg.partitions
+            ensure_topics(admin, (t.task_state,), events, self.cfg.replication_factor,
+                          compacted=t.compacted)  # fmt: skip
+            state = _partition_count(admin, t.task_state)
+            if state is not None and state < events:
+                raise ServiceError(
+                    f"{t.task_state} has {state} partitions, fewer than {t.events} ({events}): "
+                    "the task-state changelog must be co-partitioned with the events topic"
+                )
 
     def _open_clients(self) -> None:
         from kafka import KafkaConsumer, KafkaProducer
@@ -255,6 +277,15 @@ class KafkaService:
             fetch_max_wait_ms=k.fetch_max_wait_ms,
         )
         self.consumer.subscribe([self.topics.events], listener=Listener())
+        if self.cfg.state_changelog:
+            self.engine.track_changes()
+        if self.cfg.follow_models:
+            from stream_meta.model_topic import ModelFollower
+
+            reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False,
+                                   auto_offset_reset="earliest",
+                                   max_partition_fetch_bytes=2 << 20)  # fmt: skip
+            self.models = ModelFollower(reader, self.topics.models, self.metrics)
         if self.cfg.share_embeddings:
             from stream_meta.embedding_sync import EmbeddingSync
 
@@ -294,14 +325,21 @@ class KafkaService:
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     break
                 self._heartbeat = time.monotonic()
-                if self.sync is not None:
-                    self.sync.poll()
+                if self._to_restore:
+                    self._restore_assigned()
+                if self.sync is not None and self.sync.poll():
+                    self._dirty = True  # the index changed: the next checkpoint keeps it
+                if self.models is not None:
+                    self._adopt_published(self.models.poll())
                 limit = self._max_records
                 if events is not None:
                     limit = max(1, min(limit, events - self.consumed))
                 polled = self.consumer.poll(
                     timeout_ms=self.kafka.poll_timeout_ms, max_records=limit
                 )
+                if self._to_restore:  # a rebalance in this poll: nothing of theirs is served
+                    polled = {tp: rs for tp, rs in polled.items() if tp not in self._to_restore}
+                    self._restore_assigned()
                 if any(polled.values()):
                     if self._first_record is None:
                         self._first_record = time.monotonic()
@@ -336,13 +374,17 @@ class KafkaService:
         """One polled batch (records by partition, in offset order)."""
         t0 = time.perf_counter()
         records = [r for batch in polled.values() for r in batch]
-        result = self.engine.process([r.value for r in records], received_at=t0)
+        learned = self._already_applied(records) if self._applied else None
+        result = self.engine.process([r.value for r in records], received_at=t0,
+                                     learned=learned)  # fmt: skip
         if self.recorder is not None:
             self.recorder.events([r.value or b"" for r in records], start=self.consumed, meta=[
                 {"topic": r.topic, "partition": r.partition, "offset": r.offset,
                  "ts": r.timestamp} for r in records
             ])  # fmt: skip
         outputs, reasons = self._outputs(records, result)
+        if self.cfg.state_changelog:
+            outputs += self._changelog(records, result)
         if self.sync is not None:
             outputs += self.sync.outgoing()
         alarms = self.watch.observe(result) if self.watch is not None else []
@@ -385,6 +427,111 @@ class KafkaService:
             log.debug("batch of %d: oldest event waited %.1f ms before the poll returned, "
                       "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
                       took * 1000)  # fmt: skip
+
+    def _changelog(self, records: list[Any], result: BatchResult) -> list[Any]:
+        """The new support set of every task this batch taught, on its events' partition."""
+        from stream_meta.changelog import encode
+
+        changed = self.engine.drain_changes()
+        out = result.outputs
+        if not changed or out is None:
+            return []
+        where: dict[str, tuple[int, int]] = {}  # task id -> (partition, last offset)
+        for record, ref in zip(records, result.order, strict=True):
+            if ref >= 0:
+                where[out.task_ids[ref]] = (record.partition, record.offset)
+        sends = []
+        for state in changed:
+            if state.task_id not in where or state.xs is None or state.ys is None:
+                continue
+            partition, offset = where[state.task_id]
+            value = encode(state.seen, offset, state.xs[: state.n], state.ys[: state.n])
+            sends.append((self.topics.task_state, state.task_id.encode(), value, partition))
+        return sends
+
+    def _already_applied(self, records: list[Any]) -> list[bool]:
+        """Which records the restored changelog already reflects (by task key and offset)."""
+        flags = []
+        for r in records:
+            try:
+                key = r.key.decode("utf-8") if r.key is not None else ""
+            except UnicodeDecodeError:
+                key = ""
+            applied = self._applied.get((r.partition, key))
+            flags.append(applied is not None and r.offset <= applied)
+        return flags
+
+    def _adopt_published(self, versions: list[tuple[int, bytes]]) -> None:
+        """Serve the newest verified published model, if newer than the one served."""
+        from stream_meta.checkpoint import CheckpointError, load_checkpoint_bytes
+
+        if not versions:
+            return
+        version, blob = max(versions)
+        if version <= self.engine.model_version:
+            log.info("published model version %d is not newer than the served %d: ignored",
+                     version, self.engine.model_version)  # fmt: skip
+            return
+        try:
+            model, _manifest = load_checkpoint_bytes(blob)
+        except CheckpointError as exc:
+            self.metrics.models_refused.labels("invalid").inc()
+            log.error("published model version %d refused: %s; the model in use stays",
+                      version, exc)  # fmt: skip
+            return
+        if model.config != self.engine.model.config:
+            self.metrics.models_refused.labels("architecture").inc()
+            log.error("published model version %d refused: its configuration differs from the "
+                      "served model's; the model in use stays", version)  # fmt: skip
+            return
+        reason = f"published model version {version}"
+        if self.updater is not None:  # on probation, like a promoted update
+            self._publish_meta([self.updater.adopt(model, reason, version=version)])
+        else:
+            self.engine.swap_model(model, version)
+        self._dirty = True
+        log.info("serving %s", reason)
+
+    def _restore_assigned(self) -> None:
+        """Restore the changelog of the partitions assigned since, then serve them."""
+        owned = self.consumer.assignment()
+        tps = [tp for tp in self._to_restore if tp in owned]
+        self._to_restore.clear()
+        self._restore_changelog(sorted({tp.partition for tp in tps}))
+        if tps:
+            self.consumer.resume(*tps)
+
+    def _restore_changelog(self, partitions: list[int]) -> None:
+        """Load the changelog's tasks of newly assigned ``partitions`` (see
+        :mod:`stream_meta.changelog`); a task this replica holds with as many examples keeps
+        its own state."""
+        from kafka import KafkaConsumer
+
+        from stream_meta.changelog import read_partitions
+
+        if not partitions:
+            return
+        t0 = time.perf_counter()
+        reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False)
+        try:
+            latest, skipped = read_partitions(reader, self.topics.task_state, partitions,
+                                              x_dim=self.engine.store.x_dim)  # fmt: skip
+        finally:
+            reader.close()
+        for p in partitions:  # what a previous assignment of these partitions left
+            for key in [k for k in self._applied if k[0] == p]:
+                del self._applied[key]
+        loaded = self.engine.restore_tasks(
+            [(tid, rec.seen, rec.xs, rec.ys) for (_p, tid), rec in latest.items()]
+        )
+        for key, rec in latest.items():
+            self._applied[key] = rec.applied_offset
+        self.metrics.changelog_restored.inc(loaded)
+        if skipped:
+            self.metrics.changelog_skipped.inc(skipped)
+        log.info("changelog: %d tasks of partitions %s read, %d loaded, %d records skipped, "
+                 "in %.2f s", len(latest), sorted(partitions), loaded, skipped,
+                 time.perf_counter() - t0)  # fmt: skip
 
     def _meta_outputs(
         self, records: list[dict[str, Any]], next_index: int
@@ -429,14 +576,17 @@ class KafkaService:
                 reasons.append(rejection.reason.value)
         return sends, reasons
 
-    def _deliver(self, sends: list[tuple[str, bytes | None, bytes]]) -> None:
+    def _deliver(self, sends: list[Any]) -> None:
         """Send and wait for every acknowledgement; re-send what the broker refused."""
         from kafka.errors import KafkaTimeoutError
 
         pending, attempt = sends, 0
         deadline: float | None = None
         while pending:
-            futures = [self.producer.send(t, key=k, value=v) for t, k, v in pending]
+            # (topic, key, value) or (topic, key, value, partition)
+            futures = [self.producer.send(s[0], key=s[1], value=s[2],
+                                          partition=s[3] if len(s) > 3 else None)
+                       for s in pending]  # fmt: skip
             while True:
                 try:
                     self.producer.flush(timeout=5.0)
@@ -475,7 +625,9 @@ class KafkaService:
         self._max_records = max(1, min(self.batch_size, fit))
 
     # -- checkpoints and commits --------------------------------------------------------------
-    def _checkpoint_and_commit(self, why: str, *, wait: bool = True) -> bool:
+    def _checkpoint_and_commit(
+        self, why: str, *, wait: bool = True, blocking_commit: bool = True
+    ) -> bool:
         """Checkpoint state with the offsets it reflects, then commit them; False on failure.
 
         The state is captured here, between two batches; the file is written by the
@@ -486,13 +638,13 @@ class KafkaService:
         if self._inflight is not None:
             if not wait:
                 return True  # the previous write is still going: try at the next interval
-            if not self._finish_checkpoint(block=True):
+            if not self._finish_checkpoint(block=True, blocking_commit=blocking_commit):
                 return False
         if not self._dirty:
             return True
         offsets = dict(self._positions)
         if self.state is None or self._writer is None:
-            self._dirty = not self._commit(offsets)
+            self._dirty = not self._commit(offsets, blocking=blocking_commit)
             return not self._dirty
         parts = {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
         write = self.state.capture(self.engine, parts=parts, extra={
@@ -502,9 +654,11 @@ class KafkaService:
         })  # fmt: skip
         self._dirty = False  # set again if the write or the commit fails
         self._inflight = (self._writer.submit(write), offsets, time.perf_counter())
-        return self._finish_checkpoint(block=True) if wait else True
+        if not wait:
+            return True
+        return self._finish_checkpoint(block=True, blocking_commit=blocking_commit)
 
-    def _finish_checkpoint(self, *, block: bool) -> bool:
+    def _finish_checkpoint(self, *, block: bool, blocking_commit: bool = True) -> bool:
         """Commit the offsets of a written checkpoint (when its write is done, or waiting)."""
         assert self._inflight is not None
         future, offsets, t0 = self._inflight
@@ -523,12 +677,16 @@ class KafkaService:
         m.checkpoint_seconds.observe(time.perf_counter() - t0)
         m.checkpoint_bytes.set(path.stat().st_size)
         m.last_checkpoint.set(time.time())
-        if not self._commit(offsets):
+        if not self._commit(offsets, blocking=blocking_commit):
             self._dirty = True
             return False
         return True
 
-    def _commit(self, offsets: dict[Any, int]) -> bool:
+    def _commit(self, offsets: dict[Any, int], *, blocking: bool = True) -> bool:
+        """Commit ``offsets`` of the partitions still owned; False on failure. ``blocking=False``
+        sends the commit and returns (inside a rebalance callback, which runs on the client's
+        IO thread and must not wait on it; a commit that lands late only means the next owner
+        sees some events again, which the changelog keeps from being learned twice)."""
         from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
@@ -537,7 +695,10 @@ class KafkaService:
         if not todo:
             return True
         try:
-            self.consumer.commit(todo)
+            if blocking:
+                self.consumer.commit(todo)
+            else:
+                self.consumer.commit_async(todo, callback=self._commit_done)
         except (KafkaError, OSError) as exc:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); the next commit covers it", exc)
@@ -545,10 +706,15 @@ class KafkaService:
         self.metrics.commits.inc()
         return True
 
+    def _commit_done(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit on revocation failed (%s)", response)
+
     def _on_revoked(self, revoked: list[Any]) -> None:
         self.metrics.rebalances.labels("revoked").inc()
         if revoked:
-            self._checkpoint_and_commit("revoked")
+            self._checkpoint_and_commit("revoked", blocking_commit=False)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # KeyError: no lag reported for it yet
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
@@ -569,6 +735,11 @@ class KafkaService:
                 # and the position the next checkpoint records, even if nothing more arrives
                 # on this partition (else that checkpoint would drop it)
                 self._positions.setdefault(tp, offset)
+        if self.cfg.state_changelog and assigned:
+            # the restore reads a topic (blocking), which the client's IO thread that runs
+            # this callback must not do: the partitions wait, paused, for the loop to do it
+            self.consumer.pause(*assigned)
+            self._to_restore.update(assigned)
         self._joined = True
         log.info("partitions assigned: %s", _names(assigned))
 
@@ -596,8 +767,9 @@ class KafkaService:
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
-            if self.sync is not None:
-                self.sync.close()
+            for reader in (self.sync, self.models):
+                if reader is not None:
+                    reader.close()
             for client in (self.producer, self.consumer):
                 if client is None:
                     continue
@@ -634,6 +806,19 @@ def ensure_topics(
                              for t in missing}, raise_errors=False)  # fmt: skip
         log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
     return missing
+
+
+def _partition_count(admin: Any, topic: str) -> int | None:
+    """Partitions of ``topic`` (None when it does not exist or the broker does not say)."""
+    try:
+        described = admin.describe_topics([topic])
+    except Exception as exc:  # kafka-python raises several types for an unknown topic
+        log.debug("describe %s: %s", topic, exc)
+        return None
+    for t in described:
+        if t.get("topic") == topic and not t.get("error_code") and t.get("partitions"):
+            return len(t["partitions"])
+    return None
 
 
 def _tp(topic: str, partition: int) -> Any:

@@ -132,6 +132,24 @@ class TaskStore:
         state.ys[slot] = y
         return True, evicted
 
+    def load(self, state: TaskState, xs: np.ndarray, ys: np.ndarray, seen: int) -> None:
+        """Replace ``state``'s support set with ``xs [n, x_dim], ys [n]`` (buffer slot order, as
+        :meth:`add_example` left it) after ``seen`` examples; the caller re-encodes it."""
+        n = len(ys)
+        if n > self.support_size or xs.shape != (n, self.x_dim) or seen < n:
+            raise ValueError(
+                f"a support set of {n} examples x {xs.shape[1:]} after {seen} does not fit "
+                f"(support_size {self.support_size}, x_dim {self.x_dim})"
+            )
+        if state.xs is None or state.ys is None:
+            state.xs = np.zeros((self.support_size, self.x_dim), dtype=np.float32)
+            state.ys = np.zeros(self.support_size, dtype=self.y_dtype)
+        state.xs[:n] = xs
+        state.ys[:n] = ys
+        state.n, state.seen = n, seen
+        state.version += 1
+        state.slot = -1
+
     def evict(self, now: float) -> list[TaskState]:
         """Drop tasks over the live cap (least recently seen first) or idle past the TTL."""
         out: list[TaskState] = []

@@ -384,25 +384,33 @@ class MetaUpdater:
             self._drift_since = None  # the drift is answered as well as it can be
 
     # -- swaps --------------------------------------------------------------------------------
-    def adopt(self, model: MetaModel, reason: str = "adopted") -> dict[str, Any]:
-        """Serve ``model`` from the next batch as the next version, on probation like a
-        promoted candidate (a model trained elsewhere); non-finite weights are refused.
-        Call it from the serving thread, between batches. Returns the outcome record."""
+    def adopt(
+        self, model: MetaModel, reason: str = "adopted", version: int | None = None
+    ) -> dict[str, Any]:
+        """Serve ``model`` from the next batch as ``version`` (default: the next one), on
+        probation like a promoted candidate (a model trained elsewhere); non-finite weights
+        are refused. Call it from the serving thread, between batches. Returns the outcome
+        record."""
         req = _Request("adopt", self.seen, reason)
         if not _finite(model):
             why = "the model has non-finite weights"
             rec = self._record(req, self.seen, {"outcome": "failed", "reason": why})
             self._alarm(rec)
             return rec
-        version = self._swap_in(model, {"reason": reason})
+        version = self._swap_in(model, {"reason": reason}, version)
         return self._record(req, self.seen, {"outcome": "promoted", "reason": reason,
                                              "version": version})  # fmt: skip
 
-    def _swap_in(self, candidate: MetaModel, result: dict[str, Any]) -> int:
+    def _swap_in(
+        self, candidate: MetaModel, result: dict[str, Any], version: int | None = None
+    ) -> int:
         engine = self.engine
         previous = (engine.model, engine.model_version)
         before = float(np.mean(self._recent_losses)) if self._recent_losses else math.nan
-        version = self._next_version()
+        if version is None:
+            version = self._next_version()
+        else:
+            self._max_version = max(self._max_version, version)
         engine.swap_model(candidate, version)
         if self.watch is not None:
             self.watch.model_changed()

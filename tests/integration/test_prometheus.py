@@ -101,7 +101,12 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
         assert _query(prom_port, "stream_meta_assigned_partitions") == 3
         assert _query(prom_port, "stream_meta_model_version") == 1
         assert _query(prom_port, "stream_meta_tasks") == 30
-        assert _query(prom_port, "sum(stream_meta_consumer_lag_records)") == 0
+        # lag is refreshed every second once positions exist, scraped every second
+        deadline, lag = time.time() + 10, None
+        while lag is None and time.time() < deadline:
+            lag = _query(prom_port, "sum(stream_meta_consumer_lag_records)")
+            time.sleep(0.3)
+        assert lag == 0
         labelled = _query(prom_port, 'stream_meta_events_total{kind="labelled"}')
         queries = _query(prom_port, 'stream_meta_events_total{kind="query"}')
         assert labelled is not None and queries is not None

@@ -78,3 +78,98 @@ def test_replicas_share_the_load_and_find_neighbours_across_partitions(
     assert len(everyone) == 60
     # each replica's index covers the other replica's tasks too: neighbours across partitions
     assert index0 >= everyone and index1 >= everyone
+
+
+def _store_seen(state_dir: Path) -> dict[str, int]:
+    """Examples ever learned per task, from the replica's newest checkpoint."""
+    newest = sorted(state_dir.glob("state-*.npz"))[-1]
+    with np.load(newest, allow_pickle=False) as z:
+        ids = unpack_strings(z["store.ids_utf8"], z["store.ids_offsets"])
+        return dict(zip(ids, z["store.seen"].tolist(), strict=True))
+
+
+def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    prefix = new_prefix()
+    create_topics(kafka_bootstrap, prefix, partitions=2)
+    common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
+              "--metrics-port", "0", "--group", f"{prefix}-g", *FAST_GROUP_SETS]  # fmt: skip
+    produce = ["produce", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
+               "--events", "2000", "--tasks", "40", "--json", "-q"]  # fmt: skip
+    replicas = [Serve(tmp_path, f"r{i}", *common, "--state-dir", str(tmp_path / f"state{i}"))
+                for i in range(2)]  # fmt: skip
+    try:
+        _wait_split(replicas, 2)
+        assert cli(*produce, "--run-id", "a").returncode == 0
+        read_topic(kafka_bootstrap, f"{prefix}.predictions", until=lambda rs: len(rs) >= 2000,
+                   timeout=120)  # fmt: skip
+        replicas[1].kill()  # no checkpoint, no commit on the way out
+        _wait_split(replicas[:1], 2)  # the survivor takes both partitions...
+        replicas[0].wait_for_log("changelog:")  # ...and loads the dead replica's tasks
+        assert cli(*produce, "--run-id", "b").returncode == 0
+        outputs = read_topic(kafka_bootstrap, f"{prefix}.predictions",
+                             until=lambda rs: len({json.loads(r.value)["event_id"]
+                                                   for r in rs}) >= 4000,
+                             timeout=120)  # fmt: skip
+    finally:
+        code, summary = replicas[0].stop()
+        if replicas[1].proc.poll() is None:
+            replicas[1].kill()
+    assert code == 0 and summary is not None
+    assert len({json.loads(r.value)["event_id"] for r in outputs}) == 4000  # every event
+    events = read_topic(kafka_bootstrap, f"{prefix}.events", until=lambda rs: len(rs) >= 4000)
+    labelled: dict[str, int] = {}
+    for r in events:
+        e = json.loads(r.value)
+        if e.get("y") is not None:
+            labelled[e["task_id"]] = labelled.get(e["task_id"], 0) + 1
+    # the survivor holds every task, each having learned each of its examples exactly once
+    assert _store_seen(tmp_path / "state0") == labelled
+
+
+def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from kafka import KafkaProducer
+
+    from stream_meta.checkpoint import shipped_checkpoint
+    from stream_meta.model_topic import chunk_messages
+
+    prefix = new_prefix()
+    create_topics(kafka_bootstrap, prefix, partitions=2)
+    kafka = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix]
+    common = [*kafka, "--metrics-port", "0", "--group", f"{prefix}-g", *FAST_GROUP_SETS,
+              "--set", "meta_update.enabled=false"]  # fmt: skip
+    produce = ["produce", *kafka, "--events", "400", "--tasks", "20", "--json", "-q"]
+    replicas = [Serve(tmp_path, f"r{i}", *common) for i in range(2)]
+    try:
+        _wait_split(replicas, 2)
+        model = str(shipped_checkpoint("sinusoid"))
+        published = cli("publish-model", *kafka, "--checkpoint", model, "--version", "7",
+                        "--json", "-q")  # fmt: skip
+        assert published.returncode == 0, published.stderr.decode()
+        assert json.loads(published.stdout)["chunks"] >= 2  # the checkpoint is cut in chunks
+        for r in replicas:
+            r.wait_for_log("serving published model version 7")
+        # a corrupt version 8: one byte of the checkpoint changed, the announced sha256 kept
+        blob = bytearray(shipped_checkpoint("sinusoid").read_bytes())
+        good = chunk_messages(bytes(blob), version=8)
+        blob[len(blob) // 2] ^= 0xFF
+        bad = chunk_messages(bytes(blob), version=8)
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        for i, value in enumerate(bad):  # the hash of the intact checkpoint, corrupt bytes
+            producer.send(f"{prefix}.models", value=good[i][:48] + value[48:], partition=0)
+        producer.send(f"{prefix}.models", value=b"not a model chunk", partition=0)
+        producer.flush()
+        producer.close()
+        for r in replicas:
+            r.wait_for_log("sha256 mismatch")
+        assert cli(*produce, "--run-id", "a").returncode == 0
+        outputs = read_topic(kafka_bootstrap, f"{prefix}.predictions",
+                             until=lambda rs: len(rs) >= 400)  # fmt: skip
+    finally:
+        results = [r.stop() for r in replicas]
+    assert all(code == 0 for code, _ in results)
+    versions = {json.loads(r.value)["model_version"] for r in outputs}
+    assert versions == {7}  # both replicas (both partitions) serve 7, never the corrupt 8

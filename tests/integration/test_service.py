@@ -91,7 +91,7 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     # (outputs alone are not enough: the killed run wrote some before its last checkpoint)
     deadline = time.time() + 120
     while True:
-        covered, dead, _values = _coverage(kafka_bootstrap, crash, events)
+        covered, dead, values = _coverage(kafka_bootstrap, crash, events)
         committed = committed_offsets(kafka_bootstrap, "g-crash", f"{crash}.events")
         if (len(covered | dead) == EVENTS and committed == ends) or time.time() > deadline:
             break
@@ -115,7 +115,11 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     # support sets identical task by task: every example learned exactly once
     assert final["tasks"].keys() == ref["tasks"].keys()
     assert final["tasks"] == ref["tasks"]
-    assert final["labelled"] == ref["labelled"]
+    # every labelled event scored once, by one run or the other: those the killed run learned
+    # after its last checkpoint came back from the task-state changelog, and their redelivery
+    # was predicted as a duplicate (not scored again: their scores are in the killed run)
+    redelivered = sum(1 for v in values if v.get("duplicate") and v.get("labelled") is False)
+    assert final["labelled"] + redelivered == ref["labelled"]
     # the interleaving of partitions differs between runs (so do neighbours): loss within 5 %
     losses = (final["prequential_loss"], ref["prequential_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=0.05), losses
