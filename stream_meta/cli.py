@@ -746,18 +746,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
         family = _family_for(args.family, split="test")
         source = synthetic_source(family, **stream_kwargs)
     rng = np.random.default_rng(args.seed)
-    servers = settings.kafka.bootstrap_servers.split(",")
     topics = Topics.for_prefix(settings.kafka.topic_prefix)
     try:
         if settings.service.create_topics:
-            admin = KafkaAdminClient(bootstrap_servers=servers)
+            admin = KafkaAdminClient(**settings.kafka.client_config())
             try:
                 ensure_topics(admin, topics.all(), settings.service.partitions,
                               settings.service.replication_factor,
                               compacted=topics.compacted)  # fmt: skip
             finally:
                 admin.close()
-        producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5)
+        producer = KafkaProducer(**settings.kafka.client_config(), acks="all", linger_ms=5)
     except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
         raise UsageError(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
@@ -834,7 +833,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     topic = topics.dead_letter if args.dead_letter else topics.predictions
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
+            **settings.kafka.client_config(),
             enable_auto_commit=False,  # a reader, not a member of any group
         )
     except Exception as exc:
@@ -921,7 +920,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
+            **settings.kafka.client_config(),
             enable_auto_commit=False,  # a reader, not a member of any group
         )
     except Exception as exc:
@@ -938,6 +937,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         consumer.close()
     _emit({**summary, "out": str(args.out)}, args.json)
+    return 0
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    """Publish a checkpoint as model ``--version`` on ``<prefix>.models`` for every replica."""
+    settings = _settings(args, {"kafka": _kafka_overrides(args)})
+    from kafka import KafkaAdminClient, KafkaProducer
+
+    from stream_meta.checkpoint import CheckpointError, load_checkpoint
+    from stream_meta.model_topic import chunk_messages, publish_model
+    from stream_meta.service import Topics, ensure_topics
+
+    if args.version < 1:
+        raise UsageError("--version must be >= 1")
+    try:
+        load_checkpoint(args.checkpoint)  # never publish what a replica would refuse
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+    blob = args.checkpoint.read_bytes()
+    topic = Topics.for_prefix(settings.kafka.topic_prefix).models
+    try:
+        admin = KafkaAdminClient(**settings.kafka.client_config())
+        try:
+            ensure_topics(admin, (topic,), 1, settings.service.replication_factor)
+        finally:
+            admin.close()
+        producer = KafkaProducer(**settings.kafka.client_config(), acks="all",
+                                 max_request_size=2 << 20)  # fmt: skip
+    except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+    try:
+        digest = publish_model(producer, topic, blob, version=args.version)
+    finally:
+        producer.close()
+    _emit({"topic": topic, "version": args.version, "bytes": len(blob), "sha256": digest,
+           "chunks": len(chunk_messages(blob, version=args.version))}, args.json)  # fmt: skip
     return 0
 
 
@@ -1171,6 +1208,19 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--timeout", type=float, help="stop after S seconds without a new record")
     tl.add_argument("--meta", action="store_true", help="wrap each value with partition/offset")
     tl.set_defaults(func=cmd_tail)
+
+    pm = sub.add_parser(
+        "publish-model", parents=[common, kafka],
+        help="publish a checkpoint as a model version that every serve replica adopts",
+    )  # fmt: skip
+    pm.add_argument("--checkpoint", type=Path, required=True, help="the model to publish")
+    pm.add_argument(
+        "--version",
+        type=int,
+        required=True,
+        help="its version (replicas serve it when it is newer than theirs)",
+    )
+    pm.set_defaults(func=cmd_publish_model)
 
     ex = sub.add_parser(
         "export", parents=[common, kafka],

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -203,6 +203,65 @@ class KafkaSettings(BaseModel):
     reconnect_backoff_max_ms: int = Field(
         default=5000, ge=1, description="Longest wait between reconnection attempts."
     )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How every client talks to the brokers."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism (SASL_* protocols only)."
+    )
+    sasl_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        default=None,
+        description="SASL password: a secret (never logged or printed); set it through "
+        "STREAM_META_KAFKA__SASL_PASSWORD, e.g. from a Kubernetes Secret.",
+    )
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle (SSL, SASL_SSL).")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client private key (mTLS).")
+    ssl_password: SecretStr | None = Field(
+        default=None, description="Password of the private key: a secret, like sasl_password."
+    )
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Self:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, "
+                "sasl_username and sasl_password"
+            )
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
+            raise ValueError(
+                f"SASL settings given but security_protocol is {self.security_protocol} "
+                "(use SASL_PLAINTEXT or SASL_SSL)"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """Keyword arguments every kafka-python client (consumer, producer, admin) takes:
+        brokers, timeouts, reconnection and security. Secrets are revealed only here."""
+        out: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "request_timeout_ms": self.request_timeout_ms,
+            "reconnect_backoff_ms": self.reconnect_backoff_ms,
+            "reconnect_backoff_max_ms": self.reconnect_backoff_max_ms,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            out["sasl_mechanism"] = self.sasl_mechanism
+            out["sasl_plain_username"] = self.sasl_username
+            out["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        if self.ssl_password is not None:
+            out["ssl_password"] = self.ssl_password.get_secret_value()
+        return out
 
 
 class ServiceSettings(BaseModel):
@@ -237,6 +296,18 @@ class ServiceSettings(BaseModel):
     partitions: int = Field(default=6, ge=1, description="Partitions of created topics.")
     replication_factor: int = Field(
         default=1, ge=1, description="Replication factor of created topics."
+    )
+    state_changelog: bool = Field(
+        default=True,
+        description="Write every task's support set to <prefix>.task-state (compacted, "
+        "co-partitioned with the events topic) after each batch, and load a partition's "
+        "tasks from it when the partition is assigned: a replica that takes over a partition "
+        "(or restarts) serves its tasks with every example they had learned.",
+    )
+    follow_models: bool = Field(
+        default=True,
+        description="Read <prefix>.models and serve every newer model version published there "
+        "(stream-meta publish-model, or a trainer), once its sha256 and checkpoint check out.",
     )
     share_embeddings: bool = Field(
         default=True,

@@ -309,7 +309,10 @@ def test_topic_init_creates_the_adapters_topics_when_composed() -> None:
     env = _environment(init)
     topics = dict(spec.split(":") for spec in env["TOPICS"].split())
     assert topics.keys() >= {"events", "predictions", "dead-letter"}
-    assert topics["events"] == "6"
+    assert topics["events"] == "6" and topics["models"] == "1"
+    compacted = dict(spec.split(":") for spec in env["COMPACTED_TOPICS"].split())
+    # the changelog is co-partitioned with the events
+    assert compacted == {"task-embeddings": "6", "task-state": topics["events"]}
     adapter_env = _environment(_service("adapter"))
     assert env["TOPIC_PREFIX"] == adapter_env["STREAM_META_KAFKA__TOPIC_PREFIX"]
     assert env["BOOTSTRAP_SERVERS"] == "kafka:9092"
@@ -367,6 +370,12 @@ def _env_sources() -> dict[str, dict[str, str]]:
     for var in _container()["env"]:
         if "value" in var:
             k8s_env[var["name"]] = var["value"]
+        elif "secretKeyRef" in var["valueFrom"]:
+            # credentials: optional, absent unless the cluster has the Secret (and its TOML
+            # then selects a SASL protocol)
+            secret = var["valueFrom"]["secretKeyRef"]
+            assert secret["optional"] is True and secret["name"] == "stream-meta-kafka"
+            assert var["name"].startswith("STREAM_META_KAFKA__SASL_")
         else:
             ref = var["valueFrom"]["configMapKeyRef"]
             assert ref["name"] == _k8s("ConfigMap")["metadata"]["name"]

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from stream_meta.config import ConfigError, Settings, load_settings, settings_summary
@@ -203,3 +205,70 @@ def test_summary_is_json_and_round_trips_when_dumped(write_toml: WriteToml) -> N
     assert json.loads(json.dumps(summary)) == summary
     assert summary["model"]["checkpoint"] == "a/b.safetensors"
     assert Settings.model_validate(summary) == settings
+
+
+# -- Kafka security ------------------------------------------------------------------------------
+SASL_ENV = {
+    "STREAM_META_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+    "STREAM_META_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+    "STREAM_META_KAFKA__SASL_USERNAME": "svc",
+    "STREAM_META_KAFKA__SASL_PASSWORD": "hunter2-secret",
+}
+
+
+def test_sasl_secrets_reach_the_clients_and_nothing_else() -> None:
+    settings = load_settings(None, env=SASL_ENV)
+    config = settings.kafka.client_config()
+    assert config["security_protocol"] == "SASL_SSL"
+    assert config["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl_plain_username"] == "svc"
+    assert config["sasl_plain_password"] == "hunter2-secret"
+    for shown in (repr(settings), str(settings), json.dumps(settings_summary(settings))):
+        assert "hunter2-secret" not in shown
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STREAM_META_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"}, "needs sasl_mechanism"),
+        ({"STREAM_META_KAFKA__SASL_USERNAME": "svc"}, "SASL settings given"),
+        ({"STREAM_META_KAFKA__SSL_CERTFILE": "/c.pem"}, "go together"),
+        ({"STREAM_META_KAFKA__SECURITY_PROTOCOL": "TLS"}, "security_protocol"),
+    ],
+)
+def test_incomplete_security_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, env=env)
+
+
+# -- configuration fuzzing -------------------------------------------------------------------------
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                         max_size=2),
+)  # fmt: skip
+
+
+def _fields() -> list[tuple[str, str]]:
+    return [(section, name) for section, model in Settings.model_fields.items()
+            for name in (getattr(model.annotation, "model_fields", None) or {})]  # fmt: skip
+
+
+@given(st.lists(st.tuples(st.sampled_from(_fields()), _VALUES), max_size=6),
+       st.dictionaries(st.text(max_size=8), _VALUES, max_size=2))  # fmt: skip
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_any_configuration_loads_or_is_refused_with_a_config_error(
+    changes: list[tuple[tuple[str, str], Any]], stray: dict[str, Any]
+) -> None:
+    overrides: dict[str, Any] = {}
+    for (section, name), value in changes:
+        overrides.setdefault(section, {})[name] = value
+    overrides.update(stray)
+    env = {f"STREAM_META_{s.upper()}__{n.upper()}": str(v) for (s, n), v in changes[:2]}
+    try:
+        loaded = load_settings(None, env=env, overrides=overrides)
+    except ConfigError as exc:
+        assert str(exc).strip()  # one readable message, never another exception
+    else:
+        assert isinstance(loaded, Settings)
