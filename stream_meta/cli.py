@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -722,6 +723,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    """The trainer service: one active trainer publishes meta-updates for every replica."""
+    overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
+    if args.checkpoint:
+        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    settings = _settings(args, overrides)
+    import faiss
+    import torch
+
+    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater
+    from stream_meta.metrics import EngineMetrics
+    from stream_meta.service import ServiceError
+    from stream_meta.trainer import TrainerService
+
+    if not settings.meta_update.enabled:
+        raise UsageError("the trainer runs meta-updates: meta_update.enabled must be true")
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    faiss.omp_set_num_threads(1)
+    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+    registry = _registry()
+    metrics = EngineMetrics(registry)
+    metrics.set_build_info(family=manifest["family"])
+    engine = build_engine(
+        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
+    )
+    watch = build_drift_watch(settings, engine, metrics, None)
+    updater = build_meta_updater(settings, engine, metrics, watch, manifest["family"],
+                                 worker="process")  # fmt: skip
+    trainer = TrainerService(engine, settings, metrics, watch=watch, updater=updater)
+    server = _admin_server(settings, registry, health=trainer.health, ready=trainer.ready,
+                           routes=updater.routes() if updater is not None else None)  # fmt: skip
+    stop = _stop_on_sigterm()
+
+    def relay() -> None:  # SIGTERM -> the trainer's loop stops after its step
+        stop.wait()
+        trainer.stop_event.set()
+
+    threading.Thread(target=relay, daemon=True).start()
+    try:
+        trainer.start()
+        summary = trainer.run(timeout_s=args.timeout)
+    except ServiceError as exc:
+        print(f"stream-meta: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        summary = {"interrupted": True}
+    finally:
+        if server is not None:
+            server.close()
+        if updater is not None:
+            updater.close()
+        if watch is not None:
+            watch.close()
+    _emit(summary, args.json)
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
     import numpy as np
@@ -1208,6 +1269,16 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--timeout", type=float, help="stop after S seconds without a new record")
     tl.add_argument("--meta", action="store_true", help="wrap each value with partition/offset")
     tl.set_defaults(func=cmd_tail)
+
+    tr = sub.add_parser(
+        "trainer", parents=[common, kafka],
+        help="central meta-updates for all serve replicas, published as model versions",
+    )  # fmt: skip
+    tr.add_argument("--group", help="consumer group of the replicas (default stream-meta)")
+    tr.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    tr.add_argument("--metrics-port", type=int, help="Prometheus/admin port (0 = off)")
+    tr.add_argument("--timeout", type=float, help="stop after this many seconds")
+    tr.set_defaults(func=cmd_trainer)
 
     pm = sub.add_parser(
         "publish-model", parents=[common, kafka],

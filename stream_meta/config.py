@@ -317,6 +317,22 @@ class ServiceSettings(BaseModel):
     )
 
 
+class TrainerSettings(BaseModel):
+    """The trainer service (``stream-meta trainer``): central meta-updates for all replicas."""
+
+    model_config = _SECTION_CONFIG
+
+    sample: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Share of the task ids whose events the trainer learns (whole tasks, by a "
+        "hash of the id), so it keeps up with many replicas.",
+    )
+    batch: int = Field(default=512, ge=1, description="Events polled per trainer batch.")
+    seed: int = Field(default=0, description="Seed of the draw for events without a key.")
+
+
 class DriftSettings(BaseModel):
     """The drift monitor (``stream_meta.drift``): what it watches and how it alarms."""
 
@@ -562,6 +578,9 @@ class Settings(BaseSettings):
         default_factory=ServiceSettings, description="State and lifecycle of `serve`."
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
+    trainer: TrainerSettings = Field(
+        default_factory=TrainerSettings, description="The trainer service (`trainer`)."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -117,7 +117,7 @@ class ModelFollower:
     checkpoints of versions newer than the one served. ``metrics`` is a
     :class:`~stream_meta.metrics.ServiceMetrics`."""
 
-    def __init__(self, consumer: Any, topic: str, metrics: Any) -> None:
+    def __init__(self, consumer: Any, topic: str, metrics: Any = None) -> None:
         self.consumer, self.topic, self.metrics = consumer, topic, metrics
         self.assembler = Assembler()
         self._started = False
@@ -137,7 +137,8 @@ class ModelFollower:
         values = [r.value for batch in polled.values() for r in batch]
         done = list(self.assembler.feed(values)) if values else []
         for _version, reason in self.assembler.refused:
-            self.metrics.models_refused.labels(_reason_label(reason)).inc()
+            if self.metrics is not None:
+                self.metrics.models_refused.labels(_reason_label(reason)).inc()
         self.assembler.refused.clear()
         return done
 
