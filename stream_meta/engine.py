@@ -756,12 +756,20 @@ class Engine:
         re-indexes them. Returns how many were loaded."""
         now = time.time()
         states = []
+        n_classes = self.model.config.n_classes
         for task_id, seen, xs, ys in tasks:
             current = self.store.get(task_id)
             if current is not None and current.seen >= seen:
                 continue
-            state, _ = self.store.touch(task_id, now)
-            self.store.load(state, xs, ys, seen)
+            store = self.store
+            if (len(ys) > store.support_size or xs.shape != (len(ys), store.x_dim)
+                    or (n_classes is not None and len(ys) and not (
+                        ys.min() >= 0 and ys.max() < n_classes))):  # fmt: skip
+                log.warning("changelog state of task %r does not fit this engine (%d examples "
+                            "x %s): skipped", task_id, len(ys), xs.shape[1:])  # fmt: skip
+                continue
+            state, _ = store.touch(task_id, now)
+            store.load(state, xs, ys, seen)
             states.append(state)
         if states:
             self._encode_support(states)

@@ -339,6 +339,12 @@ class ServiceMetrics:
             "Task support sets loaded from the task-state changelog on partition assignment.",
             registry=r,
         )
+        self.changelog_failures = Counter(
+            "stream_meta_changelog_restore_failures_total",
+            "Partition assignments whose task-state changelog could not be read (served from "
+            "this replica's own state).",
+            registry=r,
+        )
         self.changelog_skipped = Counter(
             "stream_meta_changelog_records_skipped_total",
             "Task-state changelog records that did not parse (skipped).",

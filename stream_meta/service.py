@@ -154,6 +154,7 @@ class KafkaService:
         #: (partition, task id) -> offset of the last event the restored changelog reflects
         self._applied: dict[tuple[int, str], int] = {}
         self._to_restore: set[Any] = set()  # assigned partitions paused until restored
+        self._applied_until: dict[int, int] = {}  # partition -> its largest applied offset
         self._joined = False
         self._serving = False
         self._broker_up = False
@@ -418,6 +419,11 @@ class KafkaService:
         for tp, batch in polled.items():
             if batch:
                 self._positions[tp] = batch[-1].offset + 1
+                until = self._applied_until.get(tp.partition)
+                if until is not None and batch[-1].offset >= until:  # past every restored task
+                    del self._applied_until[tp.partition]
+                    for key in [k for k in self._applied if k[0] == tp.partition]:
+                        del self._applied[key]
         self._dirty = True
         if self.state is None:
             self._commit(dict(self._positions))
@@ -511,13 +517,22 @@ class KafkaService:
 
         if not partitions:
             return
+        from kafka.errors import KafkaError
+
         t0 = time.perf_counter()
-        reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False)
         try:
-            latest, skipped = read_partitions(reader, self.topics.task_state, partitions,
-                                              x_dim=self.engine.store.x_dim)  # fmt: skip
-        finally:
-            reader.close()
+            reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False)
+            try:
+                latest, skipped = read_partitions(reader, self.topics.task_state, partitions,
+                                                  x_dim=self.engine.store.x_dim)  # fmt: skip
+            finally:
+                reader.close()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            # serving goes on: these tasks start from what this replica holds (if anything)
+            self.metrics.changelog_failures.inc()
+            log.error("changelog of partitions %s could not be read (%s): their tasks start "
+                      "from this replica's own state", sorted(partitions), exc)  # fmt: skip
+            return
         for p in partitions:  # what a previous assignment of these partitions left
             for key in [k for k in self._applied if k[0] == p]:
                 del self._applied[key]
@@ -526,6 +541,8 @@ class KafkaService:
         )
         for key, rec in latest.items():
             self._applied[key] = rec.applied_offset
+        self._applied_until.update({p: max((o for (q, _), o in self._applied.items() if q == p),
+                                           default=-1) for p in partitions})  # fmt: skip
         self.metrics.changelog_restored.inc(loaded)
         if skipped:
             self.metrics.changelog_skipped.inc(skipped)

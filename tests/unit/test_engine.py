@@ -319,3 +319,39 @@ def test_duplicate_is_learned_again_when_it_left_a_full_window(make_model, make_
     preds = engine.process([_labelled("a"), _labelled("c")]).predictions
     assert [p.duplicate for p in preds] == [False, True]
     assert engine.store.get("t").seen == 4
+
+
+def test_a_task_restored_from_its_changelog_state_serves_like_the_original(
+    make_model, make_engine
+) -> None:
+    model = make_model()
+    source, target = make_engine(model), make_engine(model)
+    source.track_changes()
+    events = sinusoid_events(200, tasks=4, labelled=1.0)
+    source.process(events)
+    changed = {s.task_id: s for s in source.drain_changes()}
+    assert set(changed) == {"t0", "t1", "t2", "t3"} and source.drain_changes() == []
+    states = [(t, s.seen, s.xs[: s.n].copy(), s.ys[: s.n].copy()) for t, s in changed.items()]
+    assert target.restore_tasks(states) == 4
+    assert target.restore_tasks(states) == 0  # nothing newer: kept as they are
+    query = [{"event_id": "q", "task_id": "t2", "x": [0.7]}]
+    a = source.process(query).predictions[0].prediction
+    b = target.process(query).predictions[0].prediction
+    assert a == pytest.approx(b, rel=1e-5)
+    assert target.store.get("t2").seen == source.store.get("t2").seen
+    # a state that does not fit (too many examples, wrong width) is skipped, not raised
+    too_big = np.zeros((500, 1), np.float32), np.zeros(500, np.float32)
+    wrong = np.zeros((3, 2), np.float32), np.zeros(3, np.float32)
+    assert target.restore_tasks([("x", 600, *too_big), ("y", 3, *wrong)]) == 0
+    assert "x" not in target.store and "y" not in target.store
+
+
+def test_events_marked_learned_are_predicted_as_duplicates_and_not_learned(
+    make_model, make_engine
+) -> None:
+    engine = make_engine(make_model())
+    events = sinusoid_events(20, tasks=1, labelled=1.0)
+    result = engine.process(events, learned=[i < 5 for i in range(20)])
+    out = result.outputs
+    assert out.duplicates[:5] == [True] * 5 and not any(out.duplicates[5:])
+    assert engine.store.get("t0").seen == 15
