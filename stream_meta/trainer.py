@@ -176,7 +176,12 @@ class TrainerService:
         for rec in outcomes:
             self._send(self.topics.drift, "meta_update", rec)
             if rec.get("outcome") == "promoted":
-                self._publish(rec["version"])
+                try:
+                    self._publish(rec["version"])
+                except Exception as exc:  # the broker refused it: the trainer keeps going
+                    log.error("model version %d could not be published (%s); the replicas "
+                              "keep their model until the next promotion", rec["version"],
+                              exc)  # fmt: skip
         self.producer.flush()
 
     def _sampled(self, key: bytes | None) -> bool:

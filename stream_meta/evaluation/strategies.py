@@ -226,9 +226,10 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
                 return predict(init.net, init.kind, torch.from_numpy(xq), w.detach())
 
         return gradient
-    model = engine.model
 
+    # the engine's model and index are read at every call: a meta-update swaps both
     def hypernetwork(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
+        model = engine.model
         with torch.inference_mode():
             w = adapt_batch(model, engine.index, xs, ys, k, exclude)
             return model.predict(torch.from_numpy(xq), w)
@@ -239,7 +240,8 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
     def nearest(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
         """Each row served with the adaptation of its nearest indexed task's support set."""
         with torch.inference_mode():
-            z = model.embed(torch.from_numpy(xs), torch.from_numpy(ys), torch.ones(ys.shape))
+            z = engine.model.embed(torch.from_numpy(xs), torch.from_numpy(ys),
+                                   torch.ones(ys.shape))  # fmt: skip
             _D, I = engine.index.search(z.numpy(), 1, exclude=exclude)
         rows = []
         for i, key in enumerate(I[:, 0].tolist()):

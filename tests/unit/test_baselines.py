@@ -298,3 +298,22 @@ def test_a_gradient_init_that_does_not_fit_the_model_is_refused(tmp_path, shippe
               metrics={})  # fmt: skip
     with pytest.raises(ValueError, match="differs from the model"):
         load_gradient_init("maml", model, "sinusoid", StrategyOptions(baseline_dir=tmp_path))
+
+
+def test_probes_follow_a_model_swap(shipped_sinusoid, make_model) -> None:
+    """The adapter reads the engine's model at every call: after a meta-update swaps it, the
+    probes score the new model (a stale one would mix it with the re-encoded index)."""
+    model, _ = shipped_sinusoid
+    engine = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    engine.process(sinusoid_events(300, tasks=6, labelled=1.0))
+    adapt = adapter(engine, 8)
+    xs = np.linspace(-3, 3, 5, dtype=np.float32).reshape(1, 5, 1)
+    ys, xq = np.sin(xs[..., 0]), np.array([[[0.5]]], dtype=np.float32)
+    before = adapt(xs, ys, xq)
+    other = make_model(
+        x_dim=1, seed=3, embed_dim=64, encoder_hidden=128, target_hidden=(40, 40), hyper_hidden=256
+    )  # the shipped architecture, other weights
+    engine.swap_model(other, version=2)
+    after = adapt(xs, ys, xq)
+    fresh = adapter(engine, 8)(xs, ys, xq)
+    assert torch.equal(after, fresh) and not torch.equal(before, after)
