@@ -652,6 +652,29 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
     return 1
 
 
+def _service_engine(settings: Any) -> tuple[Any, dict[str, Any], Any, Any]:
+    """The engine a long-running process (``serve``, ``trainer``) serves with, its threads set:
+    ``(engine, checkpoint manifest, metrics registry, engine metrics)``."""
+    import faiss
+    import torch
+
+    from stream_meta.app import build_engine
+    from stream_meta.metrics import EngineMetrics
+
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    # one batched search per micro-batch is small: OpenMP regions only add wake-up stalls
+    faiss.omp_set_num_threads(1)
+    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
+    registry = _registry()
+    metrics = EngineMetrics(registry)
+    metrics.set_build_info(family=manifest["family"])
+    engine = build_engine(
+        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
+    )
+    return engine, manifest, registry, metrics
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
     if args.metrics_port is not None:
@@ -661,24 +684,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.state_dir:
         overrides["service"] = {"state_dir": str(args.state_dir)}
     settings = _settings(args, overrides)
-    import faiss
-    import torch
 
-    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater
-    from stream_meta.metrics import EngineMetrics, ServiceMetrics
+    from stream_meta.app import build_drift_watch, build_meta_updater
+    from stream_meta.metrics import ServiceMetrics
     from stream_meta.service import KafkaService, ServiceError, state_dir_ok
     from stream_meta.snapshot import StateError
 
-    if settings.engine.threads:
-        torch.set_num_threads(settings.engine.threads)
-    faiss.omp_set_num_threads(1)
-    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
-    registry = _registry()
-    metrics = EngineMetrics(registry)
-    metrics.set_build_info(family=manifest["family"])
-    engine = build_engine(
-        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
-    )
+    engine, manifest, registry, metrics = _service_engine(settings)
     watch = build_drift_watch(settings, engine, metrics, args.drift_log)
     state_dir = settings.service.state_dir
     updater = build_meta_updater(
@@ -731,26 +743,14 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     if args.checkpoint:
         overrides["model"] = {"checkpoint": str(args.checkpoint)}
     settings = _settings(args, overrides)
-    import faiss
-    import torch
 
-    from stream_meta.app import build_drift_watch, build_engine, build_meta_updater
-    from stream_meta.metrics import EngineMetrics
+    from stream_meta.app import build_drift_watch, build_meta_updater
     from stream_meta.service import ServiceError
     from stream_meta.trainer import TrainerService
 
     if not settings.meta_update.enabled:
         raise UsageError("the trainer runs meta-updates: meta_update.enabled must be true")
-    if settings.engine.threads:
-        torch.set_num_threads(settings.engine.threads)
-    faiss.omp_set_num_threads(1)
-    model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
-    registry = _registry()
-    metrics = EngineMetrics(registry)
-    metrics.set_build_info(family=manifest["family"])
-    engine = build_engine(
-        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
-    )
+    engine, manifest, registry, metrics = _service_engine(settings)
     watch = build_drift_watch(settings, engine, metrics, None)
     updater = build_meta_updater(settings, engine, metrics, watch, manifest["family"],
                                  worker="process")  # fmt: skip
