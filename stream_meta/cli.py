@@ -652,6 +652,23 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
     return 1
 
 
+def _close(*resources: Any) -> None:
+    """Close what was opened (None: never opened), in order."""
+    for resource in resources:
+        if resource is not None:
+            resource.close()
+
+
+def _process_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings overrides from the options ``serve`` and ``trainer`` share."""
+    overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
+    if args.checkpoint:
+        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    return overrides
+
+
 def _service_engine(settings: Any) -> tuple[Any, dict[str, Any], Any, Any]:
     """The engine a long-running process (``serve``, ``trainer``) serves with, its threads set:
     ``(engine, checkpoint manifest, metrics registry, engine metrics)``."""
@@ -676,11 +693,7 @@ def _service_engine(settings: Any) -> tuple[Any, dict[str, Any], Any, Any]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
-    if args.metrics_port is not None:
-        overrides["metrics"] = {"port": args.metrics_port}
-    if args.checkpoint:
-        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    overrides = _process_overrides(args)
     if args.state_dir:
         overrides["service"] = {"state_dir": str(args.state_dir)}
     settings = _settings(args, overrides)
@@ -723,26 +736,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"stream-meta: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if server is not None:
-            server.close()
-        if updater is not None:
-            updater.close()
-        if watch is not None:
-            watch.close()
-        if recorder is not None:
-            recorder.close()
+        _close(server, updater, watch, recorder)
     _emit(summary, args.json)
     return 0
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     """The trainer service: one active trainer publishes meta-updates for every replica."""
-    overrides: dict[str, Any] = {"kafka": _kafka_overrides(args)}
-    if args.metrics_port is not None:
-        overrides["metrics"] = {"port": args.metrics_port}
-    if args.checkpoint:
-        overrides["model"] = {"checkpoint": str(args.checkpoint)}
-    settings = _settings(args, overrides)
+    settings = _settings(args, _process_overrides(args))
 
     from stream_meta.app import build_drift_watch, build_meta_updater
     from stream_meta.service import ServiceError
@@ -773,12 +774,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         summary = {"interrupted": True}
     finally:
-        if server is not None:
-            server.close()
-        if updater is not None:
-            updater.close()
-        if watch is not None:
-            watch.close()
+        _close(server, updater, watch)
     _emit(summary, args.json)
     return 0
 
