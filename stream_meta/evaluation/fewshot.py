@@ -180,7 +180,12 @@ def _latency(
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    ms = np.array(times[10:] or times) * 1e3
+    return latency_summary(times, warmup=10)
+
+
+def latency_summary(times: list[float], warmup: int) -> dict[str, float]:
+    """p50 / p99 in ms of ``times`` (seconds) after the first ``warmup`` calls."""
+    ms = np.array(times[warmup:] or times) * 1e3
     return {
         "adapt_latency_ms_p50": round(float(np.percentile(ms, 50)), 4),
         "adapt_latency_ms_p99": round(float(np.percentile(ms, 99)), 4),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from stream_meta.evaluation.families import FamilyProbes, matrix_summary
+from stream_meta.evaluation.fewshot import latency_summary
 from stream_meta.evaluation.strategies import (
     NO_LEARNING,
     StrategyOptions,
@@ -259,9 +260,5 @@ def _adapt_latency(engine: Any, k: int, samples: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    ms = np.array(times[5:] or times) * 1e3
-    return {
-        "adapt_latency_ms_p50": round(float(np.percentile(ms, 50)), 4),
-        "adapt_latency_ms_p99": round(float(np.percentile(ms, 99)), 4),
-        "adapt_latency_ms": [round(float(v), 4) for v in ms],
-    }
+    ms = [round(v * 1e3, 4) for v in (times[5:] or times)]
+    return {**latency_summary(times, warmup=5), "adapt_latency_ms": ms}
