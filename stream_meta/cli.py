@@ -882,21 +882,13 @@ def _progress(args: argparse.Namespace, total: int | None, desc: str) -> Any:
 def cmd_tail(args: argparse.Namespace) -> int:
     """Print the records of the predictions (or dead-letter) topic as JSON lines."""
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
     from stream_meta.service import Topics
 
     topics = Topics.for_prefix(settings.kafka.topic_prefix)
     topic = topics.dead_letter if args.dead_letter else topics.predictions
-    try:
-        consumer = KafkaConsumer(
-            **settings.kafka.client_config(),
-            enable_auto_commit=False,  # a reader, not a member of any group
-        )
-    except Exception as exc:
-        raise UsageError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+    consumer = _reader(settings)
     stop = _stop_on_sigterm()
     shown = 0
     try:
@@ -946,6 +938,19 @@ def _recorder(path: Path, fmt: str) -> Any:
         raise UsageError(str(exc)) from exc
 
 
+def _reader(settings: Any) -> Any:
+    """A ``KafkaConsumer`` outside any group (manual assignment: nothing committed, no join);
+    exits 2 with the reason when the brokers cannot be reached."""
+    from kafka import KafkaConsumer
+
+    try:
+        return KafkaConsumer(**settings.kafka.client_config(), enable_auto_commit=False)
+    except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
+        raise UsageError(
+            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
+
+
 def _time_ms(text: str | None) -> int | None:
     """``--since``/``--until``: epoch milliseconds, or an ISO-8601 time (UTC unless it says)."""
     if text is None:
@@ -964,7 +969,6 @@ def _time_ms(text: str | None) -> int | None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Copy a Kafka topic, between offsets or times, into a recording for ``replay``."""
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
-    from kafka import KafkaConsumer
 
     from stream_meta.kafka_export import ExportRange, export_topic
     from stream_meta.service import Topics
@@ -975,15 +979,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              _time_ms(args.until))  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    try:
-        consumer = KafkaConsumer(
-            **settings.kafka.client_config(),
-            enable_auto_commit=False,  # a reader, not a member of any group
-        )
-    except Exception as exc:
-        raise UsageError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from exc
+    consumer = _reader(settings)
     try:
         with _recorder(args.out, args.format) as recorder:
             summary = export_topic(consumer, topic, recorder, bounds,

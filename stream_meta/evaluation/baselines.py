@@ -12,9 +12,9 @@ fitted to the task's current support set by an :class:`InnerLoop` from an initia
   (``first_order=True`` detaches the inner gradients, FOMAML); ``k`` SGD steps at serving time.
 
 Serving needs no meta-gradient: :func:`fit` steps all tasks as one ``[B, P]`` tensor with
-plain autograd (for one task 1.5 ms for 10 steps on one thread, against 5.6 ms through
-``vmap``; measured once on the development machine), so the baselines are not slowed by
-the meta-training machinery.
+plain autograd, which for small batches costs less than the ``vmap`` of MAML's training loop,
+so the baselines are not slowed by the meta-training machinery (``make bench``'s replay
+section reports the ``maml`` strategy's one-task adaptation latency).
 
 Pre-training and MAML get the meta-model's training budget: the same episode sampler
 (:class:`~stream_meta.training.EpisodeSampler`, so with the same seed the very same task draws,
