@@ -37,9 +37,11 @@ GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "stream-meta.json"
 K8S = DEPLOY / "k8s"
 LAUNCHER = ROOT / "services" / "adapter" / "run.sh"
+TRAINER_LAUNCHER = ROOT / "services" / "trainer" / "run.sh"
 
 #: the scrape job the alert rules select on (compose job name; Service name on Kubernetes)
 ADAPTER_JOB = "stream-meta-adapter"
+TRAINER_JOB = "stream-meta-trainer"
 METRICS_PORT = 9108
 STATE_DIR = "/var/lib/stream-meta"
 ENV_PREFIX = "STREAM_META_"
@@ -106,6 +108,25 @@ def _volume_mounts(service: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
         source, target = volume.split(":")[:2]
         kind = "bind" if source.startswith((".", "/", "~")) else "volume"
         yield kind, source, target
+
+
+def _adapters() -> dict[str, dict[str, Any]]:
+    """The compose services that run ``stream-meta serve`` (the adapter replicas), by name."""
+    return {
+        name: service
+        for name, service in _compose()["services"].items()
+        if service.get("command") == ["serve"]
+    }
+
+
+def _host_ports(service: dict[str, Any]) -> list[tuple[int, int]]:
+    """``(host, container)`` of each published port (short syntax ``HOST:CONTAINER``)."""
+    pairs = []
+    for spec in service.get("ports", []):
+        host, _, container = str(spec).rpartition(":")
+        assert host, f"{spec}: publish ports as HOST:CONTAINER"
+        pairs.append((int(host), int(container)))
+    return pairs
 
 
 def _mount_target(service: dict[str, Any], source: str) -> str:
@@ -279,8 +300,9 @@ def _run(*cmd: str | Path) -> str:
 # -- compose ---------------------------------------------------------------------------------
 def test_compose_defines_the_stack_when_parsed() -> None:
     services = _compose()["services"]
-    assert {"kafka", "kafka-init", "adapter", "producer", "prometheus", "grafana"} <= set(services)
-    for name in ("kafka", "adapter", "prometheus", "grafana"):
+    assert {"kafka", "kafka-init", "trainer", "producer", "prometheus", "grafana"} <= set(services)
+    assert len(_adapters()) >= 2, "the stack runs several adapter replicas"
+    for name in ("kafka", "trainer", "prometheus", "grafana", *_adapters()):
         assert "profiles" not in services[name], f"{name} must start without a profile"
 
 
@@ -310,30 +332,78 @@ def test_topic_init_creates_the_adapters_topics_when_composed() -> None:
     topics = dict(spec.split(":") for spec in env["TOPICS"].split())
     assert topics.keys() >= {"events", "predictions", "dead-letter"}
     assert topics["events"] == "6" and topics["models"] == "1"
+    # one partition: its owner in the trainers' group is the one active trainer
+    assert topics["trainer-lock"] == "1"
     compacted = dict(spec.split(":") for spec in env["COMPACTED_TOPICS"].split())
     # the changelog is co-partitioned with the events
     assert compacted == {"task-embeddings": "6", "task-state": topics["events"]}
-    adapter_env = _environment(_service("adapter"))
-    assert env["TOPIC_PREFIX"] == adapter_env["STREAM_META_KAFKA__TOPIC_PREFIX"]
+    assert not topics.keys() & compacted.keys()
+    for name, service in {**_adapters(), "trainer": _service("trainer")}.items():
+        prefix = _environment(service)["STREAM_META_KAFKA__TOPIC_PREFIX"]
+        assert env["TOPIC_PREFIX"] == prefix, name
+    # the adapter replicas cannot all be busy beyond the partition count
+    assert len(_adapters()) <= int(topics["events"])
     assert env["BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert _depends_on(init) == {"kafka": "service_healthy"}
     assert init.get("restart") == "no"
 
 
-def test_adapter_waits_for_kafka_and_topics_and_is_healthchecked_when_composed() -> None:
-    adapter = _service("adapter")
-    assert _depends_on(adapter) == {
+def test_adapters_wait_for_kafka_and_topics_and_are_healthchecked_when_composed() -> None:
+    for name, adapter in _adapters().items():
+        assert _depends_on(adapter) == {
+            "kafka": "service_healthy",
+            "kafka-init": "service_completed_successfully",
+        }, name
+        build = adapter["build"]
+        assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+        check = " ".join(adapter["healthcheck"]["test"])
+        assert f"127.0.0.1:{METRICS_PORT}/healthz" in check, name
+        assert [c for _, c in _host_ports(adapter)] == [METRICS_PORT], name
+        kind, _, _ = next(m for m in _volume_mounts(adapter) if m[2] == STATE_DIR)
+        assert kind == "volume", f"{name}: the adapter's state belongs in a named volume"
+        assert adapter.get("read_only") is True and "/tmp" in adapter["tmpfs"], name
+        assert "deploy" not in adapter, f"{name}: one container per state volume"
+
+
+def test_adapter_replicas_share_a_group_with_a_state_volume_each_when_composed() -> None:
+    adapters = _adapters()
+    settings = {name: load_settings(None, env=_environment(s)) for name, s in adapters.items()}
+    assert len({s.kafka.group_id for s in settings.values()}) == 1, "one consumer group"
+    assert len({s.kafka.topic_prefix for s in settings.values()}) == 1
+    volumes = [
+        source for a in adapters.values() for _, source, target in _volume_mounts(a)
+        if target == STATE_DIR
+    ]  # fmt: skip
+    assert len(volumes) == len(adapters) == len(set(volumes)), "one writer per state volume"
+    host_ports = [host for a in adapters.values() for host, _ in _host_ports(a)]
+    assert len(host_ports) == len(set(host_ports)), "each replica on a host port of its own"
+    for name, s in settings.items():
+        # the trainer runs the meta-updates; the replicas adopt what it publishes
+        assert s.meta_update.enabled is False, name
+        assert s.service.follow_models and s.service.state_changelog, name
+        assert s.service.share_embeddings, name
+
+
+def test_trainer_runs_stream_meta_trainer_with_a_standby_when_composed() -> None:
+    trainer = _service("trainer")
+    assert trainer["command"] == ["trainer"]
+    assert trainer["image"] == next(iter(_adapters().values()))["image"]
+    assert trainer["build"] == next(iter(_adapters().values()))["build"]
+    assert _depends_on(trainer) == {
         "kafka": "service_healthy",
         "kafka-init": "service_completed_successfully",
     }
-    build = adapter["build"]
-    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
-    check = " ".join(adapter["healthcheck"]["test"])
-    assert f"127.0.0.1:{METRICS_PORT}/healthz" in check
-    assert f"{METRICS_PORT}:{METRICS_PORT}" in adapter["ports"]
-    kind, _, _ = next(m for m in _volume_mounts(adapter) if m[2] == STATE_DIR)
-    assert kind == "volume", "the adapter's state belongs in a named volume"
-    assert adapter.get("read_only") is True and "/tmp" in adapter["tmpfs"]
+    assert trainer["deploy"]["replicas"] >= 2, "one active trainer and a standby"
+    assert not trainer.get("ports"), "replicas cannot share a fixed host port"
+    check = " ".join(trainer["healthcheck"]["test"])
+    settings = load_settings(None, env=_environment(trainer))
+    assert f"127.0.0.1:{settings.metrics.port}/healthz" in check
+    assert settings.meta_update.enabled, "`stream-meta trainer` refuses to run without it"
+    assert settings.metrics.host == "0.0.0.0"
+    adapter = load_settings(None, env=_environment(next(iter(_adapters().values()))))
+    assert settings.kafka.group_id == adapter.kafka.group_id, "<group>.trainer is derived"
+    assert settings.kafka.bootstrap_servers == adapter.kafka.bootstrap_servers
+    assert trainer.get("read_only") is True and "/tmp" in trainer["tmpfs"]
 
 
 def test_producer_runs_only_in_the_demo_profile_when_composed() -> None:
@@ -342,7 +412,7 @@ def test_producer_runs_only_in_the_demo_profile_when_composed() -> None:
     command = producer["command"]
     assert command[0] == "produce"
     assert command[command.index("--bootstrap-servers") + 1] == "kafka:9092"
-    assert producer["image"] == _service("adapter")["image"]
+    assert producer["image"] == next(iter(_adapters().values()))["image"]
     assert producer["healthcheck"] == {"disable": True}
 
 
@@ -381,7 +451,8 @@ def _env_sources() -> dict[str, dict[str, str]]:
             assert ref["name"] == _k8s("ConfigMap")["metadata"]["name"]
             k8s_env[var["name"]] = configmap[ref["key"]]
     sources = {
-        "compose adapter": _environment(_service("adapter")),
+        **{f"compose {name}": _environment(s) for name, s in _adapters().items()},
+        "compose trainer": _environment(_service("trainer")),
         "compose producer": _environment(_service("producer")),
         "Dockerfile": image_env,
         "k8s Deployment": k8s_env,
@@ -392,9 +463,21 @@ def _env_sources() -> dict[str, dict[str, str]]:
     }
 
 
-@pytest.mark.parametrize(
-    "source", ["compose adapter", "compose producer", "Dockerfile", "k8s Deployment"]
+ENV_SOURCES = (
+    "compose adapter-0",
+    "compose adapter-1",
+    "compose trainer",
+    "compose producer",
+    "Dockerfile",
+    "k8s Deployment",
 )
+
+
+def test_environment_sources_cover_every_configured_process_when_listed() -> None:
+    assert set(_env_sources()) == set(ENV_SOURCES)
+
+
+@pytest.mark.parametrize("source", ENV_SOURCES)
 def test_service_accepts_the_environment_when_deployed(source: str) -> None:
     env = _env_sources()[source]
     try:
@@ -406,10 +489,11 @@ def test_service_accepts_the_environment_when_deployed(source: str) -> None:
 
 
 def test_compose_adapter_environment_sets_the_deployed_values_when_loaded() -> None:
-    settings = load_settings(None, env=_env_sources()["compose adapter"])
-    assert settings.kafka.bootstrap_servers == "kafka:9092"
-    assert settings.metrics.port == METRICS_PORT
-    assert str(settings.service.state_dir) == STATE_DIR
+    for name in _adapters():
+        settings = load_settings(None, env=_env_sources()[f"compose {name}"])
+        assert settings.kafka.bootstrap_servers == "kafka:9092"
+        assert settings.metrics.port == METRICS_PORT
+        assert str(settings.service.state_dir) == STATE_DIR
 
 
 def test_environment_check_rejects_an_unknown_variable_when_misspelt() -> None:
@@ -417,18 +501,32 @@ def test_environment_check_rejects_an_unknown_variable_when_misspelt() -> None:
         load_settings(None, env={"STREAM_META_KAFKA__BOOTSTRAP_SERVER": "kafka:9092"})
 
 
-def test_prometheus_scrapes_the_adapter_and_loads_the_rules_when_composed() -> None:
+def test_prometheus_scrapes_every_adapter_and_loads_the_rules_when_composed() -> None:
     config = _yaml(PROMETHEUS_CONFIG)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [t for sc in jobs[ADAPTER_JOB]["static_configs"] for t in sc["targets"]]
-    port = _environment(_service("adapter"))["STREAM_META_METRICS__PORT"]
-    assert targets == [f"adapter:{port}"]
+    expected = [
+        f"{name}:{_environment(s)['STREAM_META_METRICS__PORT']}" for name, s in _adapters().items()
+    ]
+    assert sorted(targets) == sorted(expected)
     assert config["rule_files"] == ["alerts.yml"]
     prometheus = _service("prometheus")
     config_dir = Path(_mount_target(prometheus, "./prometheus/prometheus.yml")).parent
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_CONFIG.parent / rule_file).is_file()
         assert _mount_target(prometheus, f"./prometheus/{rule_file}") == str(config_dir / rule_file)
+
+
+def test_prometheus_scrapes_every_trainer_replica_when_composed() -> None:
+    jobs = {job["job_name"]: job for job in _yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    job = jobs[TRAINER_JOB]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    # the service has replicas: its name resolves to each of them, and each is a target
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["trainer"] and sd["type"] == "A"
+    port = int(_environment(_service("trainer"))["STREAM_META_METRICS__PORT"])
+    assert sd["port"] == port
+    assert "static_configs" not in job
 
 
 def test_grafana_provisions_the_datasource_and_dashboard_when_composed() -> None:
