@@ -1,9 +1,10 @@
-"""deploy/ and services/adapter/: the compose stack, the Prometheus rules and their unit tests, the
+"""deploy/ and services/: the compose stack, the Prometheus rules and their unit tests, the
 Grafana dashboard, the Kubernetes manifests and the Dockerfile agree with each other and with the
 service (its settings and the metrics it exports). No Docker engine or cluster is needed.
 
 Tests that run ``promtool`` are skipped when it is not on PATH, unless the environment variable
-``TEST_REQUIRE_PROMETHEUS`` is set (to anything): then a missing promtool fails them.
+``TEST_REQUIRE_PROMETHEUS`` is set (to anything): then a missing promtool fails them. The
+kustomize build (``kubectl kustomize``, no cluster involved) is skipped without kubectl.
 """
 
 from __future__ import annotations
@@ -63,11 +64,15 @@ SEVERITIES = {"critical", "warning", "info"}
 K8S_KINDS = (
     "ConfigMap",
     "Deployment",
-    "PersistentVolumeClaim",
+    "PodDisruptionBudget",
     "PrometheusRule",
     "Service",
+    "Service",
     "ServiceMonitor",
+    "StatefulSet",
 )
+#: the Kubernetes workload of each process, and the command its container runs
+WORKLOADS = {"adapter": ("StatefulSet", "serve"), "trainer": ("Deployment", "trainer")}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 METRIC_TOKEN = re.compile(r"\bstream_meta_[a-z0-9_]+")
 
@@ -153,10 +158,52 @@ def _k8s(kind: str) -> dict[str, Any]:
     return found[0]
 
 
-def _container() -> dict[str, Any]:
-    containers = _k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+def _workload(component: str) -> dict[str, Any]:
+    """The StatefulSet (adapter) or Deployment (trainer) of ``component``."""
+    workload = _k8s(WORKLOADS[component][0])
+    assert workload["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    return workload
+
+
+def _pod(component: str) -> dict[str, Any]:
+    return _workload(component)["spec"]["template"]["spec"]
+
+
+def _container(component: str) -> dict[str, Any]:
+    containers = _pod(component)["containers"]
     assert len(containers) == 1
     return containers[0]
+
+
+def _k8s_service(component: str) -> dict[str, Any]:
+    found = [
+        doc
+        for _, doc in _k8s_documents()
+        if doc["kind"] == "Service"
+        and doc["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(found) == 1, f"expected one Service of the {component}, found {len(found)}"
+    return found[0]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (``matchLabels`` and ``matchExpressions``) selects
+    an object with ``labels``. A bare mapping is a Service's selector (equality only)."""
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
 
 
 def _configmap_toml() -> tuple[str, str]:
@@ -429,17 +476,13 @@ def test_bind_mounts_exist_and_named_volumes_are_declared_when_composed() -> Non
     assert used == declared, f"declared but unused volumes: {declared - used}"
 
 
-def _env_sources() -> dict[str, dict[str, str]]:
-    """The STREAM_META_* variables of every place that configures the service."""
-    image_env: dict[str, str] = {}
-    for instruction, args in _dockerfile_stages()[-1]:
-        if instruction == "ENV":
-            image_env.update(re.findall(r"(\w+)=(\S+)", args))
+def _k8s_env(component: str) -> dict[str, str]:
+    """The variables a Kubernetes container sets, ConfigMap references resolved."""
     configmap = _k8s("ConfigMap")["data"]
-    k8s_env = {}
-    for var in _container()["env"]:
+    env = {}
+    for var in _container(component)["env"]:
         if "value" in var:
-            k8s_env[var["name"]] = var["value"]
+            env[var["name"]] = var["value"]
         elif "secretKeyRef" in var["valueFrom"]:
             # credentials: optional, absent unless the cluster has the Secret (and its TOML
             # then selects a SASL protocol)
@@ -449,13 +492,22 @@ def _env_sources() -> dict[str, dict[str, str]]:
         else:
             ref = var["valueFrom"]["configMapKeyRef"]
             assert ref["name"] == _k8s("ConfigMap")["metadata"]["name"]
-            k8s_env[var["name"]] = configmap[ref["key"]]
+            env[var["name"]] = configmap[ref["key"]]
+    return env
+
+
+def _env_sources() -> dict[str, dict[str, str]]:
+    """The STREAM_META_* variables of every place that configures the service."""
+    image_env: dict[str, str] = {}
+    for instruction, args in _dockerfile_stages()[-1]:
+        if instruction == "ENV":
+            image_env.update(re.findall(r"(\w+)=(\S+)", args))
     sources = {
         **{f"compose {name}": _environment(s) for name, s in _adapters().items()},
         "compose trainer": _environment(_service("trainer")),
         "compose producer": _environment(_service("producer")),
         "Dockerfile": image_env,
-        "k8s Deployment": k8s_env,
+        **{f"k8s {component}": _k8s_env(component) for component in WORKLOADS},
     }
     return {
         name: {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
@@ -469,7 +521,8 @@ ENV_SOURCES = (
     "compose trainer",
     "compose producer",
     "Dockerfile",
-    "k8s Deployment",
+    "k8s adapter",
+    "k8s trainer",
 )
 
 
@@ -682,6 +735,8 @@ def test_k8s_manifests_parse_as_named_resources_when_loaded() -> None:
         assert doc.get("apiVersion") and doc.get("kind"), name
         assert doc["metadata"]["name"], name
     assert sorted(doc["kind"] for _, doc in documents) == sorted(K8S_KINDS)
+    names = [(doc["kind"], doc["metadata"]["name"]) for _, doc in documents]
+    assert len(names) == len(set(names)), "two resources of a kind share a name"
 
 
 def test_kustomization_lists_every_manifest_when_read() -> None:
@@ -689,15 +744,103 @@ def test_kustomization_lists_every_manifest_when_read() -> None:
     assert kustomization["kind"] == "Kustomization"
     manifests = {p.name for p in K8S.iterdir() if p.suffix in (".yaml", ".yml")}
     assert sorted(kustomization["resources"]) == sorted(manifests - {"kustomization.yaml"})
-    image = _container()["image"].split(":")[0]
-    assert image in {entry["name"] for entry in kustomization.get("images", [])}
+    images = {entry["name"] for entry in kustomization.get("images", [])}
+    for component in WORKLOADS:
+        assert _container(component)["image"].split(":")[0] in images, component
+    assert _container("adapter")["image"] == _container("trainer")["image"], "one image"
 
 
-def test_deployment_probes_health_and_readiness_on_the_metrics_port_when_read() -> None:
-    deployment = _k8s("Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    container = _container()
+def test_kustomize_builds_the_manifests_with_the_image_set_when_run() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    built = list(yaml.safe_load_all(_run(kubectl, "kustomize", K8S)))
+    tag = _yaml(K8S / "kustomization.yaml")["images"][0]["newTag"]
+    workloads = [doc for doc in built if doc and doc["kind"] in ("StatefulSet", "Deployment")]
+    assert len(workloads) == len(WORKLOADS)
+    for doc in workloads:
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == f"stream-meta:{tag}", doc["metadata"]["name"]
+
+
+def test_selector_check_matches_labels_and_expressions_when_evaluated() -> None:
+    pod = {"app": "x", "component": "adapter"}
+    assert selects({"app": "x"}, pod)
+    assert not selects({"app": "y"}, pod)
+    expr = {"matchExpressions": [{"key": "component", "operator": "In", "values": ["adapter"]}]}
+    assert selects(expr, pod)
+    assert not selects(expr, {"app": "x"})
+    assert not selects(expr, {"app": "x", "component": "trainer"})
+    assert not selects({"matchLabels": {"app": "x"}, **expr}, {"component": "adapter"})
+
+
+def test_adapter_statefulset_gives_each_replica_a_state_volume_when_read() -> None:
+    statefulset = _workload("adapter")
+    spec = statefulset["spec"]
+    assert spec["replicas"] >= 2
+    # replicas beyond the events topic's partitions would hold none (idle, not ready)
+    init_topics = dict(t.split(":") for t in _environment(_service("kafka-init"))["TOPICS"].split())
+    assert spec["replicas"] <= int(init_topics["events"])
+    assert spec.get("podManagementPolicy") == "Parallel"
+    assert spec.get("updateStrategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    assert selects(spec["selector"], spec["template"]["metadata"]["labels"])
+    # one claim per pod, mounted on the state directory; no shared claim
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["mountPath"]: m["name"] for m in _container("adapter")["volumeMounts"]}
+    assert mounts[STATE_DIR] == claim["metadata"]["name"]
+    pod_volumes = {v["name"]: v for v in _pod("adapter").get("volumes", [])}
+    assert claim["metadata"]["name"] not in pod_volumes, "the template's claim, not a pod volume"
+    assert not [v for v in pod_volumes.values() if "persistentVolumeClaim" in v]
+    # the headless Service that governs the pods' names is the one Prometheus scrapes
+    service = _k8s_service("adapter")
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_adapter_replicas_have_time_to_drain_and_a_disruption_budget_when_read() -> None:
+    key, text = _configmap_toml()
+    pod = _pod("adapter")
+    settings = load_settings(None, env={}, overrides=tomllib.loads(text))
+    # SIGTERM: retry undelivered outputs for shutdown_timeout_s, then commit and checkpoint
+    assert pod["terminationGracePeriodSeconds"] > settings.service.shutdown_timeout_s, key
+    budget = _k8s("PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in budget["spec"]
+    adapter_labels = _workload("adapter")["spec"]["template"]["metadata"]["labels"]
+    trainer_labels = _workload("trainer")["spec"]["template"]["metadata"]["labels"]
+    assert selects(budget["spec"]["selector"], adapter_labels)
+    assert not selects(budget["spec"]["selector"], trainer_labels)
+
+
+def test_trainer_deployment_runs_an_active_and_a_standby_trainer_when_read() -> None:
+    deployment = _workload("trainer")
+    spec = deployment["spec"]
+    assert spec["replicas"] >= 2, "one active trainer and a standby"
+    # a rollout starts the new trainer before it stops an old one
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert selects(spec["selector"], spec["template"]["metadata"]["labels"])
+    container = _container("trainer")
+    # `stream-meta trainer` through the image's entrypoint, the same image as the adapters
+    assert "command" not in container
+    entrypoint = next(a for i, a in _dockerfile_stages()[-1] if i == "ENTRYPOINT")
+    assert json.loads(entrypoint) == ["stream-meta"]
+    assert container["args"][0] == "trainer"
+    assert container["image"] == _container("adapter")["image"]
+    # no state: the trainer starts from the newest published model
+    pod_volumes = {v["name"]: v for v in _pod("trainer")["volumes"]}
+    assert not [v for v in pod_volumes.values() if "persistentVolumeClaim" in v]
+    assert "volumeClaimTemplates" not in spec
+
+
+@pytest.mark.parametrize("component", list(WORKLOADS))
+def test_workload_probes_health_and_readiness_on_the_metrics_port_when_read(
+    component: str,
+) -> None:
+    container = _container(component)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == METRICS_PORT
 
@@ -708,63 +851,83 @@ def test_deployment_probes_health_and_readiness_on_the_metrics_port_when_read() 
 
     assert probe("livenessProbe") == ("/healthz", METRICS_PORT)
     assert probe("readinessProbe") == ("/readyz", METRICS_PORT)
-    if "startupProbe" in container:
-        assert probe("startupProbe") == ("/healthz", METRICS_PORT)
+    # loading the model (and restoring state) must not be cut short by the liveness probe
+    assert probe("startupProbe") == ("/healthz", METRICS_PORT)
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
 
 
-def test_deployment_runs_non_root_read_only_with_writable_state_and_tmp_when_read() -> None:
-    pod = _k8s("Deployment")["spec"]["template"]["spec"]
-    container = _container()
+@pytest.mark.parametrize("component", list(WORKLOADS))
+def test_workload_runs_non_root_read_only_with_writable_tmp_when_read(component: str) -> None:
+    pod = _pod(component)
+    container = _container(component)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
-    claim = mounts[STATE_DIR]["persistentVolumeClaim"]["claimName"]
-    assert claim == _k8s("PersistentVolumeClaim")["metadata"]["name"]
-    assert "emptyDir" in mounts["/tmp"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     env = {var["name"]: var for var in container["env"]}
     assert env["STREAM_META_METRICS__HOST"]["value"] == "0.0.0.0"
     assert "configMapKeyRef" in env["STREAM_META_KAFKA__BOOTSTRAP_SERVERS"]["valueFrom"]
+    for name in ("STREAM_META_KAFKA__SASL_USERNAME", "STREAM_META_KAFKA__SASL_PASSWORD"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["optional"] is True, name
+    writable = {path for path, m in mounts.items() if not m.get("readOnly")}
+    assert writable == ({"/tmp", STATE_DIR} if component == "adapter" else {"/tmp"})
 
 
-def test_configmap_toml_is_the_settings_file_the_deployment_passes_when_loaded(
-    tmp_path: Path,
+@pytest.mark.parametrize("component", list(WORKLOADS))
+def test_configmap_toml_is_the_settings_file_the_workload_passes_when_loaded(
+    component: str, tmp_path: Path
 ) -> None:
     key, text = _configmap_toml()
     path = tmp_path / key
     path.write_text(text)
     try:
-        settings = load_settings(path)
+        settings = load_settings(path, env=_k8s_env(component))
     except ConfigError as exc:
         pytest.fail(f"the ConfigMap's {key} is not a valid settings file:\n{exc}")
     assert settings.metrics.port == METRICS_PORT
+    assert settings.metrics.host == "0.0.0.0"
     assert str(settings.service.state_dir) == STATE_DIR
     assert "bootstrap_servers" not in tomllib.loads(text)["kafka"], "set by the environment"
-    container = _container()
+    container = _container(component)
     config_arg = container["args"][container["args"].index("--config") + 1]
-    pod_volumes = {v["name"]: v for v in _k8s("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    pod_volumes = {v["name"]: v for v in _pod(component)["volumes"]}
     mount = next(m for m in container["volumeMounts"] if config_arg.startswith(m["mountPath"]))
     assert pod_volumes[mount["name"]]["configMap"]["name"] == _k8s("ConfigMap")["metadata"]["name"]
     assert config_arg == f"{mount['mountPath']}/{key}"
-    assert container["args"][0] == "serve"
+    assert container["args"][0] == WORKLOADS[component][1]
+    # the trainer runs the meta-updates (it refuses to start without them); the adapters
+    # serve the versions it publishes
+    if component == "trainer":
+        assert settings.meta_update.enabled is True
+    else:
+        assert settings.meta_update.enabled is False
+        assert settings.service.follow_models and settings.service.state_changelog
+        assert settings.service.share_embeddings
 
 
-def test_service_and_servicemonitor_agree_on_the_metrics_port_when_read() -> None:
-    service, monitor = _k8s("Service"), _k8s("ServiceMonitor")
-    assert service["metadata"]["name"] == ADAPTER_JOB, "the job label the alert rules select on"
+@pytest.mark.parametrize("component", list(WORKLOADS))
+def test_service_and_servicemonitor_agree_on_the_metrics_port_when_read(component: str) -> None:
+    service, monitor = _k8s_service(component), _k8s("ServiceMonitor")
+    job = {"adapter": ADAPTER_JOB, "trainer": TRAINER_JOB}[component]
+    assert service["metadata"]["name"] == job, "the job label Prometheus Operator gives"
+    assert service["spec"]["clusterIP"] == "None", "every pod is scraped, none balanced"
     (port,) = service["spec"]["ports"]
     assert port["name"] == "metrics" and port["port"] == METRICS_PORT
     assert port["targetPort"] in ("metrics", METRICS_PORT)
-    pod_labels = _k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # the Service selects this component's pods and no other's
+    for other in WORKLOADS:
+        labels = _workload(other)["spec"]["template"]["metadata"]["labels"]
+        assert selects(service["spec"]["selector"], labels) == (other == component), other
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert (
-        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    )
+    assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
     assert monitor["spec"]["endpoints"][0].get("path", "/metrics") == "/metrics"
 
@@ -832,3 +995,11 @@ def test_adapter_launcher_execs_stream_meta_serve_when_run() -> None:
     help_text = _run(LAUNCHER, "--help")
     assert "usage: stream-meta serve" in help_text
     assert "--state-dir" in help_text
+
+
+def test_trainer_launcher_execs_stream_meta_trainer_when_run() -> None:
+    assert os.access(TRAINER_LAUNCHER, os.X_OK), "services/trainer/run.sh must be executable"
+    _run("sh", "-n", TRAINER_LAUNCHER)
+    help_text = _run(TRAINER_LAUNCHER, "--help")
+    assert "usage: stream-meta trainer" in help_text
+    assert "--metrics-port" in help_text
