@@ -29,8 +29,13 @@ On restart the newest checkpoint is restored and each partition is read again fr
 checkpoint's offset, so the state and the stream resume from the same point: events after the
 checkpoint are learned once, by the restored state; their outputs may be produced a second
 time (at-least-once output, exactly-once learning). A labelled event whose id the restored
-de-duplication window already holds is predicted again but never learned twice. Without a
-state directory offsets are committed after every batch and a restart starts cold.
+de-duplication window already holds is predicted again but never learned twice. With the
+changelog on (the default), offsets are also committed after every batch (its changelog
+records are acknowledged with its outputs), and a partition resumes at the later of the
+checkpoint's offset and the group's committed one: a replica that dies between batches leaves
+no event to be served twice, one that dies within a batch leaves that batch (outputs stay
+at-least-once; exactly-once outputs need Kafka transactions: docs/KAFKA_TEST_BROKER.md).
+Without a state directory offsets are committed after every batch and a restart starts cold.
 
 While the broker is away the kafka-python clients reconnect with exponential backoff
 (``reconnect_backoff_ms`` .. ``reconnect_backoff_max_ms``); at start-up the service waits for
@@ -144,6 +149,8 @@ class KafkaService:
         self.restored: dict[str, Any] | None = None
         self._positions: dict[Any, int] = {}  # partition -> next offset, outputs acknowledged
         self._resume: dict[Any, int] = {}  # partition -> offset from the restored checkpoint
+        self._resume_at: dict[Any, int] = {}  # the same, for partitions waiting for a restore
+        self._committed: dict[Any, int] = {}  # partition -> offset this replica committed last
         self._dirty = False  # processed since the last checkpoint/commit
         self._max_records = self.batch_size
         self._per_record_s = 0.0
@@ -425,7 +432,10 @@ class KafkaService:
                     for key in [k for k in self._applied if k[0] == tp.partition]:
                         del self._applied[key]
         self._dirty = True
-        if self.state is None:
+        if self.state is None or self.cfg.state_changelog:
+            # the changelog holds what this batch taught, acknowledged with its outputs, so
+            # its offsets may be committed now: a replica that dies between two checkpoints
+            # leaves only its unfinished batch to be served again
             self._commit(dict(self._positions))
         took = time.perf_counter() - t0
         self._bound_batches(len(records), took)
@@ -504,8 +514,29 @@ class KafkaService:
         tps = [tp for tp in self._to_restore if tp in owned]
         self._to_restore.clear()
         self._restore_changelog(sorted({tp.partition for tp in tps}))
+        for tp in tps:
+            self._resume_from_checkpoint(tp)
         if tps:
             self.consumer.resume(*tps)
+
+    def _resume_from_checkpoint(self, tp: Any) -> None:
+        """Start ``tp`` at the later of the restored checkpoint's offset and the group's
+        committed one: the changelog (already loaded) holds what the events before it taught,
+        so nothing before that point needs serving again."""
+        from kafka.errors import KafkaError
+
+        offset = self._resume_at.pop(tp, None)
+        if offset is None:
+            return
+        try:
+            committed = self.consumer.committed(tp)
+        except (KafkaError, OSError) as exc:
+            log.warning("committed offset of %s unknown (%s): resuming at the checkpoint's",
+                        _names([tp]), exc)  # fmt: skip
+            committed = None
+        start = max(offset, committed if committed is not None else -1)
+        self.consumer.seek(tp, start)
+        self._positions[tp] = start
 
     def _restore_changelog(self, partitions: list[int]) -> None:
         """Load the changelog's tasks of newly assigned ``partitions`` (see
@@ -708,7 +739,10 @@ class KafkaService:
         from kafka.structs import OffsetAndMetadata
 
         owned = self.consumer.assignment()
-        todo = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items() if tp in owned}
+        # never behind what was committed already (a checkpoint's offsets may be older than
+        # the batches committed since, with the changelog on)
+        todo = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()
+                if tp in owned and o > self._committed.get(tp, -1)}  # fmt: skip
         if not todo:
             return True
         try:
@@ -720,6 +754,7 @@ class KafkaService:
             self.metrics.commit_failures.inc()
             log.warning("offset commit failed (%s); the next commit covers it", exc)
             return False
+        self._committed.update({tp: om.offset for tp, om in todo.items()})
         self.metrics.commits.inc()
         return True
 
@@ -746,8 +781,13 @@ class KafkaService:
         for tp in [tp for tp in self._positions if tp not in owned]:
             del self._positions[tp]
         for tp in assigned:
+            self._committed.pop(tp, None)  # another owner may have committed since
             offset = self._resume.pop(tp, None)
-            if offset is not None:
+            if offset is not None and self.cfg.state_changelog:
+                # the group may have committed past the checkpoint (a commit per batch): the
+                # loop picks the later point after the restore (no blocking call in here)
+                self._resume_at[tp] = offset
+            elif offset is not None:
                 self.consumer.seek(tp, offset)  # the state checkpoint's point of the stream
                 # and the position the next checkpoint records, even if nothing more arrives
                 # on this partition (else that checkpoint would drop it)

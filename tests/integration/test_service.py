@@ -117,9 +117,13 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     assert final["tasks"] == ref["tasks"]
     # every labelled event scored once, by one run or the other: those the killed run learned
     # after its last checkpoint came back from the task-state changelog, and their redelivery
-    # was predicted as a duplicate (not scored again: their scores are in the killed run)
-    redelivered = sum(1 for v in values if v.get("duplicate") and v.get("labelled") is False)
-    assert final["labelled"] + redelivered == ref["labelled"]
+    # (its unfinished batch: offsets are committed per batch) was predicted as a duplicate
+    scored = [v["event_id"] for v in values if v.get("labelled") and not v.get("duplicate")]
+    assert len(scored) == len(set(scored)) == ref["labelled"]
+    # the restart resumed where the killed run had committed (a commit per batch), not at
+    # its older checkpoint: at most the killed run's unfinished micro-batch came again
+    redelivered = sum(1 for v in values if v.get("duplicate"))
+    assert redelivered <= 32  # at most the killed run's unfinished micro-batch
     # the interleaving of partitions differs between runs (so do neighbours): loss within 5 %
     losses = (final["prequential_loss"], ref["prequential_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=0.05), losses
