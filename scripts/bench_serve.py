@@ -144,13 +144,18 @@ class Serve:
         workdir: Path,
         prefix: str,
         *,
-        events: int,
+        events: int | None,
         timeout_s: float,
         fast_group: bool,
         checkpoint: str | None = None,
+        group: str | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        """A fresh group and state directory unless ``group`` / ``state_dir`` are given (a
+        replica of a group, or one restarted on its own state); ``events`` None: until the
+        timeout or a signal."""
         name = new_name("serve")
-        self.state_dir = workdir / f"{name}-state"
+        self.state_dir = state_dir or workdir / f"{name}-state"
         self.args = [
             "serve",
             "--bootstrap-servers",
@@ -158,15 +163,14 @@ class Serve:
             "--topic-prefix",
             prefix,
             "--group",
-            name,
+            group or name,
             *(["--checkpoint", checkpoint] if checkpoint else []),
             "--metrics-port",
             "0",
             "--state-dir",
             str(self.state_dir),
             *(FAST_GROUP_SETS if fast_group else ()),
-            "--events",
-            str(events),
+            *(["--events", str(events)] if events is not None else []),
             "--timeout",
             f"{timeout_s:g}",
             "--json",

@@ -113,3 +113,73 @@ def test_serve_latency_joins_on_event_id_when_predictions_repeat_or_miss() -> No
     assert stats["max_ms"] == pytest.approx(30.0)
     assert stats["over_50ms"] == 0
     assert stats["event_rate_per_s"] == pytest.approx(1000.0)
+
+
+def test_scale_windows_report_latency_and_backlog_per_window_when_outputs_lag() -> None:
+    from scripts.bench_scale import windows
+
+    events = [(0, "a"), (500, "b"), (1000, "c"), (1500, "d")]
+    # b's first prediction counts (a second copy is later); d is never predicted
+    preds = [(10, "a"), (900, "b"), (2500, "b"), (1100, "c")]
+    rows = windows(events, preds, width_s=1.0)
+    assert [r["from_s"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["events"] == 2 and rows[0]["max_ms"] == 400.0  # b: 900 - 500
+    assert rows[0]["backlog_at_end"] == 0  # a, b produced and predicted before 1,000 ms
+    assert rows[1]["events"] == 1  # c (d has no prediction)
+    assert rows[1]["backlog_at_end"] == 1  # d
+
+
+def test_scale_rss_growth_compares_medians_after_warm_up_and_at_the_end() -> None:
+    from scripts.bench import MeasurementError
+    from scripts.bench_scale import rss_growth
+
+    samples = [(float(t), 100 + (50 if t < 10 else 0) + (10 if t >= 90 else 0)) for t in range(100)]
+    r = rss_growth(samples, warm_s=20.0, width_s=10.0)
+    assert r["after_warm_up_bytes"] == 100 and r["end_bytes"] == 110
+    assert r["growth"] == pytest.approx(0.10)
+    assert r["max_bytes"] == 150  # the warm-up peak is reported, not judged
+    with pytest.raises(MeasurementError, match="too few"):
+        rss_growth(samples[:5], warm_s=20.0)
+
+
+def test_scale_changelog_check_finds_lost_and_repeated_examples_when_compared() -> None:
+    from types import SimpleNamespace
+
+    from scripts.bench_scale import changelog_check
+
+    labels = {"a": [1.0, 2.0, 3.0, 4.0], "b": [5.0], "c": [6.0]}
+    newest = {
+        "a": SimpleNamespace(seen=4, ys=[4.0, 2.0, 3.0]),  # a ring buffer of 3: rotated
+        "b": SimpleNamespace(seen=2, ys=[5.0, 5.0]),  # learned twice
+    }
+    r = changelog_check(labels, newest)
+    assert r["tasks_missing"] == 1  # c
+    assert r["seen_mismatch"] == 1 and r["seen_mismatch_examples"] == [("b", 2, 1)]
+    assert r["support_set_mismatch"] == 1  # b's set is not its newest labels
+    newest["a"] = SimpleNamespace(seen=4, ys=[1.0, 2.0, 3.0])  # lost the newest example
+    assert changelog_check(labels, newest)["support_set_mismatch"] == 2
+
+
+def test_scale_cores_between_uses_the_samples_inside_the_span() -> None:
+    from scripts.bench_scale import cores_between
+
+    trace = [(0.0, [0.0, 0.0], 0.0), (1.0, [0.5, 1.0], 0.2), (3.0, [1.5, 3.0], 0.6),
+             (4.0, [9.0, 9.0], 9.0)]  # fmt: skip
+    r = cores_between(trace, 0.5, 3.5)
+    assert r["replicas"] == [0.5, 1.0] and r["broker"] == 0.2 and r["seconds"] == 2.0
+    assert cores_between(trace, 3.5, 3.9)["replicas"] is None  # no two samples inside
+
+
+def test_scale_steady_window_counts_only_while_every_replica_serves() -> None:
+    from scripts.bench_scale import steady_window
+
+    # replica A (partition 0) serves 0..4,000 ms; replica B (partition 1) 2,000..6,000 ms
+    rows = [(t, f"a{t}") for t in range(0, 4001, 500)] + [
+        (t, f"b{t}") for t in range(2000, 6001, 500)
+    ]
+    parts = [0] * 9 + [1] * 9
+    r = steady_window(rows, parts, [[0], [1]])
+    assert (r["from_ms"], r["to_ms"]) == (2000, 4000)
+    assert r["events"] == 10 and r["events_per_s"] == 5.0  # 5 of each in 2 s
+    one = steady_window(rows[:9], parts[:9], [[0]])
+    assert one["span_s"] == 4.0 and one["events"] == 9
