@@ -129,6 +129,7 @@ class TrainerService:
         from kafka import TopicPartition
 
         self.active, self._announced = active, True
+        self.metrics.trainer_active.set(1 if active else 0)
         if active:
             parts = self.events.partitions_for_topic(self.topics.events) or set()
             tps = [TopicPartition(self.topics.events, p) for p in sorted(parts)]
