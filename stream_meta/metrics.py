@@ -363,13 +363,20 @@ class ServiceMetrics:
             self.dead_letters.labels(reason.value)
         for event in ("assigned", "revoked"):
             self.rebalances.labels(event)
-        self.trainer_active = Gauge(
-            "stream_meta_trainer_active",
-            "1 while this process is the active trainer, 0 on standby (0 in serve).",
-            registry=r,
-        )
         self.ready = Gauge(
             "stream_meta_ready",
             "1 once state is restored and partitions are assigned (what /readyz reports).",
             registry=r,
+        )
+
+
+class TrainerMetrics:
+    """What only ``stream-meta trainer`` exports, beside its engine metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.active = Gauge(
+            "stream_meta_trainer_active",
+            "1 while this process is the active trainer (it holds the trainer lock), 0 on "
+            "standby.",
+            registry=registry,
         )

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_meta.metrics import TrainerMetrics
 from stream_meta.service import ServiceError, Topics, ensure_topics
 
 __all__ = ["TrainerService"]
@@ -45,6 +46,7 @@ class TrainerService:
     def __init__(self, engine: Any, settings: Any, metrics: Any, *, watch: Any,
                  updater: Any) -> None:  # fmt: skip
         self.engine, self.watch, self.updater, self.metrics = engine, watch, updater, metrics
+        self.lock_metrics = TrainerMetrics(metrics.registry)
         self.kafka, self.cfg = settings.kafka, settings.trainer
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
         self.lock_topic = f"{self.kafka.topic_prefix}.trainer-lock"
@@ -129,7 +131,7 @@ class TrainerService:
         from kafka import TopicPartition
 
         self.active, self._announced = active, True
-        self.metrics.trainer_active.set(1 if active else 0)
+        self.lock_metrics.active.set(1 if active else 0)
         if active:
             parts = self.events.partitions_for_topic(self.topics.events) or set()
             tps = [TopicPartition(self.topics.events, p) for p in sorted(parts)]

@@ -4,6 +4,7 @@ every replica adopts the published version; a standby trainer takes over."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -88,17 +89,28 @@ def _state(trainer: Trainer) -> str | None:
     return None if not states else ("active" if "active" in states[-1] else "standby")
 
 
+def _active_gauge(port: int) -> float | None:
+    """``stream_meta_trainer_active`` from a trainer's own /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^stream_meta_trainer_active (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
+
+
 def test_one_trainer_is_active_and_a_standby_takes_over(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
     args = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix, *FAST_GROUP_SETS,
-            "--group", f"{prefix}-g", "--metrics-port", "0"]  # fmt: skip
-    trainers = [Trainer(tmp_path, "t1", *args)]
+            "--group", f"{prefix}-g"]  # fmt: skip
+    ports = [free_port(), free_port()]
+    trainers = [Trainer(tmp_path, "t1", *args, "--metrics-port", str(ports[0]))]
     try:
         trainers[0].wait_for_log("trainer active")
-        trainers.append(Trainer(tmp_path, "t2", *args))
+        trainers.append(Trainer(tmp_path, "t2", *args, "--metrics-port", str(ports[1])))
         # the group settles with exactly one active trainer (whichever the assignor picks)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -110,12 +122,16 @@ def test_one_trainer_is_active_and_a_standby_takes_over(
         time.sleep(2.0)
         assert sorted(map(str, (_state(t) for t in trainers))) == ["active", "standby"]
         active = states.index("active")
+        # each says so on its metrics (what StreamMetaNoActiveTrainer watches)
+        assert [_active_gauge(p) for p in ports] == [1.0 if i == active else 0.0 for i in (0, 1)]
         trainers[active].kill()
         standby = trainers[1 - active]
         deadline = time.time() + 60
         while _state(standby) != "active" and time.time() < deadline:
             time.sleep(0.3)
         assert _state(standby) == "active"  # the standby took over
+        # and says so on its metrics (what StreamMetaNoActiveTrainer watches)
+        assert _active_gauge(ports[1 - active]) == 1.0
     finally:
         for t in trainers:
             if t.proc.poll() is None:
