@@ -1765,12 +1765,15 @@ def measure_scale(ctx: Context, section: Section) -> None:
         f"every {bench_scale.RSS_EVERY_S:g} s (`/proc/<pid>/status` VmRSS): the median of the "
         "30 s after warm-up against the median of the last 30 s",
     ))  # fmt: skip
-    rows = ["| minute | events | p50 (ms) | p99 (ms) | max (ms) | backlog at its end |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| minute | events | p50 (ms) | p99 (ms) | max (ms) | backlog at its end | "
+            "cores: replicas (process trees) / broker |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for w in soak["windows"]:
+        used = bench_scale.cores_in(soak.get("cpu_samples", []), w["from_s"],
+                                    w["from_s"] + bench_scale.WINDOW_S)  # fmt: skip
         rows.append(f"| {w['from_s'] / 60:.0f} | {w['events']:,} | {w.get('p50_ms', 0):.0f} | "
                     f"{w.get('p99_ms', 0):.0f} | {w.get('max_ms', 0):.0f} | "
-                    f"{w['backlog_at_end']:,} |")  # fmt: skip
+                    f"{w['backlog_at_end']:,} | {used} |")  # fmt: skip
     mib = [[r["after_warm_up_bytes"] / 2**20, r["end_bytes"] / 2**20] for r in soak["rss"]]
     section.tables.append(
         "Soak, per minute (end-to-end latency of the events produced in it; backlog = events "

@@ -77,6 +77,27 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (Linux ``/proc``)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in out:
+            continue
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants (a child that exited is not counted)."""
+    return sum(c for c in (cpu_seconds(p) for p in tree_pids(pid)) if c is not None)
+
+
 def tree_rss_bytes(pid: int) -> int | None:
     """Resident memory of a process and its descendants (Linux ``/proc``; None when gone)."""
     total, todo, seen = 0, [pid], set()
@@ -160,6 +181,7 @@ def replicas(
     group: str,
     checkpoint: str | None,
     timeout_s: float,
+    extra: tuple[str, ...] = (),
 ) -> list[Serve]:
     """``n`` replicas of ``group``, launched together, each with its own state directory."""
     return [
@@ -173,6 +195,7 @@ def replicas(
             checkpoint=checkpoint,
             group=group,
             state_dir=workdir / f"{group}-state{i}",
+            extra=extra,
         )
         for i in range(n)
     ]
@@ -353,6 +376,26 @@ def committed_offsets(broker: Broker, group: str, topic: str) -> list[int]:
         return [consumer.committed(TopicPartition(topic, p)) or 0 for p in parts]
     finally:
         consumer.close()
+
+
+def cores_in(cpu: Sequence[Sequence[Any]], lo: float, hi: float) -> str:
+    """Cores each replica (process tree) and the broker used between ``lo`` and ``hi`` seconds,
+    from samples ``(seconds, [replica CPU s], broker CPU s)``: ``"0.31, 0.25 / 0.94"``."""
+    inside = [c for c in cpu if lo <= c[0] <= hi]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return "?"
+    (t0, r0, b0), (t1, r1, b1) = inside[0], inside[-1]
+    dt = t1 - t0
+    reps = ", ".join(f"{(b - a) / dt:.2f}" for a, b in zip(r0, r1, strict=True))
+    brk = "?" if b0 is None or b1 is None else f"{(b1 - b0) / dt:.2f}"
+    return f"{reps} / {brk}"
+
+
+def cores_text(cpu: Sequence[Sequence[Any]], width_s: float) -> str:
+    """Cores each replica and the broker used over the last ``width_s`` (for the progress log)."""
+    if not cpu:
+        return "?"
+    return "replicas / broker " + cores_in(cpu, cpu[-1][0] - width_s, cpu[-1][0])
 
 
 def span_throughput(stamps_ms: Sequence[int], events: int) -> dict[str, Any]:
@@ -630,17 +673,24 @@ def measure_kill_restart(
 
 
 def measure_soak(
-    broker: Broker, workdir: Path, seconds: float, rate: float, tasks: int, checkpoint: str | None
+    broker: Broker,
+    workdir: Path,
+    seconds: float,
+    rate: float,
+    tasks: int,
+    checkpoint: str | None,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Two replicas serve ``rate`` events/s for ``seconds``; memory, latency, backlog, errors."""
+    """Two replicas serve ``rate`` events/s for ``seconds``; memory, CPU, latency, backlog,
+    errors. ``extra``: more options for the replicas."""
     prefix = new_name("soak")
     group = f"{prefix}-g"
     events = int(seconds * rate)
-    serves = replicas(
-        broker, workdir, prefix, 2, group=group, checkpoint=checkpoint, timeout_s=seconds + 1200
-    )
+    serves = replicas(broker, workdir, prefix, 2, group=group, checkpoint=checkpoint,
+                      timeout_s=seconds + 1200, extra=extra)  # fmt: skip
     samples: list[list[tuple[float, int]]] = [[], []]  # each replica's process tree
     own: list[list[tuple[float, int]]] = [[], []]  # its main process alone
+    cpu: list[tuple[float, list[float], float | None]] = []  # (s, replica trees', broker's)
     try:
         for s in serves:
             s.wait_for_log(ASSIGNED_LINE)
@@ -656,10 +706,14 @@ def measure_soak(
                 if rss is not None and main is not None:
                     samples[i].append((round(now, 2), rss))
                     own[i].append((round(now, 2), main))
+            cpu.append((round(now, 2), [tree_cpu_seconds(s.proc.pid) for s in serves],
+                        cpu_seconds(broker.pid)))  # fmt: skip
             if now >= next_log:
                 say(
                     f"  soak {now:.0f} s: replica memory "
                     + ", ".join(f"{x[-1][1] / 2**20:.0f} MiB" for x in samples if x)
+                    + "; cores in the last minute: "
+                    + cores_text(cpu, 60.0)
                 )
                 next_log += 60.0
             time.sleep(RSS_EVERY_S)
@@ -701,6 +755,8 @@ def measure_soak(
         "rss_samples": samples,
         "rss": [rss_growth(x, warm) for x in samples],
         "rss_main_process": [rss_growth(x, warm) for x in own],
+        "cpu_samples": cpu,
+        "extra_options": list(extra),
         "windows": windows(ev_pairs, pr_pairs, WINDOW_S),
         "events_without_prediction": len({e for _, e in ev_pairs} - {e for _, e in pr_pairs}),
         "log_errors": [e[:10] for e in errors],
@@ -740,19 +796,23 @@ def measure(
             raw["soak"] = measure_soak(broker, work, soak_s, soak_rate, tasks, checkpoint)
 
 
-if __name__ == "__main__":  # a quick look: python -m scripts.bench_scale
+def _main(argv: Sequence[str]) -> None:
+    """``python -m scripts.bench_scale [soak SECONDS [SERVE OPTION ...]]``: all three at small
+    sizes, or only the soak (2,000 events/s, 2,000 tasks) for SECONDS; JSON on stdout."""
     out: dict[str, Any] = {}
+    ck = "stream_meta/checkpoints/sinusoid.safetensors"
     try:
-        measure(
-            out,
-            scale_events=20_000,
-            scale_tasks=1000,
-            cycles=2,
-            kill_rate=500,
-            soak_s=60,
-            soak_rate=500,
-            tasks=500,
-        )
+        if argv and argv[0] == "soak":
+            with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, tansu(Path(tmp)) as b:
+                out["soak"] = measure_soak(b, Path(tmp), float(argv[1]), 2000.0, 2000, ck,
+                                           extra=tuple(argv[2:]))  # fmt: skip
+        else:
+            measure(out, scale_events=20_000, scale_tasks=1000, cycles=2, kill_rate=500,
+                    soak_s=60, soak_rate=500, tasks=500, checkpoint=ck)  # fmt: skip
     finally:
         json.dump(out, sys.stdout, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
     os._exit(0)

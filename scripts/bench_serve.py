@@ -150,10 +150,11 @@ class Serve:
         checkpoint: str | None = None,
         group: str | None = None,
         state_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """A fresh group and state directory unless ``group`` / ``state_dir`` are given (a
         replica of a group, or one restarted on its own state); ``events`` None: until the
-        timeout or a signal."""
+        timeout or a signal; ``extra``: more serve options."""
         name = new_name("serve")
         self.state_dir = state_dir or workdir / f"{name}-state"
         self.args = [
@@ -171,6 +172,7 @@ class Serve:
             str(self.state_dir),
             *(FAST_GROUP_SETS if fast_group else ()),
             *(["--events", str(events)] if events is not None else []),
+            *extra,
             "--timeout",
             f"{timeout_s:g}",
             "--json",

@@ -183,3 +183,12 @@ def test_scale_steady_window_counts_only_while_every_replica_serves() -> None:
     assert r["events"] == 10 and r["events_per_s"] == 5.0  # 5 of each in 2 s
     one = steady_window(rows[:9], parts[:9], [[0]])
     assert one["span_s"] == 4.0 and one["events"] == 9
+
+
+def test_scale_cores_in_reads_cpu_samples_of_a_window() -> None:
+    from scripts.bench_scale import cores_in
+
+    cpu = [(0.0, [0.0, 0.0], 0.0), (10.0, [5.0, 2.5], 10.0), (20.0, [10.0, 5.0], 30.0)]
+    assert cores_in(cpu, 0.0, 10.0) == "0.50, 0.25 / 1.00"
+    assert cores_in(cpu, 10.0, 20.0) == "0.50, 0.25 / 2.00"
+    assert cores_in(cpu, 30.0, 40.0) == "?"
