@@ -54,6 +54,7 @@ from scripts.bench_serve import (
     cpu_seconds,
     new_name,
     produce,
+    produce_args,
     read_topic,
     tail,
     tansu,
@@ -100,24 +101,9 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def tree_rss_bytes(pid: int) -> int | None:
     """Resident memory of a process and its descendants (Linux ``/proc``; None when gone)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        rss = rss_bytes(p)
-        if rss is None:
-            if p == pid:
-                return None
-            continue
-        total += rss
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return total
+    if rss_bytes(pid) is None:
+        return None
+    return sum(r for r in (rss_bytes(p) for p in tree_pids(pid)) if r is not None)
 
 
 class Producer:
@@ -126,23 +112,7 @@ class Producer:
     def __init__(
         self, broker: Broker, workdir: Path, prefix: str, tasks: int, rate: float, events: int = 0
     ) -> None:
-        self.args = [
-            "produce",
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--topic-prefix",
-            prefix,
-            "--events",
-            str(events),
-            "--tasks",
-            str(tasks),
-            "--bad-fraction",
-            "0",
-            "--rate",
-            f"{rate:g}",
-            "--json",
-            "-q",
-        ]
+        self.args = produce_args(broker, prefix, events, tasks, rate=rate)
         self.display = "stream-meta " + " ".join(self.args)
         self.log = workdir / f"{prefix}-produce.log"
         say(f"$ {self.display}")

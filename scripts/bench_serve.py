@@ -109,26 +109,20 @@ def new_name(kind: str) -> str:
     return f"bench-{kind}-{uuid.uuid4().hex[:8]}"
 
 
+def produce_args(
+    broker: Broker, prefix: str, events: int, tasks: int, *, rate: float | None = None
+) -> list[str]:
+    """The ``stream-meta produce`` arguments of a synthetic stream (no invalid events)."""
+    return ["produce", "--bootstrap-servers", broker.bootstrap, "--topic-prefix", prefix,
+            "--events", str(events), "--tasks", str(tasks), "--bad-fraction", "0",
+            *(["--rate", f"{rate:g}"] if rate else []), "--json", "-q"]  # fmt: skip
+
+
 def produce(
     broker: Broker, prefix: str, events: int, tasks: int, *, rate: float | None = None
 ) -> tuple[dict[str, Any], str]:
     """``stream-meta produce`` (creates the topics, 6 partitions); ``(summary, command)``."""
-    args = [
-        "produce",
-        "--bootstrap-servers",
-        broker.bootstrap,
-        "--topic-prefix",
-        prefix,
-        "--events",
-        str(events),
-        "--tasks",
-        str(tasks),
-        "--bad-fraction",
-        "0",
-        *(["--rate", f"{rate:g}"] if rate else []),
-        "--json",
-        "-q",
-    ]
+    args = produce_args(broker, prefix, events, tasks, rate=rate)
     result, _seconds, display = cli_json(args)
     if result.get("events") != events:
         raise MeasurementError(f"`{display}` sent {result.get('events')} of {events} events")

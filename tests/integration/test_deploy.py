@@ -990,17 +990,16 @@ def test_dockerignore_excludes_environments_and_caches_but_not_the_sources_when_
 
 
 # -- services/adapter ------------------------------------------------------------------------
-def test_adapter_launcher_execs_stream_meta_serve_when_run() -> None:
-    assert os.access(LAUNCHER, os.X_OK), "services/adapter/run.sh must be executable"
-    _run("sh", "-n", LAUNCHER)
-    help_text = _run(LAUNCHER, "--help")
-    assert "usage: stream-meta serve" in help_text
-    assert "--state-dir" in help_text
-
-
-def test_trainer_launcher_execs_stream_meta_trainer_when_run() -> None:
-    assert os.access(TRAINER_LAUNCHER, os.X_OK), "services/trainer/run.sh must be executable"
-    _run("sh", "-n", TRAINER_LAUNCHER)
-    help_text = _run(TRAINER_LAUNCHER, "--help")
-    assert "usage: stream-meta trainer" in help_text
-    assert "--metrics-port" in help_text
+@pytest.mark.parametrize(
+    ("launcher", "command", "option"),
+    [(LAUNCHER, "serve", "--state-dir"), (TRAINER_LAUNCHER, "trainer", "--metrics-port")],
+    ids=["adapter", "trainer"],
+)
+def test_service_launcher_execs_its_stream_meta_command_when_run(
+    launcher: Path, command: str, option: str
+) -> None:
+    assert os.access(launcher, os.X_OK), f"{launcher} must be executable"
+    _run("sh", "-n", launcher)
+    help_text = _run(launcher, "--help")
+    assert f"usage: stream-meta {command}" in help_text
+    assert option in help_text
