@@ -1604,7 +1604,7 @@ def measure_replay(ctx: Context, section: Section) -> None:
     _r, _s, rec_cmd = cli_json(["run", "--scenario", "sinusoid-stationary", "--events", str(n),
                                 "--no-meta-update", "--record", rel(log), "--metrics-port", "0",
                                 "--json", "-q"])  # fmt: skip
-    speeds = {}
+    speeds: dict[str, tuple[float, float, str]] = {}
     for label, extra in (("as served (engine.micro_batch)", []),
                          ("--batch-size 4096", ["--batch-size", "4096"])):  # fmt: skip
         result, seconds, cmd = cli_json(["replay", rel(log), "--family", "sinusoid",
@@ -1673,6 +1673,10 @@ def measure_scale(ctx: Context, section: Section) -> None:
     # 1. scale-out
     one, two = raw["scale_out"]["1"], raw["scale_out"]["2"]
     e1, e2 = one["throughput"]["events_per_s"], two["throughput"]["events_per_s"]
+    if e1 is None or e2 is None:  # a replica finished before the other started serving
+        raise MeasurementError(
+            f"no window with every replica serving ({sz.scale_events:,} events are too few)"
+        )
     ratio = e2 / e1
     used = [sum(r["replica_cores"] or [0.0]) + (r["broker_cores"] or 0.0) for r in (one, two)]
     rows = ["| replicas | events/s | span (s) | cores: each replica | cores: broker | "
@@ -1769,11 +1773,11 @@ def measure_scale(ctx: Context, section: Section) -> None:
             "cores: replicas (process trees) / broker |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for w in soak["windows"]:
-        used = bench_scale.cores_in(soak.get("cpu_samples", []), w["from_s"],
-                                    w["from_s"] + bench_scale.WINDOW_S)  # fmt: skip
+        cores_used = bench_scale.cores_in(soak.get("cpu_samples", []), w["from_s"],
+                                          w["from_s"] + bench_scale.WINDOW_S)  # fmt: skip
         rows.append(f"| {w['from_s'] / 60:.0f} | {w['events']:,} | {w.get('p50_ms', 0):.0f} | "
                     f"{w.get('p99_ms', 0):.0f} | {w.get('max_ms', 0):.0f} | "
-                    f"{w['backlog_at_end']:,} | {used} |")  # fmt: skip
+                    f"{w['backlog_at_end']:,} | {cores_used} |")  # fmt: skip
     mib = [[r["after_warm_up_bytes"] / 2**20, r["end_bytes"] / 2**20] for r in soak["rss"]]
     section.tables.append(
         "Soak, per minute (end-to-end latency of the events produced in it; backlog = events "

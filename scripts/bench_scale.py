@@ -107,7 +107,8 @@ def tree_rss_bytes(pid: int) -> int | None:
 
 
 class Producer:
-    """``stream-meta produce --rate R --events 0`` in the background, until :meth:`stop`."""
+    """``stream-meta produce --rate R`` in the background: ``events`` of them, or (0) until
+    :meth:`finish` stops it."""
 
     def __init__(
         self, broker: Broker, workdir: Path, prefix: str, tasks: int, rate: float, events: int = 0
@@ -229,18 +230,16 @@ class Outputs:
 
 
 def wait_for_outputs(
-    outputs: Outputs, expected: set[str] | int, serves: Sequence[Serve], timeout: float = 600.0
+    outputs: Outputs, expected: set[str], serves: Sequence[Serve], timeout: float = 600.0
 ) -> None:
-    """Until ``outputs`` holds a prediction of every expected event (ids, or a count of distinct
-    ids), then until it stops growing for a few seconds (late duplicates)."""
+    """Until ``outputs`` holds a prediction of every expected event id, then until it stops
+    growing for a few seconds (late duplicates)."""
 
     def done() -> bool:
         outputs.pull()
-        if isinstance(expected, int):
-            return len(outputs.ids) >= expected
         return expected <= outputs.ids
 
-    wait_until(done, serves, timeout, f"predictions of {_count(expected):,} events")
+    wait_until(done, serves, timeout, f"predictions of {len(expected):,} events")
     quiet = time.monotonic()
     while time.monotonic() - quiet < 5.0:
         if outputs.pull():
@@ -248,8 +247,14 @@ def wait_for_outputs(
         time.sleep(0.5)
 
 
-def _count(expected: set[str] | int) -> int:
-    return expected if isinstance(expected, int) else len(expected)
+def read_ids(outputs: Outputs, count: int, serves: Sequence[Serve], timeout: float) -> None:
+    """Until ``outputs`` has read ``count`` distinct event ids."""
+
+    def done() -> bool:
+        outputs.pull()
+        return len(outputs.ids) >= count
+
+    wait_until(done, serves, timeout, f"reading {count:,} records of {outputs.topic}")
 
 
 def wait_until(
@@ -517,8 +522,7 @@ def measure_scale_out(
         stop.set()
     outputs = Outputs(broker, f"{prefix}.predictions")
     try:
-        wait_until(lambda: outputs.pull() >= 0 and len(outputs.ids) >= events, [], 600.0,
-                   f"reading {events:,} predictions")  # fmt: skip
+        read_ids(outputs, events, [], 600.0)
     finally:
         outputs.close()
     if len(outputs.ids) != events:
@@ -691,8 +695,7 @@ def measure_soak(
         say(f"  reading back {events:,} events and their predictions")
         ev, pr = Outputs(broker, f"{prefix}.events"), Outputs(broker, f"{prefix}.predictions")
         try:
-            wait_until(lambda: ev.pull() >= 0 and len(ev.ids) >= events, serves, 1200.0,
-                       f"reading {events:,} events")  # fmt: skip
+            read_ids(ev, events, serves, 1200.0)
             wait_for_outputs(pr, ev.ids, serves, timeout=1200.0)
             assignments = [assigned_count(s) for s in serves]
             summaries = stop_all(serves)
