@@ -194,7 +194,7 @@ QUICK = Sizes(
     drift_seeds=1,
     meta_events=32_000,
     meta_latency_events=100_000,
-    scale_events=30_000,
+    scale_events=100_000,  # enough for both replicas to serve at once
     scale_cycles=3,
     soak_s=60.0,
 )
