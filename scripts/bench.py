@@ -1262,11 +1262,18 @@ def measure_drift(ctx: Context, section: Section) -> None:
         f"periodic baseline delay (alarm every {DRIFT_PERIOD:,} events from {DRIFT_PHASE:,}) |",
         "|---|---|---|---|---|",
     ]
-    for name in ("sinusoid-new-family", "sinusoid-amplitude-shift", "sinusoid-gradual",
-                 "sinusoid-recurring"):  # fmt: skip
+    for name in (
+        "sinusoid-new-family",
+        "sinusoid-amplitude-shift",
+        "sinusoid-gradual",
+        "sinusoid-recurring",
+    ):
         result, cmd = run_cli(ctx, sz.drift_events, "--scenario", name, "--no-meta-update")
-        section.raw[name] = {"command": cmd, "detection": result["detection"],
-                             "alarms": result["alarms"]}  # fmt: skip
+        section.raw[name] = {
+            "command": cmd,
+            "detection": result["detection"],
+            "alarms": result["alarms"],
+        }
         found = result["detection"]["drift_points"]
         cells = [
             "not detected" if f["delay"] is None else f"{f['delay']:,} ({f['detector']})"
@@ -1279,40 +1286,54 @@ def measure_drift(ctx: Context, section: Section) -> None:
         )
         if name in ("sinusoid-new-family", "sinusoid-amplitude-shift"):
             delay = found[0]["delay"]
-            section.checks.append(Check(
-                f"{t_delay} (`{name}`)",
-                "not detected" if delay is None else
-                f"{delay:,} events ({found[0]['detector']}); {result['detection']['false_alarms']} "
-                "false alarms before the drift",
-                delay is not None and delay <= DRIFT_DELAY_TARGET,
-                f"`{cmd}`: `detection`",
-            ))  # fmt: skip
+            section.checks.append(
+                Check(
+                    f"{t_delay} (`{name}`)",
+                    "not detected"
+                    if delay is None
+                    else f"{delay:,} events ({found[0]['detector']}); "
+                    f"{result['detection']['false_alarms']} "
+                    "false alarms before the drift",
+                    delay is not None and delay <= DRIFT_DELAY_TARGET,
+                    f"`{cmd}`: `detection`",
+                )
+            )
     false = total = 0
     cmds = []
     for seed in range(sz.drift_seeds):
-        result, cmd = run_cli(ctx, sz.drift_stationary_events, "--scenario",
-                              "sinusoid-stationary", "--no-meta-update",
-                              "--set", f"stream.seed={seed}")  # fmt: skip
+        result, cmd = run_cli(
+            ctx,
+            sz.drift_stationary_events,
+            "--scenario",
+            "sinusoid-stationary",
+            "--no-meta-update",
+            "--set",
+            f"stream.seed={seed}",
+        )
         false += result["detection"]["false_alarms"]
         total += result["events"]
         cmds.append(cmd)
         section.raw[f"stationary-seed-{seed}"] = {"command": cmd, "alarms": result["alarms"]}
     rate = false / total * 100_000
-    section.checks.append(Check(
-        t_false,
-        f"{false} alarms in {total:,} events ({rate:.2g} per 100,000; {sz.drift_seeds} seeds)",
-        rate <= DRIFT_FALSE_PER_100K,
-        f"`{cmds[0]}` with `stream.seed` 0..{sz.drift_seeds - 1}: `detection.false_alarms`",
-    ))  # fmt: skip
-    section.checks.append(Check(
-        f"periodic-alarm baseline (every {DRIFT_PERIOD:,} events from event "
-        f"{DRIFT_PHASE:,}; no target)",
-        f"{100_000 // DRIFT_PERIOD} false alarms per 100,000 stationary events; delay "
-        f"{periodic_baseline(20_000):,} events for a drift at 20,000 (on average "
-        f"{DRIFT_PERIOD // 2:,} for a drift at a random point)",
-        None,
-        "computed: alarms at the end of the warm-up plus every multiple of the period",
-    ))  # fmt: skip
+    section.checks.append(
+        Check(
+            t_false,
+            f"{false} alarms in {total:,} events ({rate:.2g} per 100,000; {sz.drift_seeds} seeds)",
+            rate <= DRIFT_FALSE_PER_100K,
+            f"`{cmds[0]}` with `stream.seed` 0..{sz.drift_seeds - 1}: `detection.false_alarms`",
+        )
+    )
+    section.checks.append(
+        Check(
+            f"periodic-alarm baseline (every {DRIFT_PERIOD:,} events from event "
+            f"{DRIFT_PHASE:,}; no target)",
+            f"{100_000 // DRIFT_PERIOD} false alarms per 100,000 stationary events; delay "
+            f"{periodic_baseline(20_000):,} events for a drift at 20,000 (on average "
+            f"{DRIFT_PERIOD // 2:,} for a drift at a random point)",
+            None,
+            "computed: alarms at the end of the warm-up plus every multiple of the period",
+        )
+    )
     section.tables.append("\n".join(rows))
     section.notes.append(
         "The shipped sinusoid model serves every scenario with the default `[drift]` settings "
@@ -1334,12 +1355,22 @@ META_STRATEGIES = {
     "none": ["--no-meta-update"],
     "drift": [],
     "periodic": [
-        "--set", "meta_update.on_drift=false", "--set", f"meta_update.every_events={META_PERIODIC}",
-        "--set", "meta_update.promote=always", "--set", "meta_update.probation_events=0",
-        "--set", "meta_update.cooldown_events=0", "--set", "meta_update.collect_events=0",
-        "--set", "meta_update.budget=1000",
+        "--set",
+        "meta_update.on_drift=false",
+        "--set",
+        f"meta_update.every_events={META_PERIODIC}",
+        "--set",
+        "meta_update.promote=always",
+        "--set",
+        "meta_update.probation_events=0",
+        "--set",
+        "meta_update.cooldown_events=0",
+        "--set",
+        "meta_update.collect_events=0",
+        "--set",
+        "meta_update.budget=1000",
     ],
-}  # fmt: skip
+}
 
 
 def _window_loss(rows: list[tuple[int, int, float]], lo: int, hi: int, min_shots: int = 0) -> float:
@@ -1376,8 +1407,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def measure_meta_update(ctx: Context, section: Section) -> None:
-    t_rec = (f"post-drift loss within {META_RECOVERY_FACTOR:g}x the pre-drift level within "
-             f"{META_RECOVERY_EVENTS:,} events of the promoted update")  # fmt: skip
+    t_rec = (
+        f"post-drift loss within {META_RECOVERY_FACTOR:g}x the pre-drift level within "
+        f"{META_RECOVERY_EVENTS:,} events of the promoted update"
+    )
     t_forget = f"old family's held-out loss rises by <= {META_FORGETTING:.0%} after the update"
     t_lat = f"p99 latency during a meta-update <= {META_LATENCY_FACTOR:g}x outside one"
     if not need_checkpoint(ctx, section, "sinusoid", [t_rec, t_forget, t_lat]):
@@ -1398,16 +1431,27 @@ def measure_meta_update(ctx: Context, section: Section) -> None:
         for strategy, extra in META_STRATEGIES.items():
             out = tmp / f"{name}-{strategy}.jsonl"
             models = tmp / f"{name}-{strategy}-models"
-            result, cmd = run_cli(ctx, sz.meta_events, "--scenario", name, "--output", rel(out),
-                                  "--models-dir", rel(models), *extra)  # fmt: skip
+            result, cmd = run_cli(
+                ctx,
+                sz.meta_events,
+                "--scenario",
+                name,
+                "--output",
+                rel(out),
+                "--models-dir",
+                rel(models),
+                *extra,
+            )
             results[strategy] = (result, cmd, _scored(out), models)
             section.raw[f"{name}/{strategy}"] = {
-                "command": cmd, "meta_updates": result.get("meta_updates", []),
+                "command": cmd,
+                "meta_updates": result.get("meta_updates", []),
                 "loss_windows": result["loss_windows"],
-            }  # fmt: skip
+            }
         drift = get_drift_point(name)
-        promoted = [r for r in results["drift"][0].get("meta_updates", [])
-                    if r["outcome"] == "promoted"]  # fmt: skip
+        promoted = [
+            r for r in results["drift"][0].get("meta_updates", []) if r["outcome"] == "promoted"
+        ]
         swap = promoted[0]["event_index"] if promoted else None
         pre = _window_loss(results["none"][2], drift - 10_000, drift)
         pre1 = _window_loss(results["none"][2], drift - 10_000, drift, min_shots=1)
@@ -1421,60 +1465,91 @@ def measure_meta_update(ctx: Context, section: Section) -> None:
                 post1 = _window_loss(scored, swap, swap + META_RECOVERY_EVENTS, min_shots=1)
             tail = _window_loss(scored, drift, sz.meta_events)
             shown = counts if recs or strategy != "none" else "-"
-            rows.append(f"| `{name}` | {strategy} | {shown} | {pre:.3f}; {pre1:.3f} | "
-                        f"{post:.3f} | {post1:.3f} | {tail:.3f} |")  # fmt: skip
+            rows.append(
+                f"| `{name}` | {strategy} | {shown} | {pre:.3f}; {pre1:.3f} | "
+                f"{post:.3f} | {post1:.3f} | {tail:.3f} |"
+            )
         d_cmd = results["drift"][1]
         if swap is None:
-            section.checks.append(Check(f"{t_rec} (`{name}`)", "no update was promoted", False,
-                                        f"`{d_cmd}`: `meta_updates`"))  # fmt: skip
+            section.checks.append(
+                Check(
+                    f"{t_rec} (`{name}`)",
+                    "no update was promoted",
+                    False,
+                    f"`{d_cmd}`: `meta_updates`",
+                )
+            )
             continue
         post = _window_loss(results["drift"][2], swap, swap + META_RECOVERY_EVENTS)
         none_post = _window_loss(results["none"][2], swap, swap + META_RECOVERY_EVENTS)
-        section.checks.append(Check(
-            f"{t_rec} (`{name}`)",
-            f"{post:.3f} = {post / pre:.2f}x the pre-drift {pre:.3f} (update promoted at event "
-            f"{swap:,}, trigger at {promoted[0]['trigger_index']:,}); without an update "
-            f"{none_post:.3f} ({post / none_post - 1:+.1%} with it)",
-            post <= META_RECOVERY_FACTOR * pre,
-            f"`{d_cmd}` and `{results['none'][1]}`: losses of `--output` by stream position",
-        ))  # fmt: skip
+        section.checks.append(
+            Check(
+                f"{t_rec} (`{name}`)",
+                f"{post:.3f} = {post / pre:.2f}x the pre-drift {pre:.3f} (update promoted at event "
+                f"{swap:,}, trigger at {promoted[0]['trigger_index']:,}); without an update "
+                f"{none_post:.3f} ({post / none_post - 1:+.1%} with it)",
+                post <= META_RECOVERY_FACTOR * pre,
+                f"`{d_cmd}` and `{results['none'][1]}`: losses of `--output` by stream position",
+            )
+        )
         shots = [1, 5, 10, 20]
         before, cmd_b = evaluate_cli(ctx, "sinusoid", shots, sz.eval_tasks)
         mb = sum(before["shots"][str(k)]["mean"] for k in shots) / len(shots)
         for strategy in ("drift", "periodic"):
-            saved = sorted(results[strategy][3].glob("model-v*.safetensors"),
-                           key=lambda p: int(p.stem.split("-v")[1]))  # fmt: skip
+            saved = sorted(
+                results[strategy][3].glob("model-v*.safetensors"),
+                key=lambda p: int(p.stem.split("-v")[1]),
+            )
             if not saved:
                 continue
-            after, _seconds, cmd_a = cli_json([
-                "evaluate", "--family", "sinusoid", "--checkpoint", rel(saved[-1]),
-                "--shots", *map(str, shots), "--tasks", str(sz.eval_tasks), "--json", "-q",
-            ])  # fmt: skip
+            after, _seconds, cmd_a = cli_json(
+                [
+                    "evaluate",
+                    "--family",
+                    "sinusoid",
+                    "--checkpoint",
+                    rel(saved[-1]),
+                    "--shots",
+                    *map(str, shots),
+                    "--tasks",
+                    str(sz.eval_tasks),
+                    "--json",
+                    "-q",
+                ]
+            )
             ma = sum(after["shots"][str(k)]["mean"] for k in shots) / len(shots)
-            per = ", ".join(f"{k}: {before['shots'][str(k)]['mean']:.4f} -> "
-                            f"{after['shots'][str(k)]['mean']:.4f}" for k in shots)  # fmt: skip
+            per = ", ".join(
+                f"{k}: {before['shots'][str(k)]['mean']:.4f} -> "
+                f"{after['shots'][str(k)]['mean']:.4f}"
+                for k in shots
+            )
             label = (
                 f"{t_forget} (`{name}`)"
                 if strategy == "drift"
                 else f"same for blind periodic retraining, last model (`{name}`; no target)"
             )
-            section.checks.append(Check(
-                label,
-                f"{saved[-1].stem}: mean over shots {mb:.4f} -> {ma:.4f} ({ma / mb - 1:+.1%}); "
-                f"per shot MSE {per}",
-                ma <= (1 + META_FORGETTING) * mb if strategy == "drift" else None,
-                f"`{cmd_b}` and `{cmd_a}`",
-            ))  # fmt: skip
+            section.checks.append(
+                Check(
+                    label,
+                    f"{saved[-1].stem}: mean over shots {mb:.4f} -> {ma:.4f} ({ma / mb - 1:+.1%}); "
+                    f"per shot MSE {per}",
+                    ma <= (1 + META_FORGETTING) * mb if strategy == "drift" else None,
+                    f"`{cmd_b}` and `{cmd_a}`",
+                )
+            )
     section.tables.append("\n".join(rows))
     # latency: a background (worker process) update while the stream runs at full speed,
     # against the same events without any update (same stream phase, same index size)
     name = META_SCENARIOS[0]
     runs = {}
-    for label, extra in (("update", ["--set", "meta_update.worker=process"]),
-                         ("none", ["--no-meta-update"])):  # fmt: skip
+    for label, extra in (
+        ("update", ["--set", "meta_update.worker=process"]),
+        ("none", ["--no-meta-update"]),
+    ):
         out = tmp / f"latency-{label}.jsonl"
-        result, cmd = run_cli(ctx, sz.meta_latency_events, "--scenario", name,
-                              "--output", rel(out), *extra)  # fmt: skip
+        result, cmd = run_cli(
+            ctx, sz.meta_latency_events, "--scenario", name, "--output", rel(out), *extra
+        )
         runs[label] = (result, cmd, _latencies(out))
     spans = runs["update"][0].get("update_spans", [])
     section.raw["latency"] = {
@@ -1488,18 +1563,26 @@ def measure_meta_update(ctx: Context, section: Section) -> None:
         p99 = [_percentile(m, 99) for m in ms]
         p50 = [_percentile(m, 50) for m in ms]
         span_txt = ", ".join(f"{a:,}-{b:,}" for a, b in spans)
-        section.checks.append(Check(
-            t_lat,
-            f"p99 {p99[0]:.1f} ms while a background update trained (events {span_txt}) vs "
-            f"{p99[1]:.1f} ms for the same events without one ({p99[0] / p99[1]:.2f}x); p50 "
-            f"{p50[0]:.1f} vs {p50[1]:.1f} ms",
-            p99[0] <= META_LATENCY_FACTOR * p99[1],
-            f"`{runs['update'][1]}` and `{runs['none'][1]}`: `latency_s` of `--output` "
-            "(per event: its 512-event batch's engine time)",
-        ))  # fmt: skip
+        section.checks.append(
+            Check(
+                t_lat,
+                f"p99 {p99[0]:.1f} ms while a background update trained (events {span_txt}) vs "
+                f"{p99[1]:.1f} ms for the same events without one ({p99[0] / p99[1]:.2f}x); p50 "
+                f"{p50[0]:.1f} vs {p50[1]:.1f} ms",
+                p99[0] <= META_LATENCY_FACTOR * p99[1],
+                f"`{runs['update'][1]}` and `{runs['none'][1]}`: `latency_s` of `--output` "
+                "(per event: its 512-event batch's engine time)",
+            )
+        )
     else:
-        section.checks.append(Check(t_lat, "not measured: no update trained during the run",
-                                    None, f"`{runs['update'][1]}`"))  # fmt: skip
+        section.checks.append(
+            Check(
+                t_lat,
+                "not measured: no update trained during the run",
+                None,
+                f"`{runs['update'][1]}`",
+            )
+        )
     section.notes.append(
         "Strategies on the same events (`stream-meta run --scenario`, default settings, "
         "updates trained inline: the stream waits, so every strategy sees the same events at "
@@ -1522,15 +1605,26 @@ def measure_replay(ctx: Context, section: Section) -> None:
     t_best = "the full system has the lowest prequential loss of all strategies"
     t_mse = f"sinusoid 10-shot MSE <= 1/{REPLAY_MAML_MSE_RATIO:g} of MAML's (same replay)"
     t_lat = f"adaptation latency >= {REPLAY_MAML_LATENCY_RATIO:g}x lower than MAML's 10 steps"
-    t_speed = (f"replay of a {REPLAY_SPEED_EVENTS:,}-event recording at >= "
-               f"{REPLAY_SPEED_TARGET:,.0f} events/s")  # fmt: skip
+    t_speed = (
+        f"replay of a {REPLAY_SPEED_EVENTS:,}-event recording at >= "
+        f"{REPLAY_SPEED_TARGET:,.0f} events/s"
+    )
     if not need_checkpoint(ctx, section, "sinusoid", [t_best, t_mse, t_lat, t_speed]):
         return
     tmp = Path(ROOT / "build" / "bench-replay")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cols = ["prequential loss", "cold start", "1 shot", "5 shots", "10 shots", "events/s",
-            "adapt p50 (ms)", "meta-updates", "family backward transfer / forgetting"]  # fmt: skip
+    cols = [
+        "prequential loss",
+        "cold start",
+        "1 shot",
+        "5 shots",
+        "10 shots",
+        "events/s",
+        "adapt p50 (ms)",
+        "meta-updates",
+        "family backward transfer / forgetting",
+    ]
     runs_by_scenario: dict[str, dict[str, Any]] = {}
     for name, scenario in SCENARIOS.items():
         family = scenario.model_family
@@ -1540,32 +1634,71 @@ def measure_replay(ctx: Context, section: Section) -> None:
             last = scenario.drift_points[-1] if scenario.drift_points else 20_000
             events = last + REPLAY_TAIL_EVENTS
             log = tmp / f"{name}-recording"
-            _r, _s, rec_cmd = cli_json(["run", "--scenario", name, "--events", str(events),
-                                        "--no-meta-update", "--record", rel(log),
-                                        "--metrics-port", "0", "--json", "-q"])  # fmt: skip
+            _r, _s, rec_cmd = cli_json(
+                [
+                    "run",
+                    "--scenario",
+                    name,
+                    "--events",
+                    str(events),
+                    "--no-meta-update",
+                    "--record",
+                    rel(log),
+                    "--metrics-port",
+                    "0",
+                    "--json",
+                    "-q",
+                ]
+            )
             how = f"`{rec_cmd}`"
-        result, seconds, cmd = cli_json(["replay", rel(log), "--family", family,
-                                         "--strategy", "all", "--report", rel(tmp / name),
-                                         "--json", "-q"])  # fmt: skip
+        result, seconds, cmd = cli_json(
+            [
+                "replay",
+                rel(log),
+                "--family",
+                family,
+                "--strategy",
+                "all",
+                "--report",
+                rel(tmp / name),
+                "--json",
+                "-q",
+            ]
+        )
         runs = result["strategies"]
         runs_by_scenario[name] = runs
-        section.raw[name] = {"command": cmd, "recorded_by": how, "seconds": round(seconds, 1),
-                             "strategies": {k: {m: v for m, v in r.items()
-                                                if m not in ("adapt_latency_ms", "loss_windows")}
-                                            for k, r in runs.items()}}  # fmt: skip
-        rows = [f"**`{name}`** ({result['events']:,} events recorded by {how}; replayed by "
-                f"`{cmd}` in {seconds:.0f} s)", "", "| strategy | " + " | ".join(cols) + " |",
-                "|---|" + "---|" * len(cols)]  # fmt: skip
+        section.raw[name] = {
+            "command": cmd,
+            "recorded_by": how,
+            "seconds": round(seconds, 1),
+            "strategies": {
+                k: {m: v for m, v in r.items() if m not in ("adapt_latency_ms", "loss_windows")}
+                for k, r in runs.items()
+            },
+        }
+        rows = [
+            f"**`{name}`** ({result['events']:,} events recorded by {how}; replayed by "
+            f"`{cmd}` in {seconds:.0f} s)",
+            "",
+            "| strategy | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
         for strategy, r in runs.items():
             by = r["loss_by_shots"]
             fam = r.get("families") or {}
             bwt = fam.get("backward_transfer")
             fam_cell = "-" if bwt is None else f"{bwt:+.4g} / {fam['forgetting']:.4g}"
-            cells = [_num(r["prequential_loss"]), _num(r["cold_start_loss"]),
-                     _num(by.get("1")), _num(by.get("5")), _num(by.get("10")),
-                     f"{r['events_per_s']:,.0f}", _num(r["adapt_latency_ms_p50"]),
-                     str(sum(u["outcome"] == "promoted" for u in r["meta_updates"])) + " promoted",
-                     fam_cell]  # fmt: skip
+            cells = [
+                _num(r["prequential_loss"]),
+                _num(r["cold_start_loss"]),
+                _num(by.get("1")),
+                _num(by.get("5")),
+                _num(by.get("10")),
+                f"{r['events_per_s']:,.0f}",
+                _num(r["adapt_latency_ms_p50"]),
+                str(sum(u["outcome"] == "promoted" for u in r["meta_updates"])) + " promoted",
+                fam_cell,
+            ]
             rows.append(f"| {strategy} | " + " | ".join(cells) + " |")
         section.tables.append("\n".join(rows))
         full = runs["full"]["prequential_loss"]
@@ -1576,52 +1709,90 @@ def measure_replay(ctx: Context, section: Section) -> None:
         sha = runs["full"]["predictions_sha256"]
         ties = [k for k, v in others.items() if v == full and runs[k]["predictions_sha256"] == sha]
         tie = f"; equal to {', '.join(ties)} (identical predictions: no update promoted)"
-        section.checks.append(Check(
-            f"{t_best} (`{name}`)",
-            f"full {full:.4g}; best other: {best} {others[best]:.4g} "
-            f"({full / others[best] - 1:+.1%}){tie if ties else ''}",
-            full <= others[best], f"`{cmd}`: `prequential_loss`",
-        ))  # fmt: skip
+        section.checks.append(
+            Check(
+                f"{t_best} (`{name}`)",
+                f"full {full:.4g}; best other: {best} {others[best]:.4g} "
+                f"({full / others[best] - 1:+.1%}){tie if ties else ''}",
+                full <= others[best],
+                f"`{cmd}`: `prequential_loss`",
+            )
+        )
     stationary = runs_by_scenario["sinusoid-stationary"]
     cmd = section.raw["sinusoid-stationary"]["command"]
     full10 = stationary["full"]["loss_by_shots"]["10"]
     maml10 = stationary["maml"]["loss_by_shots"]["10"]
-    section.checks.append(Check(
-        t_mse, f"full {full10:.4g} vs MAML {maml10:.4g}: 1/{maml10 / full10:.0f}",
-        full10 * REPLAY_MAML_MSE_RATIO <= maml10,
-        f"`{cmd}`: `loss_by_shots[\"10\"]` (events served with exactly 10 examples)",
-    ))  # fmt: skip
+    section.checks.append(
+        Check(
+            t_mse,
+            f"full {full10:.4g} vs MAML {maml10:.4g}: 1/{maml10 / full10:.0f}",
+            full10 * REPLAY_MAML_MSE_RATIO <= maml10,
+            f'`{cmd}`: `loss_by_shots["10"]` (events served with exactly 10 examples)',
+        )
+    )
     lf = stationary["full"]["adapt_latency_ms_p50"]
     lm = stationary["maml"]["adapt_latency_ms_p50"]
-    section.checks.append(Check(
-        t_lat, f"p50 full {lf:.3f} ms vs MAML {lm:.3f} ms: {lm / lf:.0f}x lower",
-        lm >= REPLAY_MAML_LATENCY_RATIO * lf,
-        f"`{cmd}`: `adapt_latency_ms_p50` (one task of the replay at a time, one thread: "
-        "5-example support set adapted, one point predicted)",
-    ))  # fmt: skip
+    section.checks.append(
+        Check(
+            t_lat,
+            f"p50 full {lf:.3f} ms vs MAML {lm:.3f} ms: {lm / lf:.0f}x lower",
+            lm >= REPLAY_MAML_LATENCY_RATIO * lf,
+            f"`{cmd}`: `adapt_latency_ms_p50` (one task of the replay at a time, one thread: "
+            "5-example support set adapted, one point predicted)",
+        )
+    )
     n = REPLAY_SPEED_EVENTS if not ctx.quick else 20_000
     log = tmp / "speed-recording"
-    _r, _s, rec_cmd = cli_json(["run", "--scenario", "sinusoid-stationary", "--events", str(n),
-                                "--no-meta-update", "--record", rel(log), "--metrics-port", "0",
-                                "--json", "-q"])  # fmt: skip
+    _r, _s, rec_cmd = cli_json(
+        [
+            "run",
+            "--scenario",
+            "sinusoid-stationary",
+            "--events",
+            str(n),
+            "--no-meta-update",
+            "--record",
+            rel(log),
+            "--metrics-port",
+            "0",
+            "--json",
+            "-q",
+        ]
+    )
     speeds: dict[str, tuple[float, float, str]] = {}
-    for label, extra in (("as served (engine.micro_batch)", []),
-                         ("--batch-size 4096", ["--batch-size", "4096"])):  # fmt: skip
-        result, seconds, cmd = cli_json(["replay", rel(log), "--family", "sinusoid",
-                                         "--strategy", "full", "--report",
-                                         rel(tmp / f"speed-{len(speeds)}"), *extra, "--json",
-                                         "-q"])  # fmt: skip
+    for label, extra in (
+        ("as served (engine.micro_batch)", []),
+        ("--batch-size 4096", ["--batch-size", "4096"]),
+    ):
+        result, seconds, cmd = cli_json(
+            [
+                "replay",
+                rel(log),
+                "--family",
+                "sinusoid",
+                "--strategy",
+                "full",
+                "--report",
+                rel(tmp / f"speed-{len(speeds)}"),
+                *extra,
+                "--json",
+                "-q",
+            ]
+        )
         speeds[label] = (result["strategies"]["full"]["events_per_s"], seconds, cmd)
     (v0, s0, c0), (v1, _s1, c1) = speeds.values()
-    section.checks.append(Check(
-        t_speed,
-        f"{v0:,.0f} events/s with the served batch size; {v1:,.0f} with 4,096-event batches "
-        f"(the command took {s0:.0f} s in all, start-up and report included)",
-        max(v0, v1) >= REPLAY_SPEED_TARGET,
-        f"`{rec_cmd}`, then `{c0}` and `{c1}`: `events_per_s` (strategy `full`)",
-    ))  # fmt: skip
-    section.raw["speed"] = {k: {"events_per_s": v, "seconds": sec, "command": c}
-                            for k, (v, sec, c) in speeds.items()}  # fmt: skip
+    section.checks.append(
+        Check(
+            t_speed,
+            f"{v0:,.0f} events/s with the served batch size; {v1:,.0f} with 4,096-event batches "
+            f"(the command took {s0:.0f} s in all, start-up and report included)",
+            max(v0, v1) >= REPLAY_SPEED_TARGET,
+            f"`{rec_cmd}`, then `{c0}` and `{c1}`: `events_per_s` (strategy `full`)",
+        )
+    )
+    section.raw["speed"] = {
+        k: {"events_per_s": v, "seconds": sec, "command": c} for k, (v, sec, c) in speeds.items()
+    }
     section.notes.append(
         "Strategies (`stream-meta replay --strategy all`, each on the same events, test then "
         "train): `full` (neighbours, drift monitor, meta-updates trained inline), "
@@ -1665,9 +1836,17 @@ def measure_scale(ctx: Context, section: Section) -> None:
     ck = ctx.checkpoint("sinusoid")
     assert ck is not None
     raw = section.raw
-    bench_scale.measure(raw, scale_events=sz.scale_events, scale_tasks=SERVE_TASKS,
-                        cycles=sz.scale_cycles, kill_rate=KILL_RATE, soak_s=sz.soak_s,
-                        soak_rate=SOAK_RATE, tasks=SCALE_TASKS, checkpoint=rel(ck))  # fmt: skip
+    bench_scale.measure(
+        raw,
+        scale_events=sz.scale_events,
+        scale_tasks=SERVE_TASKS,
+        cycles=sz.scale_cycles,
+        kill_rate=KILL_RATE,
+        soak_s=sz.soak_s,
+        soak_rate=SOAK_RATE,
+        tasks=SCALE_TASKS,
+        checkpoint=rel(ck),
+    )
     cores = os.cpu_count() or 1
 
     # 1. scale-out
@@ -1679,8 +1858,11 @@ def measure_scale(ctx: Context, section: Section) -> None:
         )
     ratio = e2 / e1
     used = [sum(r["replica_cores"] or [0.0]) + (r["broker_cores"] or 0.0) for r in (one, two)]
-    rows = ["| replicas | events/s | span (s) | cores: each replica | cores: broker | "
-            "events consumed by each |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| replicas | events/s | span (s) | cores: each replica | cores: broker | "
+        "events consumed by each |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in (one, two):
         rows.append(
             f"| {r['replicas']} | {r['throughput']['events_per_s']:,.0f} | "
@@ -1699,8 +1881,10 @@ def measure_scale(ctx: Context, section: Section) -> None:
     max_backlog = max((w["backlog_at_end"] for w in soak["windows"]), default=0)
     lag_bounded = max_backlog <= 5 * SOAK_RATE and soak["events_without_prediction"] == 0
     cpu_bound = used[1] >= 0.9 * cores
-    measured = (f"{e1:,.0f} -> {e2:,.0f} events/s ({ratio:.2f}x); the 2 replicas and the broker "
-                f"used {used[1]:.2f} of the {cores} cores (1 replica: {used[0]:.2f})")  # fmt: skip
+    measured = (
+        f"{e1:,.0f} -> {e2:,.0f} events/s ({ratio:.2f}x); the 2 replicas and the broker "
+        f"used {used[1]:.2f} of the {cores} cores (1 replica: {used[0]:.2f})"
+    )
     if ratio < SCALE_RATIO_TARGET:
         measured += (
             f"; CPU-bound: {e2 / max(sum(two['replica_cores'] or [1.0]), 1e-9):,.0f} events "
@@ -1710,38 +1894,47 @@ def measure_scale(ctx: Context, section: Section) -> None:
             if cpu_bound
             else "; not CPU-bound: the scaling fell short on its own"
         )
-    section.checks.append(Check(
-        t_scale, measured,
-        ratio >= SCALE_RATIO_TARGET or (cpu_bound and lag_bounded),
-        f"`{one['produce']['command']}`, then {one['replicas']} and {two['replicas']} x "
-        f"`{two['serve_commands'][0]}` (same group): predictions (record timestamps) while "
-        "every replica was serving (from the latest of their first predictions to the earliest "
-        "of their last ones) / that window; cores = CPU seconds (`/proc/<pid>/stat`) / wall "
-        "seconds over it",
-    ))  # fmt: skip
+    section.checks.append(
+        Check(
+            t_scale,
+            measured,
+            ratio >= SCALE_RATIO_TARGET or (cpu_bound and lag_bounded),
+            f"`{one['produce']['command']}`, then {one['replicas']} and {two['replicas']} x "
+            f"`{two['serve_commands'][0]}` (same group): predictions (record timestamps) while "
+            "every replica was serving (from the latest of their first predictions to the earliest "
+            "of their last ones) / that window; cores = CPU seconds (`/proc/<pid>/stat`) / wall "
+            "seconds over it",
+        )
+    )
 
     # 2. kill and restart
     k = raw["kill_restart"]
     ch = k["changelog"]
-    lost = (k["events_without_prediction"] + ch["tasks_missing"] + ch["seen_mismatch"]
-            + ch["support_set_mismatch"])  # fmt: skip
+    lost = (
+        k["events_without_prediction"]
+        + ch["tasks_missing"]
+        + ch["seen_mismatch"]
+        + ch["support_set_mismatch"]
+    )
     backs = [c["back_after_s"] for c in k["timeline"]]
-    section.checks.append(Check(
-        t_kill,
-        f"{k['events']:,} events at {k['rate']:,.0f}/s, {k['cycles']} SIGKILLs: "
-        f"{k['events_without_prediction']} events without a prediction; on the changelog, "
-        f"{ch['labelled_tasks']:,} tasks / {ch['labelled_events']:,} labelled events: "
-        f"{ch['tasks_missing']} tasks missing, {ch['seen_mismatch']} with a wrong example "
-        f"count, {ch['support_set_mismatch']} with a wrong support set; "
-        f"{k['duplicate_predictions']:,} predictions written twice "
-        f"({k['duplicate_predictions'] / k['cycles']:.0f} per kill: the batches in flight); "
-        f"a restarted replica was assigned again after {min(backs):.1f}-{max(backs):.1f} s",
-        lost == 0,
-        f"two replicas (`{k['serve_commands'][0]}`, same group, own state directories) "
-        f"under `{k['produce']['command']}`; every 1-4 s one is "
-        "SIGKILLed (alternating) and started again on its state directory; then the events, "
-        "predictions and the `task-state` changelog are read back",
-    ))  # fmt: skip
+    section.checks.append(
+        Check(
+            t_kill,
+            f"{k['events']:,} events at {k['rate']:,.0f}/s, {k['cycles']} SIGKILLs: "
+            f"{k['events_without_prediction']} events without a prediction; on the changelog, "
+            f"{ch['labelled_tasks']:,} tasks / {ch['labelled_events']:,} labelled events: "
+            f"{ch['tasks_missing']} tasks missing, {ch['seen_mismatch']} with a wrong example "
+            f"count, {ch['support_set_mismatch']} with a wrong support set; "
+            f"{k['duplicate_predictions']:,} predictions written twice "
+            f"({k['duplicate_predictions'] / k['cycles']:.0f} per kill: the batches in flight); "
+            f"a restarted replica was assigned again after {min(backs):.1f}-{max(backs):.1f} s",
+            lost == 0,
+            f"two replicas (`{k['serve_commands'][0]}`, same group, own state directories) "
+            f"under `{k['produce']['command']}`; every 1-4 s one is "
+            "SIGKILLed (alternating) and started again on its state directory; then the events, "
+            "predictions and the `task-state` changelog are read back",
+        )
+    )
 
     # 3. soak
     growth = [r["growth"] for r in soak["rss"]]
@@ -1760,24 +1953,34 @@ def measure_scale(ctx: Context, section: Section) -> None:
         + f"; {errors} error lines; {soak['events_without_prediction']} events without a "
         "prediction"
     )
-    section.checks.append(Check(
-        t_soak, measured,
-        max(growth) <= SOAK_RSS_GROWTH and lag_bounded and errors == 0
-        and rate >= 0.95 * SOAK_RATE,
-        f"two replicas (`{soak['serve_commands'][0]}`, same group) under "
-        f"`{soak['produce']['command']}`; resident memory of each replica's process tree "
-        f"every {bench_scale.RSS_EVERY_S:g} s (`/proc/<pid>/status` VmRSS): the median of the "
-        "30 s after warm-up against the median of the last 30 s",
-    ))  # fmt: skip
-    rows = ["| minute | events | p50 (ms) | p99 (ms) | max (ms) | backlog at its end | "
-            "cores: replicas (process trees) / broker |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    section.checks.append(
+        Check(
+            t_soak,
+            measured,
+            max(growth) <= SOAK_RSS_GROWTH
+            and lag_bounded
+            and errors == 0
+            and rate >= 0.95 * SOAK_RATE,
+            f"two replicas (`{soak['serve_commands'][0]}`, same group) under "
+            f"`{soak['produce']['command']}`; resident memory of each replica's process tree "
+            f"every {bench_scale.RSS_EVERY_S:g} s (`/proc/<pid>/status` VmRSS): the median of the "
+            "30 s after warm-up against the median of the last 30 s",
+        )
+    )
+    rows = [
+        "| minute | events | p50 (ms) | p99 (ms) | max (ms) | backlog at its end | "
+        "cores: replicas (process trees) / broker |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for w in soak["windows"]:
-        cores_used = bench_scale.cores_in(soak.get("cpu_samples", []), w["from_s"],
-                                          w["from_s"] + bench_scale.WINDOW_S)  # fmt: skip
-        rows.append(f"| {w['from_s'] / 60:.0f} | {w['events']:,} | {w.get('p50_ms', 0):.0f} | "
-                    f"{w.get('p99_ms', 0):.0f} | {w.get('max_ms', 0):.0f} | "
-                    f"{w['backlog_at_end']:,} | {cores_used} |")  # fmt: skip
+        cores_used = bench_scale.cores_in(
+            soak.get("cpu_samples", []), w["from_s"], w["from_s"] + bench_scale.WINDOW_S
+        )
+        rows.append(
+            f"| {w['from_s'] / 60:.0f} | {w['events']:,} | {w.get('p50_ms', 0):.0f} | "
+            f"{w.get('p99_ms', 0):.0f} | {w.get('max_ms', 0):.0f} | "
+            f"{w['backlog_at_end']:,} | {cores_used} |"
+        )
     mib = [[r["after_warm_up_bytes"] / 2**20, r["end_bytes"] / 2**20] for r in soak["rss"]]
     section.tables.append(
         "Soak, per minute (end-to-end latency of the events produced in it; backlog = events "

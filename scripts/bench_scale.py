@@ -330,8 +330,13 @@ def steady_window(
     lo, hi = max(firsts), min(lasts)
     n = sum(1 for ts, _ in rows if lo <= ts <= hi)
     span = (hi - lo) / 1000.0
-    return {"from_ms": lo, "to_ms": hi, "span_s": round(span, 3), "events": n,
-            "events_per_s": round(n / span, 1) if span > 0 else None}  # fmt: skip
+    return {
+        "from_ms": lo,
+        "to_ms": hi,
+        "span_s": round(span, 3),
+        "events": n,
+        "events_per_s": round(n / span, 1) if span > 0 else None,
+    }
 
 
 def assigned_partitions(serve: Serve) -> list[int]:
@@ -344,8 +349,9 @@ def committed_offsets(broker: Broker, group: str, topic: str) -> list[int]:
     """The group's committed offsets of ``topic`` (OffsetFetch; this reader joins nothing)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group,
-                             enable_auto_commit=False)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False
+    )
     try:
         parts = sorted(consumer.partitions_for_topic(topic) or [])
         return [consumer.committed(TopicPartition(topic, p)) or 0 for p in parts]
@@ -498,16 +504,21 @@ def measure_scale_out(
 
     def sample_cpu() -> None:  # (epoch s, each replica's CPU s, the broker's), every 0.25 s
         while not stop.wait(0.25):
-            cpu_trace.append((time.time(), [cpu_seconds(s.proc.pid) for s in serves],
-                              cpu_seconds(broker.pid)))  # fmt: skip
+            cpu_trace.append(
+                (time.time(), [cpu_seconds(s.proc.pid) for s in serves], cpu_seconds(broker.pid))
+            )
 
     sampler = threading.Thread(target=sample_cpu, daemon=True)
     sampler.start()
     try:
         # done when the group committed every offset (a commit per batch): nothing is read
         # from the outputs while the replicas run, so this script takes no CPU from them
-        wait_until(lambda: sum(committed_offsets(broker, group, f"{prefix}.events")) >= events,
-                   serves, max(600.0, events / 100), f"{events:,} events committed")  # fmt: skip
+        wait_until(
+            lambda: sum(committed_offsets(broker, group, f"{prefix}.events")) >= events,
+            serves,
+            max(600.0, events / 100),
+            f"{events:,} events committed",
+        )
         stop.set()
         sampler.join()
         wall = time.time() - serves[0].t0
@@ -660,8 +671,16 @@ def measure_soak(
     prefix = new_name("soak")
     group = f"{prefix}-g"
     events = int(seconds * rate)
-    serves = replicas(broker, workdir, prefix, 2, group=group, checkpoint=checkpoint,
-                      timeout_s=seconds + 1200, extra=extra)  # fmt: skip
+    serves = replicas(
+        broker,
+        workdir,
+        prefix,
+        2,
+        group=group,
+        checkpoint=checkpoint,
+        timeout_s=seconds + 1200,
+        extra=extra,
+    )
     samples: list[list[tuple[float, int]]] = [[], []]  # each replica's process tree
     own: list[list[tuple[float, int]]] = [[], []]  # its main process alone
     cpu: list[tuple[float, list[float], float | None]] = []  # (s, replica trees', broker's)
@@ -680,8 +699,13 @@ def measure_soak(
                 if rss is not None and main is not None:
                     samples[i].append((round(now, 2), rss))
                     own[i].append((round(now, 2), main))
-            cpu.append((round(now, 2), [tree_cpu_seconds(s.proc.pid) for s in serves],
-                        cpu_seconds(broker.pid)))  # fmt: skip
+            cpu.append(
+                (
+                    round(now, 2),
+                    [tree_cpu_seconds(s.proc.pid) for s in serves],
+                    cpu_seconds(broker.pid),
+                )
+            )
             if now >= next_log:
                 say(
                     f"  soak {now:.0f} s: replica memory "
@@ -777,11 +801,21 @@ def _main(argv: Sequence[str]) -> None:
     try:
         if argv and argv[0] == "soak":
             with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, tansu(Path(tmp)) as b:
-                out["soak"] = measure_soak(b, Path(tmp), float(argv[1]), 2000.0, 2000, ck,
-                                           extra=tuple(argv[2:]))  # fmt: skip
+                out["soak"] = measure_soak(
+                    b, Path(tmp), float(argv[1]), 2000.0, 2000, ck, extra=tuple(argv[2:])
+                )
         else:
-            measure(out, scale_events=20_000, scale_tasks=1000, cycles=2, kill_rate=500,
-                    soak_s=60, soak_rate=500, tasks=500, checkpoint=ck)  # fmt: skip
+            measure(
+                out,
+                scale_events=20_000,
+                scale_tasks=1000,
+                cycles=2,
+                kill_rate=500,
+                soak_s=60,
+                soak_rate=500,
+                tasks=500,
+                checkpoint=ck,
+            )
     finally:
         json.dump(out, sys.stdout, indent=1, default=str)
 

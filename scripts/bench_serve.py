@@ -113,9 +113,22 @@ def produce_args(
     broker: Broker, prefix: str, events: int, tasks: int, *, rate: float | None = None
 ) -> list[str]:
     """The ``stream-meta produce`` arguments of a synthetic stream (no invalid events)."""
-    return ["produce", "--bootstrap-servers", broker.bootstrap, "--topic-prefix", prefix,
-            "--events", str(events), "--tasks", str(tasks), "--bad-fraction", "0",
-            *(["--rate", f"{rate:g}"] if rate else []), "--json", "-q"]  # fmt: skip
+    return [
+        "produce",
+        "--bootstrap-servers",
+        broker.bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--events",
+        str(events),
+        "--tasks",
+        str(tasks),
+        "--bad-fraction",
+        "0",
+        *(["--rate", f"{rate:g}"] if rate else []),
+        "--json",
+        "-q",
+    ]
 
 
 def produce(
@@ -418,12 +431,23 @@ def measure_passthrough(
     prefix = new_name("pass")
     admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
     try:
-        admin.create_topics({f"{prefix}.{t}": {"num_partitions": 6, "replication_factor": 1}
-                             for t in ("events", "predictions", "dead-letter")})  # fmt: skip
+        admin.create_topics(
+            {
+                f"{prefix}.{t}": {"num_partitions": 6, "replication_factor": 1}
+                for t in ("events", "predictions", "dead-letter")
+            }
+        )
     finally:
         admin.close()
-    argv = [sys.executable, "-m", "scripts.bench_serve", "passthrough", broker.bootstrap, prefix,
-            str(events)]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "scripts.bench_serve",
+        "passthrough",
+        broker.bootstrap,
+        prefix,
+        str(events),
+    ]
     log = (workdir / f"{prefix}.log").open("wb")
     proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -435,8 +459,10 @@ def measure_passthrough(
             proc.kill()
         log.close()
     if proc.returncode != 0:
-        raise MeasurementError(f"pass-through exited {proc.returncode}: "
-                               f"{tail((workdir / f'{prefix}.log').read_text())}")  # fmt: skip
+        raise MeasurementError(
+            f"pass-through exited {proc.returncode}: "
+            f"{tail((workdir / f'{prefix}.log').read_text())}"
+        )
     ev = read_topic(broker, f"{prefix}.events", events)
     out = read_topic(broker, f"{prefix}.predictions", events)
     return {
@@ -455,8 +481,12 @@ def passthrough(bootstrap: str, prefix: str, events: int) -> None:
     batch, waiting for the acknowledgements as ``serve`` does (run as its own process)."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", fetch_max_wait_ms=20)  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,
+    )
     topic = f"{prefix}.events"
     consumer.assign(
         [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
@@ -536,8 +566,9 @@ def measure(
         with tansu(work) as broker:
             raw["broker"] = {"binary": Path(broker.binary).name}
             say(f"serve: start-up, fast group ({startup_events} events pre-loaded)")
-            fast = measure_startup(broker, work, startup_events, 100, fast_group=True,
-                                   checkpoint=ck)  # fmt: skip
+            fast = measure_startup(
+                broker, work, startup_events, 100, fast_group=True, checkpoint=ck
+            )
             say("serve: start-up, default group settings")
             default = measure_startup(
                 broker, work, startup_events, 100, fast_group=False, checkpoint=ck

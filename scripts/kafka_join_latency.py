@@ -45,8 +45,9 @@ def main() -> None:
             got = 0
             while got < 10 and time.time() - start < 120:
                 got += sum(len(m) for m in consumer.poll(100).values())
-            print(f"session_timeout_ms={session}: first 10 records after "
-                  f"{time.time() - start:.2f} s")  # fmt: skip
+            print(
+                f"session_timeout_ms={session}: first 10 records after {time.time() - start:.2f} s"
+            )
             consumer.close()
 
 

@@ -41,8 +41,7 @@ def probe(bootstrap: str) -> dict[str, Any]:
     result: dict[str, Any] = {"bootstrap": bootstrap}
     tx = KafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"probe-{run}")
     tx.init_transactions()
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                             enable_auto_commit=False)  # fmt: skip
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     tp = TopicPartition(src, 0)
     consumer.assign([tp])
     tx.begin_transaction()
@@ -60,8 +59,12 @@ def probe(bootstrap: str) -> dict[str, Any]:
     consumer.close()
 
     for isolation in ("read_uncommitted", "read_committed"):
-        reader = KafkaConsumer(bootstrap_servers=bootstrap, isolation_level=isolation,
-                               auto_offset_reset="earliest", enable_auto_commit=False)  # fmt: skip
+        reader = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            isolation_level=isolation,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         reader.assign([TopicPartition(out, 0)])
         got: list[str] = []
         deadline = time.monotonic() + 5

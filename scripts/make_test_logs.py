@@ -26,8 +26,11 @@ from stream_meta.tasks.scenarios import SCENARIOS
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "logs"
 HALF = 3000
 #: malformed messages recorded among the events (position in the log, raw bytes)
-BAD = ((100, b"{not json"), (2000, b'{"event_id": "bad", "task_id": "t", "x": [1.0, 2.0]}'),
-       (4000, b"\xff\xfe not utf-8"))  # fmt: skip
+BAD = (
+    (100, b"{not json"),
+    (2000, b'{"event_id": "bad", "task_id": "t", "x": [1.0, 2.0]}'),
+    (4000, b"\xff\xfe not utf-8"),
+)
 
 
 def slices(drift_points: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -51,8 +54,9 @@ def main() -> None:
         parts = slices(scenario.drift_points)
         stream = scenario.stream(seed=0)
         events = list(stream.iter_events(parts[-1][1]))
-        raws = [_encode(ev.event, scenario.model_family)
-                for lo, hi in parts for ev in events[lo:hi]]  # fmt: skip
+        raws = [
+            _encode(ev.event, scenario.model_family) for lo, hi in parts for ev in events[lo:hi]
+        ]
         for pos, bad in BAD:
             raws.insert(pos, bad)
         with EventRecorder(OUT / name) as rec:
@@ -62,8 +66,12 @@ def main() -> None:
             at = offset + d - lo
             drifts.append(at + sum(1 for pos, _ in BAD if pos <= at))
             offset += hi - lo
-        manifest[name] = {"slices": parts, "events": len(raws), "malformed": len(BAD),
-                          "drift_points_in_log": drifts}  # fmt: skip
+        manifest[name] = {
+            "slices": parts,
+            "events": len(raws),
+            "malformed": len(BAD),
+            "drift_points_in_log": drifts,
+        }
         print(f"{name}: {len(raws)} events {parts}")
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     write_expected(manifest)
@@ -78,11 +86,26 @@ def write_expected(manifest: dict) -> None:
         for name in manifest:
             family = SCENARIOS[name].model_family
             out = subprocess.run(
-                [sys.executable, "-m", "stream_meta", "replay", str(OUT / name), "--family",
-                 family, "--strategy", "no-meta-update", "--strategy", "global", "--report",
-                 tmp, "--json", "-q"],
-                check=True, capture_output=True,
-            ).stdout  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "stream_meta",
+                    "replay",
+                    str(OUT / name),
+                    "--family",
+                    family,
+                    "--strategy",
+                    "no-meta-update",
+                    "--strategy",
+                    "global",
+                    "--report",
+                    tmp,
+                    "--json",
+                    "-q",
+                ],
+                check=True,
+                capture_output=True,
+            ).stdout
             runs = json.loads(out)["strategies"]
             expected[name] = {s: round(r["prequential_loss"], 6) for s, r in runs.items()}
             print(f"{name}: {expected[name]}")

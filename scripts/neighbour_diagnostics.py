@@ -27,8 +27,9 @@ from stream_meta.tasks import SinusoidFamily, TaskStream
 
 def retrieval_precision(model, clusters: int, spread: float, events: int) -> None:
     engine = Engine(model, EngineConfig(k_neighbours=8))
-    stream = TaskStream(SinusoidFamily(), tasks=10_000, clusters=clusters,
-                        cluster_spread=spread, seed=0)  # fmt: skip
+    stream = TaskStream(
+        SinusoidFamily(), tasks=10_000, clusters=clusters, cluster_spread=spread, seed=0
+    )
     cluster_of = stream.task_clusters
     batch = [item.event for item in stream.iter_events(events)]
     for i in range(0, events, 512):
@@ -49,8 +50,10 @@ def retrieval_precision(model, clusters: int, spread: float, events: int) -> Non
             total += len(names)
             chance += (sizes[own] - 1) / max(1, len(live) - 1) * len(names)
         if total:
-            print(f"  {shots:>2} shots: {hits / total:.3f} same-cluster (chance "
-                  f"{chance / total:.3f}) over {total // 8} tasks")  # fmt: skip
+            print(
+                f"  {shots:>2} shots: {hits / total:.3f} same-cluster (chance "
+                f"{chance / total:.3f}) over {total // 8} tasks"
+            )
 
 
 def oracle(model, tasks: int = 500) -> None:

@@ -131,8 +131,9 @@ def run_stream(
                 spans[-1][1] = done
             for rec in updater.observe(result, alarms):
                 if recorder is not None and rec["outcome"] in ("promoted", "rolled_back"):
-                    recorder.model_change(rec["version"], index=done + len(chunk),
-                                          outcome=rec["outcome"])  # fmt: skip
+                    recorder.model_change(
+                        rec["version"], index=done + len(chunk), outcome=rec["outcome"]
+                    )
         out = result.outputs
         if out is not None:
             qp, qt = [], []
@@ -224,8 +225,10 @@ def build_meta_updater(
         worker, seed=settings.engine.seed, k_neighbours=settings.engine.k_neighbours
     )
     if config.on_drift and watch is None and not config.every_events:
-        log.warning("meta-updates are on but the drift monitor is off and there is no "
-                    "schedule: only `stream-meta meta-update` requests will start one")  # fmt: skip
+        log.warning(
+            "meta-updates are on but the drift monitor is off and there is no "
+            "schedule: only `stream-meta meta-update` requests will start one"
+        )
     return MetaUpdater(
         engine,
         config,

@@ -59,8 +59,11 @@ class TaskRecord:
 def encode(seen: int, applied_offset: int, xs: np.ndarray, ys: np.ndarray) -> bytes:
     y_code = 0 if ys.dtype.kind == "f" else 1
     xs = np.ascontiguousarray(xs, dtype="<f4")
-    return (_HEAD.pack(_MAGIC, seen, applied_offset, len(ys), xs.shape[1], y_code)
-            + xs.tobytes() + np.ascontiguousarray(ys, dtype=_Y[y_code]).tobytes())  # fmt: skip
+    return (
+        _HEAD.pack(_MAGIC, seen, applied_offset, len(ys), xs.shape[1], y_code)
+        + xs.tobytes()
+        + np.ascontiguousarray(ys, dtype=_Y[y_code]).tobytes()
+    )
 
 
 def decode(value: bytes | None, *, x_dim: int) -> TaskRecord | None:
@@ -105,8 +108,10 @@ def read_partitions(
     deadline = time.monotonic() + timeout_s
     while open_tps:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{topic}: changelog partitions {sorted(partitions)} not read "
-                               f"to their end within {timeout_s:g} s")  # fmt: skip
+            raise TimeoutError(
+                f"{topic}: changelog partitions {sorted(partitions)} not read "
+                f"to their end within {timeout_s:g} s"
+            )
         polled = reader.poll(timeout_ms=200)
         for tp, records in polled.items():
             for r in records:

@@ -139,8 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         if args.family and args.family != scenario.model_family:
-            raise UsageError(f"scenario {scenario.name} is served by the "
-                             f"{scenario.model_family} model, not {args.family}")  # fmt: skip
+            raise UsageError(
+                f"scenario {scenario.name} is served by the "
+                f"{scenario.model_family} model, not {args.family}"
+            )
         overrides.setdefault("model", {})["family"] = scenario.model_family
         if args.events is None:
             args.events = scenario.default_events
@@ -189,8 +191,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = synthetic_source(_family_for(family_name, split="test"), **st.model_dump())
         what = f"synthetic {family_name} stream ({st.tasks} tasks, {st.clusters} clusters)"
     watch = build_drift_watch(settings, engine, metrics, args.drift_log)
-    updater = build_meta_updater(settings, engine, metrics, watch, family_name, worker="inline",
-                            models_dir=args.models_dir)  # fmt: skip
+    updater = build_meta_updater(
+        settings, engine, metrics, watch, family_name, worker="inline", models_dir=args.models_dir
+    )
     server = _admin_server(settings, registry, routes=None if updater is None else updater.routes())
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
@@ -283,27 +286,38 @@ def _detection(points: Sequence[int], alarms: list[dict[str, Any]]) -> dict[str,
             a for a in alarms if a["event_index"] >= p and (end is None or a["event_index"] < end)
         ]
         hit = hits[0] if hits else None
-        found.append({
-            "drift_point": p,
-            "first_alarm": None if hit is None else hit["event_index"],
-            "delay": None if hit is None else hit["event_index"] - p,
-            "detector": None if hit is None else hit["detector"],
-        })  # fmt: skip
+        found.append(
+            {
+                "drift_point": p,
+                "first_alarm": None if hit is None else hit["event_index"],
+                "delay": None if hit is None else hit["event_index"] - p,
+                "detector": None if hit is None else hit["detector"],
+            }
+        )
     return {"drift_points": found, "false_alarms": len(false)}
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
     from stream_meta.tasks.scenarios import SCENARIOS
 
-    rows = [{"name": s.name, "model_family": s.model_family,
-             "drift_points": list(s.drift_points), "default_events": s.default_events,
-             "description": s.description} for s in SCENARIOS.values()]  # fmt: skip
+    rows = [
+        {
+            "name": s.name,
+            "model_family": s.model_family,
+            "drift_points": list(s.drift_points),
+            "default_events": s.default_events,
+            "description": s.description,
+        }
+        for s in SCENARIOS.values()
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['name']:<26} {r['model_family']:<9} drift at {r['drift_points']!s:<16} "
-                  f"{r['default_events']:>7,} events  {r['description']}")  # fmt: skip
+            print(
+                f"{r['name']:<26} {r['model_family']:<9} drift at {r['drift_points']!s:<16} "
+                f"{r['default_events']:>7,} events  {r['description']}"
+            )
     return 0
 
 
@@ -339,8 +353,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise UsageError("--label-delay must be >= 0")
     if args.inner_steps < 0 or args.scratch_steps < 0:
         raise UsageError("--inner-steps and --scratch-steps must be >= 0")
-    options = StrategyOptions(baseline_dir=args.baseline_dir, inner_steps=args.inner_steps,
-                              scratch_steps=args.scratch_steps)  # fmt: skip
+    options = StrategyOptions(
+        baseline_dir=args.baseline_dir,
+        inner_steps=args.inner_steps,
+        scratch_steps=args.scratch_steps,
+    )
     model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
     for name in names:  # a missing or unfit baseline initialisation fails before any replay
         if name in ("scratch", "finetune", "maml"):
@@ -359,8 +376,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
-    config = ReplayConfig(label_delay=args.label_delay,
-                          batch_size=args.batch_size or settings.engine.micro_batch)  # fmt: skip
+    config = ReplayConfig(
+        label_delay=args.label_delay, batch_size=args.batch_size or settings.engine.micro_batch
+    )
     from stream_meta.evaluation.families import build_probes, parse_events
 
     probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
@@ -370,9 +388,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         model, manifest = _load_model(settings.model.checkpoint, settings.model.family)
         log.info("replaying %d events of %s with strategy %s", len(raws), log_path, name)
         results[name] = replay_strategy(
-            name, raws, model, settings, config, report_dir / f"predictions-{name}.jsonl",
-            family=manifest["family"], options=options, probes=probes,
-        )  # fmt: skip
+            name,
+            raws,
+            model,
+            settings,
+            config,
+            report_dir / f"predictions-{name}.jsonl",
+            family=manifest["family"],
+            options=options,
+            probes=probes,
+        )
     report = {
         "log": str(log_path),
         "events": len(raws),
@@ -395,9 +420,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         for name, r in results.items():
             loss = r["prequential_loss"]
-            print(f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
-                  f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
-                  f"sha256 {r['predictions_sha256'][:12]}")  # fmt: skip
+            print(
+                f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
+                f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
+                f"sha256 {r['predictions_sha256'][:12]}"
+            )
         print(f"report: {report_dir / 'report.json'}, {report_dir / 'report.html'}")
     return 0
 
@@ -510,38 +537,78 @@ def cmd_train_baseline(args: argparse.Namespace) -> int:
         raise UsageError("--inner-steps must be >= 1 and --serve-steps >= 0")
     lr = args.inner_lr or DEFAULT_INNER_LR[model.config.kind]
     train_loop = InnerLoop(steps=args.inner_steps, lr=lr)
-    log.info("training the %s initialisation of %s for %d steps (the meta-model's budget: %d "
-             "tasks per step)", args.method, args.family, tc.steps, tc.batch_tasks)  # fmt: skip
-    theta, result = train_init(args.method, _family_for(args.family, split="train"), model.config,
-                               tc, train_loop, first_order=args.first_order,
-                               progress=not args.quiet)  # fmt: skip
+    log.info(
+        "training the %s initialisation of %s for %d steps (the meta-model's budget: %d "
+        "tasks per step)",
+        args.method,
+        args.family,
+        tc.steps,
+        tc.batch_tasks,
+    )
+    theta, result = train_init(
+        args.method,
+        _family_for(args.family, split="train"),
+        model.config,
+        tc,
+        train_loop,
+        first_order=args.first_order,
+        progress=not args.quiet,
+    )
     serve_loop = InnerLoop(steps=args.serve_steps, lr=lr, clip=args.serve_clip)
     tuning = {}
     if args.method == "pretrained" and args.inner_lr is None:
         # fine-tuning's step size is free: pick it on training tasks (MAML's is meta-learned)
         from stream_meta.evaluation.baselines import GradientInit, target_for, tune_lr
 
-        probe = GradientInit(args.method, args.family, model.config.kind, theta,
-                             target_for(model.config), serve_loop, {})  # fmt: skip
+        probe = GradientInit(
+            args.method,
+            args.family,
+            model.config.kind,
+            theta,
+            target_for(model.config),
+            serve_loop,
+            {},
+        )
         best, tried = tune_lr(probe, _family_for(args.family, split="train"))
         serve_loop = InnerLoop(steps=args.serve_steps, lr=best, clip=args.serve_clip)
         tuning = {"serve_lr_tuned_on_training_tasks": tried, "serve_lr": best}
-    save_init(args.out, theta, method=args.method, family=args.family, model_config=model.config,
-              loop=serve_loop, training={**tc.__dict__, "inner_steps": args.inner_steps,
-                                         "first_order": args.first_order, **tuning},
-              metrics={"train": result}, first_order=args.first_order)  # fmt: skip
+    save_init(
+        args.out,
+        theta,
+        method=args.method,
+        family=args.family,
+        model_config=model.config,
+        loop=serve_loop,
+        training={
+            **tc.__dict__,
+            "inner_steps": args.inner_steps,
+            "first_order": args.first_order,
+            **tuning,
+        },
+        metrics={"train": result},
+        first_order=args.first_order,
+    )
     metrics: dict[str, Any] = {"train": result}
     if args.eval_tasks:
         init = load_init(args.out)
         shots = [1, 5] if model.config.kind == "classification" else [1, 5, 10, 20]
-        metrics["eval"] = evaluate_init(init, _family_for(args.family, split="test"),
-                                        shots=shots, tasks=args.eval_tasks)  # fmt: skip
-        save_init(args.out, theta, method=args.method, family=args.family,
-                  model_config=model.config, loop=serve_loop,
-                  training=init.manifest["training"], metrics=metrics,
-                  first_order=args.first_order)  # fmt: skip
-    _emit({"out": str(args.out), "family": args.family, "method": args.method, **metrics},
-          args.json)  # fmt: skip
+        metrics["eval"] = evaluate_init(
+            init, _family_for(args.family, split="test"), shots=shots, tasks=args.eval_tasks
+        )
+        save_init(
+            args.out,
+            theta,
+            method=args.method,
+            family=args.family,
+            model_config=model.config,
+            loop=serve_loop,
+            training=init.manifest["training"],
+            metrics=metrics,
+            first_order=args.first_order,
+        )
+    _emit(
+        {"out": str(args.out), "family": args.family, "method": args.method, **metrics}, args.json
+    )
     return 0
 
 
@@ -575,8 +642,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # -- serve / produce (Kafka) -------------------------------------------------------------------
 def _kafka_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = {"bootstrap_servers": "bootstrap_servers", "group": "group_id",
-             "topic_prefix": "topic_prefix"}  # fmt: skip
+    names = {
+        "bootstrap_servers": "bootstrap_servers",
+        "group": "group_id",
+        "topic_prefix": "topic_prefix",
+    }
     return {v: getattr(args, k) for k, v in names.items() if getattr(args, k, None) is not None}
 
 
@@ -616,8 +686,9 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
 
     def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return json.loads(resp.read())
@@ -628,8 +699,10 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
                 ) from exc
             raise UsageError(f"{base}{path}: HTTP {exc.code}: {exc.read().decode()[:200]}") from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise UsageError(f"cannot reach {base} ({exc}); is `stream-meta serve` running "
-                             "with its metrics port there? (--url)") from exc  # fmt: skip
+            raise UsageError(
+                f"cannot reach {base} ({exc}); is `stream-meta serve` running "
+                "with its metrics port there? (--url)"
+            ) from exc
 
     if args.status:
         _emit(call("GET", "/meta-updates"), True)
@@ -707,9 +780,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     watch = build_drift_watch(settings, engine, metrics, args.drift_log)
     state_dir = settings.service.state_dir
     updater = build_meta_updater(
-        settings, engine, metrics, watch, manifest["family"], worker="process",
+        settings,
+        engine,
+        metrics,
+        watch,
+        manifest["family"],
+        worker="process",
         models_dir=None if state_dir is None else Path(state_dir) / "models",
-    )  # fmt: skip
+    )
     recorder = None
     if args.record:
         recorder = _recorder(args.record, args.record_format)
@@ -718,18 +796,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine, settings, ServiceMetrics(registry), watch=watch, updater=updater, recorder=recorder
     )
     server = _admin_server(
-        settings, registry, health=service.health, ready=service.ready,
+        settings,
+        registry,
+        health=service.health,
+        ready=service.ready,
         routes=None if updater is None else updater.routes(),
-    )  # fmt: skip
+    )
     service.install_signal_handlers()
     try:
         if settings.service.state_dir is not None:
             state_dir_ok(settings.service.state_dir)
         log.info(
             "serving %s (model version %d) from %s, group %s, on %s",
-            manifest["family"], engine.model_version, service.topics.events,
-            settings.kafka.group_id, settings.kafka.bootstrap_servers,
-        )  # fmt: skip
+            manifest["family"],
+            engine.model_version,
+            service.topics.events,
+            settings.kafka.group_id,
+            settings.kafka.bootstrap_servers,
+        )
         service.start()
         summary = service.run(events=args.events, timeout_s=args.timeout)
     except (ServiceError, StateError) as exc:
@@ -753,11 +837,17 @@ def cmd_trainer(args: argparse.Namespace) -> int:
         raise UsageError("the trainer runs meta-updates: meta_update.enabled must be true")
     engine, manifest, registry, metrics = _service_engine(settings)
     watch = build_drift_watch(settings, engine, metrics, None)
-    updater = build_meta_updater(settings, engine, metrics, watch, manifest["family"],
-                                 worker="process")  # fmt: skip
+    updater = build_meta_updater(
+        settings, engine, metrics, watch, manifest["family"], worker="process"
+    )
     trainer = TrainerService(engine, settings, metrics, watch=watch, updater=updater)
-    server = _admin_server(settings, registry, health=trainer.health, ready=trainer.ready,
-                           routes=updater.routes() if updater is not None else None)  # fmt: skip
+    server = _admin_server(
+        settings,
+        registry,
+        health=trainer.health,
+        ready=trainer.ready,
+        routes=updater.routes() if updater is not None else None,
+    )
     stop = _stop_on_sigterm()
 
     def relay() -> None:  # SIGTERM -> the trainer's loop stops after its step
@@ -808,9 +898,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
         if settings.service.create_topics:
             admin = KafkaAdminClient(**settings.kafka.client_config())
             try:
-                ensure_topics(admin, topics.all(), settings.service.partitions,
-                              settings.service.replication_factor,
-                              compacted=topics.compacted)  # fmt: skip
+                ensure_topics(
+                    admin,
+                    topics.all(),
+                    settings.service.partitions,
+                    settings.service.replication_factor,
+                    compacted=topics.compacted,
+                )
             finally:
                 admin.close()
         producer = KafkaProducer(**settings.kafka.client_config(), acks="all", linger_ms=5)
@@ -854,9 +948,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
         producer.close()
         if bar is not None:
             bar.close()
-    _emit({"topic": topic, "run_id": run_id, "events": sent, "bad": bad,
-           "seconds": round(elapsed, 3),
-           "events_per_s": round(sent / elapsed, 1) if elapsed else None}, args.json)  # fmt: skip
+    _emit(
+        {
+            "topic": topic,
+            "run_id": run_id,
+            "events": sent,
+            "bad": bad,
+            "seconds": round(elapsed, 3),
+            "events_per_s": round(sent / elapsed, 1) if elapsed else None,
+        },
+        args.json,
+    )
     return 0
 
 
@@ -917,8 +1019,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     break
                 value = r.value.decode("utf-8", errors="replace")
                 if args.meta:
-                    obj = {"partition": r.partition, "offset": r.offset,
-                           "timestamp_ms": r.timestamp, "value": json.loads(value)}  # fmt: skip
+                    obj = {
+                        "partition": r.partition,
+                        "offset": r.offset,
+                        "timestamp_ms": r.timestamp,
+                        "value": json.loads(value),
+                    }
                     value = json.dumps(obj)
                 print(value, flush=True)
                 shown += 1
@@ -975,16 +1081,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     topic = args.topic or Topics.for_prefix(settings.kafka.topic_prefix).events
     try:
-        bounds = ExportRange(args.from_offset, args.to_offset, _time_ms(args.since),
-                             _time_ms(args.until))  # fmt: skip
+        bounds = ExportRange(
+            args.from_offset, args.to_offset, _time_ms(args.since), _time_ms(args.until)
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     consumer = _reader(settings)
     try:
         with _recorder(args.out, args.format) as recorder:
-            summary = export_topic(consumer, topic, recorder, bounds,
-                                   idle_timeout_s=args.idle_timeout, max_events=args.max,
-                                   stop=_stop_on_sigterm())  # fmt: skip
+            summary = export_topic(
+                consumer,
+                topic,
+                recorder,
+                bounds,
+                idle_timeout_s=args.idle_timeout,
+                max_events=args.max,
+                stop=_stop_on_sigterm(),
+            )
     except ValueError as exc:
         raise UsageError(f"{exc} on {settings.kafka.bootstrap_servers}") from exc
     finally:
@@ -1016,8 +1129,9 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             ensure_topics(admin, (topic,), 1, settings.service.replication_factor)
         finally:
             admin.close()
-        producer = KafkaProducer(**settings.kafka.client_config(), acks="all",
-                                 max_request_size=2 << 20)  # fmt: skip
+        producer = KafkaProducer(
+            **settings.kafka.client_config(), acks="all", max_request_size=2 << 20
+        )
     except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
         raise UsageError(
             f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
@@ -1026,8 +1140,16 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
         digest = publish_model(producer, topic, blob, version=args.version)
     finally:
         producer.close()
-    _emit({"topic": topic, "version": args.version, "bytes": len(blob), "sha256": digest,
-           "chunks": len(chunk_messages(blob, version=args.version))}, args.json)  # fmt: skip
+    _emit(
+        {
+            "topic": topic,
+            "version": args.version,
+            "bytes": len(blob),
+            "sha256": digest,
+            "chunks": len(chunk_messages(blob, version=args.version)),
+        },
+        args.json,
+    )
     return 0
 
 
@@ -1055,8 +1177,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common], help="run the adaptation engine on a stream")
-    r.add_argument("--input", help="JSON-lines file of events, '-' for stdin, or a recording "
-                   "directory (--record) (default: the synthetic stream)")  # fmt: skip
+    r.add_argument(
+        "--input",
+        help="JSON-lines file of events, '-' for stdin, or a recording "
+        "directory (--record) (default: the synthetic stream)",
+    )
     r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
     r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
     r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
@@ -1065,8 +1190,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
     r.add_argument("--k-neighbours", type=int, help="neighbours retrieved per task (0 = off)")
     r.add_argument("--timeout", type=float, help="stop after this many seconds")
-    r.add_argument("--scenario", help="a drift scenario instead of the stationary stream "
-                   "(see `stream-meta scenarios`)")  # fmt: skip
+    r.add_argument(
+        "--scenario",
+        help="a drift scenario instead of the stationary stream (see `stream-meta scenarios`)",
+    )
     r.add_argument("--drift-log", help="append drift alarms to this JSON-lines file")
     r.add_argument("--no-drift", action="store_true", help="switch the drift monitor off")
     r.add_argument("--no-meta-update", action="store_true", help="switch meta-updates off")
@@ -1100,9 +1227,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     tb = sub.add_parser(
-        "train-baseline", parents=[common],
+        "train-baseline",
+        parents=[common],
         help="train a MAML or pre-trained initialisation on the meta-model's training budget",
-    )  # fmt: skip
+    )
     tb.add_argument("--family", choices=["sinusoid", "digits"], required=True)
     tb.add_argument("--method", choices=["maml", "pretrained"], required=True)
     tb.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
@@ -1182,19 +1310,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("log", help="a recording directory (--record) or a JSON-lines file of events")
     rp.add_argument(
-        "--strategy", action="append", required=True,
+        "--strategy",
+        action="append",
+        required=True,
         help="full, no-neighbours, no-meta-update, global, scratch, finetune, maml, "
-             "nearest-task, or all (repeatable)",
-    )  # fmt: skip
+        "nearest-task, or all (repeatable)",
+    )
     rp.add_argument(
-        "--baseline-dir", type=Path,
+        "--baseline-dir",
+        type=Path,
         help="directory of <family>-maml/-pretrained.safetensors (default: the shipped ones)",
-    )  # fmt: skip
+    )
     rp.add_argument(
-        "--batch-size", type=int,
+        "--batch-size",
+        type=int,
         help="events per engine batch (default: engine.micro_batch, as served; larger batches "
-             "replay faster, and only the index flushes, hence some neighbours, differ)",
-    )  # fmt: skip
+        "replay faster, and only the index flushes, hence some neighbours, differ)",
+    )
     rp.add_argument(
         "--inner-steps",
         type=int,
@@ -1219,9 +1351,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a", help="the reference report (report.json or its directory)")
     cp.add_argument("b", help="the candidate report")
     cp.add_argument(
-        "--threshold", type=float, default=0.05,
+        "--threshold",
+        type=float,
+        default=0.05,
         help="relative rise of a strategy's prequential loss that counts as a regression",
-    )  # fmt: skip
+    )
     cp.set_defaults(func=cmd_compare)
 
     mu = sub.add_parser(
@@ -1263,9 +1397,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.set_defaults(func=cmd_tail)
 
     tr = sub.add_parser(
-        "trainer", parents=[common, kafka],
+        "trainer",
+        parents=[common, kafka],
         help="central meta-updates for all serve replicas, published as model versions",
-    )  # fmt: skip
+    )
     tr.add_argument("--group", help="consumer group of the replicas (default stream-meta)")
     tr.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     tr.add_argument("--metrics-port", type=int, help="Prometheus/admin port (0 = off)")
@@ -1273,9 +1408,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_trainer)
 
     pm = sub.add_parser(
-        "publish-model", parents=[common, kafka],
+        "publish-model",
+        parents=[common, kafka],
         help="publish a checkpoint as a model version that every serve replica adopts",
-    )  # fmt: skip
+    )
     pm.add_argument("--checkpoint", type=Path, required=True, help="the model to publish")
     pm.add_argument(
         "--version",
@@ -1286,9 +1422,10 @@ def build_parser() -> argparse.ArgumentParser:
     pm.set_defaults(func=cmd_publish_model)
 
     ex = sub.add_parser(
-        "export", parents=[common, kafka],
+        "export",
+        parents=[common, kafka],
         help="copy a Kafka topic (between offsets or times) into a recording for replay",
-    )  # fmt: skip
+    )
     ex.add_argument("--out", type=Path, required=True, help="recording directory to write")
     ex.add_argument("--topic", help="topic to export (default: <prefix>.events)")
     ex.add_argument("--from-offset", type=int, help="first offset of every partition")

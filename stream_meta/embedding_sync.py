@@ -83,8 +83,10 @@ class EmbeddingSync:
         live tasks after a model swap)."""
         engine = self.engine
         version = engine.model_version
-        sends = [(self.topic, task_id.encode(), encode(version, z))
-                 for task_id, z in engine.drain_embeddings().items()]  # fmt: skip
+        sends = [
+            (self.topic, task_id.encode(), encode(version, z))
+            for task_id, z in engine.drain_embeddings().items()
+        ]
         if sends:
             self.metrics.embeddings_published.inc(len(sends))
         return sends

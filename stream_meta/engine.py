@@ -762,11 +762,22 @@ class Engine:
             if current is not None and current.seen >= seen:
                 continue
             store = self.store
-            if (len(ys) > store.support_size or xs.shape != (len(ys), store.x_dim)
-                    or (n_classes is not None and len(ys) and not (
-                        ys.min() >= 0 and ys.max() < n_classes))):  # fmt: skip
-                log.warning("changelog state of task %r does not fit this engine (%d examples "
-                            "x %s): skipped", task_id, len(ys), xs.shape[1:])  # fmt: skip
+            if (
+                len(ys) > store.support_size
+                or xs.shape != (len(ys), store.x_dim)
+                or (
+                    n_classes is not None
+                    and len(ys)
+                    and not (ys.min() >= 0 and ys.max() < n_classes)
+                )
+            ):
+                log.warning(
+                    "changelog state of task %r does not fit this engine (%d examples "
+                    "x %s): skipped",
+                    task_id,
+                    len(ys),
+                    xs.shape[1:],
+                )
                 continue
             state, _ = store.touch(task_id, now)
             store.load(state, xs, ys, seen)

@@ -451,9 +451,13 @@ class TaskIndex:
     def empty_like(self) -> TaskIndex:
         """A new, empty index with the same settings."""
         return TaskIndex(
-            self._d, kind=self._kind, nlist=self._nlist, nprobe=self._nprobe,
-            train_size=self._train_size, seed=self._seed,
-        )  # fmt: skip
+            self._d,
+            kind=self._kind,
+            nlist=self._nlist,
+            nprobe=self._nprobe,
+            train_size=self._train_size,
+            seed=self._seed,
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The index as plain numpy arrays (no pickle): what :meth:`save` writes, and what a

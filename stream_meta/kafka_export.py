@@ -106,16 +106,26 @@ def export_topic(
                 if not bounds.keeps(r.offset, r.timestamp):
                     continue
                 raws.append(r.value)
-                meta.append({"topic": r.topic, "partition": r.partition, "offset": r.offset,
-                             "ts": r.timestamp})  # fmt: skip
+                meta.append(
+                    {
+                        "topic": r.topic,
+                        "partition": r.partition,
+                        "offset": r.offset,
+                        "ts": r.timestamp,
+                    }
+                )
                 per_partition[r.partition] += 1
         if max_events is not None:
             raws, meta = raws[: max_events - written], meta[: max_events - written]
         if raws:
             recorder.events(raws, start=written, meta=meta)
             written += len(raws)
-    return {"topic": topic, "events": written, "partitions": per_partition,
-            "complete": not open_tps or max_events is None or written < max_events}  # fmt: skip
+    return {
+        "topic": topic,
+        "events": written,
+        "partitions": per_partition,
+        "complete": not open_tps or max_events is None or written < max_events,
+    }
 
 
 def _seek(consumer: Any, tps: list[Any], bounds: ExportRange) -> None:

@@ -24,15 +24,42 @@ from stream_meta.events import RejectReason
 META_UPDATE_OUTCOMES = ("promoted", "rejected", "failed", "rolled_back", "skipped")
 #: per-event prediction latency buckets (seconds); 1 ms and 50 ms are targets
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 #: per-event loss buckets (squared error or cross-entropy)
 LOSS_BUCKETS = (0.0001, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 #: event timestamp -> prediction produced (seconds); 50 ms at 2,000 events/s is a target
 END_TO_END_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -164,9 +191,11 @@ class EngineMetrics:
         # drift alarms come from the drift monitor (stream_meta.drift), meta-updates from the
         # meta-updater (stream_meta.continual)
         self.drift_alarms = Counter(
-            "stream_meta_drift_alarms_total", "Drift alarms raised, by detector.", ["detector"],
+            "stream_meta_drift_alarms_total",
+            "Drift alarms raised, by detector.",
+            ["detector"],
             registry=r,
-        )  # fmt: skip
+        )
         self.drift_statistic = Gauge(
             "stream_meta_drift_statistic",
             "Current statistic of each drift detector (per-cluster detectors are not exported).",
@@ -237,9 +266,10 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = self.registry = registry
         self.consumed = Counter(
-            "stream_meta_records_consumed_total", "Records consumed from the events topic.",
+            "stream_meta_records_consumed_total",
+            "Records consumed from the events topic.",
             registry=r,
-        )  # fmt: skip
+        )
         self.predictions = Counter(
             "stream_meta_predictions_produced_total",
             "Prediction records produced and acknowledged (acks=all).",
@@ -376,7 +406,6 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.active = Gauge(
             "stream_meta_trainer_active",
-            "1 while this process is the active trainer (it holds the trainer lock), 0 on "
-            "standby.",
+            "1 while this process is the active trainer (it holds the trainer lock), 0 on standby.",
             registry=registry,
         )

@@ -43,16 +43,20 @@ def chunk_messages(blob: bytes, *, version: int, chunk: int = CHUNK) -> list[byt
         raise ValueError("model versions start at 1")
     digest = hashlib.sha256(blob).digest()
     count = max(1, -(-len(blob) // chunk))
-    return [_HEAD.pack(_MAGIC, version, i, count, digest) + blob[i * chunk : (i + 1) * chunk]
-            for i in range(count)]  # fmt: skip
+    return [
+        _HEAD.pack(_MAGIC, version, i, count, digest) + blob[i * chunk : (i + 1) * chunk]
+        for i in range(count)
+    ]
 
 
 def publish_model(producer: Any, topic: str, blob: bytes, *, version: int) -> str:
     """Send ``blob`` as model ``version`` to partition 0 of ``topic``, wait for every
     acknowledgement; returns the sha256 (hex)."""
     key = f"v{version}".encode()
-    futures = [producer.send(topic, key=key, value=v, partition=0)
-               for v in chunk_messages(blob, version=version)]  # fmt: skip
+    futures = [
+        producer.send(topic, key=key, value=v, partition=0)
+        for v in chunk_messages(blob, version=version)
+    ]
     producer.flush()
     for f in futures:
         f.get(timeout=30)  # raises the broker's error, if any
@@ -81,8 +85,7 @@ class Assembler:
                 yield done
 
     def _refuse(self, version: int | None, reason: str) -> None:
-        log.error("model message refused (version %s): %s; the model in use stays", version,
-                  reason)  # fmt: skip
+        log.error("model message refused (version %s): %s; the model in use stays", version, reason)
         self.refused.append((version, reason))
 
     def _add(self, value: bytes | None) -> tuple[int, bytes] | None:

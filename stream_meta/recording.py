@@ -49,9 +49,18 @@ __all__ = ["FORMATS", "EventRecorder", "is_recording", "read_records", "recorded
 _NAME = re.compile(r"^events-(\d{6})\.(jsonl|jsonl\.gz|parquet)$")
 FORMATS = ("jsonl", "parquet")
 #: the columns of a Parquet recording (a record's absent fields are nulls)
-_COLUMNS = (("kind", "string"), ("i", "int64"), ("raw", "string"), ("raw_b64", "string"),
-            ("topic", "string"), ("partition", "int64"), ("offset", "int64"), ("ts", "int64"),
-            ("version", "int64"), ("outcome", "string"))  # fmt: skip
+_COLUMNS = (
+    ("kind", "string"),
+    ("i", "int64"),
+    ("raw", "string"),
+    ("raw_b64", "string"),
+    ("topic", "string"),
+    ("partition", "int64"),
+    ("offset", "int64"),
+    ("ts", "int64"),
+    ("version", "int64"),
+    ("outcome", "string"),
+)
 
 
 def _pyarrow() -> Any:
@@ -125,8 +134,9 @@ class EventRecorder:
         if self._fh is None or self._written >= self.max_bytes:
             self._close_file()
             self._seq += 1
-            suffix = {"parquet": ".parquet"}.get(self.format, ".jsonl.gz" if self.compress
-                                                 else ".jsonl")  # fmt: skip
+            suffix = {"parquet": ".parquet"}.get(
+                self.format, ".jsonl.gz" if self.compress else ".jsonl"
+            )
             target = self.path / f"events-{self._seq:06d}{suffix}"
             # a long-lived handle, closed by _close_file / close
             if self.format == "parquet":
@@ -225,8 +235,9 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
                         break
                     yield json.loads(line)
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                log.warning("%s ends early (%s): the writer stopped; records before it kept", f,
-                            exc)  # fmt: skip
+                log.warning(
+                    "%s ends early (%s): the writer stopped; records before it kept", f, exc
+                )
 
 
 def _parquet_records(f: Path) -> Iterator[dict[str, Any]]:
@@ -234,8 +245,7 @@ def _parquet_records(f: Path) -> Iterator[dict[str, Any]]:
     try:
         reader = pq.ParquetFile(f)
     except (pa.ArrowInvalid, OSError) as exc:
-        log.warning("%s is unreadable (%s): skipped (the writer stopped before closing it)",
-                    f, exc)  # fmt: skip
+        log.warning("%s is unreadable (%s): skipped (the writer stopped before closing it)", f, exc)
         return
     for batch in reader.iter_batches():
         for row in batch.to_pylist():

@@ -86,13 +86,27 @@ class Topics:
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
-        names = ("events", "predictions", "dead-letter", "drift", "task-embeddings",
-                 "task-state", "models")  # fmt: skip
+        names = (
+            "events",
+            "predictions",
+            "dead-letter",
+            "drift",
+            "task-embeddings",
+            "task-state",
+            "models",
+        )
         return cls(*(f"{prefix}.{n}" for n in names))
 
     def all(self) -> tuple[str, ...]:
-        return (self.events, self.predictions, self.dead_letter, self.drift,
-                self.task_embeddings, self.task_state, self.models)  # fmt: skip
+        return (
+            self.events,
+            self.predictions,
+            self.dead_letter,
+            self.drift,
+            self.task_embeddings,
+            self.task_state,
+            self.models,
+        )
 
     @property
     def compacted(self) -> frozenset[str]:
@@ -189,9 +203,11 @@ class KafkaService:
                 self._resume = self._offsets_from(self.restored["extra"].get("offsets", {}))
                 log.info(
                     "restored %s: %d tasks, %d indexed, offsets %s",
-                    self.restored["path"], len(self.engine.store), len(self.engine.index),
+                    self.restored["path"],
+                    len(self.engine.store),
+                    len(self.engine.index),
                     self.restored["extra"].get("offsets"),
-                )  # fmt: skip
+                )
         else:
             log.warning("no state directory: task state will not survive a restart")
         self._wait_for_broker()
@@ -224,8 +240,12 @@ class KafkaService:
                         "--bootstrap-servers and that the broker is up"
                     ) from exc
                 wait = min(left, _backoff(attempt, 0.5, 5.0))
-                log.warning("waiting for Kafka at %s (%s); retry in %.1f s",
-                            self.kafka.bootstrap_servers, exc, wait)  # fmt: skip
+                log.warning(
+                    "waiting for Kafka at %s (%s); retry in %.1f s",
+                    self.kafka.bootstrap_servers,
+                    exc,
+                    wait,
+                )
                 self._heartbeat = time.monotonic()
                 self.stop_event.wait(wait)
                 attempt += 1
@@ -239,13 +259,15 @@ class KafkaService:
     def _create_topics(self, admin: Any) -> None:
         t = self.topics
         others = tuple(n for n in t.all() if n not in (t.task_state, t.models))
-        ensure_topics(admin, others, self.cfg.partitions, self.cfg.replication_factor,
-                      compacted=t.compacted)  # fmt: skip
+        ensure_topics(
+            admin, others, self.cfg.partitions, self.cfg.replication_factor, compacted=t.compacted
+        )
         ensure_topics(admin, (t.models,), 1, self.cfg.replication_factor)  # chunks in order
         if self.cfg.state_changelog:  # co-partitioned: as many partitions as the events topic
             events = _partition_count(admin, t.events) or self.cfg.partitions
-            ensure_topics(admin, (t.task_state,), events, self.cfg.replication_factor,
-                          compacted=t.compacted)  # fmt: skip
+            ensure_topics(
+                admin, (t.task_state,), events, self.cfg.replication_factor, compacted=t.compacted
+            )
             state = _partition_count(admin, t.task_state)
             if state is not None and state < events:
                 raise ServiceError(
@@ -290,17 +312,22 @@ class KafkaService:
         if self.cfg.follow_models:
             from stream_meta.model_topic import ModelFollower
 
-            reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False,
-                                   auto_offset_reset="earliest",
-                                   max_partition_fetch_bytes=2 << 20)  # fmt: skip
+            reader = KafkaConsumer(
+                **self._client_config(),
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=2 << 20,
+            )
             self.models = ModelFollower(reader, self.topics.models, self.metrics)
         if self.cfg.share_embeddings:
             from stream_meta.embedding_sync import EmbeddingSync
 
-            reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False,
-                                   auto_offset_reset="earliest")  # fmt: skip
-            self.sync = EmbeddingSync(self.engine, self.topics.task_embeddings, reader,
-                                      self.metrics)  # fmt: skip
+            reader = KafkaConsumer(
+                **self._client_config(), enable_auto_commit=False, auto_offset_reset="earliest"
+            )
+            self.sync = EmbeddingSync(
+                self.engine, self.topics.task_embeddings, reader, self.metrics
+            )
 
     # -- health -------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -383,13 +410,21 @@ class KafkaService:
         t0 = time.perf_counter()
         records = [r for batch in polled.values() for r in batch]
         learned = self._already_applied(records) if self._applied else None
-        result = self.engine.process([r.value for r in records], received_at=t0,
-                                     learned=learned)  # fmt: skip
+        result = self.engine.process([r.value for r in records], received_at=t0, learned=learned)
         if self.recorder is not None:
-            self.recorder.events([r.value or b"" for r in records], start=self.consumed, meta=[
-                {"topic": r.topic, "partition": r.partition, "offset": r.offset,
-                 "ts": r.timestamp} for r in records
-            ])  # fmt: skip
+            self.recorder.events(
+                [r.value or b"" for r in records],
+                start=self.consumed,
+                meta=[
+                    {
+                        "topic": r.topic,
+                        "partition": r.partition,
+                        "offset": r.offset,
+                        "ts": r.timestamp,
+                    }
+                    for r in records
+                ],
+            )
         outputs, reasons = self._outputs(records, result)
         if self.cfg.state_changelog:
             outputs += self._changelog(records, result)
@@ -397,8 +432,11 @@ class KafkaService:
             outputs += self.sync.outgoing()
         alarms = self.watch.observe(result) if self.watch is not None else []
         for alarm in alarms:
-            record = {"type": "drift_alarm", **alarm.to_dict(),
-                      "model_version": self.engine.model_version}  # fmt: skip
+            record = {
+                "type": "drift_alarm",
+                **alarm.to_dict(),
+                "model_version": self.engine.model_version,
+            }
             outputs.append(
                 (self.topics.drift, alarm.detector.encode(), json.dumps(record).encode())
             )
@@ -440,9 +478,13 @@ class KafkaService:
         took = time.perf_counter() - t0
         self._bound_batches(len(records), took)
         if log.isEnabledFor(logging.DEBUG) and len(ts):
-            log.debug("batch of %d: oldest event waited %.1f ms before the poll returned, "
-                      "handled in %.1f ms", len(records), (acked - took - ts.min() / 1000) * 1000,
-                      took * 1000)  # fmt: skip
+            log.debug(
+                "batch of %d: oldest event waited %.1f ms before the poll returned, "
+                "handled in %.1f ms",
+                len(records),
+                (acked - took - ts.min() / 1000) * 1000,
+                took * 1000,
+            )
 
     def _changelog(self, records: list[Any], result: BatchResult) -> list[Any]:
         """The new support set of every task this batch taught, on its events' partition."""
@@ -485,20 +527,27 @@ class KafkaService:
             return
         version, blob = max(versions)
         if version <= self.engine.model_version:
-            log.info("published model version %d is not newer than the served %d: ignored",
-                     version, self.engine.model_version)  # fmt: skip
+            log.info(
+                "published model version %d is not newer than the served %d: ignored",
+                version,
+                self.engine.model_version,
+            )
             return
         try:
             model, _manifest = load_checkpoint_bytes(blob)
         except CheckpointError as exc:
             self.metrics.models_refused.labels("invalid").inc()
-            log.error("published model version %d refused: %s; the model in use stays",
-                      version, exc)  # fmt: skip
+            log.error(
+                "published model version %d refused: %s; the model in use stays", version, exc
+            )
             return
         if model.config != self.engine.model.config:
             self.metrics.models_refused.labels("architecture").inc()
-            log.error("published model version %d refused: its configuration differs from the "
-                      "served model's; the model in use stays", version)  # fmt: skip
+            log.error(
+                "published model version %d refused: its configuration differs from the "
+                "served model's; the model in use stays",
+                version,
+            )
             return
         reason = f"published model version {version}"
         if self.updater is not None:  # on probation, like a promoted update
@@ -531,8 +580,11 @@ class KafkaService:
         try:
             committed = self.consumer.committed(tp)
         except (KafkaError, OSError) as exc:
-            log.warning("committed offset of %s unknown (%s): resuming at the checkpoint's",
-                        _names([tp]), exc)  # fmt: skip
+            log.warning(
+                "committed offset of %s unknown (%s): resuming at the checkpoint's",
+                _names([tp]),
+                exc,
+            )
             committed = None
         start = max(offset, committed if committed is not None else -1)
         self.consumer.seek(tp, start)
@@ -554,15 +606,20 @@ class KafkaService:
         try:
             reader = KafkaConsumer(**self._client_config(), enable_auto_commit=False)
             try:
-                latest, skipped = read_partitions(reader, self.topics.task_state, partitions,
-                                                  x_dim=self.engine.store.x_dim)  # fmt: skip
+                latest, skipped = read_partitions(
+                    reader, self.topics.task_state, partitions, x_dim=self.engine.store.x_dim
+                )
             finally:
                 reader.close()
         except (KafkaError, OSError, TimeoutError) as exc:
             # serving goes on: these tasks start from what this replica holds (if anything)
             self.metrics.changelog_failures.inc()
-            log.error("changelog of partitions %s could not be read (%s): their tasks start "
-                      "from this replica's own state", sorted(partitions), exc)  # fmt: skip
+            log.error(
+                "changelog of partitions %s could not be read (%s): their tasks start "
+                "from this replica's own state",
+                sorted(partitions),
+                exc,
+            )
             return
         for p in partitions:  # what a previous assignment of these partitions left
             for key in [k for k in self._applied if k[0] == p]:
@@ -572,14 +629,23 @@ class KafkaService:
         )
         for key, rec in latest.items():
             self._applied[key] = rec.applied_offset
-        self._applied_until.update({p: max((o for (q, _), o in self._applied.items() if q == p),
-                                           default=-1) for p in partitions})  # fmt: skip
+        self._applied_until.update(
+            {
+                p: max((o for (q, _), o in self._applied.items() if q == p), default=-1)
+                for p in partitions
+            }
+        )
         self.metrics.changelog_restored.inc(loaded)
         if skipped:
             self.metrics.changelog_skipped.inc(skipped)
-        log.info("changelog: %d tasks of partitions %s read, %d loaded, %d records skipped, "
-                 "in %.2f s", len(latest), sorted(partitions), loaded, skipped,
-                 time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "changelog: %d tasks of partitions %s read, %d loaded, %d records skipped, in %.2f s",
+            len(latest),
+            sorted(partitions),
+            loaded,
+            skipped,
+            time.perf_counter() - t0,
+        )
 
     def _meta_outputs(
         self, records: list[dict[str, Any]], next_index: int
@@ -589,8 +655,7 @@ class KafkaService:
         if self.recorder is not None:
             for r in records:
                 if r["outcome"] in ("promoted", "rolled_back"):
-                    self.recorder.model_change(r["version"], index=next_index,
-                                               outcome=r["outcome"])  # fmt: skip
+                    self.recorder.model_change(r["version"], index=next_index, outcome=r["outcome"])
         return [
             (self.topics.drift, b"meta_update", json.dumps(r, default=str).encode())
             for r in records
@@ -632,9 +697,12 @@ class KafkaService:
         deadline: float | None = None
         while pending:
             # (topic, key, value) or (topic, key, value, partition)
-            futures = [self.producer.send(s[0], key=s[1], value=s[2],
-                                          partition=s[3] if len(s) > 3 else None)
-                       for s in pending]  # fmt: skip
+            futures = [
+                self.producer.send(
+                    s[0], key=s[1], value=s[2], partition=s[3] if len(s) > 3 else None
+                )
+                for s in pending
+            ]
             while True:
                 try:
                     self.producer.flush(timeout=5.0)
@@ -695,11 +763,15 @@ class KafkaService:
             self._dirty = not self._commit(offsets, blocking=blocking_commit)
             return not self._dirty
         parts = {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
-        write = self.state.capture(self.engine, parts=parts, extra={
-            "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
-            "group": self.kafka.group_id,
-            "reason": why,
-        })  # fmt: skip
+        write = self.state.capture(
+            self.engine,
+            parts=parts,
+            extra={
+                "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
+                "group": self.kafka.group_id,
+                "reason": why,
+            },
+        )
         self._dirty = False  # set again if the write or the commit fails
         self._inflight = (self._writer.submit(write), offsets, time.perf_counter())
         if not wait:
@@ -741,8 +813,11 @@ class KafkaService:
         owned = self.consumer.assignment()
         # never behind what was committed already (a checkpoint's offsets may be older than
         # the batches committed since, with the changelog on)
-        todo = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()
-                if tp in owned and o > self._committed.get(tp, -1)}  # fmt: skip
+        todo = {
+            tp: OffsetAndMetadata(o, "", -1)
+            for tp, o in offsets.items()
+            if tp in owned and o > self._committed.get(tp, -1)
+        }
         if not todo:
             return True
         try:
@@ -859,8 +934,10 @@ def ensure_topics(
     if missing:
         spec = {"num_partitions": partitions, "replication_factor": replication_factor}
         compact = {"configs": {"cleanup.policy": "compact"}}
-        admin.create_topics({t: {**spec, **(compact if t in compacted else {})}
-                             for t in missing}, raise_errors=False)  # fmt: skip
+        admin.create_topics(
+            {t: {**spec, **(compact if t in compacted else {})} for t in missing},
+            raise_errors=False,
+        )
         log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
     return missing
 

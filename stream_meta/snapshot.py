@@ -173,8 +173,9 @@ class StateDir:
             if reencode:
                 log.warning(
                     "%s was written with another model (version %s): re-encoding its tasks",
-                    path.name, header.get("model_version"),
-                )  # fmt: skip
+                    path.name,
+                    header.get("model_version"),
+                )
             try:
                 engine.restore_state(arrays, reencode=reencode)
             except (ValueError, KeyError, IndexLoadError) as exc:
@@ -190,8 +191,12 @@ class StateDir:
                     try:
                         restore(part)
                     except (ValueError, KeyError) as exc:
-                        log.error("%s: its %s part cannot be restored (%s); starting that "
-                                  "part empty", path.name, prefix, exc)  # fmt: skip
+                        log.error(
+                            "%s: its %s part cannot be restored (%s); starting that part empty",
+                            path.name,
+                            prefix,
+                            exc,
+                        )
             header["path"] = str(path)
             return header
         if errors:

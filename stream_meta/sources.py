@@ -92,9 +92,14 @@ class JsonlSink:
 
 #: the kinds of invalid event ``bad_event`` makes, one per rejection reason it exercises
 BAD_KINDS = (
-    "malformed_json", "not_an_object", "missing_field", "invalid_type", "wrong_dimension",
-    "non_finite", "oversized",
-)  # fmt: skip
+    "malformed_json",
+    "not_an_object",
+    "missing_field",
+    "invalid_type",
+    "wrong_dimension",
+    "non_finite",
+    "oversized",
+)
 
 
 def bad_event(event: dict[str, Any], rng: Any, x_dim: int, max_bytes: int = 65_536) -> bytes:

@@ -192,8 +192,10 @@ class TaskStore:
         only referenced, since the engine replaces them rather than writing into them.
         """
         states = list(self._tasks.values())
-        rows = [(s.task_id, s.n, s.seen, s.version, s.last_seen, s.feature_sum, s.embedding)
-                for s in states]  # fmt: skip
+        rows = [
+            (s.task_id, s.n, s.seen, s.version, s.last_seen, s.feature_sum, s.embedding)
+            for s in states
+        ]
         with_support = [s for s in states if s.n]
         xs = (
             np.concatenate([s.xs[: s.n] for s in with_support])  # type: ignore[index]

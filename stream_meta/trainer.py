@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 class TrainerService:
     """See the module docstring. ``settings`` is the whole Settings tree."""
 
-    def __init__(self, engine: Any, settings: Any, metrics: Any, *, watch: Any,
-                 updater: Any) -> None:  # fmt: skip
+    def __init__(
+        self, engine: Any, settings: Any, metrics: Any, *, watch: Any, updater: Any
+    ) -> None:
         self.engine, self.watch, self.updater, self.metrics = engine, watch, updater, metrics
         self.lock_metrics = TrainerMetrics(metrics.registry)
         self.kafka, self.cfg = settings.kafka, settings.trainer
@@ -77,16 +78,21 @@ class TrainerService:
             admin.close()
         self.producer = KafkaProducer(**cfg, acks="all", max_request_size=2 << 20)
         k = self.kafka
-        self.lock = KafkaConsumer(**cfg, group_id=f"{k.group_id}.trainer",
-                                  enable_auto_commit=False,
-                                  session_timeout_ms=k.session_timeout_ms,
-                                  heartbeat_interval_ms=k.heartbeat_interval_ms)  # fmt: skip
+        self.lock = KafkaConsumer(
+            **cfg,
+            group_id=f"{k.group_id}.trainer",
+            enable_auto_commit=False,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+        )
         self.lock.subscribe([self.lock_topic])
-        self.events = KafkaConsumer(**cfg, enable_auto_commit=False,
-                                    max_poll_records=self.cfg.batch)  # fmt: skip
-        self.models = ModelFollower(KafkaConsumer(**cfg, enable_auto_commit=False,
-                                                  max_partition_fetch_bytes=2 << 20),
-                                    self.topics.models)  # fmt: skip
+        self.events = KafkaConsumer(
+            **cfg, enable_auto_commit=False, max_poll_records=self.cfg.batch
+        )
+        self.models = ModelFollower(
+            KafkaConsumer(**cfg, enable_auto_commit=False, max_partition_fetch_bytes=2 << 20),
+            self.topics.models,
+        )
         self._clients = [self.producer, self.lock, self.events, self.models]
 
     def health(self) -> tuple[bool, str]:
@@ -114,9 +120,13 @@ class TrainerService:
                 self._train_step()
         finally:
             self.close()
-        return {"active": self.active, "sampled": self.sampled, "published": self.published,
-                "model_version": self.engine.model_version,
-                "meta_updates": self.updater.summary() if self.updater else []}  # fmt: skip
+        return {
+            "active": self.active,
+            "sampled": self.sampled,
+            "published": self.published,
+            "model_version": self.engine.model_version,
+            "meta_updates": self.updater.summary() if self.updater else [],
+        }
 
     def close(self) -> None:
         for client in self._clients:
@@ -137,9 +147,12 @@ class TrainerService:
             tps = [TopicPartition(self.topics.events, p) for p in sorted(parts)]
             self.events.assign(tps)
             self.events.seek_to_end(*tps)  # train on what comes from now on
-            log.info("trainer active: sampling %s of the tasks of %s (model v%d)",
-                     f"{self.cfg.sample:.0%}", self.topics.events,
-                     self.engine.model_version)  # fmt: skip
+            log.info(
+                "trainer active: sampling %s of the tasks of %s (model v%d)",
+                f"{self.cfg.sample:.0%}",
+                self.topics.events,
+                self.engine.model_version,
+            )
         else:
             self.events.assign([])
             log.info("trainer on standby (another trainer holds %s)", self.lock_topic)
@@ -161,8 +174,7 @@ class TrainerService:
                 log.info("trainer follows published model version %d", version)
 
     def _train_step(self) -> None:
-        polled = self.events.poll(timeout_ms=self.kafka.poll_timeout_ms,
-                                  max_records=self.cfg.batch)  # fmt: skip
+        polled = self.events.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=self.cfg.batch)
         records = [r for batch in polled.values() for r in batch]
         raws = [r.value for r in records if r.value and self._sampled(r.key)]
         if raws:
@@ -182,9 +194,12 @@ class TrainerService:
                 try:
                     self._publish(rec["version"])
                 except Exception as exc:  # the broker refused it: the trainer keeps going
-                    log.error("model version %d could not be published (%s); the replicas "
-                              "keep their model until the next promotion", rec["version"],
-                              exc)  # fmt: skip
+                    log.error(
+                        "model version %d could not be published (%s); the replicas "
+                        "keep their model until the next promotion",
+                        rec["version"],
+                        exc,
+                    )
         self.producer.flush()
 
     def _sampled(self, key: bytes | None) -> bool:
@@ -206,10 +221,13 @@ class TrainerService:
 
         with tempfile.TemporaryDirectory(prefix="stream-meta-trainer-") as tmp:
             path = Path(tmp) / "model.safetensors"
-            save_checkpoint(path, self.engine.model, family=self.updater.family,
-                            model_version=version)  # fmt: skip
-            digest = publish_model(self.producer, self.topics.models, path.read_bytes(),
-                                   version=version)  # fmt: skip
+            save_checkpoint(
+                path, self.engine.model, family=self.updater.family, model_version=version
+            )
+            digest = publish_model(
+                self.producer, self.topics.models, path.read_bytes(), version=version
+            )
         self.published += 1
-        log.info("published model version %d (sha256 %s) on %s", version, digest[:12],
-                 self.topics.models)  # fmt: skip
+        log.info(
+            "published model version %d (sha256 %s) on %s", version, digest[:12], self.topics.models
+        )

@@ -184,11 +184,21 @@ def _prior_only_loss(
     empty_x, empty_y = ep["xs"][:, :0], ep["ys"][:, :0]
     empty_m = torch.zeros(b, 0, device=z.device)
     z0 = model.embed(empty_x, empty_y, empty_m)
-    zf = model.embed(ep["x_all"][:, : config.max_shots], ep["y_all"][:, : config.max_shots],
-                     torch.ones_like(ep["ys"], dtype=z.dtype))  # fmt: skip
+    zf = model.embed(
+        ep["x_all"][:, : config.max_shots],
+        ep["y_all"][:, : config.max_shots],
+        torch.ones_like(ep["ys"], dtype=z.dtype),
+    )
     one = torch.ones(n_sib, 1, device=z.device)
-    w_sib = model.adapt(z0[:n_sib], z_sib[:, None], (z0[:n_sib] * z_sib).sum(-1, keepdim=True),
-                        one, empty_x[:n_sib], empty_y[:n_sib], empty_m[:n_sib])  # fmt: skip
+    w_sib = model.adapt(
+        z0[:n_sib],
+        z_sib[:, None],
+        (z0[:n_sib] * z_sib).sum(-1, keepdim=True),
+        one,
+        empty_x[:n_sib],
+        empty_y[:n_sib],
+        empty_m[:n_sib],
+    )
     w_own = model.adapt(zf, *no_neighbours(b, zf.shape[1], z.device), empty_x, empty_y, empty_m)
     prior_loss = model.loss(model.predict(ep["xq"][:n_sib], w_sib), ep["yq"][:n_sib]).mean()
     return prior_loss + model.loss(model.predict(ep["xq"], w_own), ep["yq"]).mean()

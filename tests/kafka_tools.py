@@ -20,8 +20,12 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from stream_meta.packing import unpack_strings
 
 #: consumer-group settings that join in ~3 s on Tansu (see docs/KAFKA_TEST_BROKER.md)
-FAST_GROUP_SETS = ("--set", "kafka.session_timeout_ms=6000",
-                   "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+FAST_GROUP_SETS = (
+    "--set",
+    "kafka.session_timeout_ms=6000",
+    "--set",
+    "kafka.heartbeat_interval_ms=2000",
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -58,8 +62,9 @@ def read_topic(
 ) -> list[Any]:
     """Every record of ``topic`` (all partitions, manual assignment) once ``until(records)``
     holds, plus whatever arrives in the next ``settle`` seconds; raises on timeout."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     try:
         parts = None
         deadline = time.time() + timeout
@@ -100,8 +105,7 @@ def end_offsets(records: list[Any]) -> dict[int, int]:
 
 def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
     """The group's committed offsets (an OffsetFetch: this reader does not join the group)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                             enable_auto_commit=False)  # fmt: skip
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
         parts = sorted(consumer.partitions_for_topic(topic))
         return {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
@@ -117,8 +121,10 @@ class Serve:
         self._fh = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_meta", "serve", "--json", "-q", *args],
-            stdout=subprocess.PIPE, stderr=self._fh, env=clean_env(**(env or {})),
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=self._fh,
+            env=clean_env(**(env or {})),
+        )
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -161,10 +167,13 @@ def newest_state(state_dir: Path) -> dict[str, Any]:
     n = a["store.n"]
     bounds = np.concatenate([[0], np.cumsum(n)])
     tasks = {
-        t: (int(a["store.seen"][i]), a["store.xs"][bounds[i] : bounds[i + 1]].tobytes(),
-            a["store.ys"][bounds[i] : bounds[i + 1]].tobytes())
+        t: (
+            int(a["store.seen"][i]),
+            a["store.xs"][bounds[i] : bounds[i + 1]].tobytes(),
+            a["store.ys"][bounds[i] : bounds[i + 1]].tobytes(),
+        )
         for i, t in enumerate(ids)
-    }  # fmt: skip
+    }
     scalars = a["stats.scalars"].tolist()  # events, labelled, queries, rejected, loss_sum, ...
     return {
         "header": header,

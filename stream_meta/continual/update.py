@@ -232,10 +232,12 @@ def train_candidate(
     m = snap.x.shape[1]
     start, ema, history = time.perf_counter(), math.nan, []
     for step in range(1, config.steps + 1):
-        rows = np.concatenate([
-            _draw(rng, train_new, n_new),
-            _draw(rng, train_old, b - n_new if len(train_old) else 0),
-        ])  # fmt: skip
+        rows = np.concatenate(
+            [
+                _draw(rng, train_new, n_new),
+                _draw(rng, train_old, b - n_new if len(train_old) else 0),
+            ]
+        )
         old_rows = torch.from_numpy((np.arange(len(rows)) >= n_new).astype(np.float32))
         others = np.setdiff1d(pool, rows, assume_unique=False)
         bank_rows = rng.choice(others, min(config.bank_tasks, len(others)), replace=False)
@@ -256,9 +258,14 @@ def train_candidate(
         if config.distill_weight > 0 and bool(old_rows.any()):
             with torch.no_grad():
                 t_pred, _ = _adapt_and_predict(
-                    teacher, _Bank(teacher, snap, bank_rows).z, x, y, smask,
-                    config.k_neighbours, keep,
-                )  # fmt: skip
+                    teacher,
+                    _Bank(teacher, snap, bank_rows).z,
+                    x,
+                    y,
+                    smask,
+                    config.k_neighbours,
+                    keep,
+                )
             # relative to the teacher's own query loss on the episode: an old task it fits to
             # 1e-3 is kept at that precision, not just within the noise of a 1-shot guess
             t_loss = _masked_mean_rows(student.loss(t_pred, y), qmask).detach()
@@ -340,8 +347,9 @@ def shot_weights(shot_counts: NDArray[np.int64], levels: tuple[int, ...]) -> dic
     s = np.arange(len(shot_counts))
     keep = s >= lv[0]
     bins = np.searchsorted(lv, s[keep], side="right") - 1
-    w = np.bincount(bins, weights=np.asarray(shot_counts, dtype=np.float64)[keep],
-                    minlength=len(lv)).astype(np.float64)  # fmt: skip
+    w = np.bincount(
+        bins, weights=np.asarray(shot_counts, dtype=np.float64)[keep], minlength=len(lv)
+    ).astype(np.float64)
     if w.sum() <= 0:
         w = np.ones(len(lv), dtype=np.float64)
     return {str(int(level)): float(x) for level, x in zip(lv, w / w.sum(), strict=True)}
@@ -436,9 +444,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         snap = ReplaySnapshot.from_arrays(payload["replay"])
         keep = np.flatnonzero(snap.n >= config.min_task_examples)
         snap = ReplaySnapshot(
-            [snap.task_ids[i] for i in keep.tolist()], snap.x[keep], snap.y[keep],
-            snap.n[keep], snap.first_seen[keep], snap.recent[keep],
-        )  # fmt: skip
+            [snap.task_ids[i] for i in keep.tolist()],
+            snap.x[keep],
+            snap.y[keep],
+            snap.n[keep],
+            snap.first_seen[keep],
+            snap.recent[keep],
+        )
         split = snap.split(int(payload["new_from"]), config.holdout_fraction)
         result["split"] = {k: len(v) for k, v in split.items()}
         served = model_from_arrays(payload["model"], payload["weights"])

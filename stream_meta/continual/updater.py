@@ -206,8 +206,11 @@ class MetaUpdater:
         def post(body: dict[str, Any]) -> tuple[int, Any]:
             detail = str(body.get("reason", "requested through the admin endpoint"))[:200]
             self.request("manual", detail)
-            return 202, {"accepted": True, "model_version": self.engine.model_version,
-                         "records": len(self.records)}  # fmt: skip
+            return 202, {
+                "accepted": True,
+                "model_version": self.engine.model_version,
+                "records": len(self.records),
+            }
 
         return {
             ("POST", "/meta-update"): post,
@@ -272,13 +275,16 @@ class MetaUpdater:
         for req in candidates:
             if self._pending is None and self._job is None:
                 self._pending = req
-                log.info("meta-update requested (%s %s at event %d)", req.trigger, req.detail,
-                         req.index)  # fmt: skip
+                log.info(
+                    "meta-update requested (%s %s at event %d)", req.trigger, req.detail, req.index
+                )
             elif req.trigger == "manual" and self._pending is not None:
                 # an operator asks now: the pending update stops collecting and starts
                 self._pending.start_at = min(self._pending.start_at, end)
-                log.info("meta-update requested (manual): the pending %s update starts now",
-                         self._pending.trigger)  # fmt: skip
+                log.info(
+                    "meta-update requested (manual): the pending %s update starts now",
+                    self._pending.trigger,
+                )
             else:
                 log.info("meta-update request (%s) joins the update in progress", req.trigger)
 
@@ -311,8 +317,13 @@ class MetaUpdater:
             "shot_weights": shot_weights(self.engine.stats.shot_count, c.update.val_shots),
             "keep_rejected": c.promote == "always",
         }
-        log.info("meta-update started at event %d (%s, new tasks from event %d, %d replay "
-                 "tasks)", end, req.trigger, new_from, len(self.replay))  # fmt: skip
+        log.info(
+            "meta-update started at event %d (%s, new tasks from event %d, %d replay tasks)",
+            end,
+            req.trigger,
+            new_from,
+            len(self.replay),
+        )
         if c.worker == "inline":
             self._job = (req, run_job(payload), end)
         else:
@@ -363,8 +374,9 @@ class MetaUpdater:
                 version = self._swap_in(candidate, result)
             else:
                 outcome, result["reason"] = "failed", "the candidate has non-finite weights"
-        rec = self._record(req, end, {**result, "outcome": outcome, "version": version,
-                                      "started_index": started})  # fmt: skip
+        rec = self._record(
+            req, end, {**result, "outcome": outcome, "version": version, "started_index": started}
+        )
         new.append(rec)
         if outcome == "failed":
             self._alarm(rec)
@@ -378,8 +390,9 @@ class MetaUpdater:
             return
         every = self.config.follow_up_events
         if outcome == "promoted" and every:
-            self._pending = _Request("follow_up", req.index, f"after version {version}",
-                                     end + every)  # fmt: skip
+            self._pending = _Request(
+                "follow_up", req.index, f"after version {version}", end + every
+            )
         else:
             self._drift_since = None  # the drift is answered as well as it can be
 
@@ -398,8 +411,9 @@ class MetaUpdater:
             self._alarm(rec)
             return rec
         version = self._swap_in(model, {"reason": reason}, version)
-        return self._record(req, self.seen, {"outcome": "promoted", "reason": reason,
-                                             "version": version})  # fmt: skip
+        return self._record(
+            req, self.seen, {"outcome": "promoted", "reason": reason, "version": version}
+        )
 
     def _swap_in(
         self, candidate: MetaModel, result: dict[str, Any], version: int | None = None
@@ -421,10 +435,15 @@ class MetaUpdater:
             try:
                 self._save(candidate, version, result)
             except OSError as exc:  # serving goes on; a restart re-encodes with the base model
-                log.error("cannot save promoted model version %d in %s: %s", version,
-                          self.models_dir, exc)  # fmt: skip
-        log.warning("meta-update promoted: serving model version %d from event %d (%s)",
-                    version, self.seen, result.get("reason", ""))  # fmt: skip
+                log.error(
+                    "cannot save promoted model version %d in %s: %s", version, self.models_dir, exc
+                )
+        log.warning(
+            "meta-update promoted: serving model version %d from event %d (%s)",
+            version,
+            self.seen,
+            result.get("reason", ""),
+        )
         return version
 
     def _next_version(self) -> int:
@@ -479,8 +498,12 @@ class MetaUpdater:
         after = p.total / p.count if p.count else math.nan
         worse = after > p.before * self.config.rollback_factor
         if not (p.non_finite or worse):
-            log.info("meta-update: version %d passed probation (loss %.4g, %.4g before)",
-                     self.engine.model_version, after, p.before)  # fmt: skip
+            log.info(
+                "meta-update: version %d passed probation (loss %.4g, %.4g before)",
+                self.engine.model_version,
+                after,
+                p.before,
+            )
             return
         bad_version = self.engine.model_version
         model, version = p.previous
@@ -491,15 +514,24 @@ class MetaUpdater:
         if self.watch is not None:
             self.watch.model_changed()
         reason = (
-            f"{p.non_finite} non-finite predictions or losses" if p.non_finite else
-            f"serving loss {after:.4g} over {p.count} events exceeds {self.config.rollback_factor}"
+            f"{p.non_finite} non-finite predictions or losses"
+            if p.non_finite
+            else f"serving loss {after:.4g} over {p.count} events exceeds "
+            f"{self.config.rollback_factor}"
             f" x the {p.before:.4g} before the swap"
-        )  # fmt: skip
+        )
         rec = self._record(
-            _Request("probation", self.seen), self.seen,
-            {"outcome": "rolled_back", "reason": reason, "version": version,
-             "rolled_back_version": bad_version, "loss_before": p.before, "loss_after": after},
-        )  # fmt: skip
+            _Request("probation", self.seen),
+            self.seen,
+            {
+                "outcome": "rolled_back",
+                "reason": reason,
+                "version": version,
+                "rolled_back_version": bad_version,
+                "loss_before": p.before,
+                "loss_after": after,
+            },
+        )
         new.append(rec)
         self._alarm(rec)
 
@@ -514,10 +546,21 @@ class MetaUpdater:
             "outcome": result["outcome"],
             "reason": result.get("reason", ""),
             "version": result.get("version") or self.engine.model_version,
-            **{k: result[k] for k in ("started_index", "validation", "train", "split", "seconds",
-                                      "rolled_back_version", "loss_before", "loss_after")
-               if result.get(k) is not None},
-        }  # fmt: skip
+            **{
+                k: result[k]
+                for k in (
+                    "started_index",
+                    "validation",
+                    "train",
+                    "split",
+                    "seconds",
+                    "rolled_back_version",
+                    "loss_before",
+                    "loss_after",
+                )
+                if result.get(k) is not None
+            },
+        }
         if rec.get("train"):
             rec["train"] = {k: v for k, v in rec["train"].items() if k != "history"}
         self.records.append(rec)
@@ -561,8 +604,9 @@ class MetaUpdater:
 
     def restore_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Load :meth:`state_arrays` output (``ValueError`` if the replay does not fit)."""
-        self.replay.restore({k[len("replay_") :]: v for k, v in arrays.items()
-                             if k.startswith("replay_")})  # fmt: skip
+        self.replay.restore(
+            {k[len("replay_") :]: v for k, v in arrays.items() if k.startswith("replay_")}
+        )
         seen, max_version = (int(v) for v in np.asarray(arrays["position"]))
         self.seen = seen
         self._max_version = max(self._max_version, max_version)

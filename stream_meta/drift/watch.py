@@ -179,12 +179,14 @@ class DriftWatch:
         """Prequential loss of the labelled events of each window of ``window`` events."""
         out = []
         for w, (total, count) in enumerate(zip(self._win_loss, self._win_count, strict=True)):
-            out.append({
-                "start": w * self.window,
-                "end": min((w + 1) * self.window, self.seen),
-                "labelled": int(count),
-                "loss": float(total / count) if count else None,
-            })  # fmt: skip
+            out.append(
+                {
+                    "start": w * self.window,
+                    "end": min((w + 1) * self.window, self.seen),
+                    "labelled": int(count),
+                    "loss": float(total / count) if count else None,
+                }
+            )
         return out
 
     def summary(self) -> dict[str, Any]:

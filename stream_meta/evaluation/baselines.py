@@ -93,8 +93,12 @@ class InnerLoop:
     clip: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.steps < 0 or not self.lr > 0 or self.optimizer not in ("sgd", "adam")
-                or (self.clip is not None and not self.clip > 0)):  # fmt: skip
+        if (
+            self.steps < 0
+            or not self.lr > 0
+            or self.optimizer not in ("sgd", "adam")
+            or (self.clip is not None and not self.clip > 0)
+        ):
             raise ValueError(
                 f"bad inner loop {self}: steps >= 0, lr > 0, optimizer sgd|adam, clip > 0"
             )
@@ -274,12 +278,15 @@ def train_init(
         # the same draws as meta_train: a bank (its cluster centres place half the episode
         # tasks), the episodes, then the neighbour-dropout coin flips
         bank = sampler.bank()
-        ep = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
-              sampler.episodes(bank["centres"]).items()}  # fmt: skip
+        ep = {
+            k: torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in sampler.episodes(bank["centres"]).items()
+        }
         rng.random(c.batch_tasks)
         if method == "maml":
-            w = maml_adapt(net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop,
-                           first_order=first_order)  # fmt: skip
+            w = maml_adapt(
+                net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop, first_order=first_order
+            )
             x, y = ep["xq"], ep["yq"]
         else:  # one network for every task: fitted to all of each task's points
             w = theta.expand(ep["x_all"].shape[0], -1)
@@ -301,8 +308,11 @@ def train_init(
                 bar.set_postfix(loss=f"{ema:.4g}")
     if bar is not None:
         bar.close()
-    summary = {"steps": c.steps, "seconds": round(time.perf_counter() - start, 1),
-               "final_loss": ema}  # fmt: skip
+    summary = {
+        "steps": c.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "final_loss": ema,
+    }
     return theta.detach(), summary
 
 
@@ -325,8 +335,11 @@ def evaluate_init(
     from stream_meta.evaluation.fewshot import EVAL_SEED_OFFSET, _mean_ci
 
     rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
-    report: dict[str, Any] = {"tasks": tasks, "metric": family.metric_name,
-                              "inner_loop": asdict(init.loop)}  # fmt: skip
+    report: dict[str, Any] = {
+        "tasks": tasks,
+        "metric": family.metric_name,
+        "inner_loop": asdict(init.loop),
+    }
     per_class = init.kind == "classification"
     for s in shots:
         params = family.sample_params(tasks, rng)

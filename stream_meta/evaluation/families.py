@@ -134,8 +134,9 @@ def matrix_summary(probes: FamilyProbes, rows: list[dict[str, float]]) -> dict[s
     fams = probes.families
     perf = np.array([[sign * r[f] for f in fams] for r in rows])
     last = len(rows) - 1
-    own = {f: next((i for i, p in enumerate(probes.phases) if p["family"] == f), None)
-           for f in fams}  # fmt: skip
+    own = {
+        f: next((i for i, p in enumerate(probes.phases) if p["family"] == f), None) for f in fams
+    }
     past = {j: i for j, f in enumerate(fams) if (i := own[f]) is not None and i < last}
     bwt = [perf[last, j] - perf[i, j] for j, i in past.items()]
     forgetting = [perf[i:last, j].max() - perf[last, j] for j, i in past.items()]

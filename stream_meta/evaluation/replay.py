@@ -147,10 +147,15 @@ def replay_strategy(
                 loss = o.losses[ref]
                 if late_label is not None:
                     loss = _loss(engine.kind, o, ref, late_label)
-                rec = {"i": pos, "event_id": o.event_ids[ref], "task_id": o.task_ids[ref],
-                       "prediction": o.values[ref], "shots": o.shots[ref],
-                       "loss": None if loss != loss else loss,
-                       "model_version": o.model_version}  # fmt: skip
+                rec = {
+                    "i": pos,
+                    "event_id": o.event_ids[ref],
+                    "task_id": o.task_ids[ref],
+                    "prediction": o.values[ref],
+                    "shots": o.shots[ref],
+                    "loss": None if loss != loss else loss,
+                    "model_version": o.model_version,
+                }
                 if loss == loss:
                     losses.append((pos, o.shots[ref], loss))
                 elif o.labelled[ref] or late_label is not None:
@@ -210,8 +215,13 @@ def _loss(kind: str, o: Any, ref: int, label: Any) -> float:
 
 def _metrics(losses: list[tuple[int, int, float]], window: int) -> dict[str, Any]:
     if not losses:
-        return {"labelled": 0, "prequential_loss": None, "loss_by_shots": {},
-                "cold_start_loss": None, "loss_windows": []}  # fmt: skip
+        return {
+            "labelled": 0,
+            "prequential_loss": None,
+            "loss_by_shots": {},
+            "cold_start_loss": None,
+            "loss_windows": [],
+        }
     pos = np.array([p for p, _, _ in losses])
     shots = np.array([s for _, s, _ in losses])
     loss = np.array([v for _, _, v in losses])
@@ -225,10 +235,13 @@ def _metrics(losses: list[tuple[int, int, float]], window: int) -> dict[str, Any
             by_shots[label] = float(loss[sel].mean())
     w = pos // window
     windows = [
-        {"start": int(k * window), "labelled": int((w == k).sum()),
-         "loss": float(loss[w == k].mean())}
+        {
+            "start": int(k * window),
+            "labelled": int((w == k).sum()),
+            "loss": float(loss[w == k].mean()),
+        }
         for k in sorted(set(w.tolist()))
-    ]  # fmt: skip
+    ]
     return {
         "labelled": len(loss),
         "prequential_loss": float(loss.mean()),

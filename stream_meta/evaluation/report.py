@@ -64,8 +64,12 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
                 ax.axvline(u["event_index"], color=line.get_color(), ls="--", lw=1)
         for a in r.get("alarms", [])[:50]:
             ax.axvline(a["event_index"], color=line.get_color(), ls=":", lw=0.6, alpha=0.6)
-    ax.set(xlabel="event", ylabel="prequential loss (per window)", yscale="log",
-           title="Loss over the stream (dashed: model swaps, dotted: drift alarms)")  # fmt: skip
+    ax.set(
+        xlabel="event",
+        ylabel="prequential loss (per window)",
+        yscale="log",
+        title="Loss over the stream (dashed: model swaps, dotted: drift alarms)",
+    )
     ax.legend()
     out.append(("Loss over time", _png(fig)))
     plt.close(fig)
@@ -75,8 +79,9 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
         by = r.get("loss_by_shots", {})
         xs = sorted((int(k), v) for k, v in by.items() if k.isdigit())
         ax.plot([k for k, _ in xs], [v for _, v in xs], marker="o", ms=3, label=name)
-    ax.set(xlabel="examples the task had", ylabel="mean loss", yscale="log",
-           title="Loss against shots")  # fmt: skip
+    ax.set(
+        xlabel="examples the task had", ylabel="mean loss", yscale="log", title="Loss against shots"
+    )
     ax.legend()
     out.append(("Loss against shots", _png(fig)))
     plt.close(fig)
@@ -104,19 +109,34 @@ def _rate(v: Any) -> str:
 
 
 def _table(report: dict[str, Any]) -> str:
-    cols = ["prequential_loss", "cold_start_loss", *(f"shots {s}" for s in SHOTS_SHOWN),
-            "events_per_s", "adapt_latency_ms_p50", "model_version", "meta-updates"]  # fmt: skip
+    cols = [
+        "prequential_loss",
+        "cold_start_loss",
+        *(f"shots {s}" for s in SHOTS_SHOWN),
+        "events_per_s",
+        "adapt_latency_ms_p50",
+        "model_version",
+        "meta-updates",
+    ]
     rows = []
     for name, r in report["strategies"].items():
         by = r.get("loss_by_shots", {})
-        cells = [r.get("prequential_loss"), r.get("cold_start_loss"),
-                 *(by.get(s) for s in SHOTS_SHOWN), r.get("events_per_s"),
-                 r.get("adapt_latency_ms_p50"), r.get("model_version"),
-                 len(r.get("meta_updates", []))]  # fmt: skip
+        cells = [
+            r.get("prequential_loss"),
+            r.get("cold_start_loss"),
+            *(by.get(s) for s in SHOTS_SHOWN),
+            r.get("events_per_s"),
+            r.get("adapt_latency_ms_p50"),
+            r.get("model_version"),
+            len(r.get("meta_updates", [])),
+        ]
         rows.append(
-            "<tr><th>" + html.escape(name) + "</th>"
-            + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>"
-        )  # fmt: skip
+            "<tr><th>"
+            + html.escape(name)
+            + "</th>"
+            + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells)
+            + "</tr>"
+        )
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["strategy", *cols])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -131,14 +151,19 @@ def _families(report: dict[str, Any]) -> str:
         head = "".join(f"<th>{html.escape(f)}</th>" for f in ["after phase", *fam["families"]])
         rows = "".join(
             f"<tr><th>{i + 1}: {html.escape(p['family'])} [{p['start']}, {p['end']})</th>"
-            + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+            + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row)
+            + "</tr>"
             for i, (p, row) in enumerate(zip(fam["phases"], fam["matrix"], strict=True))
-        )  # fmt: skip
-        summary = (f"{fam['metric']}: average {_fmt(fam['average'])}, backward transfer "
-                   f"{_fmt(fam['backward_transfer'])}, "
-                   f"forgetting {_fmt(fam['forgetting'])}")  # fmt: skip
-        parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(summary)}</p><table>"
-                     f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")  # fmt: skip
+        )
+        summary = (
+            f"{fam['metric']}: average {_fmt(fam['average'])}, backward transfer "
+            f"{_fmt(fam['backward_transfer'])}, "
+            f"forgetting {_fmt(fam['forgetting'])}"
+        )
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><p>{html.escape(summary)}</p><table>"
+            f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        )
     if not parts:
         return ""
     return "<h2>Per-family matrix</h2>" + "".join(parts)
@@ -192,8 +217,10 @@ def compare(
         la, lb = ra.get("prequential_loss"), rb.get("prequential_loss")
         change = (lb / la - 1) if la and lb is not None else math.nan
         if lb is None or (la is not None and lb > la * (1 + threshold)):
-            regressions.append(f"{name}: prequential loss {_fmt(la)} -> {_fmt(lb)} "
-                               f"({change:+.1%} > {threshold:+.0%})")  # fmt: skip
+            regressions.append(
+                f"{name}: prequential loss {_fmt(la)} -> {_fmt(lb)} "
+                f"({change:+.1%} > {threshold:+.0%})"
+            )
         sa, sb = ra.get("loss_by_shots", {}), rb.get("loss_by_shots", {})
         lines.append(
             f"| {name} | {_fmt(la)} | {_fmt(lb)} | {change:+.1%} | {_fmt(sa.get('1'))} | "

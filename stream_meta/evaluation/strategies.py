@@ -64,7 +64,7 @@ STRATEGIES: dict[str, dict[str, dict[str, Any]]] = {
     "finetune": _OFF,
     "maml": _OFF,
     "nearest-task": {"meta_update": {"enabled": False}},
-}  # fmt: skip
+}
 #: strategies that never learn a label (scored only)
 NO_LEARNING = frozenset({"global"})
 #: gradient baselines -> the initialisation they start from
@@ -109,8 +109,9 @@ def build_strategy_engine(
 
     if name in _INIT:
         init = load_gradient_init(name, model, family, options)
-        return GradientEngine(model, EngineConfig.from_settings(settings.engine), init,
-                              metrics=metrics)  # fmt: skip
+        return GradientEngine(
+            model, EngineConfig.from_settings(settings.engine), init, metrics=metrics
+        )
     cls = NearestTaskEngine if name == "nearest-task" else Engine
     return build_engine(model, settings, metrics=metrics, cls=cls)
 
@@ -123,8 +124,15 @@ def load_gradient_init(
     config = model.config
     if method == "scratch":
         loop = InnerLoop(options.scratch_steps, options.scratch_lr, "adam")
-        return GradientInit("scratch", family, config.kind, scratch_init(config, options.seed),
-                            target_for(config), loop, {})  # fmt: skip
+        return GradientInit(
+            "scratch",
+            family,
+            config.kind,
+            scratch_init(config, options.seed),
+            target_for(config),
+            loop,
+            {},
+        )
     if options.baseline_dir is None:
         path = shipped_init(family, method)
     else:
@@ -166,8 +174,15 @@ class GradientEngine(Engine):
         # the engine predicts under inference mode; fitting needs autograd
         with torch.inference_mode(False), torch.enable_grad():
             for g, xs, ys, smask in self._support_groups(rs, groups):
-                w = fit(init.net, init.kind, init.theta, torch.from_numpy(xs),
-                        torch.from_numpy(ys), torch.from_numpy(smask), init.loop)  # fmt: skip
+                w = fit(
+                    init.net,
+                    init.kind,
+                    init.theta,
+                    torch.from_numpy(xs),
+                    torch.from_numpy(ys),
+                    torch.from_numpy(smask),
+                    init.loop,
+                )
                 parts.append((g, w.detach()))
         weights = torch.empty(len(rs), init.net.n_params)
         for g, w in parts:
@@ -220,8 +235,15 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
 
         def gradient(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
             with torch.enable_grad():
-                w = fit(init.net, init.kind, init.theta, torch.from_numpy(xs),
-                        torch.from_numpy(ys), torch.ones(ys.shape), init.loop)  # fmt: skip
+                w = fit(
+                    init.net,
+                    init.kind,
+                    init.theta,
+                    torch.from_numpy(xs),
+                    torch.from_numpy(ys),
+                    torch.ones(ys.shape),
+                    init.loop,
+                )
             with torch.no_grad():
                 return predict(init.net, init.kind, torch.from_numpy(xq), w.detach())
 
@@ -240,8 +262,7 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
     def nearest(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
         """Each row served with the adaptation of its nearest indexed task's support set."""
         with torch.inference_mode():
-            z = engine.model.embed(torch.from_numpy(xs), torch.from_numpy(ys),
-                                   torch.ones(ys.shape))  # fmt: skip
+            z = engine.model.embed(torch.from_numpy(xs), torch.from_numpy(ys), torch.ones(ys.shape))
             _D, I = engine.index.search(z.numpy(), 1, exclude=exclude)
         rows = []
         for i, key in enumerate(I[:, 0].tolist()):

@@ -419,9 +419,11 @@ def test_adapter_replicas_share_a_group_with_a_state_volume_each_when_composed()
     assert len({s.kafka.group_id for s in settings.values()}) == 1, "one consumer group"
     assert len({s.kafka.topic_prefix for s in settings.values()}) == 1
     volumes = [
-        source for a in adapters.values() for _, source, target in _volume_mounts(a)
+        source
+        for a in adapters.values()
+        for _, source, target in _volume_mounts(a)
         if target == STATE_DIR
-    ]  # fmt: skip
+    ]
     assert len(volumes) == len(adapters) == len(set(volumes)), "one writer per state volume"
     host_ports = [host for a in adapters.values() for host, _ in _host_ports(a)]
     assert len(host_ports) == len(set(host_ports)), "each replica on a host port of its own"

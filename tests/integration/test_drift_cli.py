@@ -23,8 +23,19 @@ def test_scenarios_lists_every_required_scenario_with_its_drift_points() -> None
 
 def test_run_on_a_scenario_reports_drift_points_alarms_and_loss_windows(tmp_path: Path) -> None:
     log = tmp_path / "drift.jsonl"
-    proc = cli("run", "--scenario", "sinusoid-new-family", "--events", "25000", "--json", "-q",
-               "--metrics-port", "0", "--drift-log", str(log))  # fmt: skip
+    proc = cli(
+        "run",
+        "--scenario",
+        "sinusoid-new-family",
+        "--events",
+        "25000",
+        "--json",
+        "-q",
+        "--metrics-port",
+        "0",
+        "--drift-log",
+        str(log),
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     s = json.loads(proc.stdout)
     assert s["scenario"] == "sinusoid-new-family" and s["drift_points"] == [20_000]
@@ -41,8 +52,17 @@ def test_run_explains_a_bad_scenario_and_can_switch_the_monitor_off() -> None:
     proc = cli("run", "--scenario", "nope", "--events", "10", "--metrics-port", "0")
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr.decode()
-    proc = cli("run", "--scenario", "digits-new-transform", "--family", "sinusoid",
-               "--events", "10", "--metrics-port", "0")  # fmt: skip
+    proc = cli(
+        "run",
+        "--scenario",
+        "digits-new-transform",
+        "--family",
+        "sinusoid",
+        "--events",
+        "10",
+        "--metrics-port",
+        "0",
+    )
     assert proc.returncode == 2 and "digits" in proc.stderr.decode()
     proc = cli("run", "--events", "3000", "--no-drift", "--json", "-q", "--metrics-port", "0")
     assert proc.returncode == 0, proc.stderr.decode()

@@ -26,16 +26,32 @@ def topic(kafka_bootstrap: str) -> tuple[str, str]:
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     for i in range(300):
         event = {"event_id": f"e{i}", "task_id": f"t{i % 7}", "x": [i / 100], "y": float(i)}
-        producer.send(f"{prefix}.events", json.dumps(event).encode(), key=f"t{i % 7}".encode(),
-                      timestamp_ms=T0 + 10 * i)  # fmt: skip
+        producer.send(
+            f"{prefix}.events",
+            json.dumps(event).encode(),
+            key=f"t{i % 7}".encode(),
+            timestamp_ms=T0 + 10 * i,
+        )
     producer.flush()
     producer.close()
     return prefix, f"{prefix}.events"
 
 
 def _export(bootstrap: str, prefix: str, out: Path, *extra: str) -> dict:
-    proc = cli("export", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix, "--out",
-               str(out), "--idle-timeout", "2", "--json", "-q", *extra)  # fmt: skip
+    proc = cli(
+        "export",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--out",
+        str(out),
+        "--idle-timeout",
+        "2",
+        "--json",
+        "-q",
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout)
 
@@ -57,8 +73,18 @@ def test_the_whole_topic_exports_in_partition_order_and_replays(
     for t in range(7):
         ids = [int(e["event_id"][1:]) for e in events if e["task_id"] == f"t{t}"]
         assert ids == sorted(ids) and len(ids) == len(range(t, 300, 7))
-    proc = cli("replay", str(tmp_path / "all"), "--report", str(tmp_path / "rep"), "--family",
-               "sinusoid", "--strategy", "no-meta-update", "--json", "-q")  # fmt: skip
+    proc = cli(
+        "replay",
+        str(tmp_path / "all"),
+        "--report",
+        str(tmp_path / "rep"),
+        "--family",
+        "sinusoid",
+        "--strategy",
+        "no-meta-update",
+        "--json",
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout)["events"] == 300
 
@@ -67,8 +93,9 @@ def test_offset_and_time_bounds_select_the_records_between_them(
     kafka_bootstrap: str, topic: tuple[str, str], tmp_path: Path
 ) -> None:
     prefix, _ = topic
-    _export(kafka_bootstrap, prefix, tmp_path / "offsets", "--from-offset", "10",
-            "--to-offset", "40")  # fmt: skip
+    _export(
+        kafka_bootstrap, prefix, tmp_path / "offsets", "--from-offset", "10", "--to-offset", "40"
+    )
     records = [r for r in read_records(tmp_path / "offsets") if r["kind"] == "event"]
     assert records and all(10 <= r["offset"] < 40 for r in records)
     assert len(records) == sum(min(40, n) - 10 for n in _partition_sizes(kafka_bootstrap, prefix))

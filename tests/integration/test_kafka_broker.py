@@ -38,8 +38,9 @@ def test_keyed_events_round_trip_in_task_order_when_partitions_are_assigned(
     topic = _topic(kafka_bootstrap)
     events = sinusoid_events(200, tasks=7)
     _produce(kafka_bootstrap, topic, events)
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     consumer.assign([TopicPartition(topic, p) for p in (0, 1)])
     got: list[dict] = []
     deadline = time.time() + 30
@@ -61,9 +62,14 @@ def test_consumer_group_gets_every_partition_and_commits_when_alone(
     events = sinusoid_events(50, tasks=5)
     _produce(kafka_bootstrap, topic, events)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group,
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             **FAST_GROUP)  # fmt: skip
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **FAST_GROUP,
+    )
     n, deadline = 0, time.time() + 60
     while n < len(events) and time.time() < deadline:
         n += sum(len(r) for r in consumer.poll(200).values())

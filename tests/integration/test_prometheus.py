@@ -53,9 +53,23 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
     prometheus = _binary("prometheus")
     prefix, events = new_prefix(), 600
     create_topics(kafka_bootstrap, prefix)
-    produced = cli("produce", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
-                   "--events", str(events), "--tasks", "30", "--bad-fraction", "0.05",
-                   "--seed", "11", "--json", "-q")  # fmt: skip
+    produced = cli(
+        "produce",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--events",
+        str(events),
+        "--tasks",
+        "30",
+        "--bad-fraction",
+        "0.05",
+        "--seed",
+        "11",
+        "--json",
+        "-q",
+    )
     assert produced.returncode == 0, produced.stderr.decode()
     bad = json.loads(produced.stdout)["bad"]
     assert bad > 5
@@ -69,16 +83,38 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
         f"    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
     )
     prom = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    serve = Serve(tmp_path, "serve", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix",
-                  prefix, "--group", f"g-{prefix}", "--metrics-port", str(metrics_port),
-                  "--state-dir", str(tmp_path / "state"), *FAST_GROUP_SETS)  # fmt: skip
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    serve = Serve(
+        tmp_path,
+        "serve",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--group",
+        f"g-{prefix}",
+        "--metrics-port",
+        str(metrics_port),
+        "--state-dir",
+        str(tmp_path / "state"),
+        *FAST_GROUP_SETS,
+    )
     try:
-        read_topic(kafka_bootstrap, f"{prefix}.predictions",
-                   until=lambda r: len(r) >= events - bad, timeout=90)  # fmt: skip
+        read_topic(
+            kafka_bootstrap,
+            f"{prefix}.predictions",
+            until=lambda r: len(r) >= events - bad,
+            timeout=90,
+        )
         base = f"http://127.0.0.1:{metrics_port}"
         assert _get(f"{base}/healthz") == (200, "ok\n")
         assert _get(f"{base}/readyz") == (200, "ok\n")

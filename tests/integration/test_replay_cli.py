@@ -13,8 +13,14 @@ from stream_meta.tasks.scenarios import get_scenario
 from tests.integration.test_cli import cli
 
 LOGS = Path(__file__).resolve().parent.parent / "data" / "logs"
-QUICK_UPDATE = ["--set", "meta_update.collect_events=1000", "--set", "meta_update.steps=20",
-                "--set", "meta_update.promote=always"]  # fmt: skip
+QUICK_UPDATE = [
+    "--set",
+    "meta_update.collect_events=1000",
+    "--set",
+    "meta_update.steps=20",
+    "--set",
+    "meta_update.promote=always",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +32,18 @@ def shifted_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _replay(log: Path, report: Path, *args: str) -> dict:
-    proc = cli("replay", str(log), "--report", str(report), "--family", "sinusoid", "--json",
-               "-q", *QUICK_UPDATE, *args)  # fmt: skip
+    proc = cli(
+        "replay",
+        str(log),
+        "--report",
+        str(report),
+        "--family",
+        "sinusoid",
+        "--json",
+        "-q",
+        *QUICK_UPDATE,
+        *args,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout)
 
@@ -74,8 +90,9 @@ def test_delayed_labels_are_scored_on_arrival_and_learned_later(
     shifted_log: Path, tmp_path: Path
 ) -> None:
     now = _replay(shifted_log, tmp_path / "now", "--strategy", "no-meta-update")
-    late = _replay(shifted_log, tmp_path / "late", "--strategy", "no-meta-update",
-                   "--label-delay", "200")  # fmt: skip
+    late = _replay(
+        shifted_log, tmp_path / "late", "--strategy", "no-meta-update", "--label-delay", "200"
+    )
     a, b = now["strategies"]["no-meta-update"], late["strategies"]["no-meta-update"]
     assert a["labelled"] == b["labelled"]  # every labelled event is still scored, once
     lines = (tmp_path / "late" / "predictions-no-meta-update.jsonl").read_text().splitlines()
@@ -94,8 +111,18 @@ def test_unknown_strategies_and_missing_baselines_are_explained(
     proc = cli("replay", str(tmp_path / "nope"), "--report", str(tmp_path), "--strategy", "full")
     assert proc.returncode == 2 and b"neither a recording" in proc.stderr
     # a missing initialisation fails before any strategy runs
-    proc = cli("replay", str(shifted_log), "--report", str(tmp_path / "r"), "--strategy", "full",
-               "--strategy", "maml", "--baseline-dir", str(tmp_path))  # fmt: skip
+    proc = cli(
+        "replay",
+        str(shifted_log),
+        "--report",
+        str(tmp_path / "r"),
+        "--strategy",
+        "full",
+        "--strategy",
+        "maml",
+        "--baseline-dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 2 and b"strategy maml" in proc.stderr
     assert b"train-baseline" in proc.stderr
     assert not (tmp_path / "r" / "predictions-full.jsonl").exists()
@@ -137,8 +164,9 @@ def test_baselines_adapt_and_beat_no_adaptation_on_an_easy_log(tmp_path: Path) -
 
 
 def test_the_family_matrix_tracks_each_family_across_phases(tmp_path: Path) -> None:
-    report = _replay(LOGS / "sinusoid-recurring", tmp_path, "--strategy", "no-meta-update",
-                     "--strategy", "maml")  # fmt: skip
+    report = _replay(
+        LOGS / "sinusoid-recurring", tmp_path, "--strategy", "no-meta-update", "--strategy", "maml"
+    )
     for name, r in report["strategies"].items():
         fam = r["families"]
         assert fam["families"] == ["base", "new"] and fam["metric"] == "mse", name

@@ -58,17 +58,46 @@ def test_replicas_share_the_load_and_find_neighbours_across_partitions(
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
-    common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
-              "--metrics-port", "0", *FAST_GROUP_SETS]  # fmt: skip
-    replicas = [Serve(tmp_path, f"r{i}", *common, "--group", f"{prefix}-g", "--state-dir",
-                      str(tmp_path / f"state{i}")) for i in range(2)]  # fmt: skip
+    common = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--metrics-port",
+        "0",
+        *FAST_GROUP_SETS,
+    ]
+    replicas = [
+        Serve(
+            tmp_path,
+            f"r{i}",
+            *common,
+            "--group",
+            f"{prefix}-g",
+            "--state-dir",
+            str(tmp_path / f"state{i}"),
+        )
+        for i in range(2)
+    ]
     try:
         _wait_split(replicas, 2)
-        produced = cli("produce", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix",
-                       prefix, "--events", "3000", "--tasks", "60", "--json", "-q")  # fmt: skip
+        produced = cli(
+            "produce",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic-prefix",
+            prefix,
+            "--events",
+            "3000",
+            "--tasks",
+            "60",
+            "--json",
+            "-q",
+        )
         assert produced.returncode == 0, produced.stderr.decode()
-        predictions = read_topic(kafka_bootstrap, f"{prefix}.predictions",
-                                 until=lambda rs: len(rs) >= 3000, timeout=120)  # fmt: skip
+        predictions = read_topic(
+            kafka_bootstrap, f"{prefix}.predictions", until=lambda rs: len(rs) >= 3000, timeout=120
+        )
         # every replica published its tasks' embeddings; give the others a moment to read them
         read_topic(kafka_bootstrap, f"{prefix}.task-embeddings", until=lambda rs: len(rs) >= 60)
         time.sleep(2.0)
@@ -101,20 +130,44 @@ def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
-    common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
-              "--metrics-port", "0", "--group", f"{prefix}-g", *FAST_GROUP_SETS]  # fmt: skip
-    produce = ["produce", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
-               "--events", "2000", "--tasks", "40", "--json", "-q"]  # fmt: skip
-    replicas = [Serve(tmp_path, f"r{i}", *common, "--state-dir", str(tmp_path / f"state{i}"))
-                for i in range(2)]  # fmt: skip
+    common = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--metrics-port",
+        "0",
+        "--group",
+        f"{prefix}-g",
+        *FAST_GROUP_SETS,
+    ]
+    produce = [
+        "produce",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--events",
+        "2000",
+        "--tasks",
+        "40",
+        "--json",
+        "-q",
+    ]
+    replicas = [
+        Serve(tmp_path, f"r{i}", *common, "--state-dir", str(tmp_path / f"state{i}"))
+        for i in range(2)
+    ]
     try:
         _wait_split(replicas, 2)
         assert cli(*produce, "--run-id", "a").returncode == 0
-        read_topic(kafka_bootstrap, f"{prefix}.predictions", until=lambda rs: len(rs) >= 2000,
-                   timeout=120)  # fmt: skip
+        read_topic(
+            kafka_bootstrap, f"{prefix}.predictions", until=lambda rs: len(rs) >= 2000, timeout=120
+        )
         # between two batches (every event served, its batch committed: a commit per batch)
-        ends = end_offsets(read_topic(kafka_bootstrap, f"{prefix}.events",
-                                      until=lambda rs: len(rs) >= 2000))  # fmt: skip
+        ends = end_offsets(
+            read_topic(kafka_bootstrap, f"{prefix}.events", until=lambda rs: len(rs) >= 2000)
+        )
         deadline = time.time() + 3  # under the 5-s checkpoint interval
         while committed_offsets(kafka_bootstrap, f"{prefix}-g", f"{prefix}.events") != ends:
             assert time.time() < deadline, "offsets not committed after the batches"
@@ -123,10 +176,12 @@ def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
         _wait_split(replicas[:1], 2)  # the survivor takes both partitions...
         replicas[0].wait_for_log("changelog:")  # ...and loads the dead replica's tasks
         assert cli(*produce, "--run-id", "b").returncode == 0
-        outputs = read_topic(kafka_bootstrap, f"{prefix}.predictions",
-                             until=lambda rs: len({json.loads(r.value)["event_id"]
-                                                   for r in rs}) >= 4000,
-                             timeout=120)  # fmt: skip
+        outputs = read_topic(
+            kafka_bootstrap,
+            f"{prefix}.predictions",
+            until=lambda rs: len({json.loads(r.value)["event_id"] for r in rs}) >= 4000,
+            timeout=120,
+        )
     finally:
         code, summary = replicas[0].stop()
         if replicas[1].proc.poll() is None:
@@ -157,15 +212,24 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
     kafka = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix]
-    common = [*kafka, "--metrics-port", "0", "--group", f"{prefix}-g", *FAST_GROUP_SETS,
-              "--set", "meta_update.enabled=false"]  # fmt: skip
+    common = [
+        *kafka,
+        "--metrics-port",
+        "0",
+        "--group",
+        f"{prefix}-g",
+        *FAST_GROUP_SETS,
+        "--set",
+        "meta_update.enabled=false",
+    ]
     produce = ["produce", *kafka, "--events", "400", "--tasks", "20", "--json", "-q"]
     replicas = [Serve(tmp_path, f"r{i}", *common) for i in range(2)]
     try:
         _wait_split(replicas, 2)
         model = str(shipped_checkpoint("sinusoid"))
-        published = cli("publish-model", *kafka, "--checkpoint", model, "--version", "7",
-                        "--json", "-q")  # fmt: skip
+        published = cli(
+            "publish-model", *kafka, "--checkpoint", model, "--version", "7", "--json", "-q"
+        )
         assert published.returncode == 0, published.stderr.decode()
         assert json.loads(published.stdout)["chunks"] >= 2  # the checkpoint is cut in chunks
         for r in replicas:
@@ -184,8 +248,9 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
         for r in replicas:
             r.wait_for_log("sha256 mismatch")
         assert cli(*produce, "--run-id", "a").returncode == 0
-        outputs = read_topic(kafka_bootstrap, f"{prefix}.predictions",
-                             until=lambda rs: len(rs) >= 400)  # fmt: skip
+        outputs = read_topic(
+            kafka_bootstrap, f"{prefix}.predictions", until=lambda rs: len(rs) >= 400
+        )
     finally:
         results = [r.stop() for r in replicas]
     assert all(code == 0 for code, _ in results)

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.kafka
 
 
 def _read_all(bootstrap: str, topic: str, partitions: int, expect: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")  # fmt: skip
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     out, deadline = [], time.time() + 30
     while len(out) < expect and time.time() < deadline:
@@ -36,19 +37,42 @@ def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
 ) -> None:
     prefix = f"sm-{uuid.uuid4().hex[:8]}"
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(f"{prefix}.{t}", 2, 1)
-                         for t in ("events", "predictions", "dead-letter")])  # fmt: skip
+    admin.create_topics(
+        [NewTopic(f"{prefix}.{t}", 2, 1) for t in ("events", "predictions", "dead-letter")]
+    )
     admin.close()
     common = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix, "--json", "-q"]
-    produced = cli("produce", *common, "--events", "600", "--tasks", "40", "--bad-fraction",
-                   "0.05", "--seed", "3")  # fmt: skip
+    produced = cli(
+        "produce",
+        *common,
+        "--events",
+        "600",
+        "--tasks",
+        "40",
+        "--bad-fraction",
+        "0.05",
+        "--seed",
+        "3",
+    )
     assert produced.returncode == 0, produced.stderr.decode()
     bad = json.loads(produced.stdout)["bad"]
     assert 10 < bad < 60
-    served = cli("serve", *common, "--group", f"g-{prefix}", "--events", "600",
-                 "--metrics-port", "0", "--timeout", "120",
-                 "--set", "kafka.session_timeout_ms=6000",
-                 "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+    served = cli(
+        "serve",
+        *common,
+        "--group",
+        f"g-{prefix}",
+        "--events",
+        "600",
+        "--metrics-port",
+        "0",
+        "--timeout",
+        "120",
+        "--set",
+        "kafka.session_timeout_ms=6000",
+        "--set",
+        "kafka.heartbeat_interval_ms=2000",
+    )
     assert served.returncode == 0, served.stderr.decode()
     summary = json.loads(served.stdout)
     assert summary["consumed"] == 600
@@ -64,16 +88,31 @@ def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
     dead = [json.loads(r.value) for r in letters]
     assert len(dead) == bad
     reasons = {d["reason"] for d in dead}
-    assert reasons <= {"malformed_json", "not_an_object", "missing_field", "invalid_type",
-                       "wrong_dimension", "non_finite", "oversized"}  # fmt: skip
+    assert reasons <= {
+        "malformed_json",
+        "not_an_object",
+        "missing_field",
+        "invalid_type",
+        "wrong_dimension",
+        "non_finite",
+        "oversized",
+    }
     assert len(reasons) >= 4
     for d in dead:
         assert d["topic"] == f"{prefix}.events" and d["offset"] >= 0
         assert base64.b64decode(d["raw_b64"])  # the original bytes, for replay or inspection
 
     # `tail` reads both topics back (manual assignment: no group join)
-    tail = ["tail", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix,
-            "--from-beginning", "--timeout", "5"]  # fmt: skip
+    tail = [
+        "tail",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--from-beginning",
+        "--timeout",
+        "5",
+    ]
     shown = cli(*tail, "--max", "50")
     assert shown.returncode == 0, shown.stderr.decode()
     lines = [json.loads(line) for line in shown.stdout.decode().splitlines()]
@@ -87,8 +126,15 @@ def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
 
 
 def test_tail_explains_a_missing_topic(kafka_bootstrap: str) -> None:
-    shown = cli("tail", "--bootstrap-servers", kafka_bootstrap, "--topic-prefix",
-                f"none-{uuid.uuid4().hex[:8]}", "--timeout", "1")  # fmt: skip
+    shown = cli(
+        "tail",
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        f"none-{uuid.uuid4().hex[:8]}",
+        "--timeout",
+        "1",
+    )
     assert shown.returncode == 2
     assert "does not exist" in shown.stderr.decode()
 
@@ -106,13 +152,25 @@ def test_serve_publishes_drift_alarms_of_a_scenario_to_the_drift_topic(
         "-q",
         "--set",
         "service.partitions=1",
-    ]  # fmt: skip  (one partition: the scenario's order)
+    ]  # one partition: the scenario's order
     produced = cli("produce", *common, "--scenario", "sinusoid-new-family", "--events", "24000")
     assert produced.returncode == 0, produced.stderr.decode()
-    served = cli("serve", *common, "--group", f"g-{prefix}", "--events", "24000",
-                 "--metrics-port", "0", "--timeout", "120",
-                 "--set", "kafka.session_timeout_ms=6000",
-                 "--set", "kafka.heartbeat_interval_ms=2000")  # fmt: skip
+    served = cli(
+        "serve",
+        *common,
+        "--group",
+        f"g-{prefix}",
+        "--events",
+        "24000",
+        "--metrics-port",
+        "0",
+        "--timeout",
+        "120",
+        "--set",
+        "kafka.session_timeout_ms=6000",
+        "--set",
+        "kafka.heartbeat_interval_ms=2000",
+    )
     assert served.returncode == 0, served.stderr.decode()
     summary = json.loads(served.stdout)
     assert summary["alarms"], "the new family at event 20,000 raised no alarm"

@@ -50,27 +50,56 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     state = tmp_path / "state"
     kafka = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix]
     settings = [
-        "--set", "service.partitions=1",
-        "--set", "kafka.session_timeout_ms=6000", "--set", "kafka.heartbeat_interval_ms=2000",
+        "--set",
+        "service.partitions=1",
+        "--set",
+        "kafka.session_timeout_ms=6000",
+        "--set",
+        "kafka.heartbeat_interval_ms=2000",
         # a short job whose candidate is swapped in whatever the gate says: this test is about
         # the plumbing (the gate has its own tests)
-        "--set", "meta_update.steps=20", "--set", "meta_update.promote=always",
-        "--set", "meta_update.min_val_tasks=1",
-    ]  # fmt: skip
-    produced = cli("produce", *kafka, *settings, "--events", "4000", "--tasks", "200", "-q",
-                   "--run-id", "a")  # fmt: skip
+        "--set",
+        "meta_update.steps=20",
+        "--set",
+        "meta_update.promote=always",
+        "--set",
+        "meta_update.min_val_tasks=1",
+    ]
+    produced = cli(
+        "produce", *kafka, *settings, "--events", "4000", "--tasks", "200", "-q", "--run-id", "a"
+    )
     assert produced.returncode == 0, produced.stderr.decode()
 
     port = free_port()
     recording = tmp_path / "recording"
-    serve_args = [*kafka, *settings, "--group", f"g-{prefix}", "--state-dir", str(state),
-                  "--metrics-port", str(port), "--timeout", "150",
-                  "--record", str(recording)]  # fmt: skip
+    serve_args = [
+        *kafka,
+        *settings,
+        "--group",
+        f"g-{prefix}",
+        "--state-dir",
+        str(state),
+        "--metrics-port",
+        str(port),
+        "--timeout",
+        "150",
+        "--record",
+        str(recording),
+    ]
     first = Serve(tmp_path, "first", *serve_args)
     try:
         _wait_for_events(port, 4000, first)
-        asked = cli("meta-update", "--url", f"http://127.0.0.1:{port}", "--wait", "90", "--json",
-                    "--reason", "test", timeout=120)  # fmt: skip
+        asked = cli(
+            "meta-update",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--wait",
+            "90",
+            "--json",
+            "--reason",
+            "test",
+            timeout=120,
+        )
         assert asked.returncode == 0, asked.stderr.decode() + first.stderr()
         outcome = json.loads(asked.stdout)
         assert outcome["outcome"] == "promoted" and outcome["version"] == 2, outcome
@@ -78,8 +107,9 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
         status = _status(port)
         assert status["model_version"] == 2 and status["replay"]["tasks"] > 0
         # events after the swap are served by version 2
-        more = cli("produce", *kafka, *settings, "--events", "300", "--tasks", "200", "-q",
-                   "--run-id", "b")  # fmt: skip
+        more = cli(
+            "produce", *kafka, *settings, "--events", "300", "--tasks", "200", "-q", "--run-id", "b"
+        )
         assert more.returncode == 0, more.stderr.decode()
         preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4300)
         versions = [json.loads(r.value)["model_version"] for r in preds]
@@ -115,8 +145,9 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     second = Serve(tmp_path, "second", *[a if a != str(port) else str(port2) for a in serve_args])
     try:
         second.wait_for_log("serving the promoted model version 2 again", timeout=60)
-        more = cli("produce", *kafka, *settings, "--events", "100", "--tasks", "200", "-q",
-                   "--run-id", "c")  # fmt: skip
+        more = cli(
+            "produce", *kafka, *settings, "--events", "100", "--tasks", "200", "-q", "--run-id", "c"
+        )
         assert more.returncode == 0, more.stderr.decode()
         preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4400)
         assert [json.loads(r.value)["model_version"] for r in preds[-100:]] == [2] * 100

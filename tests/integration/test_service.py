@@ -29,9 +29,25 @@ EVENTS, TASKS = 12_000, 150
 
 
 def _produce(bootstrap: str, prefix: str, events: int, *, seed: int = 7, run_id: str = "r") -> int:
-    proc = cli("produce", "--bootstrap-servers", bootstrap, "--topic-prefix", prefix, "--json",
-               "-q", "--events", str(events), "--tasks", str(TASKS), "--bad-fraction", "0.03",
-               "--seed", str(seed), "--run-id", run_id)  # fmt: skip
+    proc = cli(
+        "produce",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--json",
+        "-q",
+        "--events",
+        str(events),
+        "--tasks",
+        str(TASKS),
+        "--bad-fraction",
+        "0.03",
+        "--seed",
+        str(seed),
+        "--run-id",
+        run_id,
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     return int(json.loads(proc.stdout)["bad"])
 
@@ -64,14 +80,40 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     for prefix in (clean, crash):  # the same events, byte for byte, in two topics
         create_topics(kafka_bootstrap, prefix)
         bad = _produce(kafka_bootstrap, prefix, EVENTS)
-    common = ["--bootstrap-servers", kafka_bootstrap, "--metrics-port", "0", *FAST_GROUP_SETS,
-              "--set", "engine.micro_batch=32"]  # fmt: skip
+    common = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--metrics-port",
+        "0",
+        *FAST_GROUP_SETS,
+        "--set",
+        "engine.micro_batch=32",
+    ]
 
-    reference = Serve(tmp_path, "clean", *common, "--topic-prefix", clean, "--group", "g-clean",
-                      "--state-dir", str(tmp_path / "clean"), "--events", str(EVENTS))  # fmt: skip
-    crash_args = [*common, "--topic-prefix", crash, "--group", "g-crash",
-                  "--state-dir", str(tmp_path / "crash"),
-                  "--set", "service.checkpoint_every_s=0.3"]  # fmt: skip
+    reference = Serve(
+        tmp_path,
+        "clean",
+        *common,
+        "--topic-prefix",
+        clean,
+        "--group",
+        "g-clean",
+        "--state-dir",
+        str(tmp_path / "clean"),
+        "--events",
+        str(EVENTS),
+    )
+    crash_args = [
+        *common,
+        "--topic-prefix",
+        crash,
+        "--group",
+        "g-crash",
+        "--state-dir",
+        str(tmp_path / "crash"),
+        "--set",
+        "service.checkpoint_every_s=0.3",
+    ]
     first = Serve(tmp_path, "first", *crash_args)
     first.wait_for_log("partitions assigned")
     deadline = time.time() + 60
@@ -106,8 +148,9 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     # SIGTERM: offsets committed up to the end, and the final checkpoint says the same
     assert committed_offsets(kafka_bootstrap, "g-crash", f"{crash}.events") == ends
     final = newest_state(tmp_path / "crash")
-    assert final["header"]["extra"]["offsets"] == {f"{crash}.events:{p}": o
-                                                   for p, o in ends.items()}  # fmt: skip
+    assert final["header"]["extra"]["offsets"] == {
+        f"{crash}.events:{p}": o for p, o in ends.items()
+    }
 
     code, _ = reference.wait()
     assert code == 0, reference.stderr()
@@ -141,9 +184,19 @@ def test_a_checkpoint_keeps_the_offsets_of_restored_partitions_that_stay_quiet(
     create_topics(kafka_bootstrap, prefix, partitions=2)
     _produce(kafka_bootstrap, prefix, 400)
     state = tmp_path / "state"
-    args = ["--bootstrap-servers", kafka_bootstrap, "--metrics-port", "0", *FAST_GROUP_SETS,
-            "--topic-prefix", prefix, "--group", f"g-{prefix}",
-            "--state-dir", str(state)]  # fmt: skip
+    args = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--metrics-port",
+        "0",
+        *FAST_GROUP_SETS,
+        "--topic-prefix",
+        prefix,
+        "--group",
+        f"g-{prefix}",
+        "--state-dir",
+        str(state),
+    ]
     first = Serve(tmp_path, "first", *args, "--events", "400")
     code, _ = first.wait()
     assert code == 0, first.stderr()
@@ -174,15 +227,31 @@ def test_serve_rides_out_a_broker_outage(kafka_bootstrap: str, tmp_path: Path) -
         prefix = new_prefix()
         create_topics(bootstrap, prefix)
         _produce(bootstrap, prefix, 8000, run_id="a")
-        serve = Serve(tmp_path, "outage", "--bootstrap-servers", bootstrap, "--topic-prefix",
-                      prefix, "--group", "g-outage", "--metrics-port", "0",
-                      "--state-dir", str(tmp_path / "state"), *FAST_GROUP_SETS,
-                      "--set", "engine.micro_batch=32",
-                      "--set", "kafka.reconnect_backoff_max_ms=1000",
-                      "--set", "kafka.request_timeout_ms=5000")  # fmt: skip
+        serve = Serve(
+            tmp_path,
+            "outage",
+            "--bootstrap-servers",
+            bootstrap,
+            "--topic-prefix",
+            prefix,
+            "--group",
+            "g-outage",
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "state"),
+            *FAST_GROUP_SETS,
+            "--set",
+            "engine.micro_batch=32",
+            "--set",
+            "kafka.reconnect_backoff_max_ms=1000",
+            "--set",
+            "kafka.request_timeout_ms=5000",
+        )
         # cut mid-stream: batches are being processed and their outputs sent
-        preds = read_topic(bootstrap, f"{prefix}.predictions", until=lambda r: len(r) > 1500,
-                           settle=0)  # fmt: skip
+        preds = read_topic(
+            bootstrap, f"{prefix}.predictions", until=lambda r: len(r) > 1500, settle=0
+        )
         proxy.cut()
         time.sleep(8)  # longer than the consumer's session and request timeouts
         assert serve.proc.poll() is None, serve.stderr()
@@ -219,8 +288,16 @@ def test_serve_fails_clearly_when_the_broker_stays_unreachable(tmp_path: Path) -
 
     port = free_port()  # nothing listens there
     t0 = time.time()
-    proc = cli("serve", "--bootstrap-servers", f"127.0.0.1:{port}", "--metrics-port", "0",
-               "--set", "service.startup_timeout_s=3", timeout=60)  # fmt: skip
+    proc = cli(
+        "serve",
+        "--bootstrap-servers",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        "0",
+        "--set",
+        "service.startup_timeout_s=3",
+        timeout=60,
+    )
     assert proc.returncode == 1
     err = proc.stderr.decode()
     assert "unreachable for 3 s" in err and f"127.0.0.1:{port}" in err

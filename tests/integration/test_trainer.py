@@ -26,8 +26,16 @@ from tests.kafka_tools import (
 
 pytestmark = pytest.mark.kafka
 
-QUICK = ["--set", "meta_update.steps=20", "--set", "meta_update.promote=always",
-         "--set", "meta_update.min_val_tasks=1", "--set", "trainer.sample=1.0"]  # fmt: skip
+QUICK = [
+    "--set",
+    "meta_update.steps=20",
+    "--set",
+    "meta_update.promote=always",
+    "--set",
+    "meta_update.min_val_tasks=1",
+    "--set",
+    "trainer.sample=1.0",
+]
 
 
 class Trainer(Serve):
@@ -38,8 +46,10 @@ class Trainer(Serve):
         self._fh = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stream_meta", "trainer", "--json", "-q", *args],
-            stdout=subprocess.PIPE, stderr=self._fh, env=clean_env(),
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=self._fh,
+            env=clean_env(),
+        )
 
 
 def test_the_trainer_publishes_an_update_that_the_replica_serves(
@@ -49,27 +59,57 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
     create_topics(kafka_bootstrap, prefix, partitions=2)
     kafka = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix]
     port = free_port()
-    trainer = Trainer(tmp_path, "trainer", *kafka, *FAST_GROUP_SETS, *QUICK,
-                      "--group", f"{prefix}-g", "--metrics-port", str(port))  # fmt: skip
-    replica = Serve(tmp_path, "replica", *kafka, *FAST_GROUP_SETS, "--group", f"{prefix}-g",
-                    "--metrics-port", "0", "--set", "meta_update.enabled=false")  # fmt: skip
+    trainer = Trainer(
+        tmp_path,
+        "trainer",
+        *kafka,
+        *FAST_GROUP_SETS,
+        *QUICK,
+        "--group",
+        f"{prefix}-g",
+        "--metrics-port",
+        str(port),
+    )
+    replica = Serve(
+        tmp_path,
+        "replica",
+        *kafka,
+        *FAST_GROUP_SETS,
+        "--group",
+        f"{prefix}-g",
+        "--metrics-port",
+        "0",
+        "--set",
+        "meta_update.enabled=false",
+    )
     try:
         trainer.wait_for_log("trainer active")
         replica.wait_for_log("partitions assigned")
         produce = ["produce", *kafka, "--events", "3000", "--tasks", "150", "-q"]
         assert cli(*produce, "--run-id", "a").returncode == 0
         _wait_for_events(port, 2500, trainer)
-        asked = cli("meta-update", "--url", f"http://127.0.0.1:{port}", "--wait", "90",
-                    "--json", timeout=120)  # fmt: skip
+        asked = cli(
+            "meta-update",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--wait",
+            "90",
+            "--json",
+            timeout=120,
+        )
         assert asked.returncode == 0, asked.stderr.decode() + trainer.stderr()
         outcome = json.loads(asked.stdout)
         assert outcome["outcome"] == "promoted" and outcome["version"] == 2, outcome
         trainer.wait_for_log("published model version 2")
         replica.wait_for_log("serving published model version 2")
         assert cli(*produce, "--run-id", "b", "--events", "300").returncode == 0
-        outputs = read_topic(kafka_bootstrap, f"{prefix}.predictions",
-                             until=lambda rs: sum(json.loads(r.value)["event_id"].startswith("b-")
-                                                  for r in rs) >= 300)  # fmt: skip
+        outputs = read_topic(
+            kafka_bootstrap,
+            f"{prefix}.predictions",
+            until=lambda rs: (
+                sum(json.loads(r.value)["event_id"].startswith("b-") for r in rs) >= 300
+            ),
+        )
         drift = read_topic(kafka_bootstrap, f"{prefix}.drift", until=lambda rs: len(rs) >= 1)
     finally:
         code, _ = replica.stop()
@@ -84,8 +124,11 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
 
 def _state(trainer: Trainer) -> str | None:
     """The trainer's latest state from its log: "active", "standby" or None yet."""
-    states = [line for line in trainer.stderr().splitlines()
-              if "trainer active" in line or "trainer on standby" in line]  # fmt: skip
+    states = [
+        line
+        for line in trainer.stderr().splitlines()
+        if "trainer active" in line or "trainer on standby" in line
+    ]
     return None if not states else ("active" if "active" in states[-1] else "standby")
 
 
@@ -104,8 +147,15 @@ def test_one_trainer_is_active_and_a_standby_takes_over(
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
-    args = ["--bootstrap-servers", kafka_bootstrap, "--topic-prefix", prefix, *FAST_GROUP_SETS,
-            "--group", f"{prefix}-g"]  # fmt: skip
+    args = [
+        "--bootstrap-servers",
+        kafka_bootstrap,
+        "--topic-prefix",
+        prefix,
+        *FAST_GROUP_SETS,
+        "--group",
+        f"{prefix}-g",
+    ]
     ports = [free_port(), free_port()]
     trainers = [Trainer(tmp_path, "t1", *args, "--metrics-port", str(ports[0]))]
     try:

@@ -41,8 +41,10 @@ CONFIG = ModelConfig(x_dim=1)  # the sinusoid target network: 1-40-40-1
 
 def _episode(shots: int, tasks: int = 64, seed: int = 0) -> list[torch.Tensor]:
     fam, rng = SinusoidFamily(), np.random.default_rng(seed)
-    return [torch.from_numpy(a) for a in fam.sample_episode(fam.sample_params(tasks, rng),
-                                                            shots, 20, rng)]  # fmt: skip
+    return [
+        torch.from_numpy(a)
+        for a in fam.sample_episode(fam.sample_params(tasks, rng), shots, 20, rng)
+    ]
 
 
 def _init(theta: torch.Tensor, loop: InnerLoop, method: str = "t") -> GradientInit:
@@ -55,8 +57,16 @@ def test_maml_meta_gradient_flows_through_the_inner_steps_and_first_order_drops_
     grads = {}
     for first_order in (False, True):
         theta = scratch_init(CONFIG).requires_grad_()
-        w = maml_adapt(net, "regression", theta, xs, ys, torch.ones(ys.shape), InnerLoop(3, 0.01),
-                       first_order=first_order)  # fmt: skip
+        w = maml_adapt(
+            net,
+            "regression",
+            theta,
+            xs,
+            ys,
+            torch.ones(ys.shape),
+            InnerLoop(3, 0.01),
+            first_order=first_order,
+        )
         ((predict(net, "regression", xq, w) - yq) ** 2).mean().backward()
         grads[first_order] = theta.grad
     assert all(bool(torch.isfinite(g).all()) and float(g.norm()) > 0 for g in grads.values())
@@ -91,15 +101,18 @@ def test_a_diverging_step_size_never_serves_a_worse_support_fit_than_the_start()
     net = target_for(CONFIG)
     xs, ys, _, _ = _episode(5, tasks=32)
     theta, m = scratch_init(CONFIG), torch.ones(ys.shape)
-    start = torch.stack([_task_loss(net, "regression", theta, xs[i], ys[i], m[i])
-                         for i in range(32)])  # fmt: skip
+    start = torch.stack(
+        [_task_loss(net, "regression", theta, xs[i], ys[i], m[i]) for i in range(32)]
+    )
     wild = InnerLoop(10, 10.0)
     raw = fit(net, "regression", theta, xs, ys, m, wild, keep_best=False)
     kept = fit(net, "regression", theta, xs, ys, m, wild)
-    after = torch.stack([_task_loss(net, "regression", kept[i], xs[i], ys[i], m[i])
-                         for i in range(32)])  # fmt: skip
-    raw_loss = torch.stack([_task_loss(net, "regression", raw[i], xs[i], ys[i], m[i])
-                            for i in range(32)])  # fmt: skip
+    after = torch.stack(
+        [_task_loss(net, "regression", kept[i], xs[i], ys[i], m[i]) for i in range(32)]
+    )
+    raw_loss = torch.stack(
+        [_task_loss(net, "regression", raw[i], xs[i], ys[i], m[i]) for i in range(32)]
+    )
     assert not bool((raw_loss <= start).all())  # lr 10 blows some tasks up...
     assert bool((after <= start + 1e-6).all())  # ...but never the served fit
 
@@ -107,24 +120,35 @@ def test_a_diverging_step_size_never_serves_a_worse_support_fit_than_the_start()
 def test_the_gradient_cap_bounds_every_step() -> None:
     xs, ys, _, _ = _episode(1, tasks=16)
     theta = scratch_init(CONFIG)
-    w = fit(target_for(CONFIG), "regression", theta, xs, ys, torch.ones(ys.shape),
-            InnerLoop(1, 0.5, clip=2.0), keep_best=False)  # fmt: skip
+    w = fit(
+        target_for(CONFIG),
+        "regression",
+        theta,
+        xs,
+        ys,
+        torch.ones(ys.shape),
+        InnerLoop(1, 0.5, clip=2.0),
+        keep_best=False,
+    )
     assert float((w - theta).norm(dim=1).max()) <= 0.5 * 2.0 + 1e-5
     with pytest.raises(ValueError, match="clip > 0"):
         InnerLoop(clip=0.0)
 
 
 def test_a_short_maml_run_adapts_far_better_than_the_random_start() -> None:
-    cfg = TrainConfig(steps=200, batch_tasks=16, max_shots=10, query_points=16, bank_tasks=32,
-                      lr=0.01)  # fmt: skip
-    theta, summary = train_init("maml", SinusoidFamily(), CONFIG, cfg, InnerLoop(3, 0.01),
-                                progress=False)  # fmt: skip
+    cfg = TrainConfig(
+        steps=200, batch_tasks=16, max_shots=10, query_points=16, bank_tasks=32, lr=0.01
+    )
+    theta, summary = train_init(
+        "maml", SinusoidFamily(), CONFIG, cfg, InnerLoop(3, 0.01), progress=False
+    )
     assert summary["steps"] == 200 and math.isfinite(summary["final_loss"])
     loop = InnerLoop(10, 0.01, clip=100.0)
     shots = [5]
     trained = evaluate_init(_init(theta, loop), SinusoidFamily(), shots=shots, tasks=200)
-    scratch = evaluate_init(_init(scratch_init(CONFIG), loop), SinusoidFamily(), shots=shots,
-                            tasks=200)  # fmt: skip
+    scratch = evaluate_init(
+        _init(scratch_init(CONFIG), loop), SinusoidFamily(), shots=shots, tasks=200
+    )
     assert trained["5"]["mean"] < 0.7 * scratch["5"]["mean"], (trained, scratch)
 
 
@@ -143,8 +167,16 @@ def test_pretraining_fits_the_family_average_and_the_step_size_is_tuned() -> Non
 def test_an_initialisation_round_trips_and_a_bad_file_is_refused(tmp_path) -> None:
     theta = scratch_init(CONFIG, seed=3)
     path = tmp_path / "sinusoid-maml.safetensors"
-    save_init(path, theta, method="maml", family="sinusoid", model_config=CONFIG,
-              loop=InnerLoop(10, 0.02, clip=50.0), training={"steps": 1}, metrics={})  # fmt: skip
+    save_init(
+        path,
+        theta,
+        method="maml",
+        family="sinusoid",
+        model_config=CONFIG,
+        loop=InnerLoop(10, 0.02, clip=50.0),
+        training={"steps": 1},
+        metrics={},
+    )
     init = load_init(path)
     assert torch.equal(init.theta, theta) and init.loop == InnerLoop(10, 0.02, clip=50.0)
     assert load_init(path, steps=3).loop == InnerLoop(3, 0.02, clip=50.0)
@@ -153,8 +185,16 @@ def test_an_initialisation_round_trips_and_a_bad_file_is_refused(tmp_path) -> No
     with pytest.raises(CheckpointError):
         load_init(bad)
     for wrong in (torch.zeros(7), torch.full_like(theta, math.nan)):
-        save_init(bad, wrong, method="maml", family="sinusoid", model_config=CONFIG,
-                  loop=InnerLoop(), training={}, metrics={})  # fmt: skip
+        save_init(
+            bad,
+            wrong,
+            method="maml",
+            family="sinusoid",
+            model_config=CONFIG,
+            loop=InnerLoop(),
+            training={},
+            metrics={},
+        )
         with pytest.raises(CheckpointError, match="finite values"):
             load_init(bad)
     with pytest.raises(CheckpointError, match="train-baseline"):
@@ -222,11 +262,15 @@ def test_nearest_task_serves_the_adaptation_of_its_nearest_other_task(
     near = NearestTaskEngine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
     full = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
     xs = np.linspace(-4.5, 4.5, 20)
-    teach = [{"event_id": f"a{i}", "task_id": "a", "x": [float(x)], "y": float(2 * np.sin(x))}
-             for i, x in enumerate(xs)]  # fmt: skip
+    teach = [
+        {"event_id": f"a{i}", "task_id": "a", "x": [float(x)], "y": float(2 * np.sin(x))}
+        for i, x in enumerate(xs)
+    ]
     # b is another function: with two tasks, each is the other's nearest
-    other = [{"event_id": f"b{i}", "task_id": "b", "x": [float(x)], "y": float(-3 * np.sin(x))}
-             for i, x in enumerate(xs[::4])]  # fmt: skip
+    other = [
+        {"event_id": f"b{i}", "task_id": "b", "x": [float(x)], "y": float(-3 * np.sin(x))}
+        for i, x in enumerate(xs[::4])
+    ]
     query_a = {"event_id": "qa", "task_id": "a", "x": [1.3]}
     query_b = {"event_id": "qb", "task_id": "b", "x": [1.3]}
     for engine in (near, full):
@@ -238,9 +282,12 @@ def test_nearest_task_serves_the_adaptation_of_its_nearest_other_task(
     assert served_b == pytest.approx(served_a, rel=1e-4)  # b is served with a's adaptation
     assert abs(served_b - own_b) > 1.0  # ...not with its own examples
     # the one-task adapter the report and probes use does the same
-    probe = adapter(near, 8)(np.array([[[x] for x in xs[::4]]], dtype=np.float32),
-                             np.array([[-3 * np.sin(x) for x in xs[::4]]], dtype=np.float32),
-                             np.array([[[1.3]]], dtype=np.float32), ["b"])  # fmt: skip
+    probe = adapter(near, 8)(
+        np.array([[[x] for x in xs[::4]]], dtype=np.float32),
+        np.array([[-3 * np.sin(x) for x in xs[::4]]], dtype=np.float32),
+        np.array([[[1.3]]], dtype=np.float32),
+        ["b"],
+    )
     assert float(probe[0, 0]) == pytest.approx(served_a, rel=1e-4)
 
 
@@ -253,12 +300,16 @@ def _ev(task: str, y: float | None = 1.0, x: float = 0.0) -> dict:
 def test_phases_follow_the_dominant_family_and_a_returning_family_starts_a_new_one() -> None:
     events = [_ev("a:1")] * 30 + [_ev("b:1")] * 25 + [_ev("a:1", None)] * 5 + [_ev("a:2")] * 20
     assert [(p["family"], p["start"], p["end"]) for p in phases(events, 10)] == [
-        ("a", 0, 30), ("b", 30, 60), ("a", 60, 80)]  # fmt: skip
+        ("a", 0, 30),
+        ("b", 30, 60),
+        ("a", 60, 80),
+    ]
 
 
 def test_the_matrix_summary_follows_gem_and_chaudhry() -> None:
     events = [_ev(f"a:{i % 2}", float(i)) for i in range(40)] + [
-        _ev(f"b:{i % 2}", float(i)) for i in range(40)]  # fmt: skip
+        _ev(f"b:{i % 2}", float(i)) for i in range(40)
+    ]
     probes = build_probes(events, "regression", window=20, tasks=2, shots=5, queries=5)
     assert probes is not None and probes.families == ["a", "b"]
     assert [p["family"] for p in probes.phases] == ["a", "b"]
@@ -272,8 +323,10 @@ def test_the_matrix_summary_follows_gem_and_chaudhry() -> None:
 
 def test_probes_read_the_state_and_never_change_it(shipped_sinusoid) -> None:
     model, _ = shipped_sinusoid
-    events = [dict(e, task_id=f"{'a' if int(e['task_id'][1:]) < 4 else 'b'}:{e['task_id']}")
-              for e in sinusoid_events(600, tasks=8, seed=2, labelled=1.0)]  # fmt: skip
+    events = [
+        dict(e, task_id=f"{'a' if int(e['task_id'][1:]) < 4 else 'b'}:{e['task_id']}")
+        for e in sinusoid_events(600, tasks=8, seed=2, labelled=1.0)
+    ]
     probes = build_probes(events, "regression", window=100, tasks=3)
     assert probes is not None
     engine = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
@@ -293,9 +346,16 @@ def test_a_gradient_init_that_does_not_fit_the_model_is_refused(tmp_path, shippe
 
     model, _ = shipped_sinusoid
     small = dataclasses.replace(CONFIG, target_hidden=(8,))
-    save_init(tmp_path / "sinusoid-maml.safetensors", scratch_init(small), method="maml",
-              family="sinusoid", model_config=small, loop=InnerLoop(), training={},
-              metrics={})  # fmt: skip
+    save_init(
+        tmp_path / "sinusoid-maml.safetensors",
+        scratch_init(small),
+        method="maml",
+        family="sinusoid",
+        model_config=small,
+        loop=InnerLoop(),
+        training={},
+        metrics={},
+    )
     with pytest.raises(ValueError, match="differs from the model"):
         load_gradient_init("maml", model, "sinusoid", StrategyOptions(baseline_dir=tmp_path))
 

@@ -163,8 +163,12 @@ def test_scale_changelog_check_finds_lost_and_repeated_examples_when_compared() 
 def test_scale_cores_between_uses_the_samples_inside_the_span() -> None:
     from scripts.bench_scale import cores_between
 
-    trace = [(0.0, [0.0, 0.0], 0.0), (1.0, [0.5, 1.0], 0.2), (3.0, [1.5, 3.0], 0.6),
-             (4.0, [9.0, 9.0], 9.0)]  # fmt: skip
+    trace = [
+        (0.0, [0.0, 0.0], 0.0),
+        (1.0, [0.5, 1.0], 0.2),
+        (3.0, [1.5, 3.0], 0.6),
+        (4.0, [9.0, 9.0], 9.0),
+    ]
     r = cores_between(trace, 0.5, 3.5)
     assert r["replicas"] == [0.5, 1.0] and r["broker"] == 0.2 and r["seconds"] == 2.0
     assert cores_between(trace, 3.5, 3.9)["replicas"] is None  # no two samples inside

@@ -103,14 +103,19 @@ def test_env_sets_optional_field_when_value_is_given(value: str, expected: float
     ("source", "expected"),
     [
         ("toml", "engine.suport_size: unknown setting (did you mean 'support_size'?) [from "),
-        ("env", "engine.suport_size: unknown setting (did you mean 'support_size'?) [from "
-                "STREAM_META_ENGINE__SUPORT_SIZE]"),
-        ("overrides", "engine.suport_size: unknown setting (did you mean 'support_size'?) "
-                      "[from overrides]"),
+        (
+            "env",
+            "engine.suport_size: unknown setting (did you mean 'support_size'?) [from "
+            "STREAM_META_ENGINE__SUPORT_SIZE]",
+        ),
+        (
+            "overrides",
+            "engine.suport_size: unknown setting (did you mean 'support_size'?) [from overrides]",
+        ),
         ("section", "enigne: unknown setting (did you mean 'engine'?) [from "),
     ],
     ids=["toml", "env", "overrides", "unknown-section"],
-)  # fmt: skip
+)
 def test_error_names_unknown_key_when_it_is_misspelt(
     source: str, expected: str, write_toml: WriteToml
 ) -> None:
@@ -243,20 +248,28 @@ def test_incomplete_security_settings_are_refused(env: dict[str, str], message: 
 
 # -- configuration fuzzing -------------------------------------------------------------------------
 _VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**12), 10**12),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
-                                                         max_size=2),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 def _fields() -> list[tuple[str, str]]:
-    return [(section, name) for section, model in Settings.model_fields.items()
-            for name in (getattr(model.annotation, "model_fields", None) or {})]  # fmt: skip
+    return [
+        (section, name)
+        for section, model in Settings.model_fields.items()
+        for name in (getattr(model.annotation, "model_fields", None) or {})
+    ]
 
 
-@given(st.lists(st.tuples(st.sampled_from(_fields()), _VALUES), max_size=6),
-       st.dictionaries(st.text(max_size=8), _VALUES, max_size=2))  # fmt: skip
+@given(
+    st.lists(st.tuples(st.sampled_from(_fields()), _VALUES), max_size=6),
+    st.dictionaries(st.text(max_size=8), _VALUES, max_size=2),
+)
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 def test_any_configuration_loads_or_is_refused_with_a_config_error(
     changes: list[tuple[tuple[str, str], Any]], stray: dict[str, Any]

@@ -44,8 +44,12 @@ REJECTIONS: list[tuple[str, bytes | str, EventSchema, RejectReason]] = [
     ),
     ("truncated-json", b'{"event_id": "e1", "task_id":', REGRESSION, RejectReason.MALFORMED_JSON),
     ("trailing-garbage", _raw() + b" x", REGRESSION, RejectReason.MALFORMED_JSON),
-    ("invalid-utf8", b'{"event_id": "\xff\xfe", "task_id": "t1"}', REGRESSION,
-     RejectReason.MALFORMED_JSON),
+    (
+        "invalid-utf8",
+        b'{"event_id": "\xff\xfe", "task_id": "t1"}',
+        REGRESSION,
+        RejectReason.MALFORMED_JSON,
+    ),
     ("empty-input", b"", REGRESSION, RejectReason.MALFORMED_JSON),
     ("json-array", b"[0.5, -1.0]", REGRESSION, RejectReason.NOT_AN_OBJECT),
     ("json-string", '"an event"', REGRESSION, RejectReason.NOT_AN_OBJECT),
@@ -62,18 +66,34 @@ REJECTIONS: list[tuple[str, bytes | str, EventSchema, RejectReason]] = [
     ("ts-a-string", _raw(ts="2024-11-27T00:00:00Z"), REGRESSION, RejectReason.INVALID_TYPE),
     ("event-id-a-number", _raw(event_id=17), REGRESSION, RejectReason.INVALID_TYPE),
     ("event-id-empty", _raw(event_id=""), REGRESSION, RejectReason.INVALID_TYPE),
-    ("event-id-lone-surrogate", b'{"event_id": "\\ud800", "task_id": "t1", "x": [0.5, 1.0]}',
-     REGRESSION, RejectReason.INVALID_TYPE),
+    (
+        "event-id-lone-surrogate",
+        b'{"event_id": "\\ud800", "task_id": "t1", "x": [0.5, 1.0]}',
+        REGRESSION,
+        RejectReason.INVALID_TYPE,
+    ),
     ("task-id-too-long", _raw(task_id="t" * 257), REGRESSION, RejectReason.INVALID_TYPE),
     ("x-too-short", _raw(x=[0.5]), REGRESSION, RejectReason.WRONG_DIMENSION),
     ("x-too-long", _raw(x=[0.5, 1.0, 2.0]), REGRESSION, RejectReason.WRONG_DIMENSION),
     ("x-empty", _raw(x=[]), REGRESSION, RejectReason.WRONG_DIMENSION),
-    ("x-nan-literal", b'{"event_id": "e1", "task_id": "t1", "x": [NaN, 1.0]}', REGRESSION,
-     RejectReason.NON_FINITE),
-    ("x-overflowing-float", b'{"event_id": "e1", "task_id": "t1", "x": [1e400, 1.0]}', REGRESSION,
-     RejectReason.NON_FINITE),
-    ("x-overflowing-int", b'{"event_id": "e1", "task_id": "t1", "x": [1, ' + b"9" * 400 + b"]}",
-     REGRESSION, RejectReason.NON_FINITE),
+    (
+        "x-nan-literal",
+        b'{"event_id": "e1", "task_id": "t1", "x": [NaN, 1.0]}',
+        REGRESSION,
+        RejectReason.NON_FINITE,
+    ),
+    (
+        "x-overflowing-float",
+        b'{"event_id": "e1", "task_id": "t1", "x": [1e400, 1.0]}',
+        REGRESSION,
+        RejectReason.NON_FINITE,
+    ),
+    (
+        "x-overflowing-int",
+        b'{"event_id": "e1", "task_id": "t1", "x": [1, ' + b"9" * 400 + b"]}",
+        REGRESSION,
+        RejectReason.NON_FINITE,
+    ),
     ("y-infinity", _raw(y=math.inf), REGRESSION, RejectReason.NON_FINITE),
     ("y-overflowing-int", _raw(y=10**400), REGRESSION, RejectReason.NON_FINITE),
     ("y-nan-classification", _raw(y=math.nan), CLASSIFICATION, RejectReason.NON_FINITE),
@@ -82,7 +102,7 @@ REJECTIONS: list[tuple[str, bytes | str, EventSchema, RejectReason]] = [
     ("label-negative", _raw(y=-1), CLASSIFICATION, RejectReason.INVALID_LABEL),
     ("label-equal-to-n-classes", _raw(y=10), CLASSIFICATION, RejectReason.INVALID_LABEL),
     ("label-huge", _raw(y=10**400), CLASSIFICATION, RejectReason.INVALID_LABEL),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(

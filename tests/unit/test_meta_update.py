@@ -34,8 +34,12 @@ def _events(scenario: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     return [e.event for e in get_scenario(scenario).stream(seed=seed).iter_events(n)]
 
 
-def _feed(engine: Engine, events: list[dict[str, Any]], updater: MetaUpdater | None = None,
-          batch: int = 512) -> list[Any]:  # fmt: skip
+def _feed(
+    engine: Engine,
+    events: list[dict[str, Any]],
+    updater: MetaUpdater | None = None,
+    batch: int = 512,
+) -> list[Any]:
     results = []
     for lo in range(0, len(events), batch):
         r = engine.process(events[lo : lo + batch])
@@ -61,8 +65,10 @@ def _val(new_s: float, new_c: float, old_s: float, old_c: float, n: int = 20) ->
     def g(loss: float) -> dict:
         return {"loss": loss, "tasks": n, "episodes": 3 * n, "by_shots": {"1": loss}}
 
-    return {"served": {"new": g(new_s), "old": g(old_s)},
-            "candidate": {"new": g(new_c), "old": g(old_c)}}  # fmt: skip
+    return {
+        "served": {"new": g(new_s), "old": g(old_s)},
+        "candidate": {"new": g(new_c), "old": g(old_c)},
+    }
 
 
 @pytest.mark.parametrize(
@@ -118,8 +124,9 @@ def test_the_gate_rejects_a_deliberately_worse_candidate(drifted: Any) -> None:
 # -- the updater --------------------------------------------------------------------------------
 def _updater(engine: Engine, **config: Any) -> MetaUpdater:
     update = config.pop("update", {})
-    cfg = MetaUpdateConfig(on_drift=False, cooldown_events=0, update=UpdateConfig(**update),
-                           **config)  # fmt: skip
+    cfg = MetaUpdateConfig(
+        on_drift=False, cooldown_events=0, update=UpdateConfig(**update), **config
+    )
     return MetaUpdater(engine, cfg, metrics=engine.metrics)
 
 
@@ -210,8 +217,9 @@ def test_after_a_swap_every_prediction_is_the_new_models(make_model: Any) -> Non
 def test_a_background_update_never_mixes_versions_in_a_batch(shipped_sinusoid: Any) -> None:
     model, _ = shipped_sinusoid
     engine = _engine(model)
-    updater = _updater(engine, worker="process", promote="always",
-                       update={"steps": 20, "min_val_tasks": 1})  # fmt: skip
+    updater = _updater(
+        engine, worker="process", promote="always", update={"steps": 20, "min_val_tasks": 1}
+    )
     events = sinusoid_events(40_000, tasks=400)
     try:
         _feed(engine, events[:6000], updater)
@@ -253,8 +261,9 @@ def test_a_drift_triggers_a_promoted_update_that_lowers_the_loss(shipped_sinusoi
         watch = build_drift_watch(settings, engine, metrics, None)
         updater = build_meta_updater(settings, engine, metrics, watch, "sinusoid", worker="inline")
         source = ((e.event, None) for e in get_scenario("sinusoid-amplitude-shift").stream(seed=0))
-        summary = run_stream(engine, itertools.islice(source, events), watch=watch,
-                             updater=updater if meta else None)  # fmt: skip
+        summary = run_stream(
+            engine, itertools.islice(source, events), watch=watch, updater=updater if meta else None
+        )
         summary.update(watch.summary())
         return summary, updater
 

@@ -28,13 +28,23 @@ def test_every_event_comes_back_exactly_and_in_order(tmp_path: Path) -> None:
         rec.events(RAWS[3:], start=3, meta=[{"offset": k} for k in range(3)])
     records = list(read_records(tmp_path / "rec"))
     assert [(r["kind"], r["i"]) for r in records] == [
-        ("model", 0), ("event", 0), ("event", 1), ("event", 2), ("model", 3), ("event", 3),
-        ("event", 4), ("event", 5),
-    ]  # fmt: skip
+        ("model", 0),
+        ("event", 0),
+        ("event", 1),
+        ("event", 2),
+        ("model", 3),
+        ("event", 3),
+        ("event", 4),
+        ("event", 5),
+    ]
     assert [r.get("offset") for r in records[-3:]] == [0, 1, 2]
     raws = [raw for raw, truth in recorded_events(tmp_path / "rec")]
-    expected = [RAWS[0], RAWS[1].encode(), json.dumps(RAWS[2], separators=(",", ":")).encode(),
-                *RAWS[3:]]  # fmt: skip
+    expected = [
+        RAWS[0],
+        RAWS[1].encode(),
+        json.dumps(RAWS[2], separators=(",", ":")).encode(),
+        *RAWS[3:],
+    ]
     assert raws == expected
     assert is_recording(tmp_path / "rec") and not is_recording(tmp_path)
 
