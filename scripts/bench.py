@@ -498,7 +498,7 @@ def measure_sinusoid(ctx: Context, section: Section) -> None:
     targets = [f"MSE at {s} shots <= {t:g}" for s, t in SINUSOID_MSE_TARGETS.items()]
     if not need_checkpoint(ctx, section, "sinusoid", [*targets, train_target]):
         return
-    from stream_meta.checkpoint import read_manifest
+    from stream_meta.model_checkpoint import read_manifest
 
     n = ctx.sizes.eval_tasks
     report, cmd = evaluate_cli(ctx, "sinusoid", [1, 5, 10, 20], n)
@@ -783,7 +783,7 @@ def steady_throughput(checkpoint: Path, events: int, stream: dict[str, Any]) -> 
     import torch
 
     from stream_meta.app import run_stream
-    from stream_meta.checkpoint import load_checkpoint
+    from stream_meta.model_checkpoint import load_checkpoint
     from stream_meta.sources import synthetic_source
 
     serving_threads()
@@ -916,7 +916,7 @@ def memory_worker(checkpoint: str, tasks: int, batch: int = 512) -> dict[str, An
     """
     import numpy as np
 
-    from stream_meta.checkpoint import load_checkpoint
+    from stream_meta.model_checkpoint import load_checkpoint
 
     serving_threads()
     model, manifest = load_checkpoint(Path(checkpoint))

@@ -276,7 +276,7 @@ def read_changelog(broker: Broker, prefix: str, partitions: int, x_dim: int) -> 
     """Every task's newest record on the task-state changelog (all partitions)."""
     from kafka import KafkaConsumer
 
-    from stream_meta.changelog import read_partitions
+    from stream_meta.kafka.changelog import read_partitions
 
     reader = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
     try:

@@ -19,9 +19,9 @@ from collections import Counter
 import numpy as np
 import torch
 
-from stream_meta.checkpoint import load_checkpoint, shipped_checkpoint
 from stream_meta.engine import Engine, EngineConfig
 from stream_meta.model import no_neighbours
+from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
 from stream_meta.tasks import SinusoidFamily, TaskStream
 
 

@@ -70,7 +70,7 @@ def _settings(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
 
 
 def _load_model(checkpoint: Path | None, family: str, device: str = "cpu") -> tuple[Any, dict]:
-    from stream_meta.checkpoint import load_checkpoint, shipped_checkpoint
+    from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
 
     path = checkpoint if checkpoint is not None else shipped_checkpoint(family)
     model, manifest = load_checkpoint(path, device=device)
@@ -332,7 +332,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     settings = _settings(args, overrides)
     import torch
 
-    from stream_meta.checkpoint import CheckpointError
     from stream_meta.evaluation.replay import ReplayConfig, replay_strategy
     from stream_meta.evaluation.strategies import (
         STRATEGIES,
@@ -340,6 +339,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         load_gradient_init,
         strategy_settings,
     )
+    from stream_meta.model_checkpoint import CheckpointError
     from stream_meta.recording import is_recording, recorded_events
     from stream_meta.sources import jsonl_source
 
@@ -462,10 +462,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, {"train": train_over} if train_over else {})
     import torch
 
-    from stream_meta.checkpoint import save_checkpoint
     from stream_meta.evaluation.fewshot import evaluate
+    from stream_meta.meta_training import TrainConfig, meta_train
     from stream_meta.model import MetaModel, ModelConfig
-    from stream_meta.training import TrainConfig, meta_train
+    from stream_meta.model_checkpoint import save_checkpoint
 
     ts = settings.train
     device = _device(ts.device)
@@ -521,7 +521,7 @@ def cmd_train_baseline(args: argparse.Namespace) -> int:
         save_init,
         train_init,
     )
-    from stream_meta.training import TrainConfig
+    from stream_meta.meta_training import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -662,7 +662,7 @@ def _admin_server(settings: Any, registry: Any, **probes: Any) -> Any:
     """``/metrics``, ``/healthz`` and ``/readyz`` on the configured port (None if port 0)."""
     if not settings.metrics.port:
         return None
-    from stream_meta.admin import AdminServer
+    from stream_meta.http_server import AdminServer
 
     host, port = settings.metrics.host, settings.metrics.port
     try:
@@ -772,9 +772,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, overrides)
 
     from stream_meta.app import build_drift_watch, build_meta_updater
+    from stream_meta.kafka.clients import ServiceError
+    from stream_meta.kafka.service import KafkaService, state_dir_ok
     from stream_meta.metrics import ServiceMetrics
-    from stream_meta.service import KafkaService, ServiceError, state_dir_ok
-    from stream_meta.snapshot import StateError
+    from stream_meta.state_checkpoint import StateError
 
     engine, manifest, registry, metrics = _service_engine(settings)
     watch = build_drift_watch(settings, engine, metrics, args.drift_log)
@@ -830,8 +831,8 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     settings = _settings(args, _process_overrides(args))
 
     from stream_meta.app import build_drift_watch, build_meta_updater
-    from stream_meta.service import ServiceError
-    from stream_meta.trainer import TrainerService
+    from stream_meta.kafka.clients import ServiceError
+    from stream_meta.kafka.trainer import TrainerService
 
     if not settings.meta_update.enabled:
         raise UsageError("the trainer runs meta-updates: meta_update.enabled must be true")
@@ -874,7 +875,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     import numpy as np
     from kafka import KafkaAdminClient, KafkaProducer
 
-    from stream_meta.service import Topics, ensure_topics
+    from stream_meta.kafka.topics import Topics, ensure_topics
     from stream_meta.sources import bad_event, synthetic_source
 
     stream_kwargs = {**settings.stream.model_dump(), "tasks": args.tasks, "seed": args.seed}
@@ -986,7 +987,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
     from kafka import TopicPartition
 
-    from stream_meta.service import Topics
+    from stream_meta.kafka.topics import Topics
 
     topics = Topics.for_prefix(settings.kafka.topic_prefix)
     topic = topics.dead_letter if args.dead_letter else topics.predictions
@@ -1076,8 +1077,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Copy a Kafka topic, between offsets or times, into a recording for ``replay``."""
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
 
-    from stream_meta.kafka_export import ExportRange, export_topic
-    from stream_meta.service import Topics
+    from stream_meta.kafka.export import ExportRange, export_topic
+    from stream_meta.kafka.topics import Topics
 
     topic = args.topic or Topics.for_prefix(settings.kafka.topic_prefix).events
     try:
@@ -1111,9 +1112,9 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     settings = _settings(args, {"kafka": _kafka_overrides(args)})
     from kafka import KafkaAdminClient, KafkaProducer
 
-    from stream_meta.checkpoint import CheckpointError, load_checkpoint
-    from stream_meta.model_topic import chunk_messages, publish_model
-    from stream_meta.service import Topics, ensure_topics
+    from stream_meta.kafka.model_topic import chunk_messages, publish_model
+    from stream_meta.kafka.topics import Topics, ensure_topics
+    from stream_meta.model_checkpoint import CheckpointError, load_checkpoint
 
     if args.version < 1:
         raise UsageError("--version must be >= 1")
@@ -1464,8 +1465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from stream_meta.checkpoint import CheckpointError
     from stream_meta.config import ConfigError
+    from stream_meta.model_checkpoint import CheckpointError
 
     for name in ("events", "tasks", "steps", "batch_tasks", "eval_tasks"):
         value = getattr(args, name, None)

@@ -470,7 +470,7 @@ class MetaUpdateSettings(BaseModel):
 
     def configs(self, worker: str, *, seed: int = 0, k_neighbours: int = 8) -> Any:
         """The :class:`~stream_meta.continual.updater.MetaUpdateConfig` these settings give."""
-        from stream_meta.continual.update import UpdateConfig
+        from stream_meta.continual.update_job import UpdateConfig
         from stream_meta.continual.updater import MetaUpdateConfig
 
         data = self.model_dump()

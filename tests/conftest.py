@@ -42,7 +42,7 @@ def make_model() -> Callable[..., MetaModel]:
 @pytest.fixture(scope="session")
 def shipped_sinusoid() -> tuple[MetaModel, dict[str, Any]]:
     """The trained sinusoid checkpoint shipped inside the package."""
-    from stream_meta.checkpoint import load_checkpoint, shipped_checkpoint
+    from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
 
     return load_checkpoint(shipped_checkpoint("sinusoid"))
 

@@ -2,7 +2,8 @@
 
 Called once per processed batch (:meth:`MetaUpdater.observe`, from the serving thread), it
 
-1. feeds the batch's labelled examples to the :class:`~stream_meta.continual.replay.ReplayBuffer`;
+1. feeds the batch's labelled examples to the
+   :class:`~stream_meta.continual.replay_buffer.ReplayBuffer`;
 2. turns *triggers* into a pending request: a drift alarm (``on_drift``), the schedule
    (``every_events``) or a request from elsewhere (:meth:`request`: the ``meta-update``
    command through the admin endpoint; thread-safe);
@@ -28,7 +29,7 @@ Called once per processed batch (:meth:`MetaUpdater.observe`, from the serving t
    factor must be loose; the
    validation gate, which compares both models on the same held-out episodes, judges quality.
 
-Jobs (:func:`~stream_meta.continual.update.run_job`) run ``inline`` (the stream waits: exact,
+Jobs (:func:`~stream_meta.continual.update_job.run_job`) run ``inline`` (the stream waits: exact,
 reproducible; what ``stream-meta run`` does by default), in a ``thread``, or in a worker
 ``process`` (``serve``'s default: training uses its own core and never holds the serving
 thread's interpreter lock). Only the payload (weights and a replay snapshot) crosses over;
@@ -52,8 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from stream_meta.continual.replay import ReplayBuffer
-from stream_meta.continual.update import (
+from stream_meta.continual.replay_buffer import ReplayBuffer
+from stream_meta.continual.update_job import (
     UpdateConfig,
     model_arrays,
     model_from_arrays,
@@ -458,7 +459,7 @@ class MetaUpdater:
         return self._max_version
 
     def _save(self, model: MetaModel, version: int, result: dict[str, Any]) -> None:
-        from stream_meta.checkpoint import save_checkpoint
+        from stream_meta.model_checkpoint import save_checkpoint
 
         assert self.models_dir is not None
         self.models_dir.mkdir(parents=True, exist_ok=True)

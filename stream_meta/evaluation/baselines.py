@@ -17,7 +17,7 @@ so the baselines are not slowed by the meta-training machinery (``make bench``'s
 section reports the ``maml`` strategy's one-task adaptation latency).
 
 Pre-training and MAML get the meta-model's training budget: the same episode sampler
-(:class:`~stream_meta.training.EpisodeSampler`, so with the same seed the very same task draws,
+(:class:`~stream_meta.meta_training.EpisodeSampler`, so with the same seed the very same task draws,
 support sizes ``0..max_shots`` and query points), the same number of steps and tasks per step,
 the same optimiser, schedule and gradient clipping. A trained initialisation is saved like a
 model checkpoint (safetensors + manifest, no pickle).
@@ -51,9 +51,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from stream_meta.checkpoint import FORMAT_VERSION, CheckpointError, read_manifest, write_tensors
 from stream_meta.hypernet import TargetNet
 from stream_meta.model import ModelConfig
+from stream_meta.model_checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    read_manifest,
+    write_tensors,
+)
 
 __all__ = [
     "TRAINED",
@@ -257,11 +262,11 @@ def train_init(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Train the ``maml`` or ``pretrained`` initialisation on ``family`` -> ``(theta, summary)``.
 
-    ``train_config`` is a :class:`~stream_meta.training.TrainConfig`: its steps, tasks per step,
-    learning rate, schedule, clipping, episode shapes and seed are the meta-model's budget.
-    Each step draws exactly the episodes :func:`~stream_meta.training.meta_train` draws.
+    ``train_config`` is a :class:`~stream_meta.meta_training.TrainConfig`: its steps, tasks per
+    step, learning rate, schedule, clipping, episode shapes and seed are the meta-model's budget.
+    Each step draws exactly the episodes :func:`~stream_meta.meta_training.meta_train` draws.
     """
-    from stream_meta.training import EpisodeSampler, _progress, make_optimizer
+    from stream_meta.meta_training import EpisodeSampler, _progress, make_optimizer
 
     if method not in TRAINED:
         raise ValueError(f"unknown method {method!r}; trained ones: {', '.join(TRAINED)}")
@@ -413,7 +418,7 @@ def save_init(
 def load_init(path: Path, *, steps: int | None = None) -> GradientInit:
     """Load and validate a trained initialisation; ``steps`` overrides its serving steps.
 
-    Raises :class:`~stream_meta.checkpoint.CheckpointError` for a missing, corrupt, foreign or
+    Raises :class:`~stream_meta.model_checkpoint.CheckpointError` for a missing, corrupt, foreign or
     non-finite file.
     """
     from safetensors import SafetensorError

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_meta.checkpoint import CheckpointError
 from stream_meta.engine import Engine, EngineConfig, _Request
 from stream_meta.evaluation.baselines import (
     GradientInit,
@@ -41,6 +40,7 @@ from stream_meta.evaluation.baselines import (
     target_for,
 )
 from stream_meta.model import MetaModel
+from stream_meta.model_checkpoint import CheckpointError
 
 __all__ = [
     "NO_LEARNING",

@@ -206,8 +206,8 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
 ) -> None:
     from kafka import KafkaProducer
 
-    from stream_meta.checkpoint import shipped_checkpoint
-    from stream_meta.model_topic import chunk_messages
+    from stream_meta.kafka.model_topic import chunk_messages
+    from stream_meta.model_checkpoint import shipped_checkpoint
 
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from stream_meta.checkpoint import load_checkpoint, shipped_checkpoint
 from stream_meta.config import load_settings
 from stream_meta.evaluation.replay import ReplayConfig, replay_strategy
+from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
 from stream_meta.recording import read_records, recorded_events
 from stream_meta.tasks.scenarios import SCENARIOS
 

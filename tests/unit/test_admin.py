@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from stream_meta.admin import AdminServer
+from stream_meta.http_server import AdminServer
 
 
 def _get(port: int, path: str) -> tuple[int, str, str]:

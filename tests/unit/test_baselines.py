@@ -10,7 +10,6 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from stream_meta.checkpoint import CheckpointError
 from stream_meta.engine import Engine, EngineConfig
 from stream_meta.evaluation.baselines import (
     GradientInit,
@@ -30,10 +29,11 @@ from stream_meta.evaluation.baselines import (
 )
 from stream_meta.evaluation.families import build_probes, matrix_summary, phases
 from stream_meta.evaluation.strategies import GradientEngine, NearestTaskEngine, adapter
+from stream_meta.meta_training import TrainConfig
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import ModelConfig
+from stream_meta.model_checkpoint import CheckpointError
 from stream_meta.tasks import SinusoidFamily
-from stream_meta.training import TrainConfig
 from tests.conftest import sinusoid_events
 
 CONFIG = ModelConfig(x_dim=1)  # the sinusoid target network: 1-40-40-1

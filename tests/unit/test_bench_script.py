@@ -82,9 +82,9 @@ def test_serve_log_times_finds_the_startup_lines_when_logged() -> None:
 
     log = (
         "2026-11-27 06:10:36,100 INFO stream_meta: serving sinusoid (model version 1) from x\n"
-        "2026-11-27 06:10:36,101 INFO stream_meta.service: partitions revoked: none\n"
-        "2026-11-27 06:10:39,350 INFO stream_meta.service: partitions assigned: x.events[0]\n"
-        "2026-11-27 06:10:45,000 INFO stream_meta.service: partitions assigned: x.events[0]\n"
+        "2026-11-27 06:10:36,101 INFO stream_meta.kafka.service: partitions revoked: none\n"
+        "2026-11-27 06:10:39,350 INFO stream_meta.kafka.service: partitions assigned: x.events[0]\n"
+        "2026-11-27 06:10:45,000 INFO stream_meta.kafka.service: partitions assigned: x.events[0]\n"
     )
     marks = bench_serve.log_times(log)
     assert marks["assigned"] - marks["serving"] == pytest.approx(3.25, abs=1e-6)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stream_meta.checkpoint import (
+from stream_meta.model_checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_manifest,

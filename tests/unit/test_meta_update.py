@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from stream_meta.app import build_engine, run_stream
 from stream_meta.config import load_settings
-from stream_meta.continual.replay import ReplayBuffer
-from stream_meta.continual.update import UpdateConfig, decide, validate
+from stream_meta.continual.replay_buffer import ReplayBuffer
+from stream_meta.continual.update_job import UpdateConfig, decide, validate
 from stream_meta.continual.updater import MetaUpdateConfig, MetaUpdater
 from stream_meta.engine import Engine
 from stream_meta.metrics import EngineMetrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_meta.continual.replay import ReplayBuffer, ReplaySnapshot
+from stream_meta.continual.replay_buffer import ReplayBuffer, ReplaySnapshot
 
 
 def _arrivals(buf: ReplayBuffer, tasks: range, examples: int = 1, start: int = 0) -> None:

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_meta.engine import Engine, EngineConfig
 from stream_meta.metrics import EngineMetrics
-from stream_meta.snapshot import StateDir, StateError, model_fingerprint
+from stream_meta.state_checkpoint import StateDir, StateError, model_fingerprint
 from tests.conftest import sinusoid_events
 
 BATCH = 64
@@ -205,7 +205,7 @@ def test_load_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(
     state_dir, older, newer = _two_checkpoints(tmp_path, make_model, make_engine)
     damage(newer)
     engine = make_engine(make_model())
-    with caplog.at_level(logging.ERROR, logger="stream_meta.snapshot"):
+    with caplog.at_level(logging.ERROR, logger="stream_meta.state_checkpoint"):
         header = state_dir.load(engine)
     assert header["path"] == str(older) and header["extra"] == {"n": 100}
     assert engine.summary()["events"] == 100
@@ -275,7 +275,7 @@ def test_load_reencodes_the_tasks_when_the_model_differs(
     _feed(a, events)
     StateDir(tmp_path).save(a)
     b = make_engine(new, **config)
-    with caplog.at_level(logging.WARNING, logger="stream_meta.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="stream_meta.state_checkpoint"):
         StateDir(tmp_path).load(b)
     assert any("re-encoding" in r.getMessage() for r in caplog.records)
     reference = make_engine(new, **config)  # learned the same events with the new model
@@ -342,7 +342,7 @@ def test_load_does_not_reencode_when_the_model_is_the_same(
     a.process(sinusoid_events(200, tasks=6))
     StateDir(tmp_path).save(a)
     b = make_engine(make_model(seed=0), max_live_tasks=3)  # equal weights, another object
-    with caplog.at_level(logging.WARNING, logger="stream_meta.snapshot"):
+    with caplog.at_level(logging.WARNING, logger="stream_meta.state_checkpoint"):
         StateDir(tmp_path).load(b)
     assert not any("re-encoding" in r.getMessage() for r in caplog.records)
     assert len(b.index) == len(a.index) == 6  # evicted tasks stay indexed

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stream_meta.meta_training import TrainConfig, meta_train
 from stream_meta.model import no_neighbours
 from stream_meta.tasks import SinusoidFamily
-from stream_meta.training import TrainConfig, meta_train
 
 
 def _held_out_mse(model, shots: int = 5) -> float:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_meta import changelog, embedding_sync
-from stream_meta.model_topic import _HEAD, MAX_MODEL_BYTES, Assembler, chunk_messages
+from stream_meta.kafka import changelog, embedding_sync
+from stream_meta.kafka.model_topic import _HEAD, MAX_MODEL_BYTES, Assembler, chunk_messages
 
 
 @given(st.binary(max_size=600))

@@ -12,7 +12,7 @@ of the tasks. The trainer does it centrally:
   group: the replicas' consumption is untouched) through an engine of its own, with the drift
   monitor and the meta-updater exactly as ``serve`` runs them (a worker process trains, the
   validation gate decides);
-* a promoted model is published on ``<prefix>.models`` (:mod:`stream_meta.model_topic`),
+* a promoted model is published on ``<prefix>.models`` (:mod:`stream_meta.kafka.model_topic`),
   which every replica verifies and adopts; the outcome records go to ``<prefix>.drift``. The
   trainer starts from the newest version already published, so versions keep increasing.
 
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from stream_meta.kafka.clients import ServiceError
+from stream_meta.kafka.topics import Topics, ensure_topics
 from stream_meta.metrics import TrainerMetrics
-from stream_meta.service import ServiceError, Topics, ensure_topics
 
 __all__ = ["TrainerService"]
 
@@ -63,7 +64,7 @@ class TrainerService:
     def start(self) -> None:
         from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-        from stream_meta.model_topic import ModelFollower
+        from stream_meta.kafka.model_topic import ModelFollower
 
         cfg = self.kafka.client_config()
         try:
@@ -159,7 +160,7 @@ class TrainerService:
 
     def _follow_published(self) -> None:
         """Start from (and keep up with) the newest published version."""
-        from stream_meta.checkpoint import CheckpointError, load_checkpoint_bytes
+        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint_bytes
 
         for version, blob in self.models.poll():
             if version <= self.engine.model_version:
@@ -216,8 +217,8 @@ class TrainerService:
         import tempfile
         from pathlib import Path
 
-        from stream_meta.checkpoint import save_checkpoint
-        from stream_meta.model_topic import publish_model
+        from stream_meta.kafka.model_topic import publish_model
+        from stream_meta.model_checkpoint import save_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="stream-meta-trainer-") as tmp:
             path = Path(tmp) / "model.safetensors"

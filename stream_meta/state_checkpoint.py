@@ -214,7 +214,7 @@ class StateDir:
         path = self.models_dir / f"model-v{version}.safetensors"
         if header.get("model_fingerprint") == self._fingerprint(engine.model) or not path.is_file():
             return
-        from stream_meta.checkpoint import CheckpointError, load_checkpoint
+        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint
 
         try:
             model, _ = load_checkpoint(path)

@@ -14,16 +14,16 @@ Delivery, per batch and per checkpoint:
    acknowledged every one (``acks=all``); an output the broker refused is sent again, with
    backoff, until it is acknowledged: the loop does not move on while outputs are pending;
 3. every ``checkpoint_every_s``, and when partitions are revoked or the service stops, write a
-   state checkpoint (:mod:`stream_meta.snapshot`: support sets, index, de-duplication window
+   state checkpoint (:mod:`stream_meta.state_checkpoint`: support sets, index, de-duplication window
    *and* the offsets it reflects), then commit exactly those offsets (on revocation the commit
    is sent without waiting: the rebalance callback runs on the client's IO thread, which must
    not block).
 
 Replicas (several processes in one group) share two compacted topics: task embeddings
-(:mod:`stream_meta.embedding_sync`: every replica indexes every task) and the task-state
-changelog (:mod:`stream_meta.changelog`: a replica assigned a partition pauses it, loads its
+(:mod:`stream_meta.kafka.embedding_sync`: every replica indexes every task) and the task-state
+changelog (:mod:`stream_meta.kafka.changelog`: a replica assigned a partition pauses it, loads its
 tasks' support sets, then serves it, never learning an event twice). Model versions published
-on ``<prefix>.models`` (:mod:`stream_meta.model_topic`) are verified and adopted.
+on ``<prefix>.models`` (:mod:`stream_meta.kafka.model_topic`) are verified and adopted.
 
 On restart the newest checkpoint is restored and each partition is read again from the
 checkpoint's offset, so the state and the stream resume from the same point: events after the
@@ -52,70 +52,21 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stream_meta.engine import BatchResult, Engine
+from stream_meta.kafka.clients import ServiceError, backoff
+from stream_meta.kafka.topics import Topics, ensure_topics, partition_count
 from stream_meta.metrics import ServiceMetrics
-from stream_meta.snapshot import StateDir
+from stream_meta.state_checkpoint import StateDir
 
 log = logging.getLogger(__name__)
 
 #: share of ``max_poll_interval_ms`` one batch (processing + a checkpoint) may take
 _POLL_BUDGET = 0.25
-
-
-class ServiceError(RuntimeError):
-    """The service cannot run (e.g. Kafka unreachable past the start-up deadline)."""
-
-
-@dataclass(frozen=True)
-class Topics:
-    """The service's topic names for a prefix."""
-
-    events: str
-    predictions: str
-    dead_letter: str
-    drift: str  # drift alarms and meta-update outcomes
-    task_embeddings: str  # compacted: every replica's task embeddings, for all the others
-    task_state: str  # compacted, co-partitioned with events: the task-state changelog
-    models: str  # one partition: published model versions, in chunks
-
-    @classmethod
-    def for_prefix(cls, prefix: str) -> Topics:
-        names = (
-            "events",
-            "predictions",
-            "dead-letter",
-            "drift",
-            "task-embeddings",
-            "task-state",
-            "models",
-        )
-        return cls(*(f"{prefix}.{n}" for n in names))
-
-    def all(self) -> tuple[str, ...]:
-        return (
-            self.events,
-            self.predictions,
-            self.dead_letter,
-            self.drift,
-            self.task_embeddings,
-            self.task_state,
-            self.models,
-        )
-
-    @property
-    def compacted(self) -> frozenset[str]:
-        """Topics that keep only the newest record per key."""
-        return frozenset({self.task_embeddings, self.task_state})
-
-
-def _backoff(attempt: int, first: float, most: float) -> float:
-    return float(min(most, first * 2**attempt))
 
 
 class KafkaService:
@@ -193,7 +144,7 @@ class KafkaService:
     def start(self) -> None:
         """Restore state, wait for the broker (up to ``startup_timeout_s``), create missing
         topics, and subscribe. Raises :class:`ServiceError` or
-        :class:`~stream_meta.snapshot.StateError`."""
+        :class:`~stream_meta.state_checkpoint.StateError`."""
         if self.state is not None:
             restorers = {} if self.updater is None else {"meta_update": self.updater.restore_state}
             self.restored = self.state.load(self.engine, restorers)
@@ -239,7 +190,7 @@ class KafkaService:
                         f"{self.cfg.startup_timeout_s:g} s ({type(exc).__name__}: {exc}); check "
                         "--bootstrap-servers and that the broker is up"
                     ) from exc
-                wait = min(left, _backoff(attempt, 0.5, 5.0))
+                wait = min(left, backoff(attempt, 0.5, 5.0))
                 log.warning(
                     "waiting for Kafka at %s (%s); retry in %.1f s",
                     self.kafka.bootstrap_servers,
@@ -264,11 +215,11 @@ class KafkaService:
         )
         ensure_topics(admin, (t.models,), 1, self.cfg.replication_factor)  # chunks in order
         if self.cfg.state_changelog:  # co-partitioned: as many partitions as the events topic
-            events = _partition_count(admin, t.events) or self.cfg.partitions
+            events = partition_count(admin, t.events) or self.cfg.partitions
             ensure_topics(
                 admin, (t.task_state,), events, self.cfg.replication_factor, compacted=t.compacted
             )
-            state = _partition_count(admin, t.task_state)
+            state = partition_count(admin, t.task_state)
             if state is not None and state < events:
                 raise ServiceError(
                     f"{t.task_state} has {state} partitions, fewer than {t.events} ({events}): "
@@ -310,7 +261,7 @@ class KafkaService:
         if self.cfg.state_changelog:
             self.engine.track_changes()
         if self.cfg.follow_models:
-            from stream_meta.model_topic import ModelFollower
+            from stream_meta.kafka.model_topic import ModelFollower
 
             reader = KafkaConsumer(
                 **self._client_config(),
@@ -320,7 +271,7 @@ class KafkaService:
             )
             self.models = ModelFollower(reader, self.topics.models, self.metrics)
         if self.cfg.share_embeddings:
-            from stream_meta.embedding_sync import EmbeddingSync
+            from stream_meta.kafka.embedding_sync import EmbeddingSync
 
             reader = KafkaConsumer(
                 **self._client_config(), enable_auto_commit=False, auto_offset_reset="earliest"
@@ -488,7 +439,7 @@ class KafkaService:
 
     def _changelog(self, records: list[Any], result: BatchResult) -> list[Any]:
         """The new support set of every task this batch taught, on its events' partition."""
-        from stream_meta.changelog import encode
+        from stream_meta.kafka.changelog import encode
 
         changed = self.engine.drain_changes()
         out = result.outputs
@@ -521,7 +472,7 @@ class KafkaService:
 
     def _adopt_published(self, versions: list[tuple[int, bytes]]) -> None:
         """Serve the newest verified published model, if newer than the one served."""
-        from stream_meta.checkpoint import CheckpointError, load_checkpoint_bytes
+        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint_bytes
 
         if not versions:
             return
@@ -592,11 +543,11 @@ class KafkaService:
 
     def _restore_changelog(self, partitions: list[int]) -> None:
         """Load the changelog's tasks of newly assigned ``partitions`` (see
-        :mod:`stream_meta.changelog`); a task this replica holds with as many examples keeps
+        :mod:`stream_meta.kafka.changelog`); a task this replica holds with as many examples keeps
         its own state."""
         from kafka import KafkaConsumer
 
-        from stream_meta.changelog import read_partitions
+        from stream_meta.kafka.changelog import read_partitions
 
         if not partitions:
             return
@@ -725,7 +676,7 @@ class KafkaService:
                         f"{self.cfg.shutdown_timeout_s:g} s of shutdown ({exc}); their events "
                         "will be re-delivered"
                     )
-            wait = _backoff(attempt, 0.2, 5.0)
+            wait = backoff(attempt, 0.2, 5.0)
             log.warning("%d outputs refused (%s); re-sending in %.1f s", len(failed), exc, wait)
             self._heartbeat = time.monotonic()
             time.sleep(wait)
@@ -917,42 +868,6 @@ class KafkaService:
             topic, _, part = name.rpartition(":")
             out[_tp(topic, int(part))] = int(offset)
         return out
-
-
-def ensure_topics(
-    admin: Any,
-    topics: tuple[str, ...],
-    partitions: int,
-    replication_factor: int,
-    *,
-    compacted: frozenset[str] = frozenset(),
-) -> list[str]:
-    """Create those of ``topics`` that do not exist yet (``compacted`` ones with
-    ``cleanup.policy=compact``); returns the ones created."""
-    existing = set(admin.list_topics())
-    missing = [t for t in topics if t not in existing]
-    if missing:
-        spec = {"num_partitions": partitions, "replication_factor": replication_factor}
-        compact = {"configs": {"cleanup.policy": "compact"}}
-        admin.create_topics(
-            {t: {**spec, **(compact if t in compacted else {})} for t in missing},
-            raise_errors=False,
-        )
-        log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
-    return missing
-
-
-def _partition_count(admin: Any, topic: str) -> int | None:
-    """Partitions of ``topic`` (None when it does not exist or the broker does not say)."""
-    try:
-        described = admin.describe_topics([topic])
-    except Exception as exc:  # kafka-python raises several types for an unknown topic
-        log.debug("describe %s: %s", topic, exc)
-        return None
-    for t in described:
-        if t.get("topic") == topic and not t.get("error_code") and t.get("partitions"):
-            return len(t["partitions"])
-    return None
 
 
 def _tp(topic: str, partition: int) -> Any:

@@ -7,7 +7,7 @@ the whole checkpoint) and the chunk's bytes (key: ``v<version>``). A follower re
 version, checks its length and sha256, and hands over only complete, verified checkpoints; a
 malformed chunk, a hash mismatch or an oversized announcement is refused and counted, and the
 model in use stays. The checkpoint itself is then loaded by
-:func:`stream_meta.checkpoint.load_checkpoint` (safetensors: no pickle; format version and
+:func:`stream_meta.model_checkpoint.load_checkpoint` (safetensors: no pickle; format version and
 finiteness checked).
 
 >>> msgs = chunk_messages(b"x" * 10, version=3, chunk=4)

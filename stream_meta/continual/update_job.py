@@ -1,7 +1,7 @@
 """One meta-update: train a candidate on replayed tasks, validate it, decide.
 
 This module is pure computation (no engine, no threads): :func:`run_job` takes the served
-model's weights and a :class:`~stream_meta.continual.replay.ReplaySnapshot` and returns the
+model's weights and a :class:`~stream_meta.continual.replay_buffer.ReplaySnapshot` and returns the
 candidate's weights with the evidence for the decision. It runs wherever the
 :class:`~stream_meta.continual.updater.MetaUpdater` puts it: inline, in a thread, or in a worker
 process (its payload and result are plain arrays and numbers).
@@ -13,7 +13,7 @@ episodes drawn from the replay tasks that are not held out: ``new_fraction`` of 
 the *new* tasks (arrived after the drift), the rest from the *old* ones. Each episode task's
 examples are shuffled; a random prefix (``0 .. min(n - 1, max_shots)`` examples) is its support
 set and the rest its query set. Its ``k`` nearest neighbours are retrieved from a bank of other
-replay tasks embedded from all their examples, as in :mod:`stream_meta.training` (neighbours
+replay tasks embedded from all their examples, as in :mod:`stream_meta.meta_training` (neighbours
 dropped for ``neighbour_dropout`` of the episodes). The loss is
 
     query loss + contrastive_weight * contrastive + distill_weight * distillation
@@ -63,9 +63,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from stream_meta.continual.replay import ReplaySnapshot
+from stream_meta.continual.replay_buffer import ReplaySnapshot
+from stream_meta.meta_training import contrastive_loss, retrieve
 from stream_meta.model import MetaModel, ModelConfig, no_neighbours
-from stream_meta.training import contrastive_loss, retrieve
 
 __all__ = [
     "UpdateConfig",
