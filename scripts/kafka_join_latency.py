@@ -2,7 +2,7 @@
 
     python -m scripts.kafka_join_latency [--session-timeouts 6000 10000 20000 45000]
 
-Starts the suite's test broker (tests/kafka_broker.py), writes 10 records to a 2-partition
+Starts the suite's test broker (stream_meta/testing/broker.py), writes 10 records to a 2-partition
 topic, then for each session timeout times a fresh consumer group from construction to its
 first 10 records. Prints one line per setting. Findings: docs/KAFKA_TEST_BROKER.md.
 """
@@ -22,7 +22,7 @@ def main() -> None:
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    from tests.kafka_broker import kafka_broker
+    from stream_meta.testing.broker import kafka_broker
 
     with kafka_broker() as bootstrap:
         KafkaAdminClient(bootstrap_servers=bootstrap).create_topics([NewTopic("join", 2, 1)])

@@ -95,7 +95,7 @@ def main() -> None:
     with ExitStack() as stack:
         bootstrap = args.bootstrap
         if bootstrap is None:
-            from tests.kafka_broker import kafka_broker
+            from stream_meta.testing.broker import kafka_broker
 
             bootstrap = stack.enter_context(kafka_broker())
         print(json.dumps(probe(bootstrap), indent=1))

@@ -49,8 +49,8 @@ def shipped_sinusoid() -> tuple[MetaModel, dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Any:
-    """Bootstrap address of a real Kafka-protocol broker (see tests/kafka_broker.py)."""
-    from tests.kafka_broker import kafka_broker
+    """Bootstrap address of a real Kafka-protocol broker (see stream_meta/testing/broker.py)."""
+    from stream_meta.testing.broker import kafka_broker
 
     with kafka_broker() as bootstrap:
         yield bootstrap

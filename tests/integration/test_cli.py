@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stream_meta.testing.processes import cli, free_port
 from tests.conftest import sinusoid_events
 
 REQUIRED = {
@@ -25,27 +25,6 @@ REQUIRED = {
     "prequential_loss",
     "loss_by_shots",
 }
-
-
-def cli(
-    *args: str, stdin: bytes | None = None, env: dict | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_META_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "stream_meta", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        env=full_env,
-        check=False,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_run_prints_the_summary_as_json_when_asked() -> None:
@@ -278,8 +257,6 @@ def test_train_digits_and_serve_it_when_run_briefly(tmp_path: Path) -> None:
 
 
 def test_meta_update_explains_an_unreachable_endpoint() -> None:
-    from tests.kafka_broker import free_port
-
     port = free_port()  # nothing listens there
     proc = cli("meta-update", "--url", f"http://127.0.0.1:{port}", "--wait", "1")
     assert proc.returncode == 2

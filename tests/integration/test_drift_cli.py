@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.integration.test_cli import cli
+from stream_meta.testing.processes import cli
 from tests.unit.test_scenarios import REQUIRED
 
 

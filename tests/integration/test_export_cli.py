@@ -10,8 +10,8 @@ import pytest
 from kafka import KafkaProducer
 
 from stream_meta.recording import read_records, recorded_events
-from tests.integration.test_cli import cli
-from tests.kafka_tools import create_topics, new_prefix
+from stream_meta.testing.kafka import create_topics, new_prefix
+from stream_meta.testing.processes import cli
 
 pytestmark = pytest.mark.kafka
 

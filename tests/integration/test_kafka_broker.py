@@ -10,8 +10,8 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from stream_meta.testing.broker import FAST_GROUP
 from tests.conftest import sinusoid_events
-from tests.kafka_broker import FAST_GROUP
 
 pytestmark = pytest.mark.kafka
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli import cli, free_port
-from tests.kafka_tools import FAST_GROUP_SETS, Serve, create_topics, new_prefix, read_topic
+from stream_meta.testing.kafka import FAST_GROUP_SETS, create_topics, new_prefix, read_topic
+from stream_meta.testing.processes import Serve, cli, free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

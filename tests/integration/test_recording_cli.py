@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from stream_meta.recording import read_records
-from tests.integration.test_cli import cli
+from stream_meta.testing.processes import cli
 
 # a quick meta-update so the recording also holds model changes
 QUICK_UPDATE = [

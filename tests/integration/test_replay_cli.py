@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stream_meta.tasks.scenarios import get_scenario
-from tests.integration.test_cli import cli
+from stream_meta.testing.processes import cli
 
 LOGS = Path(__file__).resolve().parent.parent / "data" / "logs"
 QUICK_UPDATE = [

@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 
 from stream_meta.packing import unpack_strings
-from tests.integration.test_cli import cli
-from tests.kafka_tools import (
+from stream_meta.testing.kafka import (
     FAST_GROUP_SETS,
-    Serve,
     committed_offsets,
     create_topics,
     end_offsets,
     new_prefix,
     read_topic,
 )
+from stream_meta.testing.processes import Serve, cli
 
 pytestmark = pytest.mark.kafka
 

@@ -11,7 +11,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from tests.integration.test_cli import cli
+from stream_meta.testing.processes import cli
 
 pytestmark = pytest.mark.kafka
 

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 
 from stream_meta.recording import read_records
-from tests.integration.test_cli import cli
+from stream_meta.testing.processes import Serve, cli, free_port
 from tests.integration.test_serve import _read_all
-from tests.kafka_broker import free_port
-from tests.kafka_tools import Serve
 
 pytestmark = pytest.mark.kafka
 

@@ -11,10 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_cli import cli
-from tests.kafka_tools import (
+from stream_meta.testing.kafka import (
     FAST_GROUP_SETS,
-    Serve,
     committed_offsets,
     create_topics,
     end_offsets,
@@ -22,6 +20,7 @@ from tests.kafka_tools import (
     newest_state,
     read_topic,
 )
+from stream_meta.testing.processes import Serve, cli
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -221,7 +220,7 @@ def test_a_checkpoint_keeps_the_offsets_of_restored_partitions_that_stay_quiet(
 def test_serve_rides_out_a_broker_outage(kafka_bootstrap: str, tmp_path: Path) -> None:
     """The broker becomes unreachable mid-stream (connections cut, new ones refused) and
     comes back: the service keeps running, reconnects, and every event gets its output."""
-    from tests.kafka_broker import kafka_broker_behind_proxy
+    from stream_meta.testing.broker import kafka_broker_behind_proxy
 
     with kafka_broker_behind_proxy() as (bootstrap, proxy):
         prefix = new_prefix()
@@ -284,7 +283,7 @@ def _labelled_valid(raw: bytes) -> bool:
 
 
 def test_serve_fails_clearly_when_the_broker_stays_unreachable(tmp_path: Path) -> None:
-    from tests.integration.test_cli import free_port
+    from stream_meta.testing.processes import free_port
 
     port = free_port()  # nothing listens there
     t0 = time.time()

@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli import cli
+from stream_meta.testing.kafka import FAST_GROUP_SETS, create_topics, new_prefix, read_topic
+from stream_meta.testing.processes import Serve, clean_env, cli, free_port
 from tests.integration.test_serve_meta_update import _wait_for_events
-from tests.kafka_broker import free_port
-from tests.kafka_tools import (
-    FAST_GROUP_SETS,
-    Serve,
-    clean_env,
-    create_topics,
-    new_prefix,
-    read_topic,
-)
 
 pytestmark = pytest.mark.kafka
 

@@ -1,13 +1,9 @@
-"""Helpers for tests that run the service against the suite's broker: topics, readers, offsets,
-``serve`` child processes and the state checkpoints they leave."""
+"""Topics, readers and offsets of a Kafka-protocol broker, and the state checkpoints a
+``serve`` process leaves: what tests and benchmarks read back."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +14,7 @@ import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from stream_meta.packing import unpack_strings
+from stream_meta.testing.timeouts import scaled
 
 #: consumer-group settings that join in ~3 s on Tansu (see docs/KAFKA_TEST_BROKER.md)
 FAST_GROUP_SETS = (
@@ -26,13 +23,6 @@ FAST_GROUP_SETS = (
     "--set",
     "kafka.heartbeat_interval_ms=2000",
 )
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without STREAM_META_* settings (the suite may run inside a deploy)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_META_")}
-    env.update(extra)
-    return env
 
 
 def new_prefix() -> str:
@@ -67,6 +57,7 @@ def read_topic(
     )
     try:
         parts = None
+        timeout = scaled(timeout)
         deadline = time.time() + timeout
         while not parts and time.time() < deadline:
             parts = consumer.partitions_for_topic(topic)
@@ -111,49 +102,6 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int |
         return {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
     finally:
         consumer.close()
-
-
-class Serve:
-    """``stream-meta serve`` as a child process (stderr kept in a file for diagnostics)."""
-
-    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None):
-        self.log = tmp / f"{name}.log"
-        self._fh = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_meta", "serve", "--json", "-q", *args],
-            stdout=subprocess.PIPE,
-            stderr=self._fh,
-            env=clean_env(**(env or {})),
-        )
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if text in self.stderr():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.stderr()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"no {text!r} in the serve log after {timeout} s:\n{self.stderr()}")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self._fh.close()
-
-    def stop(self, timeout: float = 60.0) -> tuple[int, dict[str, Any] | None]:
-        """SIGTERM, wait; ``(exit code, printed JSON summary or None)``."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 120.0) -> tuple[int, dict[str, Any] | None]:
-        out, _ = self.proc.communicate(timeout=timeout)
-        self._fh.close()
-        text = out.decode().strip()
-        return self.proc.returncode, json.loads(text) if text else None
 
 
 def newest_state(state_dir: Path) -> dict[str, Any]:

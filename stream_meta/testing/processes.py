@@ -1,0 +1,90 @@
+"""``stream-meta`` as child processes, the way a user runs it: one-shot commands
+(:func:`cli`) and long-running ``serve`` processes (:class:`Serve`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stream_meta.testing.timeouts import scaled
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without STREAM_META_* settings (the suite may run inside a deploy)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_META_")}
+    env.update(extra)
+    return env
+
+
+def cli(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m stream_meta ARGS`` to its end (``timeout`` seconds, scaled by
+    ``TEST_TIMEOUT_SCALE``), in the environment without ``STREAM_META_*`` settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "stream_meta", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=scaled(timeout),
+        env=clean_env(**(env or {})),
+        check=False,
+    )
+
+
+class Serve:
+    """``stream-meta serve`` as a child process (stderr kept in a file for diagnostics)."""
+
+    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None):
+        self.log = tmp / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_meta", "serve", "--json", "-q", *args],
+            stdout=subprocess.PIPE,
+            stderr=self._fh,
+            env=clean_env(**(env or {})),
+        )
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Wait until the process logged ``text`` (``timeout`` scaled); fail if it exits."""
+        timeout = scaled(timeout)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.stderr():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.stderr()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"no {text!r} in the serve log after {timeout} s:\n{self.stderr()}")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=scaled(30))
+        self._fh.close()
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, dict[str, Any] | None]:
+        """SIGTERM, wait; ``(exit code, printed JSON summary or None)``."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, dict[str, Any] | None]:
+        out, _ = self.proc.communicate(timeout=scaled(timeout))
+        self._fh.close()
+        text = out.decode().strip()
+        return self.proc.returncode, json.loads(text) if text else None
