@@ -9,7 +9,7 @@ EVENTS ?= 20000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps run test test-fast check bench lint format typecheck checkpoints baselines test-logs clean
+.PHONY: help install deps run test test-fast test-loaded check bench lint format typecheck checkpoints baselines test-logs clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,17 @@ run: $(STAMP) ## run the engine on the built-in synthetic task stream (EVENTS=N,
 	$(VENV)/bin/stream-meta run --events $(EVENTS) $(ARGS)
 
 test: $(STAMP) deps ## run the whole test suite
+	$(PY) -m pytest -n 2 -q $(ARGS)
+
+# A busy laptop: one core spins in a burner process while the suite runs its two workers. The
+# deadlines stay the defaults (TEST_TIMEOUT_SCALE unset): tests wait on conditions, so load may
+# only make them slower. BURN_CPU picks the core (taskset, when present).
+BURN_CPU ?= 1
+test-loaded: $(STAMP) deps ## the whole suite beside a CPU burner pinned to one core
+	@pin=; command -v taskset >/dev/null && pin="taskset -c $(BURN_CPU)"; \
+	$$pin $(PY) -c 'while True: pass' & burner=$$!; \
+	trap 'kill $$burner 2>/dev/null' EXIT INT TERM; \
+	echo "CPU burner (pid $$burner) spinning$${pin:+ on core $(BURN_CPU)}"; \
 	$(PY) -m pytest -n 2 -q $(ARGS)
 
 test-fast: $(STAMP) ## unit tests only

@@ -47,7 +47,7 @@ def read_topic(
     topic: str,
     *,
     until: Callable[[list[Any]], bool],
-    timeout: float = 60.0,
+    timeout: float = 120.0,
     settle: float = 0.5,
 ) -> list[Any]:
     """Every record of ``topic`` (all partitions, manual assignment) once ``until(records)``

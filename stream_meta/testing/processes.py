@@ -61,7 +61,7 @@ class Serve:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+    def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
         """Wait until the process logged ``text`` (``timeout`` scaled); fail if it exits."""
         timeout = scaled(timeout)
         deadline = time.time() + timeout
@@ -78,12 +78,12 @@ class Serve:
         self.proc.wait(timeout=scaled(30))
         self._fh.close()
 
-    def stop(self, timeout: float = 60.0) -> tuple[int, dict[str, Any] | None]:
+    def stop(self, timeout: float = 180.0) -> tuple[int, dict[str, Any] | None]:
         """SIGTERM, wait; ``(exit code, printed JSON summary or None)``."""
         self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
-    def wait(self, timeout: float = 120.0) -> tuple[int, dict[str, Any] | None]:
+    def wait(self, timeout: float = 300.0) -> tuple[int, dict[str, Any] | None]:
         out, _ = self.proc.communicate(timeout=scaled(timeout))
         self._fh.close()
         text = out.decode().strip()

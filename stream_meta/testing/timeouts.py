@@ -1,9 +1,10 @@
 """Deadlines that hold on a busy machine.
 
 Tests wait on conditions, never on a budget of events or seconds a busy machine can exhaust:
-every deadline is a generous upper bound on the wait, multiplied by ``TEST_TIMEOUT_SCALE``
-(default 1; ``make test-loaded`` sets 3), so a slow machine only makes a test slower, never
-red. A wait that runs out raises :class:`TimeoutError` naming what it waited for.
+every deadline is a generous upper bound on the wait (generous enough for ``make
+test-loaded``: the suite beside a core-hogging process), multiplied by ``TEST_TIMEOUT_SCALE``
+(default 1) for a slower machine still, so load only makes a test slower, never red. A wait
+that runs out raises :class:`TimeoutError` naming what it waited for.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stream_meta.testing.processes import cli, free_port
+from stream_meta.testing.timeouts import scaled
 from tests.conftest import sinusoid_events
 
 REQUIRED = {
@@ -113,7 +114,7 @@ def test_metrics_endpoint_serves_engine_counters_when_run_is_live() -> None:
         proc.stdin.write(("\n".join(json.dumps(e) for e in events) + "\n").encode())
         proc.stdin.write(b"garbage\n")
         proc.stdin.flush()
-        body, deadline = "", time.time() + 60
+        body, deadline = "", time.time() + scaled(180)
         while time.time() < deadline:
             try:
                 body = (
@@ -142,7 +143,7 @@ def test_metrics_endpoint_serves_engine_counters_when_run_is_live() -> None:
         assert "task_id" not in body  # never a task id as a label
     finally:
         proc.stdin.close()
-        proc.wait(timeout=60)
+        proc.wait(timeout=scaled(180))
     out, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err.decode()
     assert json.loads(out)["rejected"] == 1

@@ -11,6 +11,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from stream_meta.testing.broker import FAST_GROUP
+from stream_meta.testing.timeouts import scaled
 from tests.conftest import sinusoid_events
 
 pytestmark = pytest.mark.kafka
@@ -43,7 +44,7 @@ def test_keyed_events_round_trip_in_task_order_when_partitions_are_assigned(
     )
     consumer.assign([TopicPartition(topic, p) for p in (0, 1)])
     got: list[dict] = []
-    deadline = time.time() + 30
+    deadline = time.time() + scaled(120)
     while len(got) < len(events) and time.time() < deadline:
         for records in consumer.poll(200).values():
             got.extend(json.loads(r.value) for r in records)
@@ -70,7 +71,7 @@ def test_consumer_group_gets_every_partition_and_commits_when_alone(
         auto_offset_reset="earliest",
         **FAST_GROUP,
     )
-    n, deadline = 0, time.time() + 60
+    n, deadline = 0, time.time() + scaled(180)
     while n < len(events) and time.time() < deadline:
         n += sum(len(r) for r in consumer.poll(200).values())
     assert n == len(events)

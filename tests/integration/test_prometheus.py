@@ -17,6 +17,7 @@ import pytest
 
 from stream_meta.testing.kafka import FAST_GROUP_SETS, create_topics, new_prefix, read_topic
 from stream_meta.testing.processes import Serve, cli, free_port
+from stream_meta.testing.timeouts import scaled
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -120,7 +121,7 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
         assert _get(f"{base}/readyz") == (200, "ok\n")
         assert _get(f"{base}/nope")[0] == 404
 
-        deadline, consumed = time.time() + 60, None
+        deadline, consumed = time.time() + scaled(180), None
         while time.time() < deadline:  # Prometheus scrapes every second
             consumed = _query(prom_port, "stream_meta_records_consumed_total")
             if consumed == events:
@@ -138,7 +139,7 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
         assert _query(prom_port, "stream_meta_model_version") == 1
         assert _query(prom_port, "stream_meta_tasks") == 30
         # lag is refreshed every second once positions exist, scraped every second
-        deadline, lag = time.time() + 10, None
+        deadline, lag = time.time() + scaled(60), None
         while lag is None and time.time() < deadline:
             lag = _query(prom_port, "sum(stream_meta_consumer_lag_records)")
             time.sleep(0.3)
@@ -151,5 +152,5 @@ def test_prometheus_scrapes_serve_and_reports_what_was_sent(
     finally:
         code, _ = serve.stop()
         prom.terminate()
-        prom.wait(timeout=20)
+        prom.wait(timeout=scaled(60))
     assert code == 0, serve.stderr()

@@ -20,6 +20,7 @@ from stream_meta.testing.kafka import (
     read_topic,
 )
 from stream_meta.testing.processes import Serve, cli
+from stream_meta.testing.timeouts import scaled
 
 pytestmark = pytest.mark.kafka
 
@@ -30,8 +31,8 @@ def _assigned(serve: Serve) -> list[str]:
     return [] if not lines or lines[-1].strip() == "none" else lines[-1].split(", ")
 
 
-def _wait_split(replicas: list[Serve], partitions: int, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
+def _wait_split(replicas: list[Serve], partitions: int, timeout: float = 180.0) -> None:
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         parts = [_assigned(r) for r in replicas]
         if all(parts) and sum(len(p) for p in parts) == partitions:
@@ -154,7 +155,15 @@ def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
         "-q",
     ]
     replicas = [
-        Serve(tmp_path, f"r{i}", *common, "--state-dir", str(tmp_path / f"state{i}"))
+        Serve(
+            tmp_path,
+            f"r{i}",
+            *common,
+            "--state-dir",
+            str(tmp_path / f"state{i}"),
+            "--set",
+            "service.checkpoint_every_s=3600",
+        )
         for i in range(2)
     ]
     try:
@@ -167,7 +176,8 @@ def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
         ends = end_offsets(
             read_topic(kafka_bootstrap, f"{prefix}.events", until=lambda rs: len(rs) >= 2000)
         )
-        deadline = time.time() + 3  # under the 5-s checkpoint interval
+        # no checkpoint is due (an hour apart): only the per-batch commits can move them
+        deadline = time.time() + scaled(120)
         while committed_offsets(kafka_bootstrap, f"{prefix}-g", f"{prefix}.events") != ends:
             assert time.time() < deadline, "offsets not committed after the batches"
             time.sleep(0.1)

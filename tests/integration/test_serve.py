@@ -12,6 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from stream_meta.testing.processes import cli
+from stream_meta.testing.timeouts import scaled
 
 pytestmark = pytest.mark.kafka
 
@@ -21,7 +22,7 @@ def _read_all(bootstrap: str, topic: str, partitions: int, expect: int) -> list:
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
     )
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    out, deadline = [], time.time() + 30
+    out, deadline = [], time.time() + scaled(120)
     while len(out) < expect and time.time() < deadline:
         for records in consumer.poll(200).values():
             out.extend(records)

@@ -14,6 +14,7 @@ import pytest
 
 from stream_meta.recording import read_records
 from stream_meta.testing.processes import Serve, cli, free_port
+from stream_meta.testing.timeouts import scaled
 from tests.integration.test_serve import _read_all
 
 pytestmark = pytest.mark.kafka
@@ -24,10 +25,10 @@ def _status(port: int) -> dict:
         return json.loads(resp.read())
 
 
-def _wait_for_events(port: int, events: int, serve: Serve, timeout: float = 60.0) -> dict:
+def _wait_for_events(port: int, events: int, serve: Serve, timeout: float = 180.0) -> dict:
     """The updater's status once it has seen ``events`` events (the admin endpoint comes up
     a moment after the process starts)."""
-    deadline = time.time() + timeout
+    deadline = time.time() + scaled(timeout)
     while time.time() < deadline:
         try:
             status = _status(port)

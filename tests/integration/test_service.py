@@ -21,6 +21,7 @@ from stream_meta.testing.kafka import (
     read_topic,
 )
 from stream_meta.testing.processes import Serve, cli
+from stream_meta.testing.timeouts import wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -63,6 +64,11 @@ def _coverage(bootstrap: str, prefix: str, events: list[Any]) -> tuple[set, set,
     covered = {by_id[v["event_id"]] for v in values}
     dead = {(d["partition"], d["offset"]) for d in (json.loads(r.value) for r in letters)}
     return covered, dead, values
+
+
+def _newest_sequence(state_dir: Path) -> int:
+    """The sequence number of the newest state checkpoint in ``state_dir`` (-1: none yet)."""
+    return max((int(p.stem.split("-")[1]) for p in state_dir.glob("state-*.npz")), default=-1)
 
 
 def _all_records(bootstrap: str, topic: str, n: int) -> list[Any]:
@@ -115,12 +121,12 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     ]
     first = Serve(tmp_path, "first", *crash_args)
     first.wait_for_log("partitions assigned")
-    deadline = time.time() + 60
-    while time.time() < deadline:  # kill once a few checkpoints were written
-        seqs = [int(p.stem.split("-")[1]) for p in (tmp_path / "crash").glob("state-*.npz")]
-        if seqs and max(seqs) >= 3:
-            break
-        time.sleep(0.02)
+    wait_until(  # kill once a few checkpoints were written
+        lambda: _newest_sequence(tmp_path / "crash") >= 3,
+        timeout=180,
+        what="three state checkpoints of the first run",
+        interval=0.02,
+    )
     first.kill()
     at_kill = newest_state(tmp_path / "crash")["header"]["extra"]["offsets"]
     assert sum(at_kill.values()) < EVENTS, "the stream was done before the kill: test is void"
@@ -128,15 +134,18 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     second = Serve(tmp_path, "second", *crash_args)
     events = _all_records(kafka_bootstrap, f"{crash}.events", EVENTS)
     ends = end_offsets(events)
+
     # done when every event has an output and the restarted service committed to the end
     # (outputs alone are not enough: the killed run wrote some before its last checkpoint)
-    deadline = time.time() + 120
-    while True:
+    def finished() -> tuple[set, set, list] | None:
         covered, dead, values = _coverage(kafka_bootstrap, crash, events)
         committed = committed_offsets(kafka_bootstrap, "g-crash", f"{crash}.events")
-        if (len(covered | dead) == EVENTS and committed == ends) or time.time() > deadline:
-            break
-        time.sleep(1)
+        done = len(covered | dead) == EVENTS and committed == ends
+        return (covered, dead, values) if done else None
+
+    covered, dead, values = wait_until(
+        finished, timeout=600, what="an output for every event and offsets at the end", interval=1
+    )
     code, _summary = second.stop()
     assert code == 0, second.stderr()
     assert "restored" in second.stderr()
@@ -257,12 +266,14 @@ def test_serve_rides_out_a_broker_outage(kafka_bootstrap: str, tmp_path: Path) -
         proxy.restore()
         _produce(bootstrap, prefix, 2000, seed=8, run_id="b")
         events = _all_records(bootstrap, f"{prefix}.events", 10_000)
-        deadline = time.time() + 90
-        while True:
+
+        def finished() -> tuple[set, set] | None:
             covered, dead, _ = _coverage(bootstrap, prefix, events)
-            if len(covered | dead) == 10_000 or time.time() > deadline:
-                break
-            time.sleep(1)
+            return (covered, dead) if len(covered | dead) == 10_000 else None
+
+        covered, dead = wait_until(
+            finished, timeout=600, what="an output for every event after the outage", interval=1
+        )
         code, _summary = serve.stop()
         assert code == 0, serve.stderr()
         assert len(covered | dead) == 10_000, serve.stderr()[-3000:]

@@ -14,6 +14,7 @@ import pytest
 
 from stream_meta.testing.kafka import FAST_GROUP_SETS, create_topics, new_prefix, read_topic
 from stream_meta.testing.processes import Serve, clean_env, cli, free_port
+from stream_meta.testing.timeouts import scaled
 from tests.integration.test_serve_meta_update import _wait_for_events
 
 pytestmark = pytest.mark.kafka
@@ -154,7 +155,7 @@ def test_one_trainer_is_active_and_a_standby_takes_over(
         trainers[0].wait_for_log("trainer active")
         trainers.append(Trainer(tmp_path, "t2", *args, "--metrics-port", str(ports[1])))
         # the group settles with exactly one active trainer (whichever the assignor picks)
-        deadline = time.time() + 60
+        deadline = time.time() + scaled(180)
         while time.time() < deadline:
             states = [_state(t) for t in trainers]
             if sorted(map(str, states)) == ["active", "standby"]:
@@ -168,7 +169,7 @@ def test_one_trainer_is_active_and_a_standby_takes_over(
         assert [_active_gauge(p) for p in ports] == [1.0 if i == active else 0.0 for i in (0, 1)]
         trainers[active].kill()
         standby = trainers[1 - active]
-        deadline = time.time() + 60
+        deadline = time.time() + scaled(180)
         while _state(standby) != "active" and time.time() < deadline:
             time.sleep(0.3)
         assert _state(standby) == "active"  # the standby took over

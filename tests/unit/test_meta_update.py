@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from stream_meta.engine import Engine
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
 from stream_meta.tasks.scenarios import get_scenario
+from stream_meta.testing.timeouts import wait_until
 from tests.conftest import sinusoid_events
 
 
@@ -215,24 +217,35 @@ def test_after_a_swap_every_prediction_is_the_new_models(make_model: Any) -> Non
 
 
 def test_a_background_update_never_mixes_versions_in_a_batch(shipped_sinusoid: Any) -> None:
+    """Batches keep coming while the worker process trains (as many as it takes: the stream
+    never runs out, the wait is bounded by a scaled deadline); every batch is served by one
+    version, and the batch after the promotion by the new one."""
     model, _ = shipped_sinusoid
     engine = _engine(model)
     updater = _updater(
         engine, worker="process", promote="always", update={"steps": 20, "min_val_tasks": 1}
     )
-    events = sinusoid_events(40_000, tasks=400)
+
+    def batches() -> Iterator[list[dict[str, Any]]]:  # an endless stream of fresh events
+        for k in itertools.count():
+            chunk = sinusoid_events(256, tasks=400, seed=1000 + k)
+            yield [{**e, "event_id": f"b{k}-{e['event_id']}"} for e in chunk]
+
+    stream = batches()
+    versions: list[int] = []
+
+    def step() -> bool:
+        r = engine.process(next(stream))
+        updater.observe(r)
+        versions.append(r.outputs.model_version)
+        if updater.training:
+            updater.finish(timeout=0.05)
+        return bool(updater.records)
+
     try:
-        _feed(engine, events[:6000], updater)
+        _feed(engine, sinusoid_events(6000, tasks=400), updater)
         updater.request("manual", "test")
-        versions = []
-        lo = 6000
-        while updater.records == [] and lo < len(events):
-            r = engine.process(events[lo : lo + 256])
-            updater.observe(r)
-            versions.append(r.outputs.model_version)
-            lo += 256
-            if updater.training:
-                updater.finish(timeout=0.05)
+        wait_until(step, timeout=600, what="the background meta-update's outcome", interval=0)
     finally:
         updater.close()
     [rec] = updater.records
@@ -240,7 +253,7 @@ def test_a_background_update_never_mixes_versions_in_a_batch(shipped_sinusoid: A
     assert rec["version"] == 2 == engine.model_version
     # batches were served (by version 1) while the worker process trained
     assert versions.count(1) >= 1 and set(versions) <= {1}
-    r = engine.process(events[lo : lo + 256])
+    r = engine.process(next(stream))
     assert r.outputs.model_version == 2
 
 
