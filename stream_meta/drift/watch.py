@@ -22,6 +22,9 @@ from stream_meta.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 
+#: task clusters are fitted once there are this many indexed tasks per cluster
+_MIN_POINTS_PER_CLUSTER = 20
+
 
 class DriftWatch:
     """Watch ``engine``'s batches with ``monitor``; see the module docstring.
@@ -125,10 +128,18 @@ class DriftWatch:
         import faiss
 
         vectors = self.engine.index.vectors()
-        k = min(self.clusters, len(vectors) // 20)
+        k = min(self.clusters, len(vectors) // _MIN_POINTS_PER_CLUSTER)
         if k < 2:
             return
-        km = faiss.Kmeans(vectors.shape[1], k, niter=20, seed=self.seed, spherical=True)
+        km = faiss.Kmeans(
+            vectors.shape[1],
+            k,
+            niter=20,
+            seed=self.seed,
+            spherical=True,
+            # FAISS warns below its own default of 39 points a centroid; ours is the rule above
+            min_points_per_centroid=_MIN_POINTS_PER_CLUSTER,
+        )
         km.train(np.ascontiguousarray(vectors, dtype=np.float32))
         self.centroids = np.asarray(km.centroids, dtype=np.float32)
         log.info("drift: %d task clusters fitted on %d embeddings", k, len(vectors))
