@@ -21,6 +21,7 @@ from stream_meta.engine import Engine, EngineConfig
 from stream_meta.index import TaskIndex
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
+from stream_meta.pipeline import DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
 from stream_meta.sources import Item, JsonlSink
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,19 @@ class QueryScorer:
         else:
             self.correct += int((p == t).sum())
 
+    def add_queries(self, step: Step, truths: list[Any]) -> None:
+        """Score the batch's unlabelled events whose truth the source knows (``truths`` in
+        input order, None where unknown)."""
+        out = step.result.outputs
+        if out is None:
+            return
+        qp, qt = [], []
+        for truth, ref in zip(truths, step.result.order, strict=True):
+            if truth is not None and ref >= 0 and not out.labelled[ref]:
+                qp.append(out.values[ref])
+                qt.append(truth)
+        self.add(qp, qt)
+
     def summary(self) -> dict[str, Any]:
         if not self.count:
             return {}
@@ -92,61 +106,39 @@ def run_stream(
     predictions: JsonlSink | None = None,
     rejects: JsonlSink | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
-    watch: Any = None,
-    updater: Any = None,
-    recorder: Any = None,
+    watch: DriftWatcher | None = None,
+    updater: MetaUpdates | None = None,
+    recorder: Recorder | None = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
 
+    Every micro-batch goes through one :class:`~stream_meta.pipeline.Pipeline` step:
     ``watch`` (a :class:`~stream_meta.drift.watch.DriftWatch`) sees every batch, then
     ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms;
     ``recorder`` (an :class:`~stream_meta.recording.EventRecorder`) records every raw event and
     each change of the served model.
     """
     it = iter(source) if events is None else itertools.islice(source, events)
+    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder)
     scorer = QueryScorer(engine.kind)
+    timing = _BatchTiming()
     start = time.perf_counter()
     done = 0
-    busy = 0.0
-    batch_latency: list[tuple[float, bool]] = []
-    spans: list[list[int | None]] = []  # stream positions [start, end) while a job trained
     while True:
         chunk = list(itertools.islice(it, batch_size))
         if not chunk:
             break
         t0 = time.perf_counter()
-        raws = [raw for raw, _ in chunk]
-        result = engine.process(raws, received_at=t0)
-        busy += time.perf_counter() - t0
-        if recorder is not None:
-            recorder.events(raws, start=done)
-        alarms = watch.observe(result) if watch is not None else []
-        if updater is not None:
-            # one latency sample per batch: is a job training while this batch was served?
-            training = updater.training
-            batch_latency.append((time.perf_counter() - t0, training))
-            if training and (not spans or spans[-1][1] is not None):
-                spans.append([done, None])
-            elif not training and spans and spans[-1][1] is None:
-                spans[-1][1] = done
-            for rec in updater.observe(result, alarms):
-                if recorder is not None and rec["outcome"] in ("promoted", "rolled_back"):
-                    recorder.model_change(
-                        rec["version"], index=done + len(chunk), outcome=rec["outcome"]
-                    )
-        out = result.outputs
-        if out is not None:
-            qp, qt = [], []
-            for (_raw, truth), ref in zip(chunk, result.order, strict=True):
-                if truth is not None and ref >= 0 and not out.labelled[ref]:
-                    qp.append(out.values[ref])
-                    qt.append(truth)
-            scorer.add(qp, qt)
+        # is a job training while this batch is served? (one latency sample per batch)
+        training = updater is not None and updater.training
+        step = pipeline.step([raw for raw, _ in chunk], received_at=t0)
+        timing.add(step.engine_seconds, time.perf_counter() - t0, training, done)
+        done = pipeline.position
+        scorer.add_queries(step, [truth for _, truth in chunk])
         if predictions is not None:
-            predictions.write_lines([p.to_json() for p in result.predictions])
+            predictions.write_lines([p.to_json() for p in step.result.predictions])
         if rejects is not None:
-            rejects.write_lines([_reject_json(r) for r in result.rejections])
-        done += len(chunk)
+            rejects.write_lines([_reject_json(r) for r in step.result.rejections])
         if on_batch is not None:
             on_batch(len(chunk), engine.summary())
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
@@ -157,11 +149,35 @@ def run_stream(
     summary.update(scorer.summary())
     summary["seconds"] = round(elapsed, 3)
     summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
-    summary["engine_events_per_s"] = round(done / busy, 1) if busy > 0 else math.inf
+    summary["engine_events_per_s"] = round(done / timing.busy, 1) if timing.busy > 0 else math.inf
     if updater is not None:
-        summary["batch_latency_ms"] = _latency_split(batch_latency)
-        summary["update_spans"] = [[a, done if b is None else b] for a, b in spans]
+        summary["batch_latency_ms"] = _latency_split(timing.samples)
+        summary["update_spans"] = timing.spans(done)
     return summary
+
+
+class _BatchTiming:
+    """Engine time per batch, split by whether a meta-update job was training meanwhile, and
+    the stream spans ``[start, end)`` during which one was."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.samples: list[tuple[float, bool]] = []
+        self._spans: list[list[int | None]] = []
+
+    def add(self, engine_s: float, batch_s: float, training: bool, position: int) -> None:
+        """A batch that started at stream ``position``: ``engine_s`` of serving and learning,
+        ``batch_s`` for the whole step (watchers included)."""
+        self.busy += engine_s
+        self.samples.append((batch_s, training))
+        open_span = bool(self._spans) and self._spans[-1][1] is None
+        if training and not open_span:
+            self._spans.append([position, None])
+        elif not training and open_span:
+            self._spans[-1][1] = position
+
+    def spans(self, end: int) -> list[list[int]]:
+        return [[int(a or 0), end if b is None else b] for a, b in self._spans]
 
 
 def _latency_split(samples: list[tuple[float, bool]]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from stream_meta.evaluation.strategies import (
     build_strategy_engine,
     strategy_settings,
 )
+from stream_meta.pipeline import Pipeline
 
 __all__ = ["ReplayConfig", "replay_strategy"]
 
@@ -111,99 +112,129 @@ def replay_strategy(
     engine = build_strategy_engine(name, model, s, metrics, family, options or StrategyOptions())
     watch = build_drift_watch(s, engine, metrics, None)
     updater = build_meta_updater(s, engine, metrics, watch, family, worker="inline")
-    losses: list[tuple[int, int, float]] = []  # (position, shots, loss)
-    digest = hashlib.sha256()
-    rejected = non_finite = 0
-    start = time.perf_counter()
+    pipeline = Pipeline(engine, watch=watch, updater=updater)
     feed = _delayed(raws, config.label_delay, learn=name not in NO_LEARNING)
-    probe = _prober(engine, s.engine.k_neighbours, name in NO_LEARNING, probes)
-    rows: list[dict[str, float]] = []
-    probe_seconds = 0.0
-    with predictions_path.open("w", encoding="utf-8") as out:
+    phases = _PhaseProbes(engine, s.engine.k_neighbours, name in NO_LEARNING, probes)
+    start = time.perf_counter()
+    with _PredictionLog(predictions_path, engine.kind) as log:
         while True:
             chunk = list(itertools.islice(feed, config.batch_size))
             if not chunk:
                 break
-            result = engine.process([c[0] for c in chunk])
-            alarms = watch.observe(result) if watch is not None else []
-            if updater is not None:
-                updater.observe(result, alarms)
-            if probes is not None:  # probes read the state, never change it; not timed
-                t0 = time.perf_counter()
-                consumed = max(c[1] for c in chunk) + 1
-                while (
-                    len(rows) < len(probes.phases) and consumed >= probes.phases[len(rows)]["end"]
-                ):
-                    rows.append(probe())
-                probe_seconds += time.perf_counter() - t0
-            o = result.outputs
-            lines = []
-            for (_raw, pos, late_label), ref in zip(chunk, result.order, strict=True):
-                if pos < 0:
-                    continue  # a delayed label: learned, not a prediction to report
-                if ref < 0 or o is None:
-                    rejected += 1
-                    continue
-                loss = o.losses[ref]
-                if late_label is not None:
-                    loss = _loss(engine.kind, o, ref, late_label)
-                rec = {
-                    "i": pos,
-                    "event_id": o.event_ids[ref],
-                    "task_id": o.task_ids[ref],
-                    "prediction": o.values[ref],
-                    "shots": o.shots[ref],
-                    "loss": None if loss != loss else loss,
-                    "model_version": o.model_version,
-                }
-                if loss == loss:
-                    losses.append((pos, o.shots[ref], loss))
-                elif o.labelled[ref] or late_label is not None:
-                    non_finite += 1  # a labelled event predicted NaN: counted, never hidden
-                lines.append(json.dumps(rec, separators=(",", ":")))
-            if lines:
-                text = "\n".join(lines) + "\n"
-                out.write(text)
-                digest.update(text.encode())
-    seconds = time.perf_counter() - start - probe_seconds
-    if updater is not None:
-        updater.close()
-    summary = _metrics(losses, config.window)
+            result = pipeline.step([c[0] for c in chunk]).result
+            phases.after(max(c[1] for c in chunk) + 1)
+            log.write([(pos, label) for _, pos, label in chunk], result)
+    seconds = time.perf_counter() - start - phases.seconds
+    pipeline.close()
+    summary = _metrics(log.losses, config.window)
     if probes is not None:
-        while len(rows) < len(probes.phases):
-            rows.append(probe())
-        summary["families"] = matrix_summary(probes, rows)
+        summary["families"] = matrix_summary(probes, phases.finish())
     summary.update(
         strategy=name,
         events=len(raws),
-        rejected=rejected,
-        non_finite_predictions=non_finite,
+        rejected=log.rejected,
+        non_finite_predictions=log.non_finite,
         diverged_fits=getattr(engine, "diverged", None),
         seconds=round(seconds, 3),
         events_per_s=round(len(raws) / seconds, 1) if seconds > 0 else math.inf,
         model_version=engine.model_version,
-        meta_updates=[] if updater is None else updater.summary(),
-        alarms=[] if watch is None else watch.summary()["alarms"],
+        **{"meta_updates": [], "alarms": [], **pipeline.summary()},
         predictions=str(predictions_path),
-        predictions_sha256=digest.hexdigest(),
+        predictions_sha256=log.digest.hexdigest(),
         **_adapt_latency(engine, s.engine.k_neighbours, config.latency_tasks),
     )
     return summary
 
 
-def _prober(
-    engine: Any, k: int, prior_only: bool, probes: FamilyProbes | None
-) -> Callable[[], dict[str, float]]:
-    """Scores every family's probes with the strategy's current state (a strategy that never
-    learns gets no example: its prior)."""
-    adapt = adapter(engine, k)
+class _PredictionLog:
+    """The replay's predictions file, and the scores computed from it: every event's
+    prediction in stream order (one JSON line each, no wall time: the same inputs give the
+    same bytes), the labelled losses, and the rejected and non-finite counts."""
 
-    def run(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, ids: list[str]) -> Any:
-        if prior_only:
-            xs, ys = xs[:, :0], ys[:, :0]
-        return adapt(xs, ys, xq, ids)
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path, self.kind = path, kind
+        self.losses: list[tuple[int, int, float]] = []  # (position, shots, loss)
+        self.digest = hashlib.sha256()
+        self.rejected = self.non_finite = 0
+        self._out: Any = None
 
-    return lambda: probes.score(run) if probes is not None else {}
+    def __enter__(self) -> _PredictionLog:
+        self._out = self.path.open("w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._out.close()
+
+    def write(self, fed: list[tuple[int, Any]], result: Any) -> None:
+        """One batch: ``fed[i]`` is input ``i``'s ``(stream position, late label)``."""
+        o = result.outputs
+        lines = []
+        for (pos, late_label), ref in zip(fed, result.order, strict=True):
+            if pos < 0:
+                continue  # a delayed label: learned, not a prediction to report
+            if ref < 0 or o is None:
+                self.rejected += 1
+                continue
+            loss = o.losses[ref]
+            if late_label is not None:
+                loss = _loss(self.kind, o, ref, late_label)
+            rec = {
+                "i": pos,
+                "event_id": o.event_ids[ref],
+                "task_id": o.task_ids[ref],
+                "prediction": o.values[ref],
+                "shots": o.shots[ref],
+                "loss": None if loss != loss else loss,
+                "model_version": o.model_version,
+            }
+            if loss == loss:
+                self.losses.append((pos, o.shots[ref], loss))
+            elif o.labelled[ref] or late_label is not None:
+                self.non_finite += 1  # a labelled event predicted NaN: counted, never hidden
+            lines.append(json.dumps(rec, separators=(",", ":")))
+        if lines:
+            text = "\n".join(lines) + "\n"
+            self._out.write(text)
+            self.digest.update(text.encode())
+
+
+class _PhaseProbes:
+    """Scores every family's probes with the strategy's current state at the end of each
+    phase (a strategy that never learns gets no example: its prior). Probes read the state,
+    never change it, and are not timed (``seconds`` is what they took)."""
+
+    def __init__(self, engine: Any, k: int, prior_only: bool, probes: FamilyProbes | None):
+        self.probes, self.prior_only = probes, prior_only
+        self.adapt = adapter(engine, k) if probes is not None else None
+        self.rows: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def after(self, consumed: int) -> None:
+        """``consumed`` events of the log were fed: probe every phase that ended."""
+        if self.probes is None:
+            return
+        t0 = time.perf_counter()
+        phases = self.probes.phases
+        while len(self.rows) < len(phases) and consumed >= phases[len(self.rows)]["end"]:
+            self.rows.append(self._probe())
+        self.seconds += time.perf_counter() - t0
+
+    def finish(self) -> list[dict[str, float]]:
+        """The rows of every phase (those the log ended in are probed now)."""
+        while self.probes is not None and len(self.rows) < len(self.probes.phases):
+            self.rows.append(self._probe())
+        return self.rows
+
+    def _probe(self) -> dict[str, float]:
+        assert self.probes is not None and self.adapt is not None
+        adapt = self.adapt
+
+        def run(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, ids: list[str]) -> Any:
+            if self.prior_only:
+                xs, ys = xs[:, :0], ys[:, :0]
+            return adapt(xs, ys, xq, ids)
+
+        return self.probes.score(run)
 
 
 def _loss(kind: str, o: Any, ref: int, label: Any) -> float:

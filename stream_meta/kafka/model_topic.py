@@ -22,7 +22,10 @@ import logging
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stream_meta.model import MetaModel
 
 __all__ = ["CHUNK", "Assembler", "ModelFollower", "chunk_messages", "publish_model"]
 
@@ -140,10 +143,48 @@ class ModelFollower:
         values = [r.value for batch in polled.values() for r in batch]
         done = list(self.assembler.feed(values)) if values else []
         for _version, reason in self.assembler.refused:
-            if self.metrics is not None:
-                self.metrics.models_refused.labels(_reason_label(reason)).inc()
+            self._count_refused(_reason_label(reason))
         self.assembler.refused.clear()
         return done
+
+    def newer(self, served: MetaModel, served_version: int) -> tuple[int, MetaModel] | None:
+        """The newest version published since the last call, loaded, if it is newer than
+        ``served_version`` and has ``served``'s architecture; else None (a refusal is logged
+        and counted, and the model in use stays)."""
+        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint_bytes
+
+        versions = self.poll()
+        if not versions:
+            return None
+        version, blob = max(versions)
+        if version <= served_version:
+            log.info(
+                "published model version %d is not newer than the served %d: ignored",
+                version,
+                served_version,
+            )
+            return None
+        try:
+            model, _manifest = load_checkpoint_bytes(blob)
+        except CheckpointError as exc:
+            self._count_refused("invalid")
+            log.error(
+                "published model version %d refused: %s; the model in use stays", version, exc
+            )
+            return None
+        if model.config != served.config:
+            self._count_refused("architecture")
+            log.error(
+                "published model version %d refused: its configuration differs from the "
+                "served model's; the model in use stays",
+                version,
+            )
+            return None
+        return version, model
+
+    def _count_refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.models_refused.labels(reason).inc()
 
     def close(self) -> None:
         try:

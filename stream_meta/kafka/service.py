@@ -6,18 +6,22 @@ prediction on ``<prefix>.predictions`` (key: task id) or a dead letter on
 ``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded, source topic,
 partition and offset).
 
-Delivery, per batch and per checkpoint:
+Delivery, per batch:
 
 1. poll a bounded batch (fewer records when batches run long, so that processing plus a
    checkpoint stays well inside ``max_poll_interval_ms``);
-2. process it (predict, score, learn), send its outputs, and wait until the broker
-   acknowledged every one (``acks=all``); an output the broker refused is sent again, with
-   backoff, until it is acknowledged: the loop does not move on while outputs are pending;
-3. every ``checkpoint_every_s``, and when partitions are revoked or the service stops, write a
-   state checkpoint (:mod:`stream_meta.state_checkpoint`: support sets, index, de-duplication window
-   *and* the offsets it reflects), then commit exactly those offsets (on revocation the commit
-   is sent without waiting: the rebalance callback runs on the client's IO thread, which must
-   not block).
+2. push it through the :class:`~stream_meta.pipeline.Pipeline` (predict, score, learn; drift
+   watch; meta-updater; recording);
+3. send its outputs (predictions, dead letters, changelog and embedding records, drift and
+   meta-update records) and wait until the broker acknowledged every one (``acks=all``); an
+   output the broker refused is sent again, with backoff, until it is acknowledged: the loop
+   does not move on while outputs are pending;
+4. hand the batch's offsets to the :class:`~stream_meta.kafka.checkpointing.Checkpointer`,
+   which commits them and writes state checkpoints in the order its module docstring lists
+   (every ``checkpoint_every_s``, when partitions are revoked, when the service stops: support
+   sets, index, de-duplication window *and* the offsets they reflect, then exactly those
+   offsets committed). The offsets and the changelog restore's bookkeeping live in
+   :mod:`stream_meta.kafka.offsets`.
 
 Replicas (several processes in one group) share two compacted topics: task embeddings
 (:mod:`stream_meta.kafka.embedding_sync`: every replica indexes every task) and the task-state
@@ -51,16 +55,22 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream_meta.engine import BatchResult, Engine
+from stream_meta.kafka.checkpointing import Checkpointer
 from stream_meta.kafka.clients import ServiceError, backoff
+from stream_meta.kafka.offsets import Offsets, Recovery
 from stream_meta.kafka.topics import Topics, ensure_topics, partition_count
 from stream_meta.metrics import ServiceMetrics
+from stream_meta.pipeline import DriftWatcher, Pipeline, Recorder
+
+if TYPE_CHECKING:
+    from stream_meta.continual.updater import MetaUpdater
 from stream_meta.state_checkpoint import StateDir
 
 log = logging.getLogger(__name__)
@@ -82,14 +92,15 @@ class KafkaService:
         settings: Any,
         metrics: ServiceMetrics,
         *,
-        watch: Any = None,
-        updater: Any = None,
-        recorder: Any = None,
+        watch: DriftWatcher | None = None,
+        updater: MetaUpdater | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.recorder = recorder  # an EventRecorder: every consumed record, as it arrived
         self.watch = watch  # a DriftWatch: its alarms go to the drift topic
         self.updater = updater  # a MetaUpdater: its outcomes go to the drift topic too
+        self.pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder)
         self.kafka, self.cfg = settings.kafka, settings.service
         self.batch_size = settings.engine.micro_batch
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
@@ -99,34 +110,28 @@ class KafkaService:
             else None
         )
         self.stop_event = threading.Event()
-        # state checkpoints are written off the serving thread (one at a time)
-        self._writer = (
-            ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-            if self.state is not None
-            else None
+        self.offsets = Offsets()
+        self.recovery = Recovery()
+        self.checkpoints = Checkpointer(
+            engine,
+            self.offsets,
+            metrics,
+            state=self.state,
+            changelog=self.cfg.state_changelog,
+            group=self.kafka.group_id,
+            parts=self._updater_state,
         )
-        self._inflight: tuple[Future[Path], dict[Any, int], float] | None = None
         self.consumer: Any = None
         self.producer: Any = None
         self.sync: Any = None  # an EmbeddingSync (other replicas' task embeddings)
         self.models: Any = None  # a ModelFollower (published model versions)
         self.consumed = self.predicted = self.dead_lettered = 0
         self.restored: dict[str, Any] | None = None
-        self._positions: dict[Any, int] = {}  # partition -> next offset, outputs acknowledged
-        self._resume: dict[Any, int] = {}  # partition -> offset from the restored checkpoint
-        self._resume_at: dict[Any, int] = {}  # the same, for partitions waiting for a restore
-        self._committed: dict[Any, int] = {}  # partition -> offset this replica committed last
-        self._dirty = False  # processed since the last checkpoint/commit
         self._max_records = self.batch_size
         self._per_record_s = 0.0
-        self._last_checkpoint = time.monotonic()
         self._last_lag = 0.0
         self._heartbeat = time.monotonic()
         self._first_record: float | None = None
-        #: (partition, task id) -> offset of the last event the restored changelog reflects
-        self._applied: dict[tuple[int, str], int] = {}
-        self._to_restore: set[Any] = set()  # assigned partitions paused until restored
-        self._applied_until: dict[int, int] = {}  # partition -> its largest applied offset
         self._joined = False
         self._serving = False
         self._broker_up = False
@@ -146,12 +151,15 @@ class KafkaService:
         topics, and subscribe. Raises :class:`ServiceError` or
         :class:`~stream_meta.state_checkpoint.StateError`."""
         if self.state is not None:
-            restorers = {} if self.updater is None else {"meta_update": self.updater.restore_state}
+            restorers: dict[str, Callable[[dict[str, np.ndarray]], None]] = {}
+            if self.updater is not None:
+                restorers["meta_update"] = self.updater.restore_state
             self.restored = self.state.load(self.engine, restorers)
             if self.restored is None:
                 log.info("no state checkpoint in %s: starting without state", self.state.path)
             else:
-                self._resume = self._offsets_from(self.restored["extra"].get("offsets", {}))
+                saved = self.restored["extra"].get("offsets", {})
+                self.offsets.resume = Offsets.from_checkpoint(saved, make=_tp).resume
                 log.info(
                     "restored %s: %d tasks, %d indexed, offsets %s",
                     self.restored["path"],
@@ -257,6 +265,7 @@ class KafkaService:
             max_poll_records=self.batch_size,
             fetch_max_wait_ms=k.fetch_max_wait_ms,
         )
+        self.checkpoints.consumer = self.consumer
         self.consumer.subscribe([self.topics.events], listener=Listener())
         if self.cfg.state_changelog:
             self.engine.track_changes()
@@ -311,40 +320,38 @@ class KafkaService:
                 if timeout_s is not None and time.monotonic() - start > timeout_s:
                     break
                 self._heartbeat = time.monotonic()
-                if self._to_restore:
+                if self.recovery.pending:
                     self._restore_assigned()
                 if self.sync is not None and self.sync.poll():
-                    self._dirty = True  # the index changed: the next checkpoint keeps it
+                    self.checkpoints.dirty = True  # the index changed: the next one keeps it
                 if self.models is not None:
-                    self._adopt_published(self.models.poll())
+                    self._adopt_published()
                 limit = self._max_records
                 if events is not None:
                     limit = max(1, min(limit, events - self.consumed))
                 polled = self.consumer.poll(
                     timeout_ms=self.kafka.poll_timeout_ms, max_records=limit
                 )
-                if self._to_restore:  # a rebalance in this poll: nothing of theirs is served
-                    polled = {tp: rs for tp, rs in polled.items() if tp not in self._to_restore}
+                if self.recovery.pending:  # a rebalance in this poll: nothing of theirs is served
+                    polled = {
+                        tp: rs for tp, rs in polled.items() if tp not in self.recovery.pending
+                    }
                     self._restore_assigned()
                 if any(polled.values()):
                     if self._first_record is None:
                         self._first_record = time.monotonic()
                     self._handle(polled)
-                elif self.updater is not None:  # idle: requests still start, jobs still land
-                    self._publish_meta(self.updater.poll())
-                if self._inflight is not None:
-                    self._finish_checkpoint(block=False)
+                else:  # idle: requests still start, jobs still land
+                    self._publish_meta(self.pipeline.idle())
+                self.checkpoints.finish(block=False)
                 now = time.monotonic()
-                if now - self._last_checkpoint >= self.cfg.checkpoint_every_s:
-                    self._checkpoint_and_commit("periodic", wait=False)
+                if now - self.checkpoints.last >= self.cfg.checkpoint_every_s:
+                    self.checkpoints.checkpoint("periodic", wait=False)
                 if now - self._last_lag >= 1.0:
                     self._update_lag()
         finally:
             self._shutdown()
         busy = time.monotonic() - self._first_record if self._first_record else 0.0
-        drift = {} if self.watch is None else {"alarms": self.watch.summary()["alarms"]}
-        if self.updater is not None:
-            drift["meta_updates"] = self.updater.summary()
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
@@ -353,49 +360,33 @@ class KafkaService:
             "seconds": round(busy, 3),
             "events_per_s": round(self.consumed / busy, 1) if busy else None,
             **self.engine.summary(),
-            **drift,
+            **self.pipeline.summary(),
         }
 
     def _handle(self, polled: dict[Any, list[Any]]) -> None:
         """One polled batch (records by partition, in offset order)."""
         t0 = time.perf_counter()
         records = [r for batch in polled.values() for r in batch]
-        learned = self._already_applied(records) if self._applied else None
-        result = self.engine.process([r.value for r in records], received_at=t0, learned=learned)
-        if self.recorder is not None:
-            self.recorder.events(
-                [r.value or b"" for r in records],
-                start=self.consumed,
-                meta=[
-                    {
-                        "topic": r.topic,
-                        "partition": r.partition,
-                        "offset": r.offset,
-                        "ts": r.timestamp,
-                    }
-                    for r in records
-                ],
-            )
+        learned = self._already_applied(records) if self.recovery.active else None
+        step = self.pipeline.step(
+            [r.value for r in records],
+            received_at=t0,
+            learned=learned,
+            record=[r.value or b"" for r in records] if self.recorder is not None else None,
+            meta=[_where(r) for r in records] if self.recorder is not None else None,
+        )
+        result = step.result
         outputs, reasons = self._outputs(records, result)
         if self.cfg.state_changelog:
             outputs += self._changelog(records, result)
         if self.sync is not None:
             outputs += self.sync.outgoing()
-        alarms = self.watch.observe(result) if self.watch is not None else []
-        for alarm in alarms:
-            record = {
-                "type": "drift_alarm",
-                **alarm.to_dict(),
-                "model_version": self.engine.model_version,
-            }
+        for alarm, record in zip(step.alarms, step.alarm_records(), strict=True):
             outputs.append(
                 (self.topics.drift, alarm.detector.encode(), json.dumps(record).encode())
             )
-        if self.updater is not None:
-            # a promotion swaps the model here, between this batch and the next
-            outputs += self._meta_outputs(
-                self.updater.observe(result, alarms), self.consumed + len(records)
-            )
+        # a promotion swapped the model in the step: it serves from the next batch
+        outputs += self._meta_outputs(step.outcomes)
         self._deliver(outputs)
         acked = time.time()
         stamps = [r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0]
@@ -414,18 +405,9 @@ class KafkaService:
         m.batch_records.observe(len(records))
         for tp, batch in polled.items():
             if batch:
-                self._positions[tp] = batch[-1].offset + 1
-                until = self._applied_until.get(tp.partition)
-                if until is not None and batch[-1].offset >= until:  # past every restored task
-                    del self._applied_until[tp.partition]
-                    for key in [k for k in self._applied if k[0] == tp.partition]:
-                        del self._applied[key]
-        self._dirty = True
-        if self.state is None or self.cfg.state_changelog:
-            # the changelog holds what this batch taught, acknowledged with its outputs, so
-            # its offsets may be committed now: a replica that dies between two checkpoints
-            # leaves only its unfinished batch to be served again
-            self._commit(dict(self._positions))
+                self.offsets.advanced(tp, batch[-1].offset)
+                self.recovery.passed(tp.partition, batch[-1].offset)
+        self.checkpoints.batch_done()
         took = time.perf_counter() - t0
         self._bound_batches(len(records), took)
         if log.isEnabledFor(logging.DEBUG) and len(ts):
@@ -460,59 +442,25 @@ class KafkaService:
 
     def _already_applied(self, records: list[Any]) -> list[bool]:
         """Which records the restored changelog already reflects (by task key and offset)."""
-        flags = []
-        for r in records:
-            try:
-                key = r.key.decode("utf-8") if r.key is not None else ""
-            except UnicodeDecodeError:
-                key = ""
-            applied = self._applied.get((r.partition, key))
-            flags.append(applied is not None and r.offset <= applied)
-        return flags
+        return self.recovery.already_applied((r.partition, _key(r), r.offset) for r in records)
 
-    def _adopt_published(self, versions: list[tuple[int, bytes]]) -> None:
+    def _adopt_published(self) -> None:
         """Serve the newest verified published model, if newer than the one served."""
-        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint_bytes
-
-        if not versions:
+        found = self.models.newer(self.engine.model, self.engine.model_version)
+        if found is None:
             return
-        version, blob = max(versions)
-        if version <= self.engine.model_version:
-            log.info(
-                "published model version %d is not newer than the served %d: ignored",
-                version,
-                self.engine.model_version,
-            )
-            return
-        try:
-            model, _manifest = load_checkpoint_bytes(blob)
-        except CheckpointError as exc:
-            self.metrics.models_refused.labels("invalid").inc()
-            log.error(
-                "published model version %d refused: %s; the model in use stays", version, exc
-            )
-            return
-        if model.config != self.engine.model.config:
-            self.metrics.models_refused.labels("architecture").inc()
-            log.error(
-                "published model version %d refused: its configuration differs from the "
-                "served model's; the model in use stays",
-                version,
-            )
-            return
+        version, model = found
         reason = f"published model version {version}"
-        if self.updater is not None:  # on probation, like a promoted update
-            self._publish_meta([self.updater.adopt(model, reason, version=version)])
-        else:
-            self.engine.swap_model(model, version)
-        self._dirty = True
+        # on probation through the meta-updater, like a promoted update, when there is one
+        self._publish_meta(self.pipeline.adopt(model, version, reason))
+        self.checkpoints.dirty = True
         log.info("serving %s", reason)
 
     def _restore_assigned(self) -> None:
         """Restore the changelog of the partitions assigned since, then serve them."""
         owned = self.consumer.assignment()
-        tps = [tp for tp in self._to_restore if tp in owned]
-        self._to_restore.clear()
+        tps = [tp for tp in self.recovery.pending if tp in owned]
+        self.recovery.pending.clear()
         self._restore_changelog(sorted({tp.partition for tp in tps}))
         for tp in tps:
             self._resume_from_checkpoint(tp)
@@ -525,8 +473,7 @@ class KafkaService:
         so nothing before that point needs serving again."""
         from kafka.errors import KafkaError
 
-        offset = self._resume_at.pop(tp, None)
-        if offset is None:
+        if tp not in self.offsets.resume_at:
             return
         try:
             committed = self.consumer.committed(tp)
@@ -537,9 +484,9 @@ class KafkaService:
                 exc,
             )
             committed = None
-        start = max(offset, committed if committed is not None else -1)
-        self.consumer.seek(tp, start)
-        self._positions[tp] = start
+        start = self.offsets.resume_point(tp, committed)
+        if start is not None:
+            self.consumer.seek(tp, start)
 
     def _restore_changelog(self, partitions: list[int]) -> None:
         """Load the changelog's tasks of newly assigned ``partitions`` (see
@@ -572,20 +519,10 @@ class KafkaService:
                 exc,
             )
             return
-        for p in partitions:  # what a previous assignment of these partitions left
-            for key in [k for k in self._applied if k[0] == p]:
-                del self._applied[key]
         loaded = self.engine.restore_tasks(
             [(tid, rec.seen, rec.xs, rec.ys) for (_p, tid), rec in latest.items()]
         )
-        for key, rec in latest.items():
-            self._applied[key] = rec.applied_offset
-        self._applied_until.update(
-            {
-                p: max((o for (q, _), o in self._applied.items() if q == p), default=-1)
-                for p in partitions
-            }
-        )
+        self.recovery.restored(partitions, {key: rec.applied_offset for key, rec in latest.items()})
         self.metrics.changelog_restored.inc(loaded)
         if skipped:
             self.metrics.changelog_skipped.inc(skipped)
@@ -598,15 +535,8 @@ class KafkaService:
             time.perf_counter() - t0,
         )
 
-    def _meta_outputs(
-        self, records: list[dict[str, Any]], next_index: int
-    ) -> list[tuple[str, bytes | None, bytes]]:
-        """Outcome records for the drift topic (and model changes for the recording: the new
-        model serves from stream position ``next_index``)."""
-        if self.recorder is not None:
-            for r in records:
-                if r["outcome"] in ("promoted", "rolled_back"):
-                    self.recorder.model_change(r["version"], index=next_index, outcome=r["outcome"])
+    def _meta_outputs(self, records: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
+        """Meta-update outcome records for the drift topic."""
         return [
             (self.topics.drift, b"meta_update", json.dumps(r, default=str).encode())
             for r in records
@@ -614,7 +544,7 @@ class KafkaService:
 
     def _publish_meta(self, records: list[dict[str, Any]]) -> None:
         if records:
-            self._deliver(self._meta_outputs(records, self.consumed))
+            self._deliver(self._meta_outputs(records))
 
     def _outputs(
         self, records: list[Any], result: BatchResult
@@ -691,108 +621,13 @@ class KafkaService:
         fit = int(budget / max(self._per_record_s, 1e-9))
         self._max_records = max(1, min(self.batch_size, fit))
 
-    # -- checkpoints and commits --------------------------------------------------------------
-    def _checkpoint_and_commit(
-        self, why: str, *, wait: bool = True, blocking_commit: bool = True
-    ) -> bool:
-        """Checkpoint state with the offsets it reflects, then commit them; False on failure.
-
-        The state is captured here, between two batches; the file is written by the
-        checkpoint thread. ``wait=False`` (the periodic checkpoint) returns at once and the
-        loop commits when the write is done; revocation and shutdown wait.
-        """
-        self._last_checkpoint = time.monotonic()
-        if self._inflight is not None:
-            if not wait:
-                return True  # the previous write is still going: try at the next interval
-            if not self._finish_checkpoint(block=True, blocking_commit=blocking_commit):
-                return False
-        if not self._dirty:
-            return True
-        offsets = dict(self._positions)
-        if self.state is None or self._writer is None:
-            self._dirty = not self._commit(offsets, blocking=blocking_commit)
-            return not self._dirty
-        parts = {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
-        write = self.state.capture(
-            self.engine,
-            parts=parts,
-            extra={
-                "offsets": {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()},
-                "group": self.kafka.group_id,
-                "reason": why,
-            },
-        )
-        self._dirty = False  # set again if the write or the commit fails
-        self._inflight = (self._writer.submit(write), offsets, time.perf_counter())
-        if not wait:
-            return True
-        return self._finish_checkpoint(block=True, blocking_commit=blocking_commit)
-
-    def _finish_checkpoint(self, *, block: bool, blocking_commit: bool = True) -> bool:
-        """Commit the offsets of a written checkpoint (when its write is done, or waiting)."""
-        assert self._inflight is not None
-        future, offsets, t0 = self._inflight
-        if not block and not future.done():
-            return True
-        self._inflight = None
-        try:
-            path = future.result()
-        except (OSError, ValueError) as exc:
-            self.metrics.checkpoint_failures.inc()
-            log.error("state checkpoint failed (%s); offsets not committed", exc)
-            self._dirty = True
-            return False
-        m = self.metrics
-        m.checkpoints.inc()
-        m.checkpoint_seconds.observe(time.perf_counter() - t0)
-        m.checkpoint_bytes.set(path.stat().st_size)
-        m.last_checkpoint.set(time.time())
-        if not self._commit(offsets, blocking=blocking_commit):
-            self._dirty = True
-            return False
-        return True
-
-    def _commit(self, offsets: dict[Any, int], *, blocking: bool = True) -> bool:
-        """Commit ``offsets`` of the partitions still owned; False on failure. ``blocking=False``
-        sends the commit and returns (inside a rebalance callback, which runs on the client's
-        IO thread and must not wait on it; a commit that lands late only means the next owner
-        sees some events again, which the changelog keeps from being learned twice)."""
-        from kafka.errors import KafkaError
-        from kafka.structs import OffsetAndMetadata
-
-        owned = self.consumer.assignment()
-        # never behind what was committed already (a checkpoint's offsets may be older than
-        # the batches committed since, with the changelog on)
-        todo = {
-            tp: OffsetAndMetadata(o, "", -1)
-            for tp, o in offsets.items()
-            if tp in owned and o > self._committed.get(tp, -1)
-        }
-        if not todo:
-            return True
-        try:
-            if blocking:
-                self.consumer.commit(todo)
-            else:
-                self.consumer.commit_async(todo, callback=self._commit_done)
-        except (KafkaError, OSError) as exc:
-            self.metrics.commit_failures.inc()
-            log.warning("offset commit failed (%s); the next commit covers it", exc)
-            return False
-        self._committed.update({tp: om.offset for tp, om in todo.items()})
-        self.metrics.commits.inc()
-        return True
-
-    def _commit_done(self, offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            self.metrics.commit_failures.inc()
-            log.warning("offset commit on revocation failed (%s)", response)
+    def _updater_state(self) -> dict[str, Any]:
+        return {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
 
     def _on_revoked(self, revoked: list[Any]) -> None:
         self.metrics.rebalances.labels("revoked").inc()
         if revoked:
-            self._checkpoint_and_commit("revoked", blocking_commit=False)
+            self.checkpoints.checkpoint("revoked", blocking_commit=False)
         for tp in revoked:
             with contextlib.suppress(KeyError):  # KeyError: no lag reported for it yet
                 self.metrics.lag.remove(tp.topic, str(tp.partition))
@@ -802,27 +637,16 @@ class KafkaService:
         self.metrics.rebalances.labels("assigned").inc()
         owned = self.consumer.assignment()
         self.metrics.assigned.set(len(owned))
-        # positions of partitions that went elsewhere are forgotten; those that came back
-        # (revoked and re-assigned, committed in between) keep theirs in the checkpoints
-        for tp in [tp for tp in self._positions if tp not in owned]:
-            del self._positions[tp]
-        for tp in assigned:
-            self._committed.pop(tp, None)  # another owner may have committed since
-            offset = self._resume.pop(tp, None)
-            if offset is not None and self.cfg.state_changelog:
-                # the group may have committed past the checkpoint (a commit per batch): the
-                # loop picks the later point after the restore (no blocking call in here)
-                self._resume_at[tp] = offset
-            elif offset is not None:
-                self.consumer.seek(tp, offset)  # the state checkpoint's point of the stream
-                # and the position the next checkpoint records, even if nothing more arrives
-                # on this partition (else that checkpoint would drop it)
-                self._positions.setdefault(tp, offset)
+        self.offsets.keep_only(owned)
+        # the state checkpoint's point of the stream (with a changelog: after the restore)
+        seek = self.offsets.assigned(assigned, wait_for_restore=self.cfg.state_changelog)
+        for tp, offset in seek.items():
+            self.consumer.seek(tp, offset)
         if self.cfg.state_changelog and assigned:
             # the restore reads a topic (blocking), which the client's IO thread that runs
             # this callback must not do: the partitions wait, paused, for the loop to do it
             self.consumer.pause(*assigned)
-            self._to_restore.update(assigned)
+            self.recovery.pending.update(assigned)
         self._joined = True
         log.info("partitions assigned: %s", _names(assigned))
 
@@ -836,7 +660,7 @@ class KafkaService:
             self._set_broker_up(connections > 0)
         for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)
-            pos = self._positions.get(tp)
+            pos = self.offsets.positions.get(tp)
             if high is None or pos is None:
                 continue
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - pos))
@@ -846,10 +670,9 @@ class KafkaService:
         self.metrics.ready.set(0)
         try:
             if self.consumer is not None:
-                self._checkpoint_and_commit("shutdown")
+                self.checkpoints.checkpoint("shutdown")
         finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
+            self.checkpoints.close()
             for reader in (self.sync, self.models):
                 if reader is not None:
                     reader.close()
@@ -861,13 +684,23 @@ class KafkaService:
                 except Exception as exc:  # closing must not hide the reason we stopped
                     log.warning("closing %s: %s", type(client).__name__, exc)
 
-    @staticmethod
-    def _offsets_from(saved: dict[str, int]) -> dict[Any, int]:
-        out = {}
-        for name, offset in saved.items():
-            topic, _, part = name.rpartition(":")
-            out[_tp(topic, int(part))] = int(offset)
-        return out
+
+def _where(record: Any) -> dict[str, Any]:
+    """Where a consumed record came from, as the recording keeps it."""
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "ts": record.timestamp,
+    }
+
+
+def _key(record: Any) -> str:
+    """A record's key as a task id ("" when absent or not UTF-8)."""
+    try:
+        return record.key.decode("utf-8") if record.key is not None else ""
+    except UnicodeDecodeError:
+        return ""
 
 
 def _tp(topic: str, partition: int) -> Any:

@@ -35,6 +35,7 @@ import numpy as np
 from stream_meta.kafka.clients import ServiceError
 from stream_meta.kafka.topics import Topics, ensure_topics
 from stream_meta.metrics import TrainerMetrics
+from stream_meta.pipeline import Pipeline
 
 __all__ = ["TrainerService"]
 
@@ -48,6 +49,7 @@ class TrainerService:
         self, engine: Any, settings: Any, metrics: Any, *, watch: Any, updater: Any
     ) -> None:
         self.engine, self.watch, self.updater, self.metrics = engine, watch, updater, metrics
+        self.pipeline = Pipeline(engine, watch=watch, updater=updater)
         self.lock_metrics = TrainerMetrics(metrics.registry)
         self.kafka, self.cfg = settings.kafka, settings.trainer
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
@@ -160,19 +162,11 @@ class TrainerService:
 
     def _follow_published(self) -> None:
         """Start from (and keep up with) the newest published version."""
-        from stream_meta.model_checkpoint import CheckpointError, load_checkpoint_bytes
-
-        for version, blob in self.models.poll():
-            if version <= self.engine.model_version:
-                continue
-            try:
-                model, _ = load_checkpoint_bytes(blob)
-            except CheckpointError as exc:
-                log.error("published model version %d unusable: %s", version, exc)
-                continue
-            if model.config == self.engine.model.config:
-                self.engine.swap_model(model, version)
-                log.info("trainer follows published model version %d", version)
+        found = self.models.newer(self.engine.model, self.engine.model_version)
+        if found is not None:
+            version, model = found
+            self.engine.swap_model(model, version)
+            log.info("trainer follows published model version %d", version)
 
     def _train_step(self) -> None:
         polled = self.events.poll(timeout_ms=self.kafka.poll_timeout_ms, max_records=self.cfg.batch)
@@ -180,15 +174,12 @@ class TrainerService:
         raws = [r.value for r in records if r.value and self._sampled(r.key)]
         if raws:
             self.sampled += len(raws)
-            result = self.engine.process(raws)
-            alarms = self.watch.observe(result) if self.watch is not None else []
-            outcomes = self.updater.observe(result, alarms) if self.updater is not None else []
-            version = self.engine.model_version
-            for alarm in alarms:
-                record = {"type": "drift_alarm", **alarm.to_dict(), "model_version": version}
+            step = self.pipeline.step(raws)
+            for alarm, record in zip(step.alarms, step.alarm_records(), strict=True):
                 self._send(self.topics.drift, alarm.detector, record)
+            outcomes = step.outcomes
         else:
-            outcomes = self.updater.poll() if self.updater is not None else []
+            outcomes = self.pipeline.idle()
         for rec in outcomes:
             self._send(self.topics.drift, "meta_update", rec)
             if rec.get("outcome") == "promoted":
