@@ -203,8 +203,7 @@ class PageHinkleyBank:
         x_in = np.asarray(xs, dtype=np.float64).ravel()
         if s_in.shape != x_in.shape:
             raise ValueError(f"streams and xs differ in length: {s_in.size} vs {x_in.size}")
-        k = x_in.size
-        if k == 0:
+        if x_in.size == 0:
             self.last_change_points = np.zeros(0, dtype=np.int64)
             self.last_counts = np.zeros(0, dtype=np.int64)
             return np.zeros(0)
@@ -213,58 +212,8 @@ class PageHinkleyBank:
         if not np.isfinite(x_in).all():
             raise ValueError("xs must be finite")
         self._grow(int(s_in.max()) + 1)
-        if bool((s_in == s_in[0]).all()):  # one stream: plain cumulative operations
-            order: IntArray | None = None
-            s: Any = int(s_in[0])
-            x = x_in
-            ends: Any = k - 1
-            counts = self._n[s] + np.arange(1, k + 1)
-            csum: Any = np.cumsum
-            cmin: Any = _cummin
-            cmax: Any = np.maximum.accumulate
-            total = x.sum()
-        else:  # segments of equal streams (stable sort keeps each stream's order)
-            order = np.argsort(s_in, kind="stable")
-            s, x = s_in[order], x_in[order]
-            new_seg = np.empty(k, dtype=bool)
-            new_seg[0] = True
-            np.not_equal(s[1:], s[:-1], out=new_seg[1:])
-            starts = np.flatnonzero(new_seg)
-            seg = np.cumsum(new_seg) - 1
-            ends = np.append(starts[1:] - 1, k - 1)
-            counts = self._n[s] + (np.arange(k) - starts[seg]) + 1
-
-            def csum(v: FloatArray) -> FloatArray:
-                c = np.cumsum(v)
-                out: FloatArray = c - (c[starts] - v[starts])[seg]
-                return out
-
-            def cmin(v: FloatArray) -> tuple[FloatArray, NDArray[np.bool_]]:
-                return _segmented_cummin(v, seg)
-
-            def cmax(v: FloatArray) -> FloatArray:
-                return -_segmented_cummin(-v, seg)[0]
-
-            total = np.add.reduceat(x, starts)
-        means = (self._sum[s] + csum(x)) / counts
-        dev = x - means
-        stats = np.zeros((2, k))
-        at = np.zeros((2, k), dtype=np.int64)
-        last = s if order is None else s[ends]
-        for d, sign in ((0, 1.0), (1, -1.0)):
-            if self.mode == ("down" if d == 0 else "up"):
-                continue
-            m = self._m[d, s] + csum(sign * dev - self.delta)
-            prev_min = self._min[d, s]
-            seg_min, attained = cmin(m)
-            run_min = np.minimum(prev_min, seg_min)
-            stats[d] = m - np.minimum(run_min, 0.0)
-            # count at the running extreme: where m touches its running minimum (ties: latest)
-            hit = np.where(attained & (m <= prev_min), counts, 0).astype(np.float64)
-            at[d] = np.maximum(self._at[d, s], cmax(hit).astype(np.int64))
-            self._m[d, last] = m[ends]
-            self._min[d, last] = np.minimum(run_min[ends], 0.0)
-            self._at[d, last] = at[d, ends]
+        g = _Segments(s_in, x_in, self._n)
+        stats, at = self._both_directions(g)
         if self.mode == "both":
             up = stats[0] >= stats[1]
             stat = np.where(up, stats[0], stats[1])
@@ -272,23 +221,37 @@ class PageHinkleyBank:
         else:
             d = 0 if self.mode == "up" else 1
             stat, cp = stats[d], at[d]
-        stat = np.where(counts >= self.min_instances, stat, 0.0)
-        self._n[last] = counts[ends]
-        self._sum[last] += total
-        self._stat[last] = stat[ends]
-        if order is None:
-            self.last_change_points = cp
-            self.last_counts = counts
-            return stat
-        out = np.empty(k)
-        out[order] = stat
-        cps = np.empty(k, dtype=np.int64)
-        cps[order] = cp
-        self.last_change_points = cps
-        cnt = np.empty(k, dtype=np.int64)
-        cnt[order] = counts
-        self.last_counts = cnt
-        return out
+        stat = np.where(g.counts >= self.min_instances, stat, 0.0)
+        self._n[g.last] = g.counts[g.ends]
+        self._sum[g.last] += g.total
+        self._stat[g.last] = stat[g.ends]
+        self.last_change_points = g.in_input_order(cp)
+        self.last_counts = g.in_input_order(g.counts)
+        return g.in_input_order(stat)
+
+    def _both_directions(self, g: _Segments) -> tuple[FloatArray, IntArray]:
+        """The upward (row 0) and downward (row 1) statistics and change points of every
+        value (in ``g``'s order), with the per-stream sums carried to the segments' ends."""
+        s, k = g.s, g.x.size
+        means = (self._sum[s] + g.csum(g.x)) / g.counts
+        dev = g.x - means
+        stats = np.zeros((2, k))
+        at = np.zeros((2, k), dtype=np.int64)
+        for d, sign in ((0, 1.0), (1, -1.0)):
+            if self.mode == ("down" if d == 0 else "up"):
+                continue
+            m = self._m[d, s] + g.csum(sign * dev - self.delta)
+            prev_min = self._min[d, s]
+            seg_min, attained = g.cmin(m)
+            run_min = np.minimum(prev_min, seg_min)
+            stats[d] = m - np.minimum(run_min, 0.0)
+            # count at the running extreme: where m touches its running minimum (ties: latest)
+            hit = np.where(attained & (m <= prev_min), g.counts, 0).astype(np.float64)
+            at[d] = np.maximum(self._at[d, s], g.cmax(hit).astype(np.int64))
+            self._m[d, g.last] = m[g.ends]
+            self._min[d, g.last] = np.minimum(run_min[g.ends], 0.0)
+            self._at[d, g.last] = at[d, g.ends]
+        return stats, at
 
     # -- persistence ---------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -711,3 +674,59 @@ class ADWIN:
         adwin._window = np.asarray(state["window"], dtype=np.float64)
         adwin.n_detections = int(state["n_detections"])
         return adwin
+
+
+class _Segments:
+    """A batch of ``(stream, value)`` pairs as runs of equal streams, each stream's values in
+    their order (a stable sort), with cumulative operations that restart at every run; one
+    stream needs no sort and uses the plain cumulative operations."""
+
+    def __init__(self, s_in: IntArray, x_in: FloatArray, n: IntArray) -> None:
+        k = x_in.size
+        self.order: IntArray | None = None
+        if bool((s_in == s_in[0]).all()):
+            self.s: Any = int(s_in[0])
+            self.x = x_in
+            self.ends: Any = k - 1
+            self.last: Any = self.s
+            self.counts: IntArray = n[self.s] + np.arange(1, k + 1)
+            self.total: Any = x_in.sum()
+            self._starts: IntArray | None = None
+            return
+        self.order = np.argsort(s_in, kind="stable")
+        self.s, self.x = s_in[self.order], x_in[self.order]
+        new_seg = np.empty(k, dtype=bool)
+        new_seg[0] = True
+        np.not_equal(self.s[1:], self.s[:-1], out=new_seg[1:])
+        self._starts = np.flatnonzero(new_seg)
+        self._seg = np.cumsum(new_seg) - 1
+        self.ends = np.append(self._starts[1:] - 1, k - 1)
+        self.last = self.s[self.ends]
+        self.counts = n[self.s] + (np.arange(k) - self._starts[self._seg]) + 1
+        self.total = np.add.reduceat(self.x, self._starts)
+
+    def csum(self, v: FloatArray) -> FloatArray:
+        c = np.cumsum(v)
+        if self._starts is None:
+            return c
+        out: FloatArray = c - (c[self._starts] - v[self._starts])[self._seg]
+        return out
+
+    def cmin(self, v: FloatArray) -> tuple[FloatArray, NDArray[np.bool_]]:
+        if self._starts is None:
+            return _cummin(v)
+        return _segmented_cummin(v, self._seg)
+
+    def cmax(self, v: FloatArray) -> FloatArray:
+        if self._starts is None:
+            out: FloatArray = np.maximum.accumulate(v)
+            return out
+        return -_segmented_cummin(-v, self._seg)[0]
+
+    def in_input_order(self, values: NDArray[Any]) -> NDArray[Any]:
+        """``values`` (in this order) back in the batch's input order."""
+        if self.order is None:
+            return values
+        out = np.empty_like(values)
+        out[self.order] = values
+        return out
