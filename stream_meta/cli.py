@@ -22,12 +22,6 @@ log = logging.getLogger("stream_meta")
 
 EXIT_USAGE = 2
 
-#: model architecture per family (the checkpoint manifest records it)
-FAMILY_MODELS: dict[str, dict[str, Any]] = {
-    "sinusoid": {"target_hidden": (40, 40), "hyper_hidden": 256},
-    "digits": {"target_hidden": (128,), "hyper_hidden": 256, "skip_input": True},
-}
-
 
 class UsageError(Exception):
     """Bad input from the user: printed as one message, exit code 2."""
@@ -464,7 +458,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from stream_meta.evaluation.fewshot import evaluate
     from stream_meta.meta_training import TrainConfig, meta_train
-    from stream_meta.model import MetaModel, ModelConfig
+    from stream_meta.model import PRESETS, MetaModel, ModelConfig
     from stream_meta.model_checkpoint import save_checkpoint
 
     ts = settings.train
@@ -476,7 +470,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         x_dim=family.x_dim,
         kind=family.kind,
         n_classes=family.n_classes,
-        **FAMILY_MODELS[args.family],
+        **PRESETS[args.family],
     )
     torch.manual_seed(ts.seed)
     model = MetaModel(config)
