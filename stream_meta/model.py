@@ -62,6 +62,15 @@ class ModelConfig:
         return cls(**data)
 
 
+#: the architecture ``stream-meta train`` gives each task family's model, as
+#: :class:`ModelConfig` fields (the family supplies ``x_dim``, ``kind`` and ``n_classes``; the
+#: checkpoint manifest records the whole config)
+PRESETS: dict[str, dict[str, Any]] = {
+    "sinusoid": {"target_hidden": (40, 40), "hyper_hidden": 256},
+    "digits": {"target_hidden": (128,), "hyper_hidden": 256, "skip_input": True},
+}
+
+
 class MetaModel(nn.Module):
     """Set encoder, hypernetwork and closed-form head; see the module docstring."""
 

@@ -1,0 +1,272 @@
+"""What several commands share: the common option groups, settings, logging, output, and the
+CLI-only pieces a command builds its run from (model, engine, metrics endpoint, recorder,
+progress bar, SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+#: every command logs as ``stream_meta`` (the name its log lines show)
+log = logging.getLogger("stream_meta")
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one message, exit code 2."""
+
+
+# -- options -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """The option groups several commands share, as parent parsers (``parents=[...]``)."""
+
+    common: argparse.ArgumentParser
+    kafka: argparse.ArgumentParser
+
+
+#: how a command module registers one command: ``add(subparsers, options)``
+AddParser: TypeAlias = Callable[["Subparsers", Options], None]
+
+
+def shared_options() -> Options:
+    """``--config``, ``--set``, ``--log-level``, ``-q``, ``--json`` (every command) and the
+    Kafka connection (the commands that talk to Kafka)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML settings file")
+    common.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override one setting (repeatable), e.g. --set engine.support_size=32",
+    )
+    common.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument("--bootstrap-servers", help="host:port[,host:port...]")
+    kafka.add_argument("--topic-prefix", help="topic name prefix (default stream-meta)")
+    return Options(common=common, kafka=kafka)
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr at ``--log-level``; quiet FAISS's loader and kafka-python."""
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+# -- settings ----------------------------------------------------------------------------------
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set engine.k_neighbours=0`` items -> a nested overrides dict (values as TOML).
+
+    >>> parse_set(["engine.k_neighbours=0", "model.family=digits", "kafka.group_id=g1"])
+    {'engine': {'k_neighbours': 0}, 'model': {'family': 'digits'}, 'kafka': {'group_id': 'g1'}}
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise UsageError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare string
+        section, field = key.split(".", 1)
+        out.setdefault(section, {})[field] = parsed
+    return out
+
+
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``b`` over ``a``, nested dicts merged.
+
+    >>> merge({"engine": {"k_neighbours": 0, "threads": 1}}, {"engine": {"threads": 2}})
+    {'engine': {'k_neighbours': 0, 'threads': 2}}
+    """
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def settings_from(args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The settings: ``--config``, the environment, then ``overrides`` under ``--set``."""
+    from stream_meta.config import load_settings
+
+    return load_settings(
+        args.config,
+        env=os.environ,
+        overrides=merge(parse_set(args.set or []), overrides),
+    )
+
+
+def kafka_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``kafka`` settings given as options (``--bootstrap-servers``, ``--group``, ...)."""
+    names = {
+        "bootstrap_servers": "bootstrap_servers",
+        "group": "group_id",
+        "topic_prefix": "topic_prefix",
+    }
+    return {v: getattr(args, k) for k, v in names.items() if getattr(args, k, None) is not None}
+
+
+# -- output ------------------------------------------------------------------------------------
+def emit(summary: dict[str, Any], as_json: bool) -> None:
+    """Print a result: one JSON object, or one aligned line per key."""
+    if as_json:
+        print(json.dumps(summary, sort_keys=False))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
+            print(f"{key:<{width}}  {inner}")
+        else:
+            print(f"{key:<{width}}  {fmt(value)}")
+
+
+def fmt(v: Any) -> str:
+    """One value as a human reads it.
+
+    >>> fmt(12345.6), fmt(0.012345), fmt(20000), fmt(True), fmt([{"a": 1}])
+    ('12,346', '0.01235', '20,000', 'True', '1 records (--json shows them)')
+    """
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        return f"{len(v)} records (--json shows them)"  # windows, alarms, meta-updates
+    return str(v)
+
+
+# -- what a command builds ---------------------------------------------------------------------
+def load_model(checkpoint: Path | None, family: str, device: str = "cpu") -> tuple[Any, dict]:
+    """The model at ``checkpoint`` (default: the shipped one of ``family``) and its manifest,
+    with the path it was read from as ``manifest["path"]``."""
+    from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
+
+    path = checkpoint if checkpoint is not None else shipped_checkpoint(family)
+    model, manifest = load_checkpoint(path, device=device)
+    manifest["path"] = str(path)
+    return model, manifest
+
+
+def family_for(name: str, *, split: str) -> Any:
+    """The task family ``name`` (digits: its ``train`` or ``test`` split)."""
+    from stream_meta.tasks import get_family
+
+    return get_family(name, split=split) if name == "digits" else get_family(name)
+
+
+def check_device(name: str) -> str:
+    """``--device``, refused when it names CUDA on a machine without it."""
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def new_registry() -> Any:
+    """A fresh Prometheus registry (without the ``*_created`` series, which add nothing)."""
+    from prometheus_client import CollectorRegistry, disable_created_metrics
+
+    disable_created_metrics()
+    return CollectorRegistry()
+
+
+def serving_engine(settings: Any) -> tuple[Any, dict[str, Any], Any, Any]:
+    """The engine a process (``run``, ``serve``, ``trainer``) serves with, its threads set:
+    ``(engine, checkpoint manifest, metrics registry, engine metrics)``."""
+    import faiss
+    import torch
+
+    from stream_meta.app import build_engine
+    from stream_meta.metrics import EngineMetrics
+
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    # one batched search per micro-batch is small: OpenMP regions only add wake-up stalls
+    faiss.omp_set_num_threads(1)
+    model, manifest = load_model(settings.model.checkpoint, settings.model.family)
+    registry = new_registry()
+    metrics = EngineMetrics(registry)
+    metrics.set_build_info(family=manifest["family"])
+    engine = build_engine(
+        model, settings, metrics=metrics, model_version=int(manifest.get("model_version", 1))
+    )
+    return engine, manifest, registry, metrics
+
+
+def admin_server(settings: Any, registry: Any, **probes: Any) -> Any:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on the configured port (None if port 0)."""
+    if not settings.metrics.port:
+        return None
+    from stream_meta.http_server import AdminServer
+
+    host, port = settings.metrics.host, settings.metrics.port
+    try:
+        server = AdminServer(registry, host=host, port=port, **probes)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot serve metrics on {host}:{port}: {exc} "
+            "(choose another with --metrics-port, or 0 to turn it off)"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", host, port)
+    return server
+
+
+def open_recorder(path: Path, file_format: str) -> Any:
+    """An ``EventRecorder`` writing ``path`` (``--record``, ``export --out``)."""
+    from stream_meta.recording import EventRecorder
+
+    try:
+        return EventRecorder(path, format=file_format)
+    except RuntimeError as exc:  # Parquet without pyarrow
+        raise UsageError(str(exc)) from exc
+
+
+def progress_bar(args: argparse.Namespace, total: int | None, desc: str) -> Any:
+    """A progress bar on a terminal, else None (logs report progress instead)."""
+    if args.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ev", unit_scale=True, desc=desc, dynamic_ncols=True)
+
+
+def stop_on_sigterm() -> Any:
+    """An event set by SIGTERM (SIGINT stays KeyboardInterrupt)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def close(*resources: Any) -> None:
+    """Close what was opened (None: never opened), in order."""
+    for resource in resources:
+        if resource is not None:
+            resource.close()

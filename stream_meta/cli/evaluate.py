@@ -1,0 +1,63 @@
+"""``stream-meta evaluate``: few-shot evaluation of a checkpoint on held-out tasks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stream_meta.cli.common import (
+    Options,
+    UsageError,
+    check_device,
+    emit,
+    family_for,
+    load_model,
+    settings_from,
+)
+
+if TYPE_CHECKING:
+    from stream_meta.cli.common import Subparsers
+
+
+def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
+    e = sub.add_parser(
+        "evaluate", parents=[options.common], help="few-shot evaluation on held-out tasks"
+    )
+    e.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
+    e.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    e.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 20])
+    e.add_argument("--tasks", type=int, default=1000)
+    e.add_argument("--queries", type=int, default=100, help="query points per task")
+    e.add_argument("--bank-tasks", type=int, default=1000, help="held-out tasks in the index")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-neighbours", action="store_true", help="switch retrieval off")
+    e.add_argument("--device", help="cpu (default) or cuda[:N]")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = settings_from(args, {})
+    from stream_meta.evaluation.fewshot import evaluate
+
+    device = check_device(args.device or "cpu")
+    model, manifest = load_model(args.checkpoint, args.family, device=device)
+    if manifest["family"] != args.family:
+        raise UsageError(
+            f"checkpoint {manifest['path']} is for family {manifest['family']!r}, "
+            f"not {args.family!r}"
+        )
+    k = 0 if args.no_neighbours else settings.engine.k_neighbours
+    report = evaluate(
+        model,
+        family_for(args.family, split="test"),
+        shots=args.shots,
+        tasks=args.tasks,
+        queries=args.queries,
+        k_neighbours=k,
+        bank_tasks=args.bank_tasks,
+        seed=args.seed,
+    )
+    report["checkpoint"] = manifest["path"]
+    emit(report, args.json)
+    return 0

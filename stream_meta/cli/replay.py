@@ -1,0 +1,247 @@
+"""``stream-meta replay`` (a recorded stream under strategies, with a report) and
+``stream-meta compare`` (two reports; exit 1 on a regression)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stream_meta.cli.common import (
+    Options,
+    UsageError,
+    emit,
+    load_model,
+    log,
+    settings_from,
+)
+
+if TYPE_CHECKING:
+    from stream_meta.cli.common import Subparsers
+
+
+# -- replay ------------------------------------------------------------------------------------
+def add_replay_parser(sub: Subparsers, options: Options) -> None:
+    rp = sub.add_parser(
+        "replay",
+        parents=[options.common],
+        help="re-run a recorded stream under strategies and report",
+    )
+    rp.add_argument("log", help="a recording directory (--record) or a JSON-lines file of events")
+    rp.add_argument(
+        "--strategy",
+        action="append",
+        required=True,
+        help="full, no-neighbours, no-meta-update, global, scratch, finetune, maml, "
+        "nearest-task, or all (repeatable)",
+    )
+    rp.add_argument(
+        "--baseline-dir",
+        type=Path,
+        help="directory of <family>-maml/-pretrained.safetensors (default: the shipped ones)",
+    )
+    rp.add_argument(
+        "--batch-size",
+        type=int,
+        help="events per engine batch (default: engine.micro_batch, as served; larger batches "
+        "replay faster, and only the index flushes, hence some neighbours, differ)",
+    )
+    rp.add_argument(
+        "--inner-steps",
+        type=int,
+        default=10,
+        help="SGD steps per adaptation of finetune and maml (default 10)",
+    )
+    rp.add_argument(
+        "--scratch-steps",
+        type=int,
+        default=100,
+        help="Adam steps per adaptation of scratch (default 100)",
+    )
+    rp.add_argument("--report", required=True, help="directory for report.json and predictions")
+    rp.add_argument("--label-delay", type=int, default=0, help="labels arrive N events late")
+    rp.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
+    rp.add_argument("--family", choices=["sinusoid", "digits"], help="shipped model to use")
+    rp.set_defaults(func=cmd_replay)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run a recorded stream under one or more strategies; write predictions and a report."""
+    overrides: dict[str, Any] = {"metrics": {"port": 0}}
+    if args.family:
+        overrides.setdefault("model", {})["family"] = args.family
+    if args.checkpoint:
+        overrides.setdefault("model", {})["checkpoint"] = str(args.checkpoint)
+    settings = settings_from(args, overrides)
+    import torch
+
+    from stream_meta.evaluation.replay import ReplayConfig
+    from stream_meta.evaluation.strategies import StrategyOptions
+
+    names = _strategy_names(args, settings)
+    if args.label_delay < 0:
+        raise UsageError("--label-delay must be >= 0")
+    if args.inner_steps < 0 or args.scratch_steps < 0:
+        raise UsageError("--inner-steps and --scratch-steps must be >= 0")
+    options = StrategyOptions(
+        baseline_dir=args.baseline_dir,
+        inner_steps=args.inner_steps,
+        scratch_steps=args.scratch_steps,
+    )
+    model, manifest = load_model(settings.model.checkpoint, settings.model.family)
+    _check_baselines(names, model, manifest["family"], options)
+    log_path = Path(args.log)
+    raws = _recorded(log_path)
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    config = ReplayConfig(
+        label_delay=args.label_delay, batch_size=args.batch_size or settings.engine.micro_batch
+    )
+    from stream_meta.evaluation.families import build_probes, parse_events
+
+    probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
+    results = _replay_all(
+        names, raws, log_path, settings, config, report_dir, options=options, probes=probes
+    )
+    report = {
+        "log": str(log_path),
+        "events": len(raws),
+        "label_delay": args.label_delay,
+        "batch_size": config.batch_size,
+        "baselines": {
+            "dir": str(options.baseline_dir or "shipped"),
+            "inner_steps": options.inner_steps,
+            "scratch_steps": options.scratch_steps,
+        },
+        "checkpoint": manifest["path"],
+        "strategies": results,
+    }
+    _write_report(report, report_dir, args.json)
+    return 0
+
+
+def _strategy_names(args: argparse.Namespace, settings: Any) -> list[str]:
+    """``--strategy`` (repeatable; ``all``: every strategy) as a list, each name checked."""
+    from stream_meta.evaluation.strategies import STRATEGIES, strategy_settings
+
+    names = list(STRATEGIES) if "all" in args.strategy else list(dict.fromkeys(args.strategy))
+    for name in names:
+        try:
+            strategy_settings(settings, name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return names
+
+
+def _check_baselines(names: list[str], model: Any, family: str, options: Any) -> None:
+    """A missing or unfit baseline initialisation fails before any replay."""
+    from stream_meta.evaluation.strategies import load_gradient_init
+    from stream_meta.model_checkpoint import CheckpointError
+
+    for name in names:
+        if name in ("scratch", "finetune", "maml"):
+            try:
+                load_gradient_init(name, model, family, options)
+            except (CheckpointError, ValueError) as exc:
+                raise UsageError(f"strategy {name}: {exc}") from exc
+
+
+def _recorded(log_path: Path) -> list[Any]:
+    """The raw events of a recording directory or a JSON-lines file."""
+    from stream_meta.recording import is_recording, recorded_events
+    from stream_meta.sources import jsonl_source
+
+    if not (is_recording(log_path) or log_path.is_file()):
+        raise UsageError(f"{log_path} is neither a recording directory nor a JSON-lines file")
+    source = recorded_events(log_path) if is_recording(log_path) else jsonl_source(log_path)
+    return [raw for raw, _ in source]
+
+
+def _replay_all(
+    names: list[str],
+    raws: list[Any],
+    log_path: Path,
+    settings: Any,
+    config: Any,
+    report_dir: Path,
+    **strategy_kwargs: Any,
+) -> dict[str, Any]:
+    """Replay ``raws`` under each strategy; the results by strategy."""
+    from stream_meta.evaluation.replay import replay_strategy
+
+    results = {}
+    for name in names:
+        # a fresh copy of the model per strategy: meta-updates must not leak between them
+        model, manifest = load_model(settings.model.checkpoint, settings.model.family)
+        log.info("replaying %d events of %s with strategy %s", len(raws), log_path, name)
+        results[name] = replay_strategy(
+            name,
+            raws,
+            model,
+            settings,
+            config,
+            report_dir / f"predictions-{name}.jsonl",
+            family=manifest["family"],
+            **strategy_kwargs,
+        )
+    return results
+
+
+def _write_report(report: dict[str, Any], report_dir: Path, as_json: bool) -> None:
+    """``report.json`` and ``report.html`` in ``report_dir``; print the report (``--json``) or
+    a line per strategy."""
+    from stream_meta.evaluation.report import write_html
+
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_html(report, report_dir / "report.html")
+    if as_json:
+        emit(report, True)
+        return
+    for name, r in report["strategies"].items():
+        loss = r["prequential_loss"]
+        print(
+            f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
+            f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
+            f"sha256 {r['predictions_sha256'][:12]}"
+        )
+    print(f"report: {report_dir / 'report.json'}, {report_dir / 'report.html'}")
+
+
+# -- compare -----------------------------------------------------------------------------------
+def add_compare_parser(sub: Subparsers, options: Options) -> None:
+    cp = sub.add_parser(
+        "compare",
+        parents=[options.common],
+        help="compare two replay reports (exit 1 on a regression)",
+    )
+    cp.add_argument("a", help="the reference report (report.json or its directory)")
+    cp.add_argument("b", help="the candidate report")
+    cp.add_argument(
+        "--threshold",
+        type=float,
+        default=0.05,
+        help="relative rise of a strategy's prequential loss that counts as a regression",
+    )
+    cp.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Markdown table of B against A; exit 1 when B regresses past the threshold."""
+    from stream_meta.evaluation.report import compare, load_report
+
+    try:
+        a, b = load_report(args.a), load_report(args.b)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    table, regressions = compare(a, b, threshold=args.threshold)
+    print(table)
+    if regressions:
+        print("\nregressions:\n" + "\n".join(f"- {r}" for r in regressions))
+        return 1
+    print(f"\nno strategy regresses by more than {args.threshold:.0%}")
+    return 0
