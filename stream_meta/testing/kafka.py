@@ -42,6 +42,44 @@ def create_topics(bootstrap: str, prefix: str, partitions: int = 3) -> None:
         admin.close()
 
 
+#: fetch limits of the readers here: reading back hundreds of thousands of records (as
+#: ``make bench`` does) is slow with the client's defaults (1 MiB a partition)
+BULK_FETCH = {"max_partition_fetch_bytes": 8 << 20, "fetch_max_bytes": 64 << 20}
+
+
+def _assign_all(consumer: KafkaConsumer, topic: str, deadline: float) -> None:
+    """Assign ``consumer`` every partition of ``topic`` once it has some (epoch ``deadline``)."""
+    parts = None
+    while not parts and time.time() < deadline:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            time.sleep(0.2)
+    if not parts:
+        raise TimeoutError(f"topic {topic} has no partitions")
+    consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+
+
+def _reader(bootstrap: str) -> KafkaConsumer:
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **BULK_FETCH,
+    )
+
+
+def topic_reader(bootstrap: str, topic: str, *, timeout: float = 60.0) -> KafkaConsumer:
+    """A consumer of every partition of ``topic`` from its start (manual assignment: no
+    group), once the topic exists (``timeout`` scaled); the caller polls and closes it."""
+    consumer = _reader(bootstrap)
+    try:
+        _assign_all(consumer, topic, time.time() + scaled(timeout))
+    except BaseException:
+        consumer.close()
+        raise
+    return consumer
+
+
 def read_topic(
     bootstrap: str,
     topic: str,
@@ -52,20 +90,11 @@ def read_topic(
 ) -> list[Any]:
     """Every record of ``topic`` (all partitions, manual assignment) once ``until(records)``
     holds, plus whatever arrives in the next ``settle`` seconds; raises on timeout."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    consumer = _reader(bootstrap)
     try:
-        parts = None
         timeout = scaled(timeout)
         deadline = time.time() + timeout
-        while not parts and time.time() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                time.sleep(0.2)
-        if not parts:
-            raise TimeoutError(f"topic {topic} has no partitions")
-        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        _assign_all(consumer, topic, deadline)
         out: list[Any] = []
         while not until(out):
             if time.time() > deadline:
@@ -79,6 +108,12 @@ def read_topic(
         return out
     finally:
         consumer.close()
+
+
+def read_records(bootstrap: str, topic: str, count: int, *, timeout: float = 300.0) -> list[Any]:
+    """The records of ``topic`` read until there are at least ``count`` (all partitions,
+    manual assignment), without waiting for more; raises on timeout (scaled)."""
+    return read_topic(bootstrap, topic, until=lambda r: len(r) >= count, timeout=timeout, settle=0)
 
 
 def end_offsets(records: list[Any]) -> dict[int, int]:
@@ -98,7 +133,7 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int |
     """The group's committed offsets (an OffsetFetch: this reader does not join the group)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        parts = sorted(consumer.partitions_for_topic(topic))
+        parts = sorted(consumer.partitions_for_topic(topic) or [])
         return {p: consumer.committed(TopicPartition(topic, p)) for p in parts}
     finally:
         consumer.close()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without STREAM_META_* settings (the suite may run inside a deploy)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_META_")}
+    """The environment without STREAM_META_* settings, in any case, as the settings read them
+    (the suite may run inside a deploy), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_META_")}
     env.update(extra)
     return env
 
@@ -46,23 +48,39 @@ def cli(
 
 
 class Serve:
-    """``stream-meta serve`` as a child process (stderr kept in a file for diagnostics)."""
+    """``stream-meta serve`` as a child process (stderr kept in a file for diagnostics).
 
-    def __init__(self, tmp: Path, name: str, *args: str, env: dict[str, str] | None = None):
+    ``program``: how to start ``stream-meta`` (default ``python -m stream_meta`` of this
+    interpreter); ``cwd``: its working directory (default ours). :attr:`args` holds its
+    arguments after the program, :attr:`started` the epoch time just before the launch."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        program: Sequence[str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.log = tmp / f"{name}.log"
+        self.args = ["serve", "--json", "-q", *args]
         self._fh = self.log.open("wb")
+        self.started = time.time()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_meta", "serve", "--json", "-q", *args],
+            [*(program or (sys.executable, "-m", "stream_meta")), *self.args],
             stdout=subprocess.PIPE,
             stderr=self._fh,
             env=clean_env(**(env or {})),
+            cwd=cwd,
         )
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
-        """Wait until the process logged ``text`` (``timeout`` scaled); fail if it exits."""
+    def wait_for_log(self, text: str, timeout: float = 120.0, interval: float = 0.1) -> None:
+        """Wait until the process logged ``text`` (``timeout`` scaled; the log is read every
+        ``interval`` s); fail if it exits."""
         timeout = scaled(timeout)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -70,10 +88,11 @@ class Serve:
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited ({self.proc.returncode}):\n{self.stderr()}")
-            time.sleep(0.1)
+            time.sleep(interval)
         raise TimeoutError(f"no {text!r} in the serve log after {timeout} s:\n{self.stderr()}")
 
     def kill(self) -> None:
+        """SIGKILL (nothing to do once it has exited), wait, close its log."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=scaled(30))
         self._fh.close()
@@ -84,7 +103,9 @@ class Serve:
         return self.wait(timeout)
 
     def wait(self, timeout: float = 300.0) -> tuple[int, dict[str, Any] | None]:
+        """Wait for the exit (``timeout`` scaled; ``subprocess.TimeoutExpired`` after it);
+        ``(exit code, the JSON summary on the last line of stdout, or None)``."""
         out, _ = self.proc.communicate(timeout=scaled(timeout))
         self._fh.close()
-        text = out.decode().strip()
-        return self.proc.returncode, json.loads(text) if text else None
+        lines = [ln for ln in out.decode().splitlines() if ln.strip()]
+        return self.proc.returncode, json.loads(lines[-1]) if lines else None

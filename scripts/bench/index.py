@@ -1,6 +1,8 @@
 """Benchmark the FAISS task index: in-place upsert, remove, exact and IVF search.
 
-    python -m scripts.bench_index [--sizes 10000 100000 1000000] [--json]
+``make bench``'s section ``index`` (:func:`measure_index`), and a command of its own:
+
+    python -m scripts.bench.index [--sizes 10000 100000 1000000] [--json]
         [--d 64] [--data sphere|clustered] [--threads N] [--nprobe 16] [--reps 200]
 
 For each size it builds a ``TaskIndex`` of random unit vectors, then times (median and
@@ -33,6 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from scripts.bench.common import Check, Context, Section, loadavg, say
 from stream_meta.index import TaskIndex, task_keys
 
 K = 10
@@ -90,32 +93,8 @@ def bench_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
 
     batches = [[ids[j] for j in rng.choice(n, size=BATCH, replace=False)] for _ in range(8)]
     out["upsert_256"] = time_ms(lambda i: flat.upsert(batches[i % 8], x_new[:BATCH]), reps // 4)
-
-    def remove_then_put_back(reps: int) -> dict[str, float]:
-        times = np.empty(reps)
-        for i in range(reps):
-            j = int(picks[i])
-            t0 = time.perf_counter_ns()
-            flat.remove([ids[j]])
-            times[i] = time.perf_counter_ns() - t0
-            flat.upsert([ids[j]], xb[j : j + 1])  # untimed: keep the size constant
-        return {
-            "median_ms": float(np.median(times) / 1e6),
-            "p90_ms": float(np.quantile(times, 0.9) / 1e6),
-        }
-
-    out["remove_1"] = remove_then_put_back(min(reps, 50))
-
-    naive = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-    naive.add_with_ids(xb, task_keys(ids))
-    keys = task_keys([ids[j] for j in picks[:reps]])
-
-    def naive_upsert(i: int) -> None:
-        naive.remove_ids(keys[i : i + 1])
-        naive.add_with_ids(x_new[i : i + 1], keys[i : i + 1])
-
-    out["naive_remove_add_1"] = time_ms(naive_upsert, min(reps, 50))
-    naive.reset()  # free its memory before the IVF build
+    out["remove_1"] = remove_then_put_back(flat, ids, xb, picks, min(reps, 50))
+    out["naive_remove_add_1"] = naive_upsert_ms(ids, xb, x_new, picks, min(reps, 50))
 
     xq = make_data(rng, BATCH, d, args.data)
     out["query_1"] = time_ms(
@@ -124,20 +103,69 @@ def bench_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     out["query_256"] = time_ms(lambda i: flat.search(xq, K), max(reps // 20, 5))
 
     if n >= args.ivf_min_size:
-        ivf = TaskIndex(d, kind="ivf", nprobe=args.nprobe, seed=args.seed)
-        out["ivf_build_s"] = build(ivf, ids, xb)
-        assert not ivf.exact
-        out["ivf_nlist"], out["ivf_nprobe"] = 1024, min(args.nprobe, 1024)
-        out["ivf_memory_bytes_per_task"] = ivf.memory_bytes() / n
-        _, I_exact = flat.search(xq, K)
-        _, I_ivf = ivf.search(xq, K)
-        hits = sum(
-            len(set(a) & set(b)) for a, b in zip(I_ivf.tolist(), I_exact.tolist(), strict=True)
-        )
-        out["ivf_recall_at_10"] = hits / I_exact.size
-        out["ivf_upsert_1"] = time_ms(lambda i: ivf.upsert([ids[picks[i]]], x_new[i : i + 1]), reps)
-        out["ivf_query_1"] = time_ms(lambda i: ivf.search(xq[i % BATCH : i % BATCH + 1], K), reps)
-        out["ivf_query_256"] = time_ms(lambda i: ivf.search(xq, K), max(reps // 20, 5))
+        out.update(bench_ivf(flat, ids, xb, xq, picks, x_new, args))
+    return out
+
+
+def remove_then_put_back(
+    flat: TaskIndex, ids: list[str], xb: np.ndarray, picks: np.ndarray, reps: int
+) -> dict[str, float]:
+    """``remove`` of one task, timed; the task is put back (untimed) to keep the size."""
+    times = np.empty(reps)
+    for i in range(reps):
+        j = int(picks[i])
+        t0 = time.perf_counter_ns()
+        flat.remove([ids[j]])
+        times[i] = time.perf_counter_ns() - t0
+        flat.upsert([ids[j]], xb[j : j + 1])  # untimed: keep the size constant
+    return {
+        "median_ms": float(np.median(times) / 1e6),
+        "p90_ms": float(np.quantile(times, 0.9) / 1e6),
+    }
+
+
+def naive_upsert_ms(
+    ids: list[str], xb: np.ndarray, x_new: np.ndarray, picks: np.ndarray, reps: int
+) -> dict[str, float]:
+    """The same overwrite on a raw ``IndexIDMap2(IndexFlatIP)``: remove, then add."""
+    naive = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
+    naive.add_with_ids(xb, task_keys(ids))
+    keys = task_keys([ids[j] for j in picks[:reps]])
+
+    def naive_upsert(i: int) -> None:
+        naive.remove_ids(keys[i : i + 1])
+        naive.add_with_ids(x_new[i : i + 1], keys[i : i + 1])
+
+    try:
+        return time_ms(naive_upsert, reps)
+    finally:
+        naive.reset()  # free its memory before the IVF build
+
+
+def bench_ivf(
+    flat: TaskIndex,
+    ids: list[str],
+    xb: np.ndarray,
+    xq: np.ndarray,
+    picks: np.ndarray,
+    x_new: np.ndarray,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The ``ivf`` kind: build time, recall@10 against the exact ``flat`` index, timings."""
+    n, reps = len(ids), args.reps
+    out: dict[str, Any] = {}
+    ivf = TaskIndex(xb.shape[1], kind="ivf", nprobe=args.nprobe, seed=args.seed)
+    out["ivf_build_s"] = build(ivf, ids, xb)
+    assert not ivf.exact
+    out["ivf_nlist"], out["ivf_nprobe"] = 1024, min(args.nprobe, 1024)
+    out["ivf_memory_bytes_per_task"] = ivf.memory_bytes() / n
+    _, I_exact = flat.search(xq, K)
+    _, I_ivf = ivf.search(xq, K)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(I_ivf.tolist(), I_exact.tolist(), strict=True))
+    out["ivf_recall_at_10"] = hits / I_exact.size
+    out["ivf_upsert_1"] = time_ms(lambda i: ivf.upsert([ids[picks[i]]], x_new[i : i + 1]), reps)
+    out["ivf_query_1"] = time_ms(lambda i: ivf.search(xq[i % BATCH : i % BATCH + 1], K), reps)
+    out["ivf_query_256"] = time_ms(lambda i: ivf.search(xq, K), max(reps // 20, 5))
     return out
 
 
@@ -191,8 +219,44 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- the section of ``make bench`` ---------------------------------------------------------------
+def measure_index(ctx: Context, section: Section) -> None:
+    threads = 1  # as `stream-meta run` sets FAISS
+    faiss.omp_set_num_threads(threads)
+    args = argparse.Namespace(
+        d=64, data="sphere", nprobe=16, ivf_min_size=100_000, reps=ctx.sizes.index_reps, seed=0
+    )
+    results = []
+    for n in ctx.sizes.index_sizes:
+        say(f"index: n={n:,}")
+        results.append(bench_size(n, args))
+    meta = {
+        "d": args.d,
+        "data": args.data,
+        "faiss": faiss.__version__,
+        "threads": faiss.omp_get_max_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg": loadavg(),
+    }
+    section.raw = {"meta": meta, "args": vars(args), "results": results}
+    sizes = " ".join(map(str, ctx.sizes.index_sizes))
+    cmd = f"python -m scripts.bench.index --sizes {sizes} --reps {args.reps} --threads {threads}"
+    section.checks.append(
+        Check(
+            "FAISS task index micro-benchmarks (no target)",
+            "table below",
+            None,
+            f"`scripts.bench.index.bench_size` (same as `{cmd}`)",
+        )
+    )
+    section.tables.append(markdown(results, meta))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """``python -m scripts.bench.index``: the table (and ``--json``) on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.bench.index", description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--d", type=int, default=64)
     parser.add_argument("--data", choices=["sphere", "clustered"], default="sphere")

@@ -1,10 +1,13 @@
-"""Smoke tests of ``scripts/bench.py``'s helpers (the measurements themselves are not run)."""
+"""Smoke tests of the pure helpers of the benchmarks, ``scripts/bench/`` (the measurements
+themselves are not run)."""
 
 from __future__ import annotations
 
 import pytest
 
-from scripts import bench
+from scripts.bench import report, runner, scale_stats, serve, serve_runs
+from scripts.bench.common import Check, Context, MeasurementError, Section, change, need_checkpoint
+from scripts.bench.sizes import FULL
 
 
 def _meta(quick: bool) -> dict:
@@ -35,66 +38,62 @@ def _meta(quick: bool) -> dict:
 
 
 def test_change_says_lower_or_higher_when_comparing_losses() -> None:
-    assert bench.change(0.5, 1.0) == "50.0% lower"
-    assert bench.change(1.1, 1.0) == "10.0% higher"
+    assert change(0.5, 1.0) == "50.0% lower"
+    assert change(1.1, 1.0) == "10.0% higher"
 
 
 def test_check_status_when_passed_failed_context_or_unmeasured() -> None:
-    assert bench.Check("t", "1", True, "h").status == "pass"
-    assert bench.Check("t", "1", False, "h").status == "**FAIL**"
-    assert bench.Check("t", "1", None, "h").status == "context"
-    assert bench.Check("t", "not measured: no digits checkpoint", None, "-").status == "n/a"
+    assert Check("t", "1", True, "h").status == "pass"
+    assert Check("t", "1", False, "h").status == "**FAIL**"
+    assert Check("t", "1", None, "h").status == "context"
+    assert Check("t", "not measured: no digits checkpoint", None, "-").status == "n/a"
 
 
 def test_parse_args_rejects_unknown_section_when_only_is_given() -> None:
-    assert bench.parse_args(["--only", "memory,index"]).only == ["memory", "index"]
+    assert runner.parse_args(["--only", "memory,index"]).only == ["memory", "index"]
     with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "nope"])
+        runner.parse_args(["--only", "nope"])
 
 
 def test_render_labels_quick_runs_and_reports_misses_and_errors() -> None:
-    ok = bench.Section("latency", "Adaptation latency")
-    ok.checks.append(bench.Check("p50 <= 1 ms", "p50 2 ms", False, "`cmd`"))
-    broken = bench.Section("memory", "Memory per task", error="MeasurementError: boom")
-    text = bench.render(_meta(quick=True), [ok, broken])
+    ok = Section("latency", "Adaptation latency")
+    ok.checks.append(Check("p50 <= 1 ms", "p50 2 ms", False, "`cmd`"))
+    broken = Section("memory", "Memory per task", error="MeasurementError: boom")
+    text = report.render(_meta(quick=True), [ok, broken])
     assert "QUICK smoke run" in text
     assert "| p50 <= 1 ms | p50 2 ms | **FAIL** | `cmd` |" in text
     assert "**ERROR**" in text and "boom" in text
-    assert "QUICK" not in bench.render(_meta(quick=False), [ok])
+    assert "QUICK" not in report.render(_meta(quick=False), [ok])
 
 
 def test_need_checkpoint_marks_targets_not_measured_when_checkpoint_is_missing(tmp_path) -> None:
-    ctx = bench.Context(quick=True, checkpoint_dir=tmp_path)
-    section = bench.Section("digits", "Digits")
-    assert not bench.need_checkpoint(ctx, section, "digits", ["beats the baseline"])
+    ctx = Context(quick=True, checkpoint_dir=tmp_path)
+    section = Section("digits", "Digits")
+    assert not need_checkpoint(ctx, section, "digits", ["beats the baseline"])
     assert section.checks[0].measured == "not measured: no digits checkpoint"
     assert section.checks[0].status == "n/a"
 
 
 def test_serve_sizes_last_the_target_minute_when_full() -> None:
     # 60 s of consuming even at 12,000 events/s, and 60 s of producing at 2,000 events/s
-    assert bench.FULL.serve_events / 12_000 >= bench.SERVE_SUSTAIN_S
-    assert bench.FULL.serve_latency_events / bench.SERVE_LATENCY_RATE >= bench.SERVE_SUSTAIN_S
+    assert FULL.serve_events / 12_000 >= serve.SERVE_SUSTAIN_S
+    assert FULL.serve_latency_events / serve.SERVE_LATENCY_RATE >= serve.SERVE_SUSTAIN_S
 
 
 def test_serve_log_times_finds_the_startup_lines_when_logged() -> None:
-    from scripts import bench_serve
-
     log = (
         "2026-11-27 06:10:36,100 INFO stream_meta: serving sinusoid (model version 1) from x\n"
         "2026-11-27 06:10:36,101 INFO stream_meta.kafka.service: partitions revoked: none\n"
         "2026-11-27 06:10:39,350 INFO stream_meta.kafka.service: partitions assigned: x.events[0]\n"
         "2026-11-27 06:10:45,000 INFO stream_meta.kafka.service: partitions assigned: x.events[0]\n"
     )
-    marks = bench_serve.log_times(log)
+    marks = serve_runs.log_times(log)
     assert marks["assigned"] - marks["serving"] == pytest.approx(3.25, abs=1e-6)
-    assert bench_serve.log_times("no such lines\n") == {}
+    assert serve_runs.log_times("no such lines\n") == {}
 
 
 def test_serve_latency_joins_on_event_id_when_predictions_repeat_or_miss() -> None:
     import json
-
-    from scripts import bench_serve
 
     def ev(i: int) -> bytes:
         return json.dumps({"event_id": f"e{i}", "task_id": "t", "x": [0.0]}).encode()
@@ -107,7 +106,7 @@ def test_serve_latency_joins_on_event_id_when_predictions_repeat_or_miss() -> No
         (1032, ev(2)),  # 30 ms; e3 has no prediction
         (1040, ev(9)),  # not one of these events
     ]
-    stats = bench_serve.latency_ms(events, predictions)
+    stats = serve_runs.latency_ms(events, predictions)
     assert (stats["events"], stats["matched"], stats["missing"]) == (4, 3, 1)
     assert stats["p50_ms"] == pytest.approx(20.0)
     assert stats["max_ms"] == pytest.approx(30.0)
@@ -116,12 +115,10 @@ def test_serve_latency_joins_on_event_id_when_predictions_repeat_or_miss() -> No
 
 
 def test_scale_windows_report_latency_and_backlog_per_window_when_outputs_lag() -> None:
-    from scripts.bench_scale import windows
-
     events = [(0, "a"), (500, "b"), (1000, "c"), (1500, "d")]
     # b's first prediction counts (a second copy is later); d is never predicted
     preds = [(10, "a"), (900, "b"), (2500, "b"), (1100, "c")]
-    rows = windows(events, preds, width_s=1.0)
+    rows = scale_stats.windows(events, preds, width_s=1.0)
     assert [r["from_s"] for r in rows] == [0.0, 1.0]
     assert rows[0]["events"] == 2 and rows[0]["max_ms"] == 400.0  # b: 900 - 500
     assert rows[0]["backlog_at_end"] == 0  # a, b produced and predicted before 1,000 ms
@@ -130,69 +127,58 @@ def test_scale_windows_report_latency_and_backlog_per_window_when_outputs_lag() 
 
 
 def test_scale_rss_growth_compares_medians_after_warm_up_and_at_the_end() -> None:
-    from scripts.bench import MeasurementError
-    from scripts.bench_scale import rss_growth
-
     samples = [(float(t), 100 + (50 if t < 10 else 0) + (10 if t >= 90 else 0)) for t in range(100)]
-    r = rss_growth(samples, warm_s=20.0, width_s=10.0)
+    r = scale_stats.rss_growth(samples, warm_s=20.0, width_s=10.0)
     assert r["after_warm_up_bytes"] == 100 and r["end_bytes"] == 110
     assert r["growth"] == pytest.approx(0.10)
     assert r["max_bytes"] == 150  # the warm-up peak is reported, not judged
     with pytest.raises(MeasurementError, match="too few"):
-        rss_growth(samples[:5], warm_s=20.0)
+        scale_stats.rss_growth(samples[:5], warm_s=20.0)
 
 
 def test_scale_changelog_check_finds_lost_and_repeated_examples_when_compared() -> None:
     from types import SimpleNamespace
-
-    from scripts.bench_scale import changelog_check
 
     labels = {"a": [1.0, 2.0, 3.0, 4.0], "b": [5.0], "c": [6.0]}
     newest = {
         "a": SimpleNamespace(seen=4, ys=[4.0, 2.0, 3.0]),  # a ring buffer of 3: rotated
         "b": SimpleNamespace(seen=2, ys=[5.0, 5.0]),  # learned twice
     }
-    r = changelog_check(labels, newest)
+    r = scale_stats.changelog_check(labels, newest)
     assert r["tasks_missing"] == 1  # c
     assert r["seen_mismatch"] == 1 and r["seen_mismatch_examples"] == [("b", 2, 1)]
     assert r["support_set_mismatch"] == 1  # b's set is not its newest labels
     newest["a"] = SimpleNamespace(seen=4, ys=[1.0, 2.0, 3.0])  # lost the newest example
-    assert changelog_check(labels, newest)["support_set_mismatch"] == 2
+    assert scale_stats.changelog_check(labels, newest)["support_set_mismatch"] == 2
 
 
 def test_scale_cores_between_uses_the_samples_inside_the_span() -> None:
-    from scripts.bench_scale import cores_between
-
     trace = [
         (0.0, [0.0, 0.0], 0.0),
         (1.0, [0.5, 1.0], 0.2),
         (3.0, [1.5, 3.0], 0.6),
         (4.0, [9.0, 9.0], 9.0),
     ]
-    r = cores_between(trace, 0.5, 3.5)
+    r = scale_stats.cores_between(trace, 0.5, 3.5)
     assert r["replicas"] == [0.5, 1.0] and r["broker"] == 0.2 and r["seconds"] == 2.0
-    assert cores_between(trace, 3.5, 3.9)["replicas"] is None  # no two samples inside
+    assert scale_stats.cores_between(trace, 3.5, 3.9)["replicas"] is None  # no two samples inside
 
 
 def test_scale_steady_window_counts_only_while_every_replica_serves() -> None:
-    from scripts.bench_scale import steady_window
-
     # replica A (partition 0) serves 0..4,000 ms; replica B (partition 1) 2,000..6,000 ms
     rows = [(t, f"a{t}") for t in range(0, 4001, 500)] + [
         (t, f"b{t}") for t in range(2000, 6001, 500)
     ]
     parts = [0] * 9 + [1] * 9
-    r = steady_window(rows, parts, [[0], [1]])
+    r = scale_stats.steady_window(rows, parts, [[0], [1]])
     assert (r["from_ms"], r["to_ms"]) == (2000, 4000)
     assert r["events"] == 10 and r["events_per_s"] == 5.0  # 5 of each in 2 s
-    one = steady_window(rows[:9], parts[:9], [[0]])
+    one = scale_stats.steady_window(rows[:9], parts[:9], [[0]])
     assert one["span_s"] == 4.0 and one["events"] == 9
 
 
 def test_scale_cores_in_reads_cpu_samples_of_a_window() -> None:
-    from scripts.bench_scale import cores_in
-
     cpu = [(0.0, [0.0, 0.0], 0.0), (10.0, [5.0, 2.5], 10.0), (20.0, [10.0, 5.0], 30.0)]
-    assert cores_in(cpu, 0.0, 10.0) == "0.50, 0.25 / 1.00"
-    assert cores_in(cpu, 10.0, 20.0) == "0.50, 0.25 / 2.00"
-    assert cores_in(cpu, 30.0, 40.0) == "?"
+    assert scale_stats.cores_in(cpu, 0.0, 10.0) == "0.50, 0.25 / 1.00"
+    assert scale_stats.cores_in(cpu, 10.0, 20.0) == "0.50, 0.25 / 2.00"
+    assert scale_stats.cores_in(cpu, 30.0, 40.0) == "?"

@@ -1,0 +1,40 @@
+"""The sections of ``make bench``, in the order of the report: name -> (title, measurement).
+``--only`` takes these names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scripts.bench.common import Context, Section
+from scripts.bench.drift import measure_drift
+from scripts.bench.fewshot import (
+    measure_digits,
+    measure_latency,
+    measure_neighbours,
+    measure_sinusoid,
+)
+from scripts.bench.index import measure_index
+from scripts.bench.memory import measure_memory
+from scripts.bench.meta_update import measure_meta_update
+from scripts.bench.replay import measure_replay
+from scripts.bench.scale import measure_scale
+from scripts.bench.serve import measure_serve
+from scripts.bench.throughput import measure_throughput
+
+#: a measurement fills its section (checks, notes, tables, raw results) or raises
+Measurement = Callable[[Context, Section], None]
+
+MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
+    "sinusoid": ("Sinusoid few-shot regression", measure_sinusoid),
+    "neighbours": ("Neighbour retrieval ablation", measure_neighbours),
+    "digits": ("Digits 5-way classification", measure_digits),
+    "latency": ("Adaptation latency", measure_latency),
+    "throughput": ("Engine throughput", measure_throughput),
+    "memory": ("Memory per task", measure_memory),
+    "index": ("Task index micro-benchmarks", measure_index),
+    "serve": ("Kafka service (`stream-meta serve`)", measure_serve),
+    "drift": ("Drift detection", measure_drift),
+    "meta_update": ("Meta-updates: recovery, forgetting, latency", measure_meta_update),
+    "replay": ("Replay evaluation: strategies and baselines", measure_replay),
+    "scale": ("Replicas: scale-out, kill-and-restart, soak", measure_scale),
+}
