@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_meta.engine import Engine, EngineConfig
+from stream_meta.engine import Engine
 from stream_meta.index import TaskIndex
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
@@ -48,7 +48,7 @@ def build_engine(
     )
     return cls(
         model,
-        EngineConfig.from_settings(settings.engine),
+        settings.engine.config(),
         index=index,
         metrics=metrics,
         model_version=model_version,
@@ -199,19 +199,12 @@ def build_drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | 
     d = settings.drift
     if not d.enabled:
         return None
-    from stream_meta.drift.monitor import DriftConfig, DriftMonitor
+    from stream_meta.drift.monitor import DriftMonitor
     from stream_meta.drift.watch import DriftWatch
 
-    config = DriftConfig(
-        warmup_events=d.warmup_events,
-        cooldown_events=d.cooldown_events,
-        min_shots=d.min_shots,
-        per_cluster=d.clusters > 0,
-        novelty_quantile=d.novelty_quantile,
-    )
     return DriftWatch(
         engine,
-        DriftMonitor(config, seed=settings.engine.seed),
+        DriftMonitor(d.config(), seed=settings.engine.seed),
         clusters=d.clusters,
         warmup_events=d.warmup_events,
         window=d.loss_window,

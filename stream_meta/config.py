@@ -17,14 +17,24 @@ arguments and the defaults only.
 ... )
 >>> settings.engine.support_size, settings.engine.k_neighbours, settings.index.kind
 (32, 0, 'flat')
+
+Every default of a setting that a library component takes is that component's own: the
+sections take it from the library's dataclass (``EngineConfig.support_size``) or keyword
+argument (``TaskIndex(nlist=...)``), never from a copy, and map onto them by field name
+(:meth:`EngineSettings.config`, :meth:`DriftSettings.config`, :meth:`MetaUpdateSettings.configs`).
+What a section adds is the application's: its constraints and descriptions (they validate what
+a file or the environment says), and the few fields no library component has (commented where
+they are declared).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -35,6 +45,17 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+# the components whose defaults the sections take (this loads torch and FAISS: the CLI has
+# loaded torch before it reads settings anyway)
+from stream_meta.continual.update_job import UpdateConfig
+from stream_meta.continual.updater import MetaUpdateConfig
+from stream_meta.drift.monitor import DriftConfig
+from stream_meta.drift.watch import DriftWatch
+from stream_meta.engine import EngineConfig
+from stream_meta.index import TaskIndex
+from stream_meta.meta_training import TrainConfig, meta_train
+from stream_meta.tasks.stream import TaskStream
 
 __all__ = [
     "ConfigError",
@@ -62,6 +83,24 @@ class ConfigError(Exception):
     """The configuration could not be loaded: its message lists every problem, one a line."""
 
 
+def _default(owner: Callable[..., Any], name: str) -> Any:
+    """The default of keyword argument ``name`` of ``owner`` (a class: of its constructor).
+
+    >>> _default(TaskIndex, "nprobe")
+    16
+    """
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{owner.__qualname__}() has no default for {name}")
+    return default
+
+
+def _shared(library: type[Any], section: BaseModel) -> dict[str, Any]:
+    """The values of ``section``'s fields that dataclass ``library`` has too (by name)."""
+    names = {field.name for field in dataclasses.fields(library)}
+    return {name: value for name, value in section if name in names}
+
+
 class ModelSettings(BaseModel):
     """Which meta-model to serve."""
 
@@ -80,57 +119,70 @@ class ModelSettings(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    """The per-event loop: support sets, retrieval, batching and memory bounds."""
+    """The per-event loop: support sets, retrieval, batching and memory bounds.
+
+    :class:`~stream_meta.engine.EngineConfig` (:meth:`config`), plus ``micro_batch`` and
+    ``threads``: how the application drives the engine, not a setting of the engine itself.
+    """
 
     model_config = _SECTION_CONFIG
 
     support_size: int = Field(
-        default=64, ge=1, le=4096, description="Support examples kept per task."
+        default=EngineConfig.support_size,
+        ge=1,
+        le=4096,
+        description="Support examples kept per task.",
     )
     support_policy: Literal["recent", "reservoir"] = Field(
-        default="recent",
+        default=EngineConfig.support_policy,
         description="Which examples a full support set keeps: the most recent, or a reservoir "
         "sample of the whole history.",
     )
     k_neighbours: int = Field(
-        default=8,
+        default=EngineConfig.k_neighbours,
         ge=0,
         le=64,
         description="Similar tasks retrieved from the index per adaptation; 0 disables retrieval.",
     )
     max_live_tasks: int = Field(
-        default=100_000, ge=1, description="Tasks kept in memory; the least recent are evicted."
+        default=EngineConfig.max_live_tasks,
+        ge=1,
+        description="Tasks kept in memory; the least recent are evicted.",
     )
     task_ttl_s: float | None = Field(
-        default=None,
+        default=EngineConfig.task_ttl_s,
         gt=0,
         description="Evict a task idle for this many seconds; None keeps tasks until evicted "
         "by max_live_tasks.",
     )
+    # the application's: the loops (run, replay, serve) cut the stream into batches this size
     micro_batch: int = Field(
         default=512, ge=1, le=65536, description="Events processed together in one step."
     )
     index_flush_every: int = Field(
-        default=256,
+        default=EngineConfig.index_flush_every,
         ge=1,
         description="Task-embedding updates buffered before the index is written.",
     )
     max_event_bytes: int = Field(
-        default=65536, ge=64, description="Largest serialised event accepted, in bytes."
+        default=EngineConfig.max_event_bytes,
+        ge=64,
+        description="Largest serialised event accepted, in bytes.",
     )
     weights_cache_size: int = Field(
-        default=0,
+        default=EngineConfig.weights_cache_size,
         ge=0,
         description="Rows of adapted per-task weights kept (FIFO reuse; a miss re-adapts); "
         "0 = as many as fit in 256 MiB, at most max_live_tasks.",
     )
     dedupe_window: int = Field(
-        default=200_000,
+        default=EngineConfig.dedupe_window,
         ge=0,
         description="Ids of learned events remembered so a redelivered event is never learned "
         "twice (about 120 bytes each); 0 turns de-duplication off.",
     )
-    seed: int = Field(default=0, description="Seed of the engine's random choices.")
+    seed: int = Field(default=EngineConfig.seed, description="Seed of the engine's random choices.")
+    # the application's: the entry point sets the process's torch threads
     threads: int = Field(
         default=0,
         ge=0,
@@ -138,19 +190,34 @@ class EngineSettings(BaseModel):
         description="Intra-op threads for torch and FAISS in the engine (0 = one per core).",
     )
 
+    def config(self) -> EngineConfig:
+        """The :class:`~stream_meta.engine.EngineConfig` these settings give."""
+        return EngineConfig(**_shared(EngineConfig, self))
+
 
 class IndexSettings(BaseModel):
-    """The FAISS task index."""
+    """The FAISS task index: keyword arguments of :class:`~stream_meta.index.TaskIndex`."""
 
     model_config = _SECTION_CONFIG
 
     kind: Literal["flat", "ivf"] = Field(
-        default="flat", description="Exact search ('flat') or inverted lists ('ivf')."
+        default=_default(TaskIndex, "kind"),
+        description="Exact search ('flat') or inverted lists ('ivf').",
     )
-    nlist: int = Field(default=1024, ge=1, description="IVF only: number of inverted lists.")
-    nprobe: int = Field(default=16, ge=1, description="IVF only: lists visited per search.")
+    nlist: int = Field(
+        default=_default(TaskIndex, "nlist"),
+        ge=1,
+        description="IVF only: number of inverted lists.",
+    )
+    nprobe: int = Field(
+        default=_default(TaskIndex, "nprobe"),
+        ge=1,
+        description="IVF only: lists visited per search.",
+    )
     train_size: int = Field(
-        default=50_000, ge=1, description="IVF only: embeddings collected before training."
+        default=_default(TaskIndex, "train_size"),
+        ge=1,
+        description="IVF only: embeddings collected before training.",
     )
 
 
@@ -334,207 +401,307 @@ class TrainerSettings(BaseModel):
 
 
 class DriftSettings(BaseModel):
-    """The drift monitor (``stream_meta.drift``): what it watches and how it alarms."""
+    """The drift monitor (``stream_meta.drift``): what it watches and how it alarms.
+
+    Part of :class:`~stream_meta.drift.monitor.DriftConfig` (:meth:`config`; the detectors' finer
+    knobs keep the library's defaults) and the keyword arguments of
+    :class:`~stream_meta.drift.watch.DriftWatch` (``clusters``, ``warmup_events``, ``window``:
+    ``loss_window`` here).
+    """
 
     model_config = _SECTION_CONFIG
 
+    # the application's: whether to build a monitor at all
     enabled: bool = Field(default=True, description="Watch losses and task embeddings for drift.")
     warmup_events: int = Field(
-        default=2000, ge=0, description="Events observed before any alarm (calibration)."
+        default=DriftConfig.warmup_events,
+        ge=0,
+        description="Events observed before any alarm (calibration).",
     )
     cooldown_events: int = Field(
-        default=2000, ge=0, description="Events a detector stays silent after it alarmed."
+        default=DriftConfig.cooldown_events,
+        ge=0,
+        description="Events a detector stays silent after it alarmed.",
     )
     min_shots: int = Field(
-        default=3,
+        default=DriftConfig.min_shots,
         ge=0,
         description="Loss detectors ignore events whose task had fewer support examples (a "
         "task's first predictions are guesses whatever the world does).",
     )
     clusters: int = Field(
-        default=16,
+        default=_default(DriftWatch, "clusters"),
         ge=0,
         description="Task clusters (k-means on task embeddings after warm-up) with a loss "
         "detector each; 0: global detectors only.",
     )
     novelty_quantile: float = Field(
-        default=0.99,
+        default=DriftConfig.novelty_quantile,
         gt=0,
         lt=1,
         description="Reference quantile of nearest-neighbour distances that marks a novel task.",
     )
     loss_window: int = Field(
-        default=1000, ge=1, description="Events per window of the run summary's loss_windows."
+        default=_default(DriftWatch, "window"),
+        ge=1,
+        description="Events per window of the run summary's loss_windows.",
     )
+
+    def config(self) -> DriftConfig:
+        """The :class:`~stream_meta.drift.monitor.DriftConfig` these settings give."""
+        return DriftConfig(**_shared(DriftConfig, self), per_cluster=self.clusters > 0)
 
 
 class MetaUpdateSettings(BaseModel):
-    """Meta-updates (``stream_meta.continual``): triggers, replay, training and the gate."""
+    """Meta-updates (``stream_meta.continual``): triggers, replay, training and the gate.
+
+    :class:`~stream_meta.continual.updater.MetaUpdateConfig` and part of its
+    :class:`~stream_meta.continual.update_job.UpdateConfig` (:meth:`configs`).
+    """
 
     model_config = _SECTION_CONFIG
 
     enabled: bool = Field(
-        default=True, description="Run meta-updates (needs [drift] for on_drift)."
+        default=MetaUpdateConfig.enabled,
+        description="Run meta-updates (needs [drift] for on_drift).",
     )
-    on_drift: bool = Field(default=True, description="A drift alarm requests an update.")
+    on_drift: bool = Field(
+        default=MetaUpdateConfig.on_drift, description="A drift alarm requests an update."
+    )
     every_events: int = Field(
-        default=0, ge=0, description="Also request an update every N events (0: no schedule)."
+        default=MetaUpdateConfig.every_events,
+        ge=0,
+        description="Also request an update every N events (0: no schedule).",
     )
     collect_events: int = Field(
-        default=5000,
+        default=MetaUpdateConfig.collect_events,
         ge=0,
         description="Events to gather after a drift alarm before training starts (the replay "
         "buffer needs tasks of the new regime).",
     )
     follow_up_events: int = Field(
-        default=10_000,
+        default=MetaUpdateConfig.follow_up_events,
         ge=0,
         description="After a promoted drift update, another on the same drift this many events "
         "later, until one is not promoted (0: one update per drift).",
     )
     new_lookback_events: int = Field(
-        default=500,
+        default=MetaUpdateConfig.new_lookback_events,
         ge=0,
         description="Tasks that arrived up to this many events before a drift alarm count as "
         "new (the alarm comes after the change).",
     )
     cooldown_events: int = Field(
-        default=10_000, ge=0, description="Events after an update ends before the next starts."
+        default=MetaUpdateConfig.cooldown_events,
+        ge=0,
+        description="Events after an update ends before the next starts.",
     )
-    budget: int = Field(default=5, ge=1, description="At most this many updates ...")
+    budget: int = Field(
+        default=MetaUpdateConfig.budget, ge=1, description="At most this many updates ..."
+    )
     budget_window_events: int = Field(
-        default=500_000, ge=1, description="... per this many events (more are skipped)."
+        default=MetaUpdateConfig.budget_window_events,
+        ge=1,
+        description="... per this many events (more are skipped).",
     )
+    # not MetaUpdateConfig's default ("inline"): "auto" lets each command choose (configs())
     worker: Literal["auto", "inline", "thread", "process"] = Field(
         default="auto",
         description="Where a job trains: inline (the stream waits; reproducible), a thread, or "
         "a worker process (serving never waits). auto: inline for `run`, process for `serve`.",
     )
     promote: Literal["gate", "always"] = Field(
-        default="gate",
+        default=MetaUpdateConfig.promote,
         description="gate: promote only what validation approves; always: every trained "
         "candidate (a baseline for comparisons, not for production).",
     )
     probation_events: int = Field(
-        default=5000,
+        default=MetaUpdateConfig.probation_events,
         ge=0,
         description="Scored events after a swap compared with as many before it (0: none).",
     )
     rollback_factor: float = Field(
-        default=2.0,
+        default=MetaUpdateConfig.rollback_factor,
         gt=1,
         description="Roll back when the probation loss exceeds this x before (a guard against "
         "gross failures: the stream itself changes between the two windows).",
     )
     min_shots: int = Field(
-        default=1,
+        default=MetaUpdateConfig.min_shots,
         ge=0,
         description="Probation scores events whose task had this many examples (1: what the "
         "validation gate judges, support sizes from 1 up).",
     )
-    reservoir_tasks: int = Field(default=2000, ge=0, description="Replay reservoir (tasks).")
-    recent_tasks: int = Field(default=500, ge=1, description="Replay window of recent tasks.")
-    max_examples: int = Field(default=32, ge=2, le=4096, description="Replay examples per task.")
-    steps: int = Field(default=400, ge=1, description="Training steps of a candidate.")
-    batch_tasks: int = Field(default=32, ge=2, description="Episode tasks per step.")
-    bank_tasks: int = Field(default=256, ge=0, description="Neighbour bank tasks per step.")
-    lr: float = Field(default=3e-4, gt=0, description="Adam learning rate.")
+    reservoir_tasks: int = Field(
+        default=MetaUpdateConfig.reservoir_tasks, ge=0, description="Replay reservoir (tasks)."
+    )
+    recent_tasks: int = Field(
+        default=MetaUpdateConfig.recent_tasks, ge=1, description="Replay window of recent tasks."
+    )
+    max_examples: int = Field(
+        default=MetaUpdateConfig.max_examples,
+        ge=2,
+        le=4096,
+        description="Replay examples per task.",
+    )
+    steps: int = Field(
+        default=UpdateConfig.steps, ge=1, description="Training steps of a candidate."
+    )
+    batch_tasks: int = Field(
+        default=UpdateConfig.batch_tasks, ge=2, description="Episode tasks per step."
+    )
+    bank_tasks: int = Field(
+        default=UpdateConfig.bank_tasks, ge=0, description="Neighbour bank tasks per step."
+    )
+    lr: float = Field(default=UpdateConfig.lr, gt=0, description="Adam learning rate.")
     new_fraction: float = Field(
-        default=0.5, gt=0, le=1, description="Fraction of each batch drawn from new tasks."
+        default=UpdateConfig.new_fraction,
+        gt=0,
+        le=1,
+        description="Fraction of each batch drawn from new tasks.",
     )
     distill_weight: float = Field(
-        default=1.0, ge=0, description="Weight of the anti-forgetting term on old tasks."
+        default=UpdateConfig.distill_weight,
+        ge=0,
+        description="Weight of the anti-forgetting term on old tasks.",
     )
     distill_floor: float = Field(
-        default=0.05,
+        default=UpdateConfig.distill_floor,
         gt=0,
         description="The anti-forgetting term is relative to the served model's own loss on "
         "each old episode plus this floor (so precise old tasks stay precise).",
     )
     min_task_examples: int = Field(
-        default=4, ge=2, description="Replay tasks need this many examples to be used."
+        default=UpdateConfig.min_task_examples,
+        ge=2,
+        description="Replay tasks need this many examples to be used.",
     )
     holdout_fraction: float = Field(
-        default=0.2, gt=0, lt=1, description="Replay tasks held out for validation."
+        default=UpdateConfig.holdout_fraction,
+        gt=0,
+        lt=1,
+        description="Replay tasks held out for validation.",
     )
     min_val_tasks: int = Field(
-        default=8, ge=1, description="Held-out new tasks needed to judge a candidate."
+        default=UpdateConfig.min_val_tasks,
+        ge=1,
+        description="Held-out new tasks needed to judge a candidate.",
     )
     min_improvement: float = Field(
-        default=0.02, ge=0, lt=1, description="Required relative drop of the new-task loss."
+        default=UpdateConfig.min_improvement,
+        ge=0,
+        lt=1,
+        description="Required relative drop of the new-task loss.",
     )
     old_margin: float = Field(
-        default=0.10, ge=0, description="Allowed relative rise of the old-task loss."
+        default=UpdateConfig.old_margin,
+        ge=0,
+        description="Allowed relative rise of the old-task loss.",
     )
-    threads: int = Field(default=1, ge=0, description="Torch threads of a job (0: default).")
+    threads: int = Field(
+        default=UpdateConfig.threads, ge=0, description="Torch threads of a job (0: default)."
+    )
 
-    def configs(self, worker: str, *, seed: int = 0, k_neighbours: int = 8) -> Any:
-        """The :class:`~stream_meta.continual.updater.MetaUpdateConfig` these settings give."""
-        from stream_meta.continual.update_job import UpdateConfig
-        from stream_meta.continual.updater import MetaUpdateConfig
-
-        data = self.model_dump()
-        data.pop("worker")
-        up = {k: data.pop(k) for k in list(data) if k in UpdateConfig.__dataclass_fields__}
-        return MetaUpdateConfig(
-            **data,
-            worker=worker if self.worker == "auto" else self.worker,
-            update=UpdateConfig(**up, seed=seed, k_neighbours=k_neighbours),
-        )
+    def configs(
+        self,
+        worker: str,
+        *,
+        seed: int = UpdateConfig.seed,
+        k_neighbours: int = UpdateConfig.k_neighbours,
+    ) -> MetaUpdateConfig:
+        """The :class:`~stream_meta.continual.updater.MetaUpdateConfig` these settings give;
+        ``worker`` is the command's choice for ``worker = "auto"``, ``seed`` and
+        ``k_neighbours`` are the engine's."""
+        update = UpdateConfig(**_shared(UpdateConfig, self), seed=seed, k_neighbours=k_neighbours)
+        values = _shared(MetaUpdateConfig, self)
+        values["worker"] = worker if self.worker == "auto" else self.worker
+        return MetaUpdateConfig(**values, update=update)
 
 
 class StreamSettings(BaseModel):
-    """The built-in synthetic event stream."""
+    """The built-in synthetic event stream: keyword arguments of
+    :class:`~stream_meta.tasks.stream.TaskStream` (and of a scenario's stream)."""
 
     model_config = _SECTION_CONFIG
 
-    tasks: int = Field(default=10_000, ge=1, description="Distinct tasks over the whole stream.")
+    tasks: int = Field(
+        default=_default(TaskStream, "tasks"),
+        ge=1,
+        description="Distinct tasks over the whole stream.",
+    )
     clusters: int = Field(
-        default=200, ge=0, description="Clusters the tasks are drawn around; 0 means no clusters."
+        default=_default(TaskStream, "clusters"),
+        ge=0,
+        description="Clusters the tasks are drawn around; 0 means no clusters.",
     )
     cluster_spread: float = Field(
-        default=0.05, ge=0, description="Spread of task parameters around their cluster centre."
+        default=_default(TaskStream, "cluster_spread"),
+        ge=0,
+        description="Spread of task parameters around their cluster centre.",
     )
     labelled_fraction: float = Field(
-        default=0.7, ge=0, le=1, description="Probability that an event carries its label."
+        default=_default(TaskStream, "labelled_fraction"),
+        ge=0,
+        le=1,
+        description="Probability that an event carries its label.",
     )
     zipf_s: float = Field(
-        default=1.1, gt=0, description="Zipf exponent of task popularity (larger: more skewed)."
+        default=_default(TaskStream, "zipf_s"),
+        gt=0,
+        description="Zipf exponent of task popularity (larger: more skewed).",
     )
     new_task_rate: float = Field(
-        default=0.05, ge=0, le=1, description="Probability that an event starts a new task."
+        default=_default(TaskStream, "new_task_rate"),
+        ge=0,
+        le=1,
+        description="Probability that an event starts a new task.",
     )
-    seed: int = Field(default=0, description="Seed of the stream.")
+    seed: int = Field(default=_default(TaskStream, "seed"), description="Seed of the stream.")
 
 
 class TrainSettings(BaseModel):
-    """Episodic meta-training."""
+    """Episodic meta-training: :class:`~stream_meta.meta_training.TrainConfig` (by field name)
+    and ``device``, :func:`~stream_meta.meta_training.meta_train`'s keyword argument."""
 
     model_config = _SECTION_CONFIG
 
-    steps: int = Field(default=6000, ge=1, description="Optimiser steps.")
-    batch_tasks: int = Field(default=32, ge=1, description="Tasks per meta-batch.")
-    lr: float = Field(default=1e-3, gt=0, description="Learning rate.")
-    min_shots: int = Field(default=0, ge=0, description="Fewest support examples in an episode.")
-    max_shots: int = Field(default=20, ge=1, description="Most support examples in an episode.")
-    query_points: int = Field(default=32, ge=1, description="Query examples per episode.")
+    steps: int = Field(default=TrainConfig.steps, ge=1, description="Optimiser steps.")
+    batch_tasks: int = Field(
+        default=TrainConfig.batch_tasks, ge=1, description="Tasks per meta-batch."
+    )
+    lr: float = Field(default=TrainConfig.lr, gt=0, description="Learning rate.")
+    min_shots: int = Field(
+        default=TrainConfig.min_shots, ge=0, description="Fewest support examples in an episode."
+    )
+    max_shots: int = Field(
+        default=TrainConfig.max_shots, ge=1, description="Most support examples in an episode."
+    )
+    query_points: int = Field(
+        default=TrainConfig.query_points, ge=1, description="Query examples per episode."
+    )
     bank_tasks: int = Field(
-        default=256, ge=1, description="Tasks in the bank that retrieval is trained against."
+        default=TrainConfig.bank_tasks,
+        ge=1,
+        description="Tasks in the bank that retrieval is trained against.",
     )
     sibling_rate: float = Field(
-        default=0.0,
+        default=TrainConfig.sibling_rate,
         ge=0,
         le=1,
         description="Experimental: share of near episodes whose sibling task is injected as a "
         "retrieved neighbour.",
     )
     prior_weight: float = Field(
-        default=0.0,
+        default=TrainConfig.prior_weight,
         ge=0,
         description="Experimental: weight of the prior-only (no example) prediction loss.",
     )
-    seed: int = Field(default=0, description="Seed of training.")
-    device: str = Field(default="cpu", min_length=1, description="Torch device to train on.")
+    seed: int = Field(default=TrainConfig.seed, description="Seed of training.")
+    device: str = Field(
+        default=_default(meta_train, "device"),
+        min_length=1,
+        description="Torch device to train on.",
+    )
 
     @model_validator(mode="after")
     def _shots_in_order(self) -> Self:

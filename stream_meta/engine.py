@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,10 +52,11 @@ SHOT_BUCKETS = ((21, 50, "21-50"), (51, 10**9, "51+"))
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Engine knobs (the CLI fills them from the ``[engine]`` settings section)."""
+    """Engine knobs. The ``[engine]`` settings section takes its defaults from here and maps
+    onto these fields by name (:meth:`stream_meta.config.EngineSettings.config`)."""
 
     support_size: int = 64
-    support_policy: str = "recent"
+    support_policy: Literal["recent", "reservoir"] = "recent"
     k_neighbours: int = 8
     max_live_tasks: int = 100_000
     task_ttl_s: float | None = None
@@ -64,11 +65,6 @@ class EngineConfig:
     weights_cache_size: int = 0  # 0 = auto: 256 MiB worth of rows, at most max_live_tasks
     dedupe_window: int = 200_000  # learned event ids remembered (0 = no de-duplication)
     seed: int = 0
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> EngineConfig:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in settings.model_dump().items() if k in names})
 
 
 @dataclass
@@ -264,7 +260,7 @@ class Engine:
             x_dim=mc.x_dim,
             feat_dim=model.encoder.hidden,
             support_size=config.support_size,
-            policy=config.support_policy,  # type: ignore[arg-type]
+            policy=config.support_policy,
             max_live_tasks=config.max_live_tasks,
             ttl_s=config.task_ttl_s,
             y_dtype=np.float32 if mc.kind == "regression" else np.int64,

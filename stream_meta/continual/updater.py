@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class MetaUpdateConfig:
     budget: int = 5
     budget_window_events: int = 500_000
     worker: str = "inline"
-    promote: str = "gate"
+    promote: Literal["gate", "always"] = "gate"
     probation_events: int = 5000
     rollback_factor: float = 2.0
     min_shots: int = 1

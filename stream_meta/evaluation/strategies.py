@@ -109,9 +109,7 @@ def build_strategy_engine(
 
     if name in _INIT:
         init = load_gradient_init(name, model, family, options)
-        return GradientEngine(
-            model, EngineConfig.from_settings(settings.engine), init, metrics=metrics
-        )
+        return GradientEngine(model, settings.engine.config(), init, metrics=metrics)
     cls = NearestTaskEngine if name == "nearest-task" else Engine
     return build_engine(model, settings, metrics=metrics, cls=cls)
 

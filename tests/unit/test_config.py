@@ -1,8 +1,12 @@
-"""Settings: layer precedence (defaults < TOML < env < overrides) and readable errors."""
+"""Settings: layer precedence (defaults < TOML < env < overrides), readable errors, and defaults
+that are the library's own (each mapped section against the dataclasses it fills)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,9 +14,28 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from stream_meta.config import ConfigError, Settings, load_settings, settings_summary
+from stream_meta.config import (
+    ConfigError,
+    DriftSettings,
+    EngineSettings,
+    IndexSettings,
+    MetaUpdateSettings,
+    Settings,
+    StreamSettings,
+    TrainSettings,
+    load_settings,
+    settings_summary,
+)
+from stream_meta.continual.update_job import UpdateConfig
+from stream_meta.continual.updater import MetaUpdateConfig
+from stream_meta.drift.monitor import DriftConfig
+from stream_meta.drift.watch import DriftWatch
+from stream_meta.engine import EngineConfig
+from stream_meta.index import TaskIndex
+from stream_meta.meta_training import TrainConfig, meta_train
+from stream_meta.tasks.stream import TaskStream
 
 WriteToml = Callable[..., Path]
 
@@ -285,3 +308,146 @@ def test_any_configuration_loads_or_is_refused_with_a_config_error(
         assert str(exc).strip()  # one readable message, never another exception
     else:
         assert isinstance(loaded, Settings)
+
+
+# -- one source of defaults: the library's ---------------------------------------------------------
+#: each settings section with a library counterpart, and the library objects its fields fill: the
+#: fields of a dataclass, or the keyword arguments of a class or function, by field name
+LIBRARY: dict[type[BaseModel], tuple[Callable[..., Any], ...]] = {
+    EngineSettings: (EngineConfig,),
+    IndexSettings: (TaskIndex,),
+    StreamSettings: (TaskStream,),
+    DriftSettings: (DriftConfig, DriftWatch),
+    MetaUpdateSettings: (MetaUpdateConfig, UpdateConfig),
+    TrainSettings: (TrainConfig, meta_train),
+}
+#: fields whose library parameter has another name
+RENAMED = {(DriftSettings, "loss_window"): "window"}
+#: the application's fields: no library parameter takes them, or (worker) takes another default
+APP_ONLY = {
+    (EngineSettings, "micro_batch"),
+    (EngineSettings, "threads"),
+    (DriftSettings, "enabled"),
+    (MetaUpdateSettings, "worker"),
+}
+
+
+def _library_parameters(section: type[BaseModel], name: str) -> list[tuple[str, Any]]:
+    """``(owner.parameter, default)`` of every library parameter that settings field fills."""
+    wanted = RENAMED.get((section, name), name)
+    found = []
+    for owner in LIBRARY[section]:
+        parameter = inspect.signature(owner).parameters.get(wanted)
+        if parameter is not None:
+            found.append((f"{owner.__name__}.{wanted}", parameter.default))
+    return found
+
+
+_SHARED = [
+    pytest.param(section, name, where, default, id=f"{section.__name__}.{name}={where}")
+    for section in LIBRARY
+    for name in section.model_fields
+    if (section, name) not in APP_ONLY
+    for where, default in _library_parameters(section, name)
+]
+
+
+@pytest.mark.parametrize(("section", "name", "where", "default"), _SHARED)
+def test_setting_defaults_to_the_library_default_when_a_library_parameter_takes_it(
+    section: type[BaseModel], name: str, where: str, default: Any
+) -> None:
+    setting = section.model_fields[name].default
+
+    assert (type(setting), setting) == (type(default), default), f"{where} defaults to {default!r}"
+
+
+def test_every_setting_of_a_mapped_section_has_a_library_parameter_unless_it_is_the_apps() -> None:
+    orphans = [
+        f"{section.__name__}.{name}"
+        for section in LIBRARY
+        for name in section.model_fields
+        if (section, name) not in APP_ONLY and not _library_parameters(section, name)
+    ]
+
+    assert not orphans, f"give these a library parameter (or list them in APP_ONLY): {orphans}"
+    assert all(name in section.model_fields for section, name in APP_ONLY | RENAMED.keys())
+    assert len(_SHARED) >= 60  # the parametrization above is not silently empty
+
+
+def test_default_settings_give_the_library_defaults_when_mapped() -> None:
+    assert EngineSettings().config() == EngineConfig()
+    assert DriftSettings().config() == DriftConfig()
+    assert MetaUpdateSettings().configs("inline") == MetaUpdateConfig()
+
+
+def _another_valid_value(section: type[BaseModel], name: str) -> Any:
+    """A value of the field other than its default that the section accepts."""
+    default = section.model_fields[name].default
+    if isinstance(default, bool):
+        candidates: list[Any] = [not default]
+    elif isinstance(default, int):
+        candidates = [default + 1, default - 1]
+    elif isinstance(default, float):
+        candidates = [default * 1.5, default / 2]
+    elif default is None:
+        candidates = [60.0]
+    else:  # a Literal's other choices
+        candidates = list(typing.get_args(section.model_fields[name].annotation))
+    for value in candidates:
+        if value == default:
+            continue
+        try:
+            section(**{name: value})
+        except ValidationError:
+            continue
+        return value
+    raise AssertionError(f"no other valid value for {section.__name__}.{name}")
+
+
+def _mapped_value(section: type[BaseModel], name: str, value: Any) -> tuple[Any, Any]:
+    """The library config's value of field ``name`` when only that setting is ``value``, and
+    the value it should have (that value: the settings and the dataclass share the name)."""
+    settings: Any = section(**{name: value})
+    if section is EngineSettings:
+        return getattr(settings.config(), name), value
+    if section is DriftSettings:
+        return getattr(settings.config(), name), value
+    configs = settings.configs("inline")
+    return getattr(configs.update if hasattr(configs.update, name) else configs, name), value
+
+
+_MAPPED = [
+    pytest.param(section, name, id=f"{section.__name__}.{name}")
+    for section, library in (
+        (EngineSettings, (EngineConfig,)),
+        (DriftSettings, (DriftConfig,)),
+        (MetaUpdateSettings, (MetaUpdateConfig, UpdateConfig)),
+    )
+    for name in section.model_fields
+    if (section, name) not in APP_ONLY
+    and any(name in {f.name for f in dataclasses.fields(lib)} for lib in library)
+]
+
+
+@pytest.mark.parametrize(("section", "name"), _MAPPED)
+def test_every_setting_reaches_the_library_config_when_mapped(
+    section: type[BaseModel], name: str
+) -> None:
+    value = _another_valid_value(section, name)
+
+    got, expected = _mapped_value(section, name, value)
+
+    assert got == expected
+
+
+def test_meta_update_configs_take_the_commands_worker_and_the_engines_seed_when_given() -> None:
+    auto = MetaUpdateSettings().configs("process", seed=7, k_neighbours=3)
+    chosen = MetaUpdateSettings(worker="thread").configs("process")
+
+    assert auto.worker == "process" and chosen.worker == "thread"
+    assert (auto.update.seed, auto.update.k_neighbours) == (7, 3)
+
+
+def test_drift_config_has_cluster_detectors_only_when_clusters_are_set() -> None:
+    assert DriftSettings(clusters=0).config().per_cluster is False
+    assert DriftSettings(clusters=4).config().per_cluster is True
