@@ -14,6 +14,16 @@ from stream_meta.engine import Engine, EngineConfig
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel, ModelConfig
 
+#: the drift scenarios every release ships (``stream-meta scenarios`` lists them)
+REQUIRED_SCENARIOS = (
+    "sinusoid-stationary",
+    "sinusoid-amplitude-shift",
+    "sinusoid-new-family",
+    "sinusoid-gradual",
+    "sinusoid-recurring",
+    "digits-new-transform",
+)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread_per_worker() -> None:

@@ -110,10 +110,15 @@ def read_topic(
         consumer.close()
 
 
-def read_records(bootstrap: str, topic: str, count: int, *, timeout: float = 300.0) -> list[Any]:
+def read_records(
+    bootstrap: str, topic: str, count: int, *, timeout: float = 300.0, settle: float = 0.0
+) -> list[Any]:
     """The records of ``topic`` read until there are at least ``count`` (all partitions,
-    manual assignment), without waiting for more; raises on timeout (scaled)."""
-    return read_topic(bootstrap, topic, until=lambda r: len(r) >= count, timeout=timeout, settle=0)
+    manual assignment), plus whatever arrives in the next ``settle`` seconds (a test that
+    counts exactly waits a moment for extras); raises on timeout (scaled)."""
+    return read_topic(
+        bootstrap, topic, until=lambda r: len(r) >= count, timeout=timeout, settle=settle
+    )
 
 
 def end_offsets(records: list[Any]) -> dict[int, int]:

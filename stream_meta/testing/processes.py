@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_meta.testing.timeouts import scaled
+from stream_meta.testing.timeouts import scaled, wait_until
 
 
 def free_port() -> int:
@@ -109,3 +110,30 @@ class Serve:
         self._fh.close()
         lines = [ln for ln in out.decode().splitlines() if ln.strip()]
         return self.proc.returncode, json.loads(lines[-1]) if lines else None
+
+
+def updater_status(port: int) -> dict[str, Any]:
+    """``GET /meta-updates`` of a process's HTTP endpoint on ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/meta-updates", timeout=10) as resp:
+        status: dict[str, Any] = json.loads(resp.read())
+    return status
+
+
+def wait_for_updater_events(
+    port: int, events: int, process: Serve, timeout: float = 180.0
+) -> dict[str, Any]:
+    """The meta-updater's status once it has seen ``events`` events (the endpoint comes up a
+    moment after the process starts); fails if the process exits, times out (scaled)."""
+
+    def reached() -> dict[str, Any] | None:
+        if process.proc.poll() is not None:
+            raise AssertionError(f"the process exited:\n{process.stderr()}")
+        try:
+            status = updater_status(port)
+        except OSError:
+            return None
+        return status if status["events"] >= events else None
+
+    return wait_until(
+        reached, timeout=timeout, what=f"{events} events seen by the updater", interval=0.2
+    )

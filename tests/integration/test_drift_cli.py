@@ -6,19 +6,19 @@ import json
 from pathlib import Path
 
 from stream_meta.testing.processes import cli
-from tests.unit.test_scenarios import REQUIRED
+from tests.conftest import REQUIRED_SCENARIOS
 
 
 def test_scenarios_lists_every_required_scenario_with_its_drift_points() -> None:
     proc = cli("scenarios", "--json")
     assert proc.returncode == 0, proc.stderr.decode()
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
-    assert rows.keys() >= set(REQUIRED)
+    assert rows.keys() >= set(REQUIRED_SCENARIOS)
     assert rows["sinusoid-stationary"]["drift_points"] == []
     assert rows["sinusoid-recurring"]["drift_points"] == [20_000, 40_000]
     assert rows["digits-new-transform"]["model_family"] == "digits"
     text = cli("scenarios").stdout.decode()
-    assert all(name in text for name in REQUIRED)
+    assert all(name in text for name in REQUIRED_SCENARIOS)
 
 
 def test_run_on_a_scenario_reports_drift_points_alarms_and_loss_windows(tmp_path: Path) -> None:

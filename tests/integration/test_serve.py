@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from stream_meta.testing.kafka import read_records
 from stream_meta.testing.processes import cli
-from stream_meta.testing.timeouts import scaled
 
 pytestmark = pytest.mark.kafka
-
-
-def _read_all(bootstrap: str, topic: str, partitions: int, expect: int) -> list:
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
-    out, deadline = [], time.time() + scaled(120)
-    while len(out) < expect and time.time() < deadline:
-        for records in consumer.poll(200).values():
-            out.extend(records)
-    time.sleep(0.5)  # anything beyond the expected count would show up now
-    for records in consumer.poll(500).values():
-        out.extend(records)
-    consumer.close()
-    return out
 
 
 def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
@@ -79,8 +61,8 @@ def test_every_event_gets_one_prediction_or_one_dead_letter_when_served(
     assert summary["consumed"] == 600
     assert (summary["predicted"], summary["dead_lettered"]) == (600 - bad, bad)
 
-    preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 2, 600 - bad)
-    letters = _read_all(kafka_bootstrap, f"{prefix}.dead-letter", 2, bad)
+    preds = read_records(kafka_bootstrap, f"{prefix}.predictions", 600 - bad, settle=0.5)
+    letters = read_records(kafka_bootstrap, f"{prefix}.dead-letter", bad, settle=0.5)
     values = [json.loads(r.value) for r in preds]
     ids = [v["event_id"] for v in values]
     assert len(ids) == len(set(ids)) == 600 - bad
@@ -175,7 +157,7 @@ def test_serve_publishes_drift_alarms_of_a_scenario_to_the_drift_topic(
     assert served.returncode == 0, served.stderr.decode()
     summary = json.loads(served.stdout)
     assert summary["alarms"], "the new family at event 20,000 raised no alarm"
-    records = _read_all(kafka_bootstrap, f"{prefix}.drift", 1, len(summary["alarms"]))
+    records = read_records(kafka_bootstrap, f"{prefix}.drift", len(summary["alarms"]), settle=0.5)
     alarms = [json.loads(r.value) for r in records]
     assert [a["detector"] for a in alarms] == [a["detector"] for a in summary["alarms"]]
     assert all(a["type"] == "drift_alarm" and a["model_version"] == 1 for a in alarms)

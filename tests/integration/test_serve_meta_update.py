@@ -5,41 +5,22 @@ still served (with the replay buffer) after a restart."""
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from stream_meta.recording import read_records
-from stream_meta.testing.processes import Serve, cli, free_port
-from stream_meta.testing.timeouts import scaled
-from tests.integration.test_serve import _read_all
+from stream_meta.testing import kafka as topic_tools
+from stream_meta.testing.processes import (
+    Serve,
+    cli,
+    free_port,
+    updater_status,
+    wait_for_updater_events,
+)
 
 pytestmark = pytest.mark.kafka
-
-
-def _status(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/meta-updates", timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def _wait_for_events(port: int, events: int, serve: Serve, timeout: float = 180.0) -> dict:
-    """The updater's status once it has seen ``events`` events (the admin endpoint comes up
-    a moment after the process starts)."""
-    deadline = time.time() + scaled(timeout)
-    while time.time() < deadline:
-        try:
-            status = _status(port)
-            if status["events"] >= events:
-                return status
-        except OSError:
-            pass
-        if serve.proc.poll() is not None:
-            raise AssertionError(f"serve exited:\n{serve.stderr()}")
-        time.sleep(0.2)
-    raise TimeoutError(f"serve did not reach {events} events:\n{serve.stderr()}")
 
 
 def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_restart(
@@ -87,7 +68,7 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     ]
     first = Serve(tmp_path, "first", *serve_args)
     try:
-        _wait_for_events(port, 4000, first)
+        wait_for_updater_events(port, 4000, first)
         asked = cli(
             "meta-update",
             "--url",
@@ -103,14 +84,14 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
         outcome = json.loads(asked.stdout)
         assert outcome["outcome"] == "promoted" and outcome["version"] == 2, outcome
         assert outcome["trigger"] == "manual" and outcome["detail"] == "test"
-        status = _status(port)
+        status = updater_status(port)
         assert status["model_version"] == 2 and status["replay"]["tasks"] > 0
         # events after the swap are served by version 2
         more = cli(
             "produce", *kafka, *settings, "--events", "300", "--tasks", "200", "-q", "--run-id", "b"
         )
         assert more.returncode == 0, more.stderr.decode()
-        preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4300)
+        preds = topic_tools.read_records(kafka_bootstrap, f"{prefix}.predictions", 4300, settle=0.5)
         versions = [json.loads(r.value)["model_version"] for r in preds]
         assert len(versions) == 4300
         assert versions[-300:] == [2] * 300
@@ -134,7 +115,10 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     assert changes == [(1, "start"), (2, "promoted")]
 
     # the outcome is on the drift topic
-    drift = [json.loads(r.value) for r in _read_all(kafka_bootstrap, f"{prefix}.drift", 1, 1)]
+    drift = [
+        json.loads(r.value)
+        for r in topic_tools.read_records(kafka_bootstrap, f"{prefix}.drift", 1, settle=0.5)
+    ]
     updates = [d for d in drift if d["type"] == "meta_update"]
     assert [(u["outcome"], u["version"]) for u in updates] == [("promoted", 2)]
     assert updates[0]["validation"]["candidate"]["new"]["tasks"] >= 1
@@ -148,9 +132,9 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
             "produce", *kafka, *settings, "--events", "100", "--tasks", "200", "-q", "--run-id", "c"
         )
         assert more.returncode == 0, more.stderr.decode()
-        preds = _read_all(kafka_bootstrap, f"{prefix}.predictions", 1, 4400)
+        preds = topic_tools.read_records(kafka_bootstrap, f"{prefix}.predictions", 4400, settle=0.5)
         assert [json.loads(r.value)["model_version"] for r in preds[-100:]] == [2] * 100
-        after = _wait_for_events(port2, status["events"] + 100, second)
+        after = wait_for_updater_events(port2, status["events"] + 100, second)
         assert after["model_version"] == 2
         # restored from the checkpoint (a fresh buffer would hold the 100 new events' tasks only)
         assert after["replay"]["tasks"] >= status["replay"]["tasks"]

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from stream_meta.testing.kafka import FAST_GROUP_SETS, create_topics, new_prefix, read_topic
-from stream_meta.testing.processes import Serve, clean_env, cli, free_port
+from stream_meta.testing.processes import Serve, clean_env, cli, free_port, wait_for_updater_events
 from stream_meta.testing.timeouts import scaled
-from tests.integration.test_serve_meta_update import _wait_for_events
 
 pytestmark = pytest.mark.kafka
 
@@ -80,7 +79,7 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
         replica.wait_for_log("partitions assigned")
         produce = ["produce", *kafka, "--events", "3000", "--tasks", "150", "-q"]
         assert cli(*produce, "--run-id", "a").returncode == 0
-        _wait_for_events(port, 2500, trainer)
+        wait_for_updater_events(port, 2500, trainer)
         asked = cli(
             "meta-update",
             "--url",

@@ -28,15 +28,8 @@ from stream_meta.tasks import (
 )
 from stream_meta.tasks.digits import TransformRange
 from stream_meta.tasks.functions import UniformRegressionFamily
+from tests.conftest import REQUIRED_SCENARIOS
 
-REQUIRED = (
-    "sinusoid-stationary",
-    "sinusoid-amplitude-shift",
-    "sinusoid-new-family",
-    "sinusoid-gradual",
-    "sinusoid-recurring",
-    "digits-new-transform",
-)
 SCHEMAS = {
     "sinusoid": EventSchema(x_dim=1, task="regression"),
     "digits": EventSchema(x_dim=64, task="classification", n_classes=5),
@@ -65,8 +58,8 @@ def length(scenario: Scenario) -> int:
 
 
 def test_required_scenarios_are_listed_when_the_registry_is_read() -> None:
-    assert set(REQUIRED) <= set(SCENARIOS)
-    for name in REQUIRED:
+    assert set(REQUIRED_SCENARIOS) <= set(SCENARIOS)
+    for name in REQUIRED_SCENARIOS:
         scenario = get_scenario(name)
         assert scenario.name == name and scenario.description
         assert scenario.model_family in SCHEMAS
@@ -82,7 +75,7 @@ def test_get_scenario_names_the_known_ones_when_the_name_is_unknown() -> None:
 
 
 def test_drift_points_are_the_documented_ones_when_scenarios_are_built() -> None:
-    points = {name: SCENARIOS[name].drift_points for name in REQUIRED}
+    points = {name: SCENARIOS[name].drift_points for name in REQUIRED_SCENARIOS}
     assert points == {
         "sinusoid-stationary": (),
         "sinusoid-amplitude-shift": (20_000,),
@@ -97,7 +90,7 @@ def test_drift_points_are_the_documented_ones_when_scenarios_are_built() -> None
 # -- the contract every scenario stream keeps --------------------------------------------------
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_SCENARIOS)
 def test_stream_is_identical_when_iterated_twice_and_differs_when_seed_differs(
     name: str, scenario_events: dict[str, list[StreamEvent]]
 ) -> None:
@@ -113,7 +106,7 @@ def test_stream_is_identical_when_iterated_twice_and_differs_when_seed_differs(
     ]
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_SCENARIOS)
 def test_event_ids_are_global_and_ts_increases_when_regimes_interleave(
     name: str, scenario_events: dict[str, list[StreamEvent]]
 ) -> None:
@@ -125,7 +118,7 @@ def test_event_ids_are_global_and_ts_increases_when_regimes_interleave(
     assert {namespace(e) for e in events} == regimes
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_SCENARIOS)
 def test_events_fit_the_shipped_models_schema_when_parsed(
     name: str, scenario_events: dict[str, list[StreamEvent]]
 ) -> None:
@@ -143,7 +136,7 @@ def test_events_fit_the_shipped_models_schema_when_parsed(
             assert isinstance(e.truth, float) and math.isfinite(e.truth)
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_SCENARIOS)
 def test_regime_of_names_the_task_namespace_when_asked_per_event(
     name: str, scenario_events: dict[str, list[StreamEvent]]
 ) -> None:
@@ -156,7 +149,7 @@ def test_regime_of_names_the_task_namespace_when_asked_per_event(
     assert stream.regime_of(0) == names[0]
 
 
-@pytest.mark.parametrize("name", REQUIRED)
+@pytest.mark.parametrize("name", REQUIRED_SCENARIOS)
 def test_regime_changes_exactly_at_the_drift_point_when_the_change_is_abrupt(
     name: str, scenario_events: dict[str, list[StreamEvent]]
 ) -> None:
