@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_meta.adapters import Adapter
 from stream_meta.engine import Engine
 from stream_meta.index import TaskIndex
 from stream_meta.metrics import EngineMetrics
@@ -33,10 +34,11 @@ def build_engine(
     *,
     metrics: EngineMetrics | None = None,
     model_version: int = 1,
-    cls: type[Engine] = Engine,
+    adapter: Adapter | None = None,
 ) -> Engine:
-    """The engine (``cls``: :class:`Engine` or a subclass) and its task index, configured from
-    a :class:`~stream_meta.config.Settings`."""
+    """The engine and its task index, configured from a :class:`~stream_meta.config.Settings`;
+    ``adapter`` (default: the meta-model's one-forward-pass adaptation) turns support sets
+    into weights (:mod:`stream_meta.adapters`)."""
     ix = settings.index
     index = TaskIndex(
         model.config.embed_dim,
@@ -46,12 +48,13 @@ def build_engine(
         train_size=ix.train_size,
         seed=settings.engine.seed,
     )
-    return cls(
+    return Engine(
         model,
         settings.engine.config(),
         index=index,
         metrics=metrics,
         model_version=model_version,
+        adapter=adapter,
     )
 
 

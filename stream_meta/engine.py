@@ -17,6 +17,10 @@ an index that is updated in batches: embedding upserts are applied once ``index_
 them have accumulated (which can happen while a large batch is being planned, before its
 searches) and at the end of every batch. A task never retrieves itself.
 
+How a support set becomes weights, and how an event is predicted with them, is the engine's
+*adapter* (:mod:`stream_meta.adapters`; the meta-model's one forward pass by default), called
+once per chunk of the batch's adaptation requests.
+
 Adapted weights live in a fixed pool of ``weights_cache_size`` rows (FIFO reuse); a row is valid
 for a task while the task's support version and the model generation are unchanged. The model
 is an immutable snapshot read once per batch: :meth:`Engine.swap_model` takes effect between
@@ -28,13 +32,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from stream_meta.adapters import Adapter, MetaAdapter, SupportSet
 from stream_meta.dedupe import DedupeWindow
 from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
 from stream_meta.index import TaskIndex, neighbour_arrays, task_key
@@ -126,24 +131,6 @@ class BatchResult:
         return cached
 
 
-class _Request:
-    """One adaptation to compute: a task's support set as one of the batch's events saw it."""
-
-    __slots__ = ("embedding", "feature_sum", "n", "ops_before", "state", "version", "xs", "ys")
-
-    def __init__(self, state: TaskState, ops_before: int) -> None:
-        self.state = state
-        self.version = state.version
-        self.n = state.n
-        self.ops_before = ops_before  # examples this batch added to the task before the request
-        # views of the live buffer: the planner snapshots them (copy-on-write) only if the task
-        # learns another example before the batch is adapted
-        self.xs = state.xs[: state.n] if state.xs is not None else None
-        self.ys = state.ys[: state.n] if state.ys is not None else None
-        self.feature_sum: np.ndarray = state.feature_sum
-        self.embedding = state.embedding  # used while n == 0 (a returning task's stored one)
-
-
 class _Plan:
     """What :meth:`Engine._plan` worked out for a batch of valid events."""
 
@@ -151,7 +138,7 @@ class _Plan:
         self.states: list[TaskState] = []
         self.shots = np.zeros(n, dtype=np.int64)  # support size each event was served with
         self.request_of = np.zeros(n, dtype=np.int64)  # -1 = cached weights
-        self.requests: list[_Request] = []
+        self.requests: list[SupportSet] = []
         #: per task key: (event position, evicted index) of each example learned in the batch
         self.ops: dict[int, list[tuple[int, int]]] = {}
         self.evicted: list[tuple[np.ndarray, Any] | None] = []
@@ -232,6 +219,10 @@ class Engine:
         Prometheus metrics; a private registry when omitted.
     model_version:
         Version reported with every prediction.
+    adapter:
+        How support sets become weights and queries predictions
+        (:class:`~stream_meta.adapters.Adapter`); the meta-model's one forward pass
+        (:class:`~stream_meta.adapters.MetaAdapter`) by default.
     """
 
     def __init__(
@@ -242,8 +233,10 @@ class Engine:
         index: TaskIndex | None = None,
         metrics: EngineMetrics | None = None,
         model_version: int = 1,
+        adapter: Adapter | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
+        self.adapter: Adapter = adapter if adapter is not None else MetaAdapter()
         mc = model.config
         self.kind = mc.kind
         self.schema = EventSchema(
@@ -298,6 +291,11 @@ class Engine:
     @property
     def model(self) -> MetaModel:
         return self._snapshot[0]
+
+    @property
+    def empty_embedding(self) -> np.ndarray:
+        """The served model's embedding of an empty support set ``[E]``."""
+        return self._snapshot[2]
 
     @property
     def weights_cache_rows(self) -> int:
@@ -411,15 +409,11 @@ class Engine:
         with torch.inference_mode():
             plan = self._plan(events)
             weights = self._weights_for(plan)
-            out = self._predict(plan.x.unsqueeze(1), weights)[:, 0]
+            out = self.adapter.predict(plan.x.unsqueeze(1), weights, self)[:, 0]
         outputs = self._score(events, plan, out, t0)
         outputs.x = plan.x.numpy()
         outputs.y = [ev.y for ev in events]
         return outputs
-
-    def _predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``[N, 1, x_dim], [N, n_params] -> [N, 1]`` values or ``[N, 1, C]`` logits."""
-        return self.model.predict(x, weights)
 
     # -- planning: walk the batch in order, learning as we go --------------------------------
     def _plan(self, events: list[Event]) -> _Plan:
@@ -434,7 +428,7 @@ class Engine:
         plan = _Plan(len(events))
         store, now = self.store, time.time()
         last_req: dict[int, tuple[int, int]] = {}  # key -> (version, request index)
-        live: dict[int, _Request] = {}  # requests still viewing their task's live buffer
+        live: dict[int, SupportSet] = {}  # requests still viewing their task's live buffer
         for i, ev in enumerate(events):
             state, created = store.touch(ev.task_id, ev.ts or now)
             if created and ev.task_id in self.index:  # a returning task, evicted earlier
@@ -449,7 +443,7 @@ class Engine:
             else:
                 plan.request_of[i] = len(plan.requests)
                 last_req[state.key] = (state.version, len(plan.requests))
-                req = _Request(state, len(plan.ops.get(state.key, ())))
+                req = SupportSet(state, len(plan.ops.get(state.key, ())))
                 plan.requests.append(req)
                 live[state.key] = req
             if ev.y is not None:
@@ -463,7 +457,8 @@ class Engine:
                     plan.ops.setdefault(state.key, []).append((i, len(plan.evicted)))
                     plan.evicted.append(evicted)
         plan.x = torch.as_tensor(np.array([ev.x for ev in events], dtype=np.float32))
-        self._replay_features(events, plan)
+        if self.adapter.embeds:
+            self._replay_features(events, plan)
         return plan
 
     def _replay_features(self, events: list[Event], plan: _Plan) -> None:
@@ -530,61 +525,17 @@ class Engine:
             self._cache(plan.requests, fresh)
         return weights
 
-    def _adapt(self, requests: list[_Request], chunk: int = 4096) -> torch.Tensor:
-        """Adapt every request in batched forward passes -> weights ``[R, n_params]``."""
-        parts = [
-            self._adapt_chunk(requests[lo : lo + chunk]) for lo in range(0, len(requests), chunk)
-        ]
+    def _adapt(self, requests: list[SupportSet], chunk: int = 4096) -> torch.Tensor:
+        """Adapt every request with the engine's adapter, in chunks -> weights ``[R, n_params]``."""
+        adapt, parts = self.adapter.adapt, []
+        for lo in range(0, len(requests), chunk):
+            part = requests[lo : lo + chunk]
+            parts.append(adapt(part, self))
+            self.metrics.adapt_batch.observe(len(part))
         self.metrics.adaptations.inc(len(requests))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
-        model, _v, empty, _pool = self._snapshot
-        b = len(rs)
-        counts = np.array([r.n for r in rs], dtype=np.int64)
-        sums = np.stack([r.feature_sum for r in rs]).astype(np.float32)
-        shots = torch.from_numpy(counts.astype(np.float32))
-        z = model.encoder.readout(torch.from_numpy(sums), shots).numpy()
-        for j in np.flatnonzero(counts == 0).tolist():
-            z[j] = rs[j].embedding if rs[j].embedding is not None else empty
-        zn, sim, nmask = self.neighbours(z, [r.state.task_id for r in rs])
-        generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
-        # the closed-form head costs O(n) in the padded support size: solve it in groups of
-        # similar support sizes so short support sets are not padded to the longest
-        head = torch.empty(b, model.target.n_features, model.config.y_dim)
-        for g, xs, ys, smask in self._support_groups(rs, groups):
-            gi = torch.from_numpy(g)
-            head[gi] = model.solve_head(
-                generated[gi],
-                torch.from_numpy(xs),
-                model.encode_labels(torch.from_numpy(ys)),
-                torch.from_numpy(smask),
-            )
-        self.metrics.adapt_batch.observe(b)
-        return model.with_head(generated, head)
-
-    def _support_groups(
-        self, rs: list[_Request], groups: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """The requests' support sets in ``groups`` of similar size, padded to each group's
-        largest: ``(request indices, xs [g, n, x_dim], ys [g, n], smask [g, n])``."""
-        counts = np.array([r.n for r in rs], dtype=np.int64)
-        order = np.argsort(counts, kind="stable")
-        x_dim, y_dtype = self.store.x_dim, self.store.y_dtype
-        for g in np.array_split(order, min(groups, len(rs))):
-            n_max = max(1, int(counts[g[-1]]))
-            xs = np.zeros((len(g), n_max, x_dim), dtype=np.float32)
-            ys: np.ndarray = np.zeros((len(g), n_max), dtype=y_dtype)
-            smask = np.zeros((len(g), n_max), dtype=np.float32)
-            for j, ri in enumerate(g.tolist()):
-                r = rs[ri]
-                if r.n:
-                    xs[j, : r.n] = r.xs
-                    ys[j, : r.n] = r.ys
-                    smask[j, : r.n] = 1.0
-            yield g, xs, ys, smask
-
-    def _cache(self, requests: list[_Request], weights: torch.Tensor) -> None:
+    def _cache(self, requests: list[SupportSet], weights: torch.Tensor) -> None:
         """Keep each task's newest adaptation when it still matches the task's support set."""
         newest: dict[int, int] = {}
         for j, r in enumerate(requests):

@@ -134,7 +134,7 @@ def replay_strategy(
         events=len(raws),
         rejected=log.rejected,
         non_finite_predictions=log.non_finite,
-        diverged_fits=getattr(engine, "diverged", None),
+        diverged_fits=getattr(engine.adapter, "diverged", None),
         seconds=round(seconds, 3),
         events_per_s=round(len(raws) / seconds, 1) if seconds > 0 else math.inf,
         model_version=engine.model_version,

@@ -1,7 +1,9 @@
 """What each replay strategy is: an engine that serves the same events its own way.
 
-Every strategy runs inside an :class:`~stream_meta.engine.Engine` (or a subclass that replaces
-how a support set becomes weights), so all of them parse, validate, de-duplicate, store support
+Every strategy runs inside a plain :class:`~stream_meta.engine.Engine`, which holds the
+strategy's :class:`~stream_meta.adapters.Adapter` (how a support set becomes weights, and how a
+query is predicted with them): the meta-model's own by default, :class:`GradientAdapter` or
+:class:`NearestTaskAdapter` here. So all of them parse, validate, de-duplicate, store support
 sets (same size and policy) and are scored identically: each event is served with the examples
 its task had when it arrived, then learns its label.
 
@@ -20,7 +22,7 @@ its task had when it arrived, then learns its label.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_meta.engine import Engine, EngineConfig, _Request
+from stream_meta.adapters import EngineView, MetaAdapter, SupportSet, support_groups
+from stream_meta.engine import Engine
 from stream_meta.evaluation.baselines import (
     GradientInit,
     InnerLoop,
@@ -45,8 +48,8 @@ from stream_meta.model_checkpoint import CheckpointError
 __all__ = [
     "NO_LEARNING",
     "STRATEGIES",
-    "GradientEngine",
-    "NearestTaskEngine",
+    "GradientAdapter",
+    "NearestTaskAdapter",
     "StrategyOptions",
     "adapter",
     "build_strategy_engine",
@@ -109,9 +112,11 @@ def build_strategy_engine(
 
     if name in _INIT:
         init = load_gradient_init(name, model, family, options)
-        return GradientEngine(model, settings.engine.config(), init, metrics=metrics)
-    cls = NearestTaskEngine if name == "nearest-task" else Engine
-    return build_engine(model, settings, metrics=metrics, cls=cls)
+        return Engine(
+            model, settings.engine.config(), metrics=metrics, adapter=GradientAdapter(init)
+        )
+    adapter = NearestTaskAdapter() if name == "nearest-task" else None
+    return build_engine(model, settings, metrics=metrics, adapter=adapter)
 
 
 def load_gradient_init(
@@ -149,29 +154,25 @@ def load_gradient_init(
     return init
 
 
-class GradientEngine(Engine):
+class GradientAdapter:
     """Serves each task with the target network fitted to its support set by gradient steps.
 
-    Only adaptation and prediction differ from :class:`~stream_meta.engine.Engine`: there is no
-    set encoder, embedding or neighbour (the index stays empty).
+    There is no set encoder, embedding or neighbour (``embeds`` is False: the engine's index
+    stays empty). ``diverged`` counts fits with non-finite weights (served the initialisation).
     """
 
-    def __init__(
-        self, model: MetaModel, config: EngineConfig, init: GradientInit, *, metrics: Any
-    ) -> None:
-        super().__init__(model, config, metrics=metrics)
+    embeds = False
+
+    def __init__(self, init: GradientInit) -> None:
         self.init = init
-        self.diverged = 0  # fits with non-finite weights (served the initialisation)
+        self.diverged = 0
 
-    def _replay_features(self, events: Any, plan: Any) -> None:
-        """No encoder state to pool."""
-
-    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
         init = self.init
         parts = []
         # the engine predicts under inference mode; fitting needs autograd
         with torch.inference_mode(False), torch.enable_grad():
-            for g, xs, ys, smask in self._support_groups(rs, groups):
+            for g, xs, ys, smask in support_groups(sets, engine.store.x_dim, engine.store.y_dtype):
                 w = fit(
                     init.net,
                     init.kind,
@@ -182,42 +183,51 @@ class GradientEngine(Engine):
                     init.loop,
                 )
                 parts.append((g, w.detach()))
-        weights = torch.empty(len(rs), init.net.n_params)
+        weights = torch.empty(len(sets), init.net.n_params)
         for g, w in parts:
             weights[torch.from_numpy(g)] = w
         diverged = ~torch.isfinite(weights).all(dim=1)
         if bool(diverged.any()):  # a fit that blew up serves the initialisation instead
             weights[diverged] = init.theta
             self.diverged += int(diverged.sum())
-        self.metrics.adapt_batch.observe(len(rs))
         return weights
 
-    def _predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
         return predict(self.init.net, self.init.kind, x, weights)
 
 
-class NearestTaskEngine(Engine):
-    """Serves each task with the weights adapted for its nearest other live task."""
+class NearestTaskAdapter:
+    """Serves each task with the weights the meta-model adapts for its nearest other live task
+    (by the task's embedding in the engine's index), never with the task's own examples."""
 
-    def _adapt_chunk(self, rs: list[_Request], groups: int = 4) -> torch.Tensor:
-        return super()._adapt_chunk(self._nearest(rs), groups)
+    embeds = True
 
-    def _nearest(self, rs: list[_Request]) -> list[_Request]:
-        """Each request replaced by its task's nearest indexed neighbour's current support set;
-        a task without examples, or without a live neighbour, keeps its own (prior) request."""
-        own = [j for j, r in enumerate(rs) if r.n > 0]
-        if not own or len(self.index) == 0:
-            return rs
-        model = self.model
-        sums = np.stack([rs[j].feature_sum for j in own]).astype(np.float32)
-        counts = torch.tensor([float(rs[j].n) for j in own])
-        z = model.encoder.readout(torch.from_numpy(sums), counts).numpy()
-        _D, I = self.index.search(z, 1, exclude=[rs[j].state.task_id for j in own])
-        out = list(rs)
+    def __init__(self) -> None:
+        self.meta = MetaAdapter()
+
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
+        return self.meta.adapt(self._nearest(sets, engine), engine)
+
+    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
+        return self.meta.predict(x, weights, engine)
+
+    @staticmethod
+    def _nearest(sets: Sequence[SupportSet], engine: EngineView) -> Sequence[SupportSet]:
+        """Each set replaced by its task's nearest indexed neighbour's current support set; a
+        task without examples, or without a live neighbour, keeps its own (prior) set."""
+        own = [j for j, r in enumerate(sets) if r.n > 0]
+        index = engine.index
+        if not own or len(index) == 0:
+            return sets
+        sums = np.stack([sets[j].feature_sum for j in own]).astype(np.float32)
+        counts = torch.tensor([float(sets[j].n) for j in own])
+        z = engine.model.encoder.readout(torch.from_numpy(sums), counts).numpy()
+        _D, I = index.search(z, 1, exclude=[sets[j].task_id for j in own])
+        out = list(sets)
         for j, key in zip(own, I[:, 0].tolist(), strict=True):
-            neighbour = None if key < 0 else self.store.get(self.index.task_id_of([key])[0] or "")
+            neighbour = None if key < 0 else engine.store.get(index.task_id_of([key])[0] or "")
             if neighbour is not None and neighbour.n > 0:
-                out[j] = _Request(neighbour, 0)
+                out[j] = SupportSet(neighbour)
         return out
 
 
@@ -228,8 +238,8 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
     the report and the per-family probes)."""
     from stream_meta.evaluation.fewshot import adapt_batch
 
-    if isinstance(engine, GradientEngine):
-        init = engine.init
+    if isinstance(engine.adapter, GradientAdapter):
+        init = engine.adapter.init
 
         def gradient(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
             with torch.enable_grad():
@@ -254,7 +264,7 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
             w = adapt_batch(model, engine.index, xs, ys, k, exclude)
             return model.predict(torch.from_numpy(xq), w)
 
-    if not isinstance(engine, NearestTaskEngine):
+    if not isinstance(engine.adapter, NearestTaskAdapter):
         return hypernetwork
 
     def nearest(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:

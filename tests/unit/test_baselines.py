@@ -1,4 +1,4 @@
-"""Gradient baselines (scratch, fine-tuning, MAML with torch.func) and the strategy engines."""
+"""Gradient baselines (scratch, fine-tuning, MAML with torch.func) and the strategy adapters."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from stream_meta.evaluation.baselines import (
     tune_lr,
 )
 from stream_meta.evaluation.families import build_probes, matrix_summary, phases
-from stream_meta.evaluation.strategies import GradientEngine, NearestTaskEngine, adapter
+from stream_meta.evaluation.strategies import GradientAdapter, NearestTaskAdapter, adapter
 from stream_meta.meta_training import TrainConfig
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import ModelConfig
@@ -213,8 +213,9 @@ def test_the_shipped_initialisations_load_and_fit_the_shipped_model(
 
 def _engines(model, init):
     config = EngineConfig(k_neighbours=0)
-    g = GradientEngine(model, config, init, metrics=EngineMetrics(CollectorRegistry()))
-    return g
+    return Engine(
+        model, config, metrics=EngineMetrics(CollectorRegistry()), adapter=GradientAdapter(init)
+    )
 
 
 def test_the_gradient_engine_serves_each_event_with_its_tasks_support_set_at_arrival(
@@ -243,6 +244,7 @@ def test_the_gradient_engine_serves_each_event_with_its_tasks_support_set_at_arr
         assert value == pytest.approx(float(expect), rel=1e-3, abs=1e-4)
         if "y" in ev:
             seen.append((ev["x"], ev["y"]))
+    assert len(engine.index) == 0  # no encoder, no embedding: the adapter says embeds=False
 
 
 def test_a_diverged_fit_serves_the_initialisation_and_is_counted(shipped_sinusoid) -> None:
@@ -251,7 +253,7 @@ def test_a_diverged_fit_serves_the_initialisation_and_is_counted(shipped_sinusoi
     theta[0] = math.inf  # every fit of a task with examples becomes non-finite
     engine = _engines(model, _init(theta, InnerLoop(2, 0.01), method="broken"))
     out = engine.process(sinusoid_events(50, tasks=3)).outputs
-    assert engine.diverged > 0
+    assert engine.adapter.diverged > 0
     assert all(isinstance(v, float) for v in out.values)
 
 
@@ -259,7 +261,12 @@ def test_nearest_task_serves_the_adaptation_of_its_nearest_other_task(
     shipped_sinusoid, make_engine
 ) -> None:
     model, _ = shipped_sinusoid
-    near = NearestTaskEngine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
+    near = Engine(
+        model,
+        EngineConfig(),
+        metrics=EngineMetrics(CollectorRegistry()),
+        adapter=NearestTaskAdapter(),
+    )
     full = Engine(model, EngineConfig(), metrics=EngineMetrics(CollectorRegistry()))
     xs = np.linspace(-4.5, 4.5, 20)
     teach = [

@@ -1,0 +1,176 @@
+"""How an engine turns support sets into weights: the adapter it holds.
+
+An :class:`~stream_meta.engine.Engine` parses, validates, de-duplicates, stores support sets,
+caches adapted weights and scores; *how* a support set becomes weights, and how a query point is
+predicted with them, is its adapter's (learn2learn's wrap-and-adapt: the strategy is an object
+the engine holds, not a subclass of it). An adapter is anything with this shape:
+
+* ``adapt(sets, engine) -> weights [B, n_params]``: one row per :class:`SupportSet` of the
+  chunk (each one task's examples *as an event of the batch saw them*); called once per
+  micro-batch chunk of adaptation requests, never per event;
+* ``predict(x [N, q, x_dim], weights [N, n_params], engine) -> [N, q]`` values, or
+  ``[N, q, C]`` logits (weights from the cache or from ``adapt``);
+* ``embeds``: whether the engine keeps every task's pooled encoder state and embedding up to
+  date as examples arrive (and so indexes it for the k-NN search); an adapter that never reads
+  them says False and the engine skips that work.
+
+``engine`` is the :class:`EngineView` (what an adapter may read: the served model snapshot, the
+task index and store, the k-NN search); adapters must not change it. The default,
+:class:`MetaAdapter`, is the meta-model's one forward pass. The replay strategies' adapters
+(gradient baselines, nearest task) are in :mod:`stream_meta.evaluation.strategies`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from stream_meta.index import TaskIndex
+from stream_meta.model import MetaModel
+from stream_meta.state import TaskState, TaskStore
+
+__all__ = ["SUPPORT_GROUPS", "Adapter", "EngineView", "MetaAdapter", "SupportSet", "support_groups"]
+
+#: support sets of a chunk are padded in this many groups of similar size (see support_groups)
+SUPPORT_GROUPS = 4
+
+
+class SupportSet:
+    """One task's support set as one of the batch's events saw it (what an adapter adapts).
+
+    Adapters read ``task_id``, ``n``, ``xs [n, x_dim]`` and ``ys [n]`` (None while the task has
+    never learned an example), ``feature_sum`` (the pooled encoder state of those ``n``
+    examples) and ``embedding`` (the task's stored embedding, used while ``n == 0``: a returning
+    task's indexed one, or None). ``state``, ``version`` and ``ops_before`` are the engine's
+    bookkeeping. Everything is read-only to adapters (``xs``/``ys`` may view a live buffer).
+    """
+
+    __slots__ = ("embedding", "feature_sum", "n", "ops_before", "state", "version", "xs", "ys")
+
+    def __init__(self, state: TaskState, ops_before: int = 0) -> None:
+        self.state = state
+        self.version = state.version
+        self.n = state.n
+        self.ops_before = ops_before  # examples this batch added to the task before the request
+        # views of the live buffer: the planner snapshots them (copy-on-write) only if the task
+        # learns another example before the batch is adapted
+        self.xs = state.xs[: state.n] if state.xs is not None else None
+        self.ys = state.ys[: state.n] if state.ys is not None else None
+        self.feature_sum: np.ndarray = state.feature_sum
+        self.embedding = state.embedding  # used while n == 0 (a returning task's stored one)
+
+    @property
+    def task_id(self) -> str:
+        return self.state.task_id
+
+
+class EngineView(Protocol):
+    """What an adapter may read of the engine that holds it (an :class:`Engine` is one)."""
+
+    @property
+    def model(self) -> MetaModel:
+        """The served model snapshot (swapped only between batches)."""
+
+    @property
+    def empty_embedding(self) -> np.ndarray:
+        """The served model's embedding of an empty support set ``[E]``."""
+
+    @property
+    def index(self) -> TaskIndex: ...
+
+    @property
+    def store(self) -> TaskStore: ...
+
+    def neighbours(
+        self, z: np.ndarray, exclude: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k`` nearest indexed tasks of each embedding: ``zn [B,k,E], sim [B,k], mask [B,k]``."""
+
+
+class Adapter(Protocol):
+    """A strategy that turns support sets into weights (see the module docstring)."""
+
+    @property
+    def embeds(self) -> bool:
+        """Whether the engine must keep pooled encoder states and task embeddings up to date."""
+
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
+        """Weights ``[len(sets), n_params]`` of the model's target network, one row per set."""
+
+    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
+        """``[N, q, x_dim], [N, n_params] -> [N, q]`` values or ``[N, q, C]`` logits."""
+
+
+def support_groups(
+    sets: Sequence[SupportSet], x_dim: int, y_dtype: type, groups: int = SUPPORT_GROUPS
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """The support sets in ``groups`` of similar size, each padded to its largest:
+    ``(indices into sets, xs [g, n, x_dim], ys [g, n], smask [g, n])``.
+
+    Work that costs O(n) in the padded support size (the closed-form head, gradient steps) is
+    done per group, so short support sets are not padded to the longest.
+
+    >>> from stream_meta.state import TaskStore
+    >>> store = TaskStore(x_dim=1, feat_dim=2, support_size=4, policy="recent")
+    >>> a, _ = store.touch("a", 0.0)
+    >>> b, _ = store.touch("b", 0.0)
+    >>> for i in range(3):
+    ...     _ = store.add_example(a, np.array([float(i)]), 1.0)
+    >>> [(g.tolist(), xs.shape, m.tolist()) for g, xs, ys, m in
+    ...  support_groups([SupportSet(a), SupportSet(b)], 1, np.float32)]
+    [([1], (1, 1, 1), [[0.0]]), ([0], (1, 3, 1), [[1.0, 1.0, 1.0]])]
+    """
+    counts = np.array([r.n for r in sets], dtype=np.int64)
+    order = np.argsort(counts, kind="stable")
+    for g in np.array_split(order, min(groups, len(sets))):
+        n_max = max(1, int(counts[g[-1]]))
+        xs = np.zeros((len(g), n_max, x_dim), dtype=np.float32)
+        ys: np.ndarray = np.zeros((len(g), n_max), dtype=y_dtype)
+        smask = np.zeros((len(g), n_max), dtype=np.float32)
+        for j, ri in enumerate(g.tolist()):
+            r = sets[ri]
+            if r.n:
+                xs[j, : r.n] = r.xs
+                ys[j, : r.n] = r.ys
+                smask[j, : r.n] = 1.0
+        yield g, xs, ys, smask
+
+
+class MetaAdapter:
+    """The meta-model's adaptation in one forward pass (the engine's default).
+
+    Encoder readout of each set's pooled state (a set without examples: its stored embedding,
+    else the empty-set one), one batched k-NN search (a task never retrieves itself), the
+    hypernetwork, and the closed-form head solved per group of similar support sizes.
+    """
+
+    embeds = True
+
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
+        model, empty = engine.model, engine.empty_embedding
+        b = len(sets)
+        counts = np.array([r.n for r in sets], dtype=np.int64)
+        sums = np.stack([r.feature_sum for r in sets]).astype(np.float32)
+        shots = torch.from_numpy(counts.astype(np.float32))
+        z = model.encoder.readout(torch.from_numpy(sums), shots).numpy()
+        for j in np.flatnonzero(counts == 0).tolist():
+            z[j] = sets[j].embedding if sets[j].embedding is not None else empty
+        zn, sim, nmask = engine.neighbours(z, [r.task_id for r in sets])
+        generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
+        head = torch.empty(b, model.target.n_features, model.config.y_dim)
+        store = engine.store
+        for g, xs, ys, smask in support_groups(sets, store.x_dim, store.y_dtype):
+            gi = torch.from_numpy(g)
+            head[gi] = model.solve_head(
+                generated[gi],
+                torch.from_numpy(xs),
+                model.encode_labels(torch.from_numpy(ys)),
+                torch.from_numpy(smask),
+            )
+        return model.with_head(generated, head)
+
+    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
+        return engine.model.predict(x, weights)
