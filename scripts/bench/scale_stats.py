@@ -1,5 +1,5 @@
 """The arithmetic of the ``scale`` section: pure functions of what was sampled and read back
-(unit-tested in tests/unit/test_bench.py)."""
+(unit-tested in tests/scripts/test_bench.py)."""
 
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ What it watches
     events) if the true scale were 1.5 times the calibrated one. The large ``delta`` is for
     what is not noise but not drift either: the mean of a heterogeneous population wanders
     (a new popular, hard task can hold a few percent of the events for thousands of them).
-    On engine-shaped synthetic streams (``tests/unit/test_drift.py``) the largest statistic
-    in 40 stationary 100k-event streams was 2.0 with ``delta = 1.5`` but 23 with
+    On engine-shaped synthetic streams (``tests/unit/drift/test_detectors.py``) the largest
+    statistic in 40 stationary 100k-event streams was 2.0 with ``delta = 1.5`` but 23 with
     ``delta = 1``; on the shipped sinusoid model's stationary scenario, 0.4. A ``x50`` loss
     shift moves ``z`` by ~8-12 per block: alarm after 2-3 blocks (synthetic, 12 seeds:
     median 78 events, max 112; x10: 153 / 245; x5: 334 / 483).
