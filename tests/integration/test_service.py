@@ -166,11 +166,14 @@ def test_sigkill_and_restart_learn_every_example_exactly_once(
     # support sets identical task by task: every example learned exactly once
     assert final["tasks"].keys() == ref["tasks"].keys()
     assert final["tasks"] == ref["tasks"]
-    # every labelled event scored once, by one run or the other: those the killed run learned
-    # after its last checkpoint came back from the task-state changelog, and their redelivery
-    # (its unfinished batch: offsets are committed per batch) was predicted as a duplicate
+    # every labelled event scored by one run or the other: those the killed run learned after
+    # its last checkpoint came back from the task-state changelog, and their redelivery (its
+    # unfinished batch: offsets are committed per batch) was predicted as a duplicate. Only a
+    # kill *during* a batch's delivery can score events twice: its predictions reached the
+    # topic, its changelog records not all (outputs are at-least-once), so at most one batch
     scored = [v["event_id"] for v in values if v.get("labelled") and not v.get("duplicate")]
-    assert len(scored) == len(set(scored)) == ref["labelled"]
+    assert len(set(scored)) == ref["labelled"]
+    assert len(scored) - len(set(scored)) <= 32  # at most the batch in flight at the kill
     # the restart resumed where the killed run had committed (a commit per batch), not at
     # its older checkpoint: at most the killed run's unfinished micro-batch came again
     redelivered = sum(1 for v in values if v.get("duplicate"))
