@@ -167,7 +167,7 @@ class MetaAdapter:
             head[gi] = model.solve_head(
                 generated[gi],
                 torch.from_numpy(xs),
-                model.encode_labels(torch.from_numpy(ys)),
+                torch.from_numpy(ys),
                 torch.from_numpy(smask),
             )
         return model.with_head(generated, head)

@@ -504,8 +504,8 @@ class Engine:
         model = self.model
         x = torch.as_tensor(np.asarray(xs, dtype=np.float32).reshape(len(xs), -1))
         y_dtype = torch.float32 if self.kind == "regression" else torch.long
-        y = model.encode_labels(torch.as_tensor(ys, dtype=y_dtype))
-        return model.encoder.point_features(x, y).double().numpy()
+        y = torch.as_tensor(ys, dtype=y_dtype)
+        return model.point_features(x, y).double().numpy()
 
     # -- adaptation ---------------------------------------------------------------------------
     def _weights_for(self, plan: _Plan) -> torch.Tensor:

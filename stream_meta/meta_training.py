@@ -153,7 +153,7 @@ def episode_loss(
             sim[take, -1] = (z[take] * z_sib[take]).sum(-1)
     nmask = nmask * (1.0 - drop).unsqueeze(-1)
     weights = model.adapt(z, zn, sim, nmask, ep["xs"], ep["ys"], ep["smask"])
-    query_loss = model.loss(model.predict(ep["xq"], weights), ep["yq"]).mean()
+    query_loss = model.train_loss(model.predict(ep["xq"], weights), ep["yq"]).mean()
     if config.prior_weight > 0 and z_sib is not None:
         query_loss = query_loss + config.prior_weight * _prior_only_loss(
             model, ep, z, z_sib, config
@@ -200,8 +200,8 @@ def _prior_only_loss(
         empty_m[:n_sib],
     )
     w_own = model.adapt(zf, *no_neighbours(b, zf.shape[1], z.device), empty_x, empty_y, empty_m)
-    prior_loss = model.loss(model.predict(ep["xq"][:n_sib], w_sib), ep["yq"][:n_sib]).mean()
-    return prior_loss + model.loss(model.predict(ep["xq"], w_own), ep["yq"]).mean()
+    prior_loss = model.train_loss(model.predict(ep["xq"][:n_sib], w_sib), ep["yq"][:n_sib]).mean()
+    return prior_loss + model.train_loss(model.predict(ep["xq"], w_own), ep["yq"]).mean()
 
 
 def make_optimizer(

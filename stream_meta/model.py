@@ -27,6 +27,7 @@ from torch import nn
 
 from stream_meta.encoder import SetEncoder
 from stream_meta.hypernet import HyperNetwork, TargetNet
+from stream_meta.scaling import Scaling
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class MetaModel(nn.Module):
         self.prior_chol = nn.Parameter(torch.eye(n_feat))
         self.log_noise = nn.Parameter(torch.tensor(-1.0))
         self.log_temperature = nn.Parameter(torch.tensor(0.0))  # classification logits scale
+        # user units <-> model units (identity unless fitted on a user's training tasks)
+        self.scaling = Scaling(config.x_dim, config.y_dim, regression=config.kind == "regression")
 
     # -- encoding -------------------------------------------------------------------------
     def encode_labels(self, y: torch.Tensor) -> torch.Tensor:
@@ -109,8 +112,17 @@ class MetaModel(nn.Module):
         return nn.functional.one_hot(y.long(), self.config.y_dim).to(torch.float32)
 
     def embed(self, xs: torch.Tensor, ys: torch.Tensor, smask: torch.Tensor) -> torch.Tensor:
-        """Support sets -> L2-normalised embeddings ``[B, E]``."""
-        return self.encoder(xs, self.encode_labels(ys), smask)
+        """Support sets (user units) -> L2-normalised embeddings ``[B, E]``."""
+        x_std = self.scaling.inputs(xs)
+        return self.encoder(x_std, self.encode_labels(self.scaling.targets(x_std, ys)), smask)
+
+    def point_features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The encoder's features of examples in user units: ``[..., n, x_dim], [..., n] ->
+        [..., n, H]`` (what an incrementally pooled support state sums)."""
+        x_std = self.scaling.inputs(x)
+        return self.encoder.point_features(
+            x_std, self.encode_labels(self.scaling.targets(x_std, y))
+        )
 
     # -- adaptation -----------------------------------------------------------------------
     def prior_precision(self) -> torch.Tensor:
@@ -130,9 +142,7 @@ class MetaModel(nn.Module):
     ) -> torch.Tensor:
         """Generate and adapt the target network's weights: ``-> [B, n_params]``."""
         generated = self.hyper(z, zn, sim, nmask, smask.sum(dim=-1))
-        return self.with_head(
-            generated, self.solve_head(generated, xs, self.encode_labels(ys), smask)
-        )
+        return self.with_head(generated, self.solve_head(generated, xs, ys, smask))
 
     def with_head(self, generated: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Generated body weights with the solved head ``[B, F, out]`` -> ``[B, n_params]``."""
@@ -142,11 +152,14 @@ class MetaModel(nn.Module):
         self,
         generated: torch.Tensor,
         xs: torch.Tensor,
-        y_enc: torch.Tensor,
+        ys: torch.Tensor,
         smask: torch.Tensor,
     ) -> torch.Tensor:
-        """Posterior mean of the head ``[B, F, out]`` under the generated prior mean."""
-        phi = self.target.features(xs, generated) * smask.unsqueeze(-1)  # [B, n, F]
+        """Posterior mean of the head ``[B, F, out]`` under the generated prior mean, given
+        the support set ``xs [B, n, x_dim], ys [B, n]`` in user units."""
+        x_std = self.scaling.inputs(xs)
+        y_enc = self.encode_labels(self.scaling.targets(x_std, ys))
+        phi = self.target.features(x_std, generated) * smask.unsqueeze(-1)  # [B, n, F]
         prior_mean = self.target.head(generated)  # [B, F, out]
         targets = y_enc
         if self.config.kind == "classification":
@@ -164,17 +177,27 @@ class MetaModel(nn.Module):
 
     # -- prediction -----------------------------------------------------------------------
     def predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``[B, n, x_dim], [B, n_params] -> [B, n]`` values, or ``[B, n, C]`` class logits."""
-        out = self.target.forward(x, weights)
+        """``[B, n, x_dim], [B, n_params] -> [B, n]`` values, or ``[B, n, C]`` class logits,
+        in user units."""
+        x_std = self.scaling.inputs(x)
+        out = self.target.forward(x_std, weights)
         if self.config.kind == "regression":
-            return out.squeeze(-1)
-        return out * torch.exp(self.log_temperature) * self.config.y_dim
+            return self.scaling.outputs(x_std, out.squeeze(-1))
+        return self.scaling.outputs(
+            x_std, out * torch.exp(self.log_temperature) * self.config.y_dim
+        )
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Elementwise loss ``[B, n]``: squared error, or cross-entropy."""
+        """Elementwise loss ``[B, n]`` in user units: squared error, or cross-entropy."""
         if self.config.kind == "regression":
             return (out - y) ** 2
         return nn.functional.cross_entropy(out.transpose(1, 2), y.long(), reduction="none")
+
+    def train_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` in the model's units (a squared error divided by ``y_scale**2``): what
+        training minimises, so that step sizes and gradient clipping do not depend on the
+        scale of the user's labels."""
+        return self.loss(out, y) / self.scaling.loss_scale()
 
 
 def no_neighbours(

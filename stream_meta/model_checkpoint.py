@@ -102,6 +102,10 @@ def load_checkpoint(
         config = ModelConfig.from_dict(manifest["model"])
         model = MetaModel(config)
         tensors = load_file(str(path), device=str(device))
+        # checkpoints from before the scaling existed hold none: theirs is the identity
+        for name, default in model.state_dict().items():
+            if name.startswith("scaling.") and name not in tensors:
+                tensors[name] = default.to(device)
         model.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{path} does not fit the model: {exc}") from exc

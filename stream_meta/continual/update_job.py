@@ -180,9 +180,10 @@ def _adapt_and_predict(
 
 
 def _distillation(model: MetaModel, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Pointwise divergence ``[B, n]`` of the student's outputs from the teacher's."""
+    """Pointwise divergence ``[B, n]`` of the student's outputs from the teacher's (in the
+    model's units, like :meth:`MetaModel.train_loss`)."""
     if model.config.kind == "regression":
-        return (student - teacher) ** 2
+        return (student - teacher) ** 2 / model.scaling.loss_scale()
     t = torch.log_softmax(teacher, dim=-1)
     s = torch.log_softmax(student, dim=-1)
     return (t.exp() * (t - s)).sum(-1)
@@ -251,7 +252,7 @@ def train_candidate(
         pred, z = _adapt_and_predict(
             student, _Bank(student, snap, bank_rows).z, x, y, smask, config.k_neighbours, keep
         )
-        query_loss = _masked_mean(student.loss(pred, y), qmask)
+        query_loss = _masked_mean(student.train_loss(pred, y), qmask)
         loss = query_loss + config.contrastive_weight * contrastive_loss(
             z, student.embed(x, y, amask)
         )
@@ -268,7 +269,7 @@ def train_candidate(
                 )
             # relative to the teacher's own query loss on the episode: an old task it fits to
             # 1e-3 is kept at that precision, not just within the noise of a 1-shot guess
-            t_loss = _masked_mean_rows(student.loss(t_pred, y), qmask).detach()
+            t_loss = _masked_mean_rows(student.train_loss(t_pred, y), qmask).detach()
             d = _masked_mean_rows(_distillation(student, pred, t_pred), qmask)
             rel = d / (t_loss + config.distill_floor)
             loss = loss + config.distill_weight * (rel * old_rows).sum() / old_rows.sum()

@@ -1,0 +1,112 @@
+"""User units <-> the meta-model's units: the scaling a checkpoint carries.
+
+Users send raw features and labels (grams, counts, prices); the meta-model learns and adapts in
+standardised units. :class:`Scaling` holds the map between the two as buffers of the model, so
+it travels inside every checkpoint, every published model version and every meta-update (a
+candidate is a copy of the served model: same scaling), and every prediction and loss the
+service reports is in the user's units.
+
+* inputs: ``x_std = (x - x_shift) / x_scale`` per feature;
+* an *offset*, the population's linear prediction ``y_shift + x_std @ y_coef`` (``[y_dim]``),
+  fitted on the training tasks (a pooled ridge for regression, a pooled logistic regression's
+  logits for classification);
+* regression targets are the residuals over the offset in units of ``y_scale``:
+  ``y_std = (y - offset) / y_scale``, and a prediction ``out`` maps back to
+  ``offset + y_scale * out``. The model therefore learns what a task adds to the population's
+  linear fit, and with no example (its prior) starts from that fit: cold start is the pooled
+  linear model, not a guess;
+* classification logits get the offset added (the pooled logistic model's log-odds).
+
+The defaults are the identity (shift 0, scale 1, no offset): the shipped families' checkpoints,
+trained before scaling existed, load unchanged.
+
+>>> import torch
+>>> s = Scaling(x_dim=2, y_dim=1)
+>>> s.set(x_shift=[1.0, 2.0], x_scale=[2.0, 4.0], y_shift=[10.0], y_coef=[[3.0], [0.0]],
+...       y_scale=5.0)
+>>> x, y = torch.tensor([[3.0, 6.0]]), torch.tensor([18.0])
+>>> x_std = s.inputs(x)
+>>> x_std.tolist(), s.targets(x_std, y).tolist()
+([[1.0, 1.0]], [1.0])
+>>> s.outputs(x_std, s.targets(x_std, y)).tolist()
+[18.0]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Scaling"]
+
+
+class Scaling(nn.Module):
+    """Feature standardisation and the population offset of the labels (buffers only)."""
+
+    def __init__(self, x_dim: int, y_dim: int, *, regression: bool = True) -> None:
+        super().__init__()
+        self.regression = regression
+        self.register_buffer("x_shift", torch.zeros(x_dim))
+        self.register_buffer("x_scale", torch.ones(x_dim))
+        self.register_buffer("y_shift", torch.zeros(y_dim))
+        self.register_buffer("y_coef", torch.zeros(x_dim, y_dim))
+        self.register_buffer("y_scale", torch.ones(()))
+
+    x_shift: torch.Tensor
+    x_scale: torch.Tensor
+    y_shift: torch.Tensor
+    y_coef: torch.Tensor
+    y_scale: torch.Tensor
+
+    def set(self, **values: Any) -> None:
+        """Set some of the statistics (lists or tensors of the buffers' shapes)."""
+        for name, value in values.items():
+            buf = getattr(self, name)
+            new = torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape)
+            if not bool(torch.isfinite(new).all()):
+                raise ValueError(f"scaling {name} must be finite")
+            if name in ("x_scale", "y_scale") and not bool((new > 0).all()):
+                raise ValueError(f"scaling {name} must be > 0")
+            buf.copy_(new)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics as JSON-ready lists (for a checkpoint's manifest)."""
+        return {name: buf.tolist() for name, buf in self.named_buffers()}
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(
+            (self.x_shift == 0).all()
+            and (self.x_scale == 1).all()
+            and (self.y_shift == 0).all()
+            and (self.y_coef == 0).all()
+            and self.y_scale == 1
+        )
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., x_dim]`` user features -> standardised features."""
+        return (x - self.x_shift) / self.x_scale
+
+    def offset(self, x_std: torch.Tensor) -> torch.Tensor:
+        """The population's linear prediction ``[..., y_dim]`` of standardised inputs."""
+        return x_std @ self.y_coef + self.y_shift
+
+    def targets(self, x_std: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Labels -> the model's targets: regression residuals over the offset in ``y_scale``
+        units; class labels unchanged."""
+        if not self.regression:
+            return y
+        return (y.to(x_std.dtype) - self.offset(x_std)[..., 0]) / self.y_scale
+
+    def outputs(self, x_std: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The model's outputs -> user units: a regression value ``[...]``, or class logits
+        ``[..., C]`` with the population's log-odds added."""
+        if self.regression:
+            return self.offset(x_std)[..., 0] + self.y_scale * out
+        return out + self.offset(x_std)
+
+    def loss_scale(self) -> torch.Tensor:
+        """What a squared error in user units is divided by to be in the model's units."""
+        return self.y_scale**2 if self.regression else torch.ones(())
