@@ -370,8 +370,7 @@ def toml_text(ds: DataSet, counts: dict[str, Any], version: str) -> str:
     }
     if ds.target == "classification":
         schema["classes"] = list(ds.classes)
-    schema["task_field"] = "task_id"
-    schema["has_ts"] = ds.time_column is not None
+    schema["time_ordered"] = ds.time_column is not None
     order = (
         f"by ts ({ds.time_column}), ties in a seeded random order"
         if ds.time_column
