@@ -62,13 +62,31 @@ class TrainResult:
     seconds: float
     final_loss: float
     history: list[tuple[int, float]] = field(default_factory=list)
+    #: with a validation set: the step whose weights were kept, its loss, every check
+    best_step: int | None = None
+    best_validation: float | None = None
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "steps": self.steps,
             "seconds": round(self.seconds, 1),
             "final_loss": self.final_loss,
         }
+        if self.best_step is not None:
+            out["best_step"] = self.best_step
+            out["best_validation_loss"] = self.best_validation
+        return out
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Validate every ``every`` steps; keep the weights of the best check; stop after
+    ``patience`` checks without improvement (0: never stop early)."""
+
+    validate: Callable[[MetaModel], float]
+    every: int = 100
+    patience: int = 0
 
 
 def _support_masks(shots: np.ndarray, n_max: int) -> np.ndarray:
@@ -153,12 +171,21 @@ def episode_loss(
             sim[take, -1] = (z[take] * z_sib[take]).sum(-1)
     nmask = nmask * (1.0 - drop).unsqueeze(-1)
     weights = model.adapt(z, zn, sim, nmask, ep["xs"], ep["ys"], ep["smask"])
-    query_loss = model.train_loss(model.predict(ep["xq"], weights), ep["yq"]).mean()
+    per_point = model.train_loss(model.predict(ep["xq"], weights), ep["yq"])
+    qmask = ep.get("qmask")  # recorded tasks have queries of varying number
+    query_loss = (
+        per_point.mean()
+        if qmask is None
+        else (per_point * qmask).sum() / qmask.sum().clamp(min=1.0)
+    )
     if config.prior_weight > 0 and z_sib is not None:
         query_loss = query_loss + config.prior_weight * _prior_only_loss(
             model, ep, z, z_sib, config
         )
-    z_full = model.embed(ep["x_all"], ep["y_all"], torch.ones_like(ep["y_all"], dtype=z.dtype))
+    amask = ep.get("amask")
+    if amask is None:
+        amask = torch.ones_like(ep["y_all"], dtype=z.dtype)
+    z_full = model.embed(ep["x_all"], ep["y_all"], amask)
     return query_loss, contrastive_loss(z, z_full)
 
 
@@ -229,12 +256,19 @@ def meta_train(
     device: str | torch.device = "cpu",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    sampler: Any = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> TrainResult:
-    """Meta-train ``model`` in place on episodes of ``family``; returns the training summary."""
+    """Meta-train ``model`` in place on episodes of ``family`` (or of ``sampler``: any object
+    with the :class:`EpisodeSampler` interface, e.g. recorded tasks); returns the summary.
+
+    With ``early_stopping`` the model ends with the weights of its best validation check."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
-    sampler = EpisodeSampler(family, config, rng)
+    sampler = sampler if sampler is not None else EpisodeSampler(family, config, rng)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    checks: list[tuple[int, float]] = []
     opt, sched = make_optimizer(model.parameters(), config)
     bar = _progress(config.steps, progress)
     start, ema, history = time.perf_counter(), math.nan, []
@@ -265,10 +299,43 @@ def meta_train(
             bar.update(1)
         if on_step is not None:
             on_step(step, value)
+        if early_stopping is not None and (
+            step % early_stopping.every == 0 or step == config.steps
+        ):
+            best = _check(model, early_stopping, step, best, checks)
+            if bar is not None:
+                bar.set_postfix(loss=f"{ema:.4g}", val=f"{best[0]:.4g}@{best[1]}")
+            stale = sum(1 for s, _ in checks if s > best[1])
+            if early_stopping.patience and stale >= early_stopping.patience:
+                log.info("early stop at step %d: best validation at step %d", step, best[1])
+                break
     if bar is not None:
         bar.close()
+    result = TrainResult(step, time.perf_counter() - start, ema, history)
+    if best is not None:
+        model.load_state_dict(best[2])
+        result.best_validation, result.best_step, result.validation = best[0], best[1], checks
     model.eval()
-    return TrainResult(config.steps, time.perf_counter() - start, ema, history)
+    return result
+
+
+def _check(
+    model: MetaModel,
+    stopping: EarlyStopping,
+    step: int,
+    best: tuple[float, int, dict[str, torch.Tensor]] | None,
+    checks: list[tuple[int, float]],
+) -> tuple[float, int, dict[str, torch.Tensor]]:
+    """One validation check; returns the best ``(loss, step, weights)`` so far."""
+    model.eval()
+    with torch.no_grad():
+        value = float(stopping.validate(model))
+    model.train()
+    checks.append((step, value))
+    if best is None or value < best[0]:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return value, step, state
+    return best
 
 
 def _to_tensors(

@@ -41,9 +41,13 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     model_version: int = 1,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save ``model`` atomically to ``path``; returns the manifest written."""
+    """Save ``model`` atomically to ``path``; returns the manifest written. ``extra``: more
+    manifest entries (a model trained on a user's log: its ``schema``, ``scaling``, ``data``
+    and ``validation``)."""
     manifest = {
+        **(extra or {}),
         "format_version": FORMAT_VERSION,
         "family": family,
         "model_version": model_version,

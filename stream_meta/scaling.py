@@ -110,3 +110,78 @@ class Scaling(nn.Module):
     def loss_scale(self) -> torch.Tensor:
         """What a squared error in user units is divided by to be in the model's units."""
         return self.y_scale**2 if self.regression else torch.ones(())
+
+
+def fit_scaling(
+    x: Any,
+    y: Any,
+    *,
+    kind: str,
+    n_classes: int | None = None,
+    max_rows: int = 200_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The statistics of a :class:`Scaling`, fitted on training rows ``x [N, d]``, ``y [N]``.
+
+    Features: mean and standard deviation (a constant feature keeps scale 1). Regression: a
+    pooled ridge on the standardised features (the penalty chosen by leave-one-out, scikit-learn's
+    ``RidgeCV``), ``y_scale`` the standard deviation of its residuals. Classification: a pooled
+    multinomial logistic regression's coefficients and intercepts (``y_scale`` 1). At most
+    ``max_rows`` rows (a seeded random subset) are used: plenty for ``d + 1`` coefficients.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(5.0, 2.0, size=(500, 1))
+    >>> stats = fit_scaling(x, 1000.0 + 30.0 * x[:, 0] + rng.normal(0, 3.0, 500), kind="regression")
+    >>> bool(np.isclose(stats["x_shift"][0], x.mean()) and np.isclose(stats["x_scale"][0], x.std()))
+    True
+    >>> slope = stats["y_coef"][0][0] / stats["x_scale"][0]  # per unit of x: the true 30
+    >>> round(slope, 1), round(stats["y_scale"])
+    (30.0, 3)
+    """
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    if len(x) > max_rows:
+        keep = np.random.default_rng(seed).choice(len(x), max_rows, replace=False)
+        x, y = x[keep], y[keep]
+    mean = x.mean(axis=0)
+    std = x.std(axis=0)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    xs = (x - mean) / std
+    stats: dict[str, Any] = {"x_shift": mean.tolist(), "x_scale": std.tolist()}
+    if kind == "regression":
+        from sklearn.linear_model import RidgeCV
+
+        yf = y.astype(np.float64)
+        ridge = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(xs, yf)
+        resid = yf - ridge.predict(xs)
+        scale = float(resid.std())
+        floor = 1e-6 * max(1.0, float(np.abs(yf).max()))
+        stats.update(
+            y_shift=[float(ridge.intercept_)],
+            y_coef=[[float(c)] for c in np.ravel(ridge.coef_)],
+            y_scale=max(scale, floor),
+        )
+        return stats
+    from sklearn.linear_model import LogisticRegression
+
+    c = int(n_classes or 0)
+    labels = y.astype(np.int64)
+    present = np.unique(labels)
+    shift = np.zeros(c)
+    coef = np.zeros((xs.shape[1], c))
+    if len(present) >= 2:
+        lr = LogisticRegression(max_iter=1000).fit(xs, labels)
+        if len(lr.classes_) == 2:  # one decision function: logits [0, z]
+            coef[:, lr.classes_[1]] = lr.coef_[0]
+            shift[lr.classes_[1]] = lr.intercept_[0]
+        else:
+            coef[:, lr.classes_] = lr.coef_.T
+            shift[lr.classes_] = lr.intercept_
+    counts = np.bincount(labels, minlength=c)
+    absent = counts == 0  # never seen: a small prior probability, not -inf
+    shift[absent] = float(np.log(0.5 / (len(labels) + 1)))
+    stats.update(y_shift=shift.tolist(), y_coef=coef.tolist(), y_scale=1.0)
+    return stats

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from stream_meta.cli import evaluate, replay, run, serve, topics, train
+from stream_meta.cli import data, evaluate, replay, run, serve, topics, train
 from stream_meta.cli.common import EXIT_USAGE, UsageError, configure_logging, shared_options
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ __all__ = ["build_parser", "main"]
 COMMANDS: tuple[AddParser, ...] = (
     run.add_run_parser,
     run.add_scenarios_parser,
+    data.add_schema_parser,
     train.add_train_parser,
     train.add_train_baseline_parser,
     evaluate.add_evaluate_parser,

@@ -33,11 +33,30 @@ def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-neighbours", action="store_true", help="switch retrieval off")
     e.add_argument("--device", help="cpu (default) or cuda[:N]")
+    e.add_argument(
+        "--data",
+        type=Path,
+        metavar="LOG",
+        help="prequential evaluation on a log's held-out tasks against simple baselines",
+    )
+    e.add_argument("--schema", type=Path, help="--data: a TOML file with a [schema] table")
+    e.add_argument(
+        "--split",
+        choices=["test", "validation"],
+        default="test",
+        help="--data: which held-out tasks (the split of train --data)",
+    )
+    e.add_argument("--out", type=Path, help="--data: write the report as JSON")
+    e.add_argument("--html", type=Path, help="--data: write the report as HTML")
     e.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = settings_from(args, {})
+    if args.data is not None:
+        from stream_meta.cli.data import evaluate_log
+
+        return evaluate_log(args)
     from stream_meta.evaluation.fewshot import evaluate
 
     device = check_device(args.device or "cpu")

@@ -27,8 +27,25 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
     t = sub.add_parser(
         "train", parents=[options.common], help="meta-train a model and save a checkpoint"
     )
-    t.add_argument("--family", choices=["sinusoid", "digits"], required=True)
+    what = t.add_mutually_exclusive_group(required=True)
+    what.add_argument("--family", choices=["sinusoid", "digits"], help="a built-in family")
+    what.add_argument(
+        "--data",
+        type=Path,
+        metavar="LOG",
+        help="your recorded tasks: JSON lines (.jsonl[.gz]), a recording dir, Parquet",
+    )
     t.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
+    t.add_argument("--schema", type=Path, help="--data: a TOML file with a [schema] table")
+    t.add_argument(
+        "--time-ordered",
+        action="store_true",
+        help="--data: a task's support always precedes its queries in event time",
+    )
+    t.add_argument(
+        "--skip-invalid", action="store_true", help="--data: train on the events that fit"
+    )
+    t.add_argument("--name", help="--data: the model's name in its manifest (default: LOG's)")
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--batch-tasks", type=int)
@@ -44,6 +61,14 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.data is not None:
+        from stream_meta.cli.data import train_from_log
+
+        settings_from(args, {})  # a bad --config or --set is refused the same way
+        return train_from_log(args)
+    for flag in ("schema", "time_ordered", "skip_invalid", "name"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --data")
     train_over: dict[str, Any] = {
         k: v
         for k, v in {

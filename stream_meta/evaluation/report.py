@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare", "load_report", "write_html"]
+__all__ = ["compare", "load_report", "write_data_html", "write_html"]
 
 SHOTS_SHOWN = ("0", "1", "2", "5", "10", "20")
 
@@ -228,3 +228,56 @@ def compare(
             f"{_rate(ra.get('events_per_s'))} | {_rate(rb.get('events_per_s'))} |"
         )
     return "\n".join(lines), regressions
+
+
+def write_data_html(report: dict[str, Any], path: str | Path) -> Path:
+    """The page of an ``evaluate --data`` report: the table of losses by support size, one row
+    per strategy, and its plot (loss against support-size bucket)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["strategies"]
+    labels = list(report["events_by_bucket"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, r in runs.items():
+        ys = [math.nan if v is None else v for v in r["buckets"].values()]
+        ax.plot(labels, ys, marker="o", label=name, lw=2.5 if name == "stream-meta" else 1.2)
+    ax.set_xlabel("examples the task had when predicted")
+    ax.set_ylabel(report["metric"])
+    ax.legend(fontsize=8)
+    plot = _png(fig)
+    plt.close(fig)
+    head = "".join(f"<th>{html.escape(b)}</th>" for b in labels)
+    counts = "".join(f"<td>{report['events_by_bucket'][b]}</td>" for b in labels)
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{_fmt(r['loss'])}</td>"
+        + "".join(f"<td>{_fmt(v)}</td>" for v in r["buckets"].values())
+        + "</tr>"
+        for name, r in runs.items()
+    )
+    meta = (
+        f"log <code>{html.escape(str(report.get('data')))}</code>, {report['split']} split: "
+        f"{report['tasks']} tasks, {report['events']} labelled events, prequential in stream "
+        f"order; checkpoint <code>{html.escape(str(report.get('checkpoint')))}</code>; best "
+        f"baseline {html.escape(report['best_baseline'])}, stream-meta / best "
+        f"{report['ratio_to_best_baseline']:.3f}"
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>stream-meta evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
+img{{max-width:100%}}</style></head>
+<body><h1>stream-meta evaluation on held-out tasks</h1><p>{meta}</p>
+<h2>{html.escape(report["metric"])} by support size</h2>
+<table><tr><th>strategy</th><th>all</th>{head}</tr><tr><th>events</th>
+<td>{report["events"]}</td>{counts}</tr>{rows}</table>
+<h2>Loss against support size</h2>
+<img alt="loss by support size" src="data:image/png;base64,{plot}">
+</body></html>
+"""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out

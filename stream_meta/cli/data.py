@@ -1,0 +1,242 @@
+"""A user's own tasks: ``stream-meta schema LOG`` (infer and print a schema), and the ``--data``
+forms of ``train`` and ``evaluate`` (meta-train on a recorded stream, evaluate against the
+baselines a statistician fits first)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stream_meta.cli.common import Options, UsageError, emit, load_model, log
+
+if TYPE_CHECKING:
+    from stream_meta.cli.common import Subparsers
+
+
+# -- schema ------------------------------------------------------------------------------------
+def add_schema_parser(sub: Subparsers, options: Options) -> None:
+    s = sub.add_parser(
+        "schema",
+        parents=[options.common],
+        help="infer the task schema of a log and print it (TOML) with the log's counts",
+    )
+    s.add_argument("log", type=Path, help="JSON lines (.jsonl[.gz]), a recording dir, Parquet")
+    s.add_argument("--max-events", type=int, help="read at most this many events")
+    s.set_defaults(func=cmd_schema)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from stream_meta.tasklog import infer_schema
+
+    schema, summary = _checked(lambda: infer_schema(args.log, max_events=args.max_events))
+    if args.json:
+        print(json.dumps({"schema": schema.to_dict(), **summary.to_dict()}))
+        return 0
+    print(schema.to_toml())
+    for key, value in summary.to_dict().items():
+        print(f"# {key}: {json.dumps(value)}")
+    return 0
+
+
+def _checked(fn: Any) -> Any:
+    """Run ``fn``; a schema or data problem becomes one usage message (exit 2)."""
+    from stream_meta.schema import SchemaError
+
+    try:
+        return fn()
+    except SchemaError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def open_table(
+    log_path: Path,
+    schema_file: Path | None,
+    seed: int,
+    skip_invalid: bool,
+    known: dict[str, Any] | None = None,
+) -> Any:
+    """The log's tasks, read with the schema of ``--schema``, else ``known`` (a checkpoint's),
+    else the one inferred from the log; with a line about them."""
+    from stream_meta.schema import TaskSchema, load_schema
+    from stream_meta.tasklog import infer_schema, read_tasks
+
+    def read() -> Any:
+        if schema_file is not None:
+            schema = load_schema(schema_file)
+        elif known is not None:
+            schema = TaskSchema(**known)
+        else:
+            schema, _ = infer_schema(log_path)
+            log.info("inferred schema: %s", schema.to_dict())
+        return read_tasks(log_path, schema, seed=seed, skip_invalid=skip_invalid)
+
+    table = _checked(read)
+    log.info(
+        "%s: %d labelled events of %d tasks (%s train / %s validation / %s test)",
+        log_path,
+        table.summary.labelled,
+        table.n_tasks,
+        *(len(table.tasks_in(s)) for s in ("train", "validation", "test")),
+    )
+    return table
+
+
+# -- train --data --------------------------------------------------------------------------------
+def train_from_log(args: argparse.Namespace) -> int:
+    """``train --data LOG``: meta-train on the log's training tasks, evaluate on its test tasks,
+    write the checkpoint with its manifest."""
+    import torch
+
+    from stream_meta.evaluation.prequential import evaluate_table
+    from stream_meta.log_training import LogTrainConfig, train_on_log
+    from stream_meta.model_checkpoint import save_checkpoint
+    from stream_meta.tasklog import fingerprint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = args.seed if args.seed is not None else 0
+    overrides: dict[str, Any] = {"seed": seed}
+    if args.steps is not None:
+        overrides["max_steps"] = args.steps
+    if args.time_ordered:
+        overrides["time_ordered"] = True
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.batch_tasks is not None:
+        overrides["batch_tasks"] = args.batch_tasks
+    config = LogTrainConfig(**overrides)
+    with open_table(args.data, args.schema, seed, args.skip_invalid) as table:
+        try:
+            model, report = train_on_log(table, config, progress=not args.quiet)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        metrics: dict[str, Any] = {"train": report["train"]}
+        if len(table.tasks_in("test")):
+            log.info("prequential evaluation on the %d test tasks", len(table.tasks_in("test")))
+            metrics["test"] = evaluate_table(model, table, "test")
+        manifest = save_checkpoint(
+            args.out,
+            model,
+            family=args.name or _name_of(args.data),
+            training={**report["settings"], "model_size": report["model_size"]},
+            metrics=metrics,
+            extra={
+                "schema": table.schema.to_dict(),
+                "scaling": model.scaling.to_dict(),
+                "data": {
+                    "path": str(args.data),
+                    "fingerprint": fingerprint(args.data),
+                    "split_seed": seed,
+                    "splits": report["splits"],
+                    "summary": table.summary.to_dict(),
+                },
+                "validation": {
+                    "best_step": report["train"].get("best_step"),
+                    "loss": report["train"].get("best_validation_loss"),
+                    "checks": report["validation_checks"],
+                },
+            },
+        )
+    summary: dict[str, Any] = {
+        "out": str(args.out),
+        "family": manifest["family"],
+        "model_size": report["model_size"],
+        "splits": {k: v["tasks"] for k, v in report["splits"].items()},
+        "train": report["train"],
+    }
+    if "test" in metrics:
+        summary["test"] = _headline(metrics["test"])
+    emit(summary, args.json)
+    return 0
+
+
+def _name_of(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name or "custom"
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a user looks at first: our loss, the best baseline's, the ratios."""
+    ours = report["strategies"]["stream-meta"]
+    best = report["best_baseline"]
+    out = {
+        "tasks": report["tasks"],
+        "events": report["events"],
+        report["metric"]: ours["loss"],
+        "best_baseline": best,
+        f"best_baseline_{report['metric']}": report["strategies"][best]["loss"],
+        "ratio_to_best_baseline": report["ratio_to_best_baseline"],
+        "ratio_0shot_to_pooled": report["ratio_0shot_to_pooled"],
+    }
+    if "accuracy" in ours:
+        out["accuracy"] = ours["accuracy"]
+    return out
+
+
+# -- evaluate --data ---------------------------------------------------------------------------
+def evaluate_log(args: argparse.Namespace) -> int:
+    """``evaluate --data LOG --checkpoint CKPT``: the prequential report on the log's held-out
+    tasks (the split of ``train --data``), against the baselines fitted on its training tasks."""
+    from stream_meta.evaluation.prequential import evaluate_table
+
+    if args.checkpoint is None:
+        raise UsageError("evaluate --data needs --checkpoint (a model trained with train --data)")
+    model, manifest = load_model(args.checkpoint, "")
+    schema_file = args.schema
+    with open_table(
+        args.data, schema_file, manifest.get("data", {}).get("split_seed", 0), False
+    ) as table:
+        _check_fits(table.schema, model, manifest)
+        try:
+            report = evaluate_table(model, table, args.split)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    report["checkpoint"] = manifest["path"]
+    report["data"] = str(args.data)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    if args.html:
+        from stream_meta.evaluation.report import write_data_html
+
+        write_data_html(report, args.html)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _check_fits(schema: Any, model: Any, manifest: dict[str, Any]) -> None:
+    c = model.config
+    if schema.x_dim != c.x_dim or schema.target != c.kind or schema.n_classes != c.n_classes:
+        raise UsageError(
+            f"the log's schema (x_dim {schema.x_dim}, {schema.target}) does not fit the "
+            f"checkpoint {manifest['path']} (x_dim {c.x_dim}, {c.kind})"
+        )
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from stream_meta.evaluation.prequential import BUCKETS
+
+    labels = [b[0] for b in BUCKETS]
+    print(
+        f"{report['split']} tasks: {report['tasks']}, events: {report['events']}, "
+        f"metric: {report['metric']} (prequential, in stream order)"
+    )
+    counts = report["events_by_bucket"]
+    print(f"{'shots':<18}{'all':>9}" + "".join(f"{b:>9}" for b in labels))
+    print(f"{'events':<18}{report['events']:>9}" + "".join(f"{counts[b]:>9}" for b in labels))
+    for name, s in report["strategies"].items():
+        cells = "".join(
+            f"{v:>9.4g}" if v is not None else f"{'-':>9}" for v in s["buckets"].values()
+        )
+        print(f"{name:<18}{s['loss']:>9.4g}{cells}")
+    print(
+        f"best baseline: {report['best_baseline']}; stream-meta / best: "
+        f"{report['ratio_to_best_baseline']:.3f}"
+    )

@@ -1,0 +1,186 @@
+"""Prequential evaluation of a model on a user's tasks, against the baselines a statistician
+fits first (``stream-meta evaluate --data``).
+
+The held-out tasks' labelled events are replayed in stream order through the serving engine
+(:class:`~stream_meta.engine.Engine`, default settings: retrieval, bounded support sets,
+micro-batches). Every event is predicted first, scored, then learned, so the loss of an event is
+that of a prediction the service would have made at that point. The baselines of
+:mod:`stream_meta.evaluation.population`, fitted on the *training* tasks, see the same events
+in the same order. Losses are reported overall and by the task's support size when it was
+predicted, in buckets ``0, 1, 2, 3-4, 5-9, 10-19, 20+``, all in the user's units (squared error,
+or log loss and accuracy for classification).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from stream_meta.tasklog import TaskTable
+
+__all__ = ["BUCKETS", "bucket_of", "evaluate_table", "summarise"]
+
+#: support-size buckets: (label, lowest, highest) shots, inclusive
+BUCKETS = (
+    ("0", 0, 0),
+    ("1", 1, 1),
+    ("2", 2, 2),
+    ("3-4", 3, 4),
+    ("5-9", 5, 9),
+    ("10-19", 10, 19),
+    ("20+", 20, 1 << 62),
+)
+
+
+def bucket_of(shots: np.ndarray) -> np.ndarray:
+    """The bucket index of each support size.
+
+    >>> bucket_of(np.array([0, 1, 2, 3, 4, 5, 19, 20, 500])).tolist()
+    [0, 1, 2, 3, 3, 4, 5, 6, 6]
+    """
+    edges = np.array([lo for _, lo, _ in BUCKETS[1:]])
+    return np.searchsorted(edges, shots, side="right")
+
+
+def stream_rows(table: TaskTable, split: str) -> np.ndarray:
+    """The labelled rows of a split's tasks in stream order."""
+    rows = table.split_rows(split)
+    return rows[np.argsort(table.pos[rows], kind="stable")]
+
+
+def _events(table: TaskTable, rows: np.ndarray) -> Iterator[dict[str, Any]]:
+    kind_int = table.schema.target == "classification"
+    for r in rows.tolist():
+        y = table.y[r]
+        yield {
+            "event_id": f"e{int(table.pos[r])}",
+            "task_id": table.task_ids[_task_of(table, r)],
+            "x": table.x[r].astype(np.float64).tolist(),
+            "y": int(y) if kind_int else float(y),
+        }
+
+
+def _task_of(table: TaskTable, row: int) -> int:
+    return int(np.searchsorted(table.offsets, row, side="right") - 1)
+
+
+def model_losses(
+    model: Any, table: TaskTable, rows: np.ndarray, settings: Any = None, batch: int = 256
+) -> dict[str, np.ndarray]:
+    """Replay ``rows`` through a fresh engine serving ``model``: per-event loss, support size
+    and (classification) whether the predicted class was right."""
+    from stream_meta.app import build_engine
+    from stream_meta.config import Settings
+
+    engine = build_engine(model, settings or Settings())
+    losses, shots, correct = [], [], []
+    events = list(_events(table, rows))
+    classes = table.schema.target == "classification"
+    for i in range(0, len(events), batch):
+        part = events[i : i + batch]
+        result = engine.process(part)
+        out = result.outputs
+        if result.rejections or out is None:
+            raise ValueError(f"the engine refused an event: {result.rejections[:1]}")
+        losses += out.losses
+        shots += out.shots
+        if classes:
+            correct += [int(v == e["y"]) for v, e in zip(out.values, part, strict=True)]
+    res = {"loss": np.asarray(losses, dtype=np.float64), "shots": np.asarray(shots)}
+    if classes:
+        res["correct"] = np.asarray(correct, dtype=np.float64)
+    return res
+
+
+def baseline_losses(table: TaskTable, rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """The population baselines, fitted on the training tasks, replayed over ``rows``."""
+    from stream_meta.evaluation import population
+
+    train_rows = table.split_rows("train")
+    tasks = np.searchsorted(table.offsets, train_rows, side="right") - 1
+    data = population.TrainingData(
+        x=np.asarray(table.x[train_rows], dtype=np.float64),
+        y=np.asarray(table.y[train_rows]),
+        task=tasks,
+        kind=table.schema.target,
+        n_classes=table.schema.n_classes,
+    )
+    fitted = population.baselines(data)
+    events = [(e["task_id"], np.asarray(e["x"]), e["y"]) for e in _events(table, rows)]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    predictions = _predictions(fitted, events)
+    for b in fitted:
+        preds = predictions[b.name]
+        losses = np.array(
+            [
+                population.loss(table.schema.target, p, e[2])
+                for p, e in zip(preds, events, strict=True)
+            ]
+        )
+        res = {"loss": losses}
+        if table.schema.target == "classification":
+            res["correct"] = np.array(
+                [float(int(np.argmax(p)) == e[2]) for p, e in zip(preds, events, strict=True)]
+            )
+        out[b.name] = res
+    return out
+
+
+def _predictions(fitted: list[Any], events: list[tuple[str, np.ndarray, Any]]) -> dict[str, list]:
+    preds: dict[str, list] = {b.name: [] for b in fitted}
+    for task_id, x, y in events:
+        for b in fitted:
+            preds[b.name].append(np.asarray(b.predict(task_id, x)))
+            b.learn(task_id, x, y)
+    return preds
+
+
+def summarise(res: dict[str, np.ndarray], shots: np.ndarray) -> dict[str, Any]:
+    """Overall and per-bucket mean loss (and accuracy) of one strategy's per-event results."""
+    b = bucket_of(shots)
+    out: dict[str, Any] = {"loss": float(res["loss"].mean()) if len(shots) else None}
+    if "correct" in res:
+        out["accuracy"] = float(res["correct"].mean()) if len(shots) else None
+    out["buckets"] = {
+        label: (float(res["loss"][b == i].mean()) if (b == i).any() else None)
+        for i, (label, _, _) in enumerate(BUCKETS)
+    }
+    return out
+
+
+def evaluate_table(
+    model: Any, table: TaskTable, split: str = "test", settings: Any = None
+) -> dict[str, Any]:
+    """The prequential report of ``model`` and every baseline on one split's tasks."""
+    rows = stream_rows(table, split)
+    if not len(rows):
+        raise ValueError(f"the {split} split holds no labelled event")
+    ours = model_losses(model, table, rows, settings)
+    shots = ours["shots"]
+    strategies = {"stream-meta": summarise(ours, shots)}
+    for name, res in baseline_losses(table, rows).items():
+        strategies[name] = summarise(res, shots)
+    counts = {label: int((bucket_of(shots) == i).sum()) for i, (label, _, _) in enumerate(BUCKETS)}
+    base = {k: v for k, v in strategies.items() if k != "stream-meta"}
+    best = min(base, key=lambda k: base[k]["loss"])
+    metric = "mse" if table.schema.target == "regression" else "log_loss"
+    return {
+        "split": split,
+        "tasks": len(table.tasks_in(split)),
+        "events": len(rows),
+        "metric": metric,
+        "events_by_bucket": counts,
+        "strategies": strategies,
+        "best_baseline": best,
+        "ratio_to_best_baseline": strategies["stream-meta"]["loss"] / base[best]["loss"],
+        "ratio_0shot_to_pooled": _zero_shot_ratio(strategies, table.schema.target),
+    }
+
+
+def _zero_shot_ratio(strategies: dict[str, Any], kind: str) -> float | None:
+    pooled = "pooled-linear" if kind == "regression" else "pooled-logistic"
+    ours = strategies["stream-meta"]["buckets"]["0"]
+    ref = strategies.get(pooled, {}).get("buckets", {}).get("0")
+    return None if ours is None or not ref else ours / ref

@@ -1,0 +1,241 @@
+"""Meta-training on a user's recorded tasks (``stream-meta train --data LOG``).
+
+From a :class:`~stream_meta.tasklog.TaskTable` to a served model, with nothing to tune:
+
+1. the tasks are split by a hash of their id (:func:`~stream_meta.tasklog.split_of`);
+2. the :class:`~stream_meta.scaling.Scaling` is fitted on the *training* tasks' rows: feature
+   standardisation, the pooled linear (or logistic) fit as the population offset, the residual
+   scale. The model learns what a task adds to the population's fit, and starts from it;
+3. the model's size follows the data (:func:`model_size`): few tasks get a small network, so
+   30 training tasks do not over-fit a hypernetwork made for thousands;
+4. episodes are cut from the training tasks (:class:`~stream_meta.tasks.logged.LoggedEpisodes`)
+   and the model is meta-trained with retrieval in the loop, validated every
+   ``validate_every`` steps on fixed episodes of the *validation* tasks, and ends with the
+   weights of its best check (early stopping: ``patience`` checks without improvement).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_meta.meta_training import EarlyStopping, TrainConfig, episode_loss, meta_train
+from stream_meta.model import MetaModel, ModelConfig
+from stream_meta.scaling import fit_scaling
+from stream_meta.tasklog import TaskTable
+from stream_meta.tasks.logged import LoggedEpisodes, describe, fixed_episodes
+
+__all__ = ["LogTrainConfig", "model_size", "train_on_log"]
+
+log = logging.getLogger(__name__)
+
+#: the fewest training tasks meta-training accepts (fewer: refused with a clear message)
+MIN_TRAIN_TASKS = 4
+
+
+@dataclass(frozen=True)
+class LogTrainConfig:
+    """Settings of :func:`train_on_log`; every default is meant to be left alone."""
+
+    max_steps: int = 3000
+    validate_every: int = 100
+    patience: int = 8
+    batch_tasks: int = 32
+    bank_tasks: int = 64
+    max_shots: int = 64
+    query_points: int = 16
+    k_neighbours: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    #: None: the schema's ``time_ordered``
+    time_ordered: bool | None = None
+
+
+def model_size(train_tasks: int, train_rows: int) -> tuple[str, dict[str, Any]]:
+    """The architecture for a data size: ``(name, ModelConfig fields)``.
+
+    ``small`` below 200 training tasks or 5,000 rows, ``medium`` below 2,000 tasks, else
+    ``large``. Every size feeds the raw (standardised) features to the closed-form head
+    (``skip_input``), so the head is at least a per-task linear model with a learned prior,
+    i.e. a linear mixed model, and the body adds what is not linear.
+
+    >>> model_size(40, 900)[0], model_size(600, 6000)[0], model_size(5000, 10**6)[0]
+    ('small', 'medium', 'large')
+    """
+    if train_tasks < 200 or train_rows < 5000:
+        return "small", {
+            "embed_dim": 32,
+            "encoder_hidden": 64,
+            "target_hidden": (32,),
+            "hyper_hidden": 64,
+            "skip_input": True,
+        }
+    if train_tasks < 2000:
+        return "medium", {
+            "embed_dim": 64,
+            "encoder_hidden": 128,
+            "target_hidden": (40, 40),
+            "hyper_hidden": 128,
+            "skip_input": True,
+        }
+    return "large", {
+        "embed_dim": 64,
+        "encoder_hidden": 128,
+        "target_hidden": (64, 64),
+        "hyper_hidden": 256,
+        "skip_input": True,
+    }
+
+
+def train_on_log(
+    table: TaskTable, config: LogTrainConfig | None = None, *, progress: bool = True
+) -> tuple[MetaModel, dict[str, Any]]:
+    """Meta-train a model on the table's training tasks; returns ``(model, report)``.
+
+    Raises ``ValueError`` (with a message a user can act on) when the log has too few tasks.
+    """
+    config = config or LogTrainConfig()
+    schema = table.schema
+    train, val = table.tasks_in("train"), table.tasks_in("validation")
+    if len(train) < MIN_TRAIN_TASKS or len(val) < 1:
+        raise ValueError(
+            f"too few tasks to meta-train: {len(train)} training and {len(val)} validation "
+            f"tasks of {table.n_tasks} (tasks are split 65/15/20 by a hash of their id; "
+            f"at least {MIN_TRAIN_TASKS} training tasks and 1 validation task are needed, "
+            "~30 training tasks for a useful model)"
+        )
+    torch.manual_seed(config.seed)
+    rows = table.split_rows("train")
+    size_name, size = model_size(len(train), len(rows))
+    counts = table.counts()
+    max_shots = int(max(1, min(config.max_shots, counts[train].max() - 1)))
+    model = MetaModel(
+        ModelConfig(
+            x_dim=schema.x_dim,
+            kind=schema.target,
+            n_classes=schema.n_classes,
+            max_shots=max(max_shots, 8),
+            **size,
+        )
+    )
+    stats = fit_scaling(
+        table.x[rows], table.y[rows], kind=schema.target, n_classes=schema.n_classes
+    )
+    model.scaling.set(**stats)
+    _start_from_population(model)
+    time_ordered = schema.time_ordered if config.time_ordered is None else config.time_ordered
+    rng = np.random.default_rng(config.seed)
+
+    def sampler(tasks: np.ndarray, generator: np.random.Generator) -> LoggedEpisodes:
+        return LoggedEpisodes(
+            table,
+            tasks,
+            batch_tasks=config.batch_tasks,
+            bank_tasks=config.bank_tasks,
+            max_shots=max_shots,
+            query_points=config.query_points,
+            rng=generator,
+            time_ordered=time_ordered,
+        )
+
+    train_sampler = sampler(train, rng)
+    tc = TrainConfig(
+        steps=config.max_steps,
+        batch_tasks=train_sampler.batch_tasks,
+        lr=config.lr,
+        max_shots=max_shots,
+        query_points=config.query_points,
+        bank_tasks=train_sampler.bank_tasks,
+        k_neighbours=min(config.k_neighbours, train_sampler.bank_tasks),
+        seed=config.seed,
+    )
+    validate = _validator(table, train, val, max_shots, config, time_ordered, tc)
+    log.info(
+        "meta-training a %s model on %d training tasks (%d rows), validating on %d tasks",
+        size_name,
+        len(train),
+        len(rows),
+        len(val),
+    )
+    result = meta_train(
+        model,
+        None,
+        tc,
+        progress=progress,
+        sampler=train_sampler,
+        early_stopping=EarlyStopping(
+            validate, every=config.validate_every, patience=config.patience
+        ),
+    )
+    report = {
+        "model_size": size_name,
+        "splits": {
+            name: {"tasks": len(table.tasks_in(name)), "rows": len(table.split_rows(name))}
+            for name in ("train", "validation", "test")
+        },
+        "episodes": describe(train_sampler),
+        "train": result.to_dict(),
+        "validation_checks": [[s, round(v, 6)] for s, v in result.validation],
+        "settings": asdict(config),
+    }
+    return model, report
+
+
+def _start_from_population(model: MetaModel, prior_variance: float = 0.1) -> None:
+    """Start training from the population's fit: the generated head's prior mean is zero
+    (a prediction is the scaling's offset, the pooled linear fit, until training moves it),
+    the noise is the residual scale (1 in model units, the scaling's ``y_scale``) and the head's
+    prior variance is small, so a few examples shrink toward the population as a mixed model's
+    do instead of being interpolated."""
+    with torch.no_grad():
+        model.hyper.base[model.target.n_body :] = 0.0
+        model.log_noise.fill_(0.0)
+        eye = torch.eye(model.prior_chol.shape[0])
+        model.prior_chol.copy_(eye / prior_variance**0.5)
+
+
+def _validator(
+    table: TaskTable,
+    train: np.ndarray,
+    val: np.ndarray,
+    max_shots: int,
+    config: LogTrainConfig,
+    time_ordered: bool,
+    tc: TrainConfig,
+) -> Any:
+    """The validation loss (model units) of fixed episodes of the validation tasks, with the
+    training tasks as the bank retrieval searches."""
+    rng = np.random.default_rng(config.seed + 1)
+    val_sampler = LoggedEpisodes(
+        table,
+        np.concatenate([val, val]) if len(val) == 1 else val,
+        batch_tasks=config.batch_tasks,
+        bank_tasks=config.bank_tasks,
+        max_shots=max_shots,
+        query_points=config.query_points,
+        rng=rng,
+        time_ordered=time_ordered,
+    )
+    episodes = fixed_episodes(val_sampler, per_task=32, seed=config.seed + 2)
+    bank_tasks = train if len(train) <= 512 else rng.choice(train, 512, replace=False)
+    bx, by, bm = val_sampler.task_sets(bank_tasks, max_shots)
+    bank = {"x": torch.from_numpy(bx), "y": torch.from_numpy(by), "mask": torch.from_numpy(bm)}
+    assert episodes is not None
+    eps = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in episodes.items()}
+    n = len(eps["xs"])
+
+    def validate(model: MetaModel) -> float:
+        total, weight = 0.0, 0.0
+        for i in range(0, n, 128):
+            part = {k: v[i : i + 128] for k, v in eps.items()}
+            drop = torch.zeros(len(part["xs"]))
+            loss, _ = episode_loss(model, bank, part, tc, drop)
+            w = float(part["qmask"].sum())
+            total, weight = total + float(loss) * w, weight + w
+        return total / max(weight, 1.0)
+
+    return validate
