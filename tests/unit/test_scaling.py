@@ -81,3 +81,14 @@ def test_the_scaling_travels_in_the_checkpoint(tmp_path) -> None:
 def test_checkpoints_from_before_the_scaling_load_as_the_identity() -> None:
     model, _ = load_checkpoint(shipped_checkpoint("sinusoid"))
     assert model.scaling.is_identity
+
+
+def test_a_meta_update_candidate_keeps_the_served_scaling() -> None:
+    """The update job rebuilds the served model and its candidate from the served weights:
+    the scaling comes with them, so a meta-update retrains on the same units."""
+    from stream_meta.continual.update_job import model_arrays, model_from_arrays
+
+    model = small_model(x_shift=[1.0, 2.0], x_scale=[3.0, 4.0], y_shift=[5.0], y_scale=7.0)
+    rebuilt = model_from_arrays(model.config.to_dict(), model_arrays(model))
+    assert rebuilt.scaling.to_dict() == model.scaling.to_dict()
+    assert "scaling.y_scale" not in dict(rebuilt.named_parameters())  # never trained
