@@ -16,6 +16,7 @@ from scripts.bench.fewshot import (
 from scripts.bench.index import measure_index
 from scripts.bench.memory import measure_memory
 from scripts.bench.meta_update import measure_meta_update
+from scripts.bench.real import measure_real
 from scripts.bench.replay import measure_replay
 from scripts.bench.scale import measure_scale
 from scripts.bench.serve import measure_serve
@@ -37,4 +38,5 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "meta_update": ("Meta-updates: recovery, forgetting, latency", measure_meta_update),
     "replay": ("Replay evaluation: strategies and baselines", measure_replay),
     "scale": ("Replicas: scale-out, kill-and-restart, soak", measure_scale),
+    "real": ("Bring your own tasks: real data sets", measure_real),
 }
