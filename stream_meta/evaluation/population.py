@@ -485,6 +485,7 @@ def fit_mixed_model(
     structure: str = "full",
     max_iter: int = 300,
     tol: float = 1e-6,
+    ll_tol: float = 1e-8,
     noise_floor: float = 1e-6,
     ridge: float = 1e-6,
 ) -> MixedModel:
@@ -501,8 +502,10 @@ def fit_mixed_model(
     and Roland 2008, scheme S3), projects ``G`` back onto the PSD matrices, and keeps the
     extrapolation only if its likelihood is no worse than the cycle's start (else the two
     plain steps): the likelihood never decreases. Stops when no parameter moves by more than
-    ``tol`` in a cycle (the data are standardised, so ``tol`` is absolute) or after ``max_iter``
-    cycles; ``sigma2`` is floored at ``noise_floor`` (data a linear model fits exactly).
+    ``tol`` in a cycle (the data are standardised, so ``tol`` is absolute), when a cycle gains
+    less than ``ll_tol`` nats per row (a likelihood flat along some direction: slope variances
+    that trade off against ``sigma2``), or after ``max_iter`` cycles; ``sigma2`` is floored at
+    ``noise_floor`` (data a linear model fits exactly).
     """
     sums = _Sums(*_task_sums(z, y, task))
     p = z.shape[1]
@@ -518,7 +521,7 @@ def fit_mixed_model(
         return _pack(b, g, s2), ll
 
     theta = _pack(beta, cov, noise)
-    converged, cycle = False, 0
+    converged, cycle, last = False, 0, -math.inf
     for cycle in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
         t1, ll0 = step(theta)
         t2, _ = step(t1)
@@ -533,9 +536,11 @@ def fit_mixed_model(
                 new = t3
         moved = float(np.abs(new - theta).max())
         theta = new
-        if moved < tol:
+        # parameters that stand still, or a likelihood that no longer climbs (a flat ridge)
+        if moved < tol or ll0 - last < ll_tol * n_rows:
             converged = True
             break
+        last = ll0
     beta, cov, noise = _unpack(theta, p, noise_floor)
     *_, loglik = _em_step(sums, beta, cov, noise, ridge, noise_floor, mask)
     return MixedModel(beta, cov, noise, cycle, converged, loglik, structure)
