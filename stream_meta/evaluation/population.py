@@ -82,6 +82,7 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 
 __all__ = [
     "Baseline",
+    "MixedModel",
     "PooledFrequency",
     "PooledLinear",
     "PooledLogistic",
@@ -92,8 +93,11 @@ __all__ = [
     "TaskRidge",
     "TrainingData",
     "baselines",
+    "dirichlet_strength",
+    "fit_mixed_model",
     "loss",
     "prequential",
+    "select_mixed_model",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -200,8 +204,7 @@ def prequential(
     events: Iterable[tuple[str, ArrayLike, Label | None]],
 ) -> dict[str, list[float | None]]:
     """Run ``models`` over ``events`` ``(task_id, x, y or None)`` in order -> per model name,
-    the loss of every event (``None`` for an unlabelled one: predicted, not learned). Each
-    model predicts before any model learns the event.
+    the loss of every event (``None`` for an unlabelled one: predicted, not learned).
     """
     kinds = {m.kind for m in models}
     if len(kinds) != 1 or not kinds <= set(KINDS):
