@@ -18,10 +18,15 @@ Regression (a prediction is a 0-d array, the loss is the squared error):
 * ``task-ridge``: the best linear unbiased predictor of a linear mixed model with a random
   intercept and random slopes on every feature,
   ``y = z'(beta + b_task) + e``, ``z = [1, x]``, ``b_task ~ N(0, G)``, ``e ~ N(0, sigma2)``.
-  ``beta``, the *full* covariance ``G`` and ``sigma2`` are maximum-likelihood estimates made
-  on the training tasks by EM (Laird and Ware, 1982; the random effects are the missing data).
-  EM keeps ``G`` positive semi-definite by construction, and each iteration needs only the
-  per-task sums ``Z'Z``, ``Z'y``, ``y'y``, so its cost does not grow with the rows of a task.
+  ``beta``, ``G`` and ``sigma2`` are maximum-likelihood estimates made on the training tasks by
+  EM (Laird and Ware, 1982; the random effects are the missing data), accelerated by SQUAREM
+  (Varadhan and Roland, 2008) with a likelihood check, so the likelihood never decreases. EM
+  keeps ``G`` positive semi-definite by construction and needs only the per-task sums ``Z'Z``,
+  ``Z'y``, ``y'y``: an iteration costs ``O(T d^3)`` for ``T`` tasks, whatever their rows.
+  ``G``'s structure is chosen by BIC (``-2 loglik + k log T``, ``k`` its free entries) among a
+  random intercept only, a diagonal ``G`` and a full one, each considered only if it has no
+  more free entries than there are training tasks: with few rows per task and many features
+  a full ``G`` is barely identified (its slope variances trade off against ``sigma2``).
   A new task's prediction is ``z'(beta + m)``, ``m`` the posterior mean of its random effects
   given its residuals so far: Bayesian linear regression with prior ``N(0, G)``, i.e. a
   per-task ridge shrunk toward the pooled fit, all the way when ``G = 0`` and not at all when
@@ -29,7 +34,7 @@ Regression (a prediction is a 0-d array, the loss is the squared error):
   (updated by Sherman-Morrison) and ``L'Z'r``, so a label costs ``O(d^2)``, no refit.
   Regularised so it does not fail: features constant in the training data are left out of the
   model, ``beta`` gets a ``1e-6``-relative ridge (collinear features), ``sigma2`` a floor, and
-  ``G`` never needs inverting (``I + L'SL / sigma2`` has eigenvalues >= 1).
+  ``G`` is never inverted (``I + L'SL / sigma2`` has eigenvalues >= 1).
 
 Classification (a prediction is ``[C]`` probabilities, the loss is the log loss with the
 probability clipped at ``1e-6``):
@@ -77,6 +82,7 @@ from sklearn.linear_model import LogisticRegression, RidgeCV
 
 __all__ = [
     "Baseline",
+    "MixedModel",
     "PooledFrequency",
     "PooledLinear",
     "PooledLogistic",
@@ -87,8 +93,11 @@ __all__ = [
     "TaskRidge",
     "TrainingData",
     "baselines",
+    "dirichlet_strength",
+    "fit_mixed_model",
     "loss",
     "prequential",
+    "select_mixed_model",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -195,8 +204,7 @@ def prequential(
     events: Iterable[tuple[str, ArrayLike, Label | None]],
 ) -> dict[str, list[float | None]]:
     """Run ``models`` over ``events`` ``(task_id, x, y or None)`` in order -> per model name,
-    the loss of every event (``None`` for an unlabelled one: predicted, not learned). Each
-    model predicts before any model learns the event.
+    the loss of every event (``None`` for an unlabelled one: predicted, not learned).
     """
     kinds = {m.kind for m in models}
     if len(kinds) != 1 or not kinds <= set(KINDS):
@@ -363,6 +371,7 @@ class MixedModel:
     iterations: int
     converged: bool
     loglik: float
+    structure: str = "full"
 
 
 def _task_sums(
@@ -405,7 +414,13 @@ class _Sums:
 
 
 def _em_step(
-    sums: _Sums, beta: FloatArray, cov: FloatArray, noise: float, ridge: float, floor: float
+    sums: _Sums,
+    beta: FloatArray,
+    cov: FloatArray,
+    noise: float,
+    ridge: float,
+    floor: float,
+    mask: FloatArray,
 ) -> tuple[FloatArray, FloatArray, float, float]:
     """One EM step from ``(beta, cov, noise)`` -> the next ones and the log likelihood of the
     current ones (it shares the E-step's factorisations)."""
@@ -415,12 +430,12 @@ def _em_step(
     lf = _factor(cov)
     a = np.eye(p) + (lf.T @ s @ lf) / noise  # [T, p, p], eigenvalues >= 1
     a_inv = np.linalg.inv(a)
+    logdet = 2 * np.log(np.diagonal(np.linalg.cholesky(a), axis1=1, axis2=2)).sum(1)
     zr = u - s @ beta  # Z'r  [T, p]
     rr = yy - 2 * u @ beta + np.einsum("tj,j->t", s @ beta, beta)  # r'r
     h = zr @ lf  # L'Z'r
     ah = (a_inv @ h[..., None])[..., 0]
     # the log likelihood (determinant lemma, Woodbury) of the current parameters
-    _, logdet = np.linalg.slogdet(a)
     quad = rr / noise - np.sum(h * ah, 1) / noise**2
     loglik = -0.5 * float(np.sum(n * math.log(2 * math.pi * noise) + logdet + quad))
     # E-step: posterior means m = L A^-1 L'Z'r / sigma2, covariances C = L A^-1 L'
@@ -429,13 +444,29 @@ def _em_step(
     sm = np.einsum("tij,tj->ti", s, m)
     # M-step; tr(S C) = tr(L'SL A^-1) = sigma2 (p - tr A^-1)
     new_cov = (m.T @ m + c_sum) / t
-    new_cov = (new_cov + new_cov.T) / 2
+    new_cov = mask * (new_cov + new_cov.T) / 2  # the M-step of a structured G: its entries
     rss = rr - 2 * np.sum(m * zr, 1) + np.sum(m * sm, 1)
     trace = noise * (p - np.trace(a_inv, axis1=1, axis2=2))
     new_noise = max(float(np.sum(rss + trace)) / n_rows, floor)
     s_all = s.sum(0) + ridge * n_rows * np.eye(p)
     new_beta = np.linalg.solve(s_all, (u - sm).sum(0))
     return new_beta, new_cov, new_noise, loglik
+
+
+#: random-effect covariance structures: which entries of ``G`` are free
+STRUCTURES = ("intercept", "diagonal", "full")
+
+
+def _structure_mask(structure: str, p: int) -> FloatArray:
+    if structure == "full":
+        return np.ones((p, p))
+    if structure == "diagonal":
+        return np.eye(p)
+    if structure == "intercept":
+        out = np.zeros((p, p))
+        out[0, 0] = 1.0
+        return out
+    raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
 
 
 def _pack(beta: FloatArray, cov: FloatArray, noise: float) -> FloatArray:
@@ -454,8 +485,10 @@ def fit_mixed_model(
     y: FloatArray,
     task: IntArray,
     *,
+    structure: str = "full",
     max_iter: int = 300,
     tol: float = 1e-6,
+    ll_tol: float = 1e-8,
     noise_floor: float = 1e-6,
     ridge: float = 1e-6,
 ) -> MixedModel:
@@ -472,8 +505,10 @@ def fit_mixed_model(
     and Roland 2008, scheme S3), projects ``G`` back onto the PSD matrices, and keeps the
     extrapolation only if its likelihood is no worse than the cycle's start (else the two
     plain steps): the likelihood never decreases. Stops when no parameter moves by more than
-    ``tol`` in a cycle (the data are standardised, so ``tol`` is absolute) or after ``max_iter``
-    cycles; ``sigma2`` is floored at ``noise_floor`` (data a linear model fits exactly).
+    ``tol`` in a cycle (the data are standardised, so ``tol`` is absolute), when a cycle gains
+    less than ``ll_tol`` nats per row (a likelihood flat along some direction: slope variances
+    that trade off against ``sigma2``), or after ``max_iter`` cycles; ``sigma2`` is floored at
+    ``noise_floor`` (data a linear model fits exactly).
     """
     sums = _Sums(*_task_sums(z, y, task))
     p = z.shape[1]
@@ -481,14 +516,15 @@ def fit_mixed_model(
     beta = np.linalg.solve(sums.s.sum(0) + ridge * n_rows * np.eye(p), sums.u.sum(0))
     resid = float(np.sum((y - z @ beta) ** 2)) / n_rows
     noise = max(0.5 * resid, noise_floor)
-    cov = 0.5 * max(resid, noise_floor) * np.eye(p)
+    mask = _structure_mask(structure, p)
+    cov = 0.5 * max(resid, noise_floor) * np.eye(p) * mask
 
     def step(th: FloatArray) -> tuple[FloatArray, float]:
-        b, g, s2, ll = _em_step(sums, *_unpack(th, p, noise_floor), ridge, noise_floor)
+        b, g, s2, ll = _em_step(sums, *_unpack(th, p, noise_floor), ridge, noise_floor, mask)
         return _pack(b, g, s2), ll
 
     theta = _pack(beta, cov, noise)
-    converged, cycle = False, 0
+    converged, cycle, last = False, 0, -math.inf
     for cycle in range(1, max_iter + 1):  # noqa: B007 (the count is reported)
         t1, ll0 = step(theta)
         t2, _ = step(t1)
@@ -503,12 +539,32 @@ def fit_mixed_model(
                 new = t3
         moved = float(np.abs(new - theta).max())
         theta = new
-        if moved < tol:
+        # parameters that stand still, or a likelihood that no longer climbs (a flat ridge)
+        if moved < tol or ll0 - last < ll_tol * n_rows:
             converged = True
             break
+        last = ll0
     beta, cov, noise = _unpack(theta, p, noise_floor)
-    *_, loglik = _em_step(sums, beta, cov, noise, ridge, noise_floor)
-    return MixedModel(beta, cov, noise, cycle, converged, loglik)
+    *_, loglik = _em_step(sums, beta, cov, noise, ridge, noise_floor, mask)
+    return MixedModel(beta, cov, noise, cycle, converged, loglik, structure)
+
+
+def select_mixed_model(
+    z: FloatArray, y: FloatArray, task: IntArray
+) -> tuple[MixedModel, dict[str, float]]:
+    """The covariance structure with the lowest BIC, ``-2 loglik + k log T`` (``k`` free
+    entries of ``G``, ``T`` tasks), among those with no more free entries than tasks ->
+    ``(model, {structure: BIC})``."""
+    t = len(np.unique(task))
+    p = z.shape[1]
+    free = {"intercept": 1, "diagonal": p, "full": p * (p + 1) // 2}
+    fits, bic = {}, {}
+    for name in STRUCTURES:
+        if name == "intercept" or free[name] <= t:
+            fits[name] = fit_mixed_model(z, y, task, structure=name)
+            bic[name] = -2 * fits[name].loglik + free[name] * math.log(t)
+    best = min(bic, key=lambda k: bic[k])
+    return fits[best], bic
 
 
 class TaskRidge:
@@ -522,13 +578,18 @@ class TaskRidge:
     name = "task-ridge"
     kind = "regression"
 
-    def __init__(self, data: TrainingData) -> None:
+    def __init__(self, data: TrainingData, structure: str | None = None) -> None:
         self.d = data.d
         self.scale = _Scale(data.x)
         self.cols = np.flatnonzero(self.scale.informative)
         self.y_mean, self.y_sd = _y_scale(data.y)
         z = self._design(data.x)
-        self.model = fit_mixed_model(z, (data.y - self.y_mean) / self.y_sd, data.task)
+        y = (data.y - self.y_mean) / self.y_sd
+        if structure is None:
+            self.model, self.candidates = select_mixed_model(z, y, data.task)
+        else:
+            self.model = fit_mixed_model(z, y, data.task, structure=structure)
+            self.candidates = {structure: math.nan}
         self.factor = _factor(self.model.cov)
         self.noise = self.model.noise
         p = z.shape[1]
