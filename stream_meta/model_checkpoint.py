@@ -47,6 +47,7 @@ def save_checkpoint(
     manifest entries (a model trained on a user's log: its ``schema``, ``scaling``, ``data``
     and ``validation``)."""
     manifest = {
+        "schema": model_schema(model.config),
         **(extra or {}),
         "format_version": FORMAT_VERSION,
         "family": family,
@@ -59,6 +60,15 @@ def save_checkpoint(
         "torch_version": torch.__version__,
     }
     return write_tensors(path, model.state_dict(), manifest)
+
+
+def model_schema(config: ModelConfig) -> dict[str, Any]:
+    """The task schema a model serves, from its configuration (a built-in family's checkpoint
+    has no declared one: its features are unnamed, its classes are their indices)."""
+    schema: dict[str, Any] = {"x_dim": config.x_dim, "target": config.kind}
+    if config.kind == "classification":
+        schema["classes"] = [str(i) for i in range(int(config.n_classes or 0))]
+    return schema
 
 
 def write_tensors(
