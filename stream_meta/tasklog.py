@@ -114,7 +114,7 @@ def fingerprint(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in files:
         with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            while chunk := fh.read(1 << 20):
                 h.update(chunk)
     return f"sha256:{h.hexdigest()}"
 
@@ -407,9 +407,9 @@ def read_tasks(
         if owned:
             shutil.rmtree(wd, ignore_errors=True)
         line, rej = first_bad
-        counts = ", ".join(f"{n} {r}" for r, n in rejected.most_common())
+        kinds = ", ".join(f"{n} {r}" for r, n in rejected.most_common())
         raise SchemaError(
-            f"{sum(rejected.values())} events do not fit the schema ({counts}); the first, "
+            f"{sum(rejected.values())} events do not fit the schema ({kinds}); the first, "
             f"event {line}: {rej.reason.value}: {rej.detail} (--skip-invalid trains on the rest)"
         )
     if first_bad is not None:
