@@ -15,7 +15,10 @@ The split is by task, never by event: a task goes to ``train``, ``validation`` o
 hash of its id, :func:`split_of`: the first 8 bytes of ``sha256("<seed>:<task_id>")`` as an
 unsigned integer ``u``; ``u / 2**64 < 0.65`` is ``train``, ``< 0.80`` ``validation``, else
 ``test``. The same id lands in the same split on every machine, in every run, whatever else the
-log holds; a new task id of a growing log never moves an old one.
+log holds; a new task id of a growing log never moves an old one. A log of fewer than
+:data:`RANK_SPLIT_BELOW` tasks is split by the *rank* of the same hash instead (the lowest 65%
+of the tasks by ``u`` train, the next 15% validation, at least one task each in validation and
+test): with 20 tasks the thresholds could leave a split empty.
 
 >>> [split_of(t) for t in ("county:AITKIN", "county:ANOKA", "school:1")]
 ['train', 'train', 'test']
@@ -58,14 +61,41 @@ SPLITS = (("train", 0.65), ("validation", 0.80), ("test", 1.0))
 MAX_EVENT_BYTES = 1 << 20
 
 
+#: below this many tasks the split is by rank of the hash (see the module docstring)
+RANK_SPLIT_BELOW = 50
+
+
+def _unit(task_id: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def split_of(task_id: str, seed: int = 0) -> str:
     """The split of a task: ``train``, ``validation`` or ``test`` (see the module docstring)."""
-    digest = hashlib.sha256(f"{seed}:{task_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    u = _unit(task_id, seed)
     for name, upper in SPLITS:
         if u < upper:
             return name
     return "test"
+
+
+def assign_splits(task_ids: list[str], seed: int = 0) -> np.ndarray:
+    """Every task's split: :func:`split_of`, or by rank of the same hash for a small log.
+
+    >>> from collections import Counter
+    >>> sorted(Counter(assign_splits([f"s{i}" for i in range(20)]).tolist()).items())
+    [('test', 4), ('train', 13), ('validation', 3)]
+    """
+    if len(task_ids) >= RANK_SPLIT_BELOW:
+        return np.array([split_of(t, seed) for t in task_ids])
+    n = len(task_ids)
+    order = np.argsort([_unit(t, seed) for t in task_ids], kind="stable")
+    n_test = max(1, round(n * (1.0 - SPLITS[1][1]))) if n >= 3 else 0
+    n_val = max(1, round(n * (SPLITS[1][1] - SPLITS[0][1]))) if n >= 3 else 0
+    out = np.full(n, "train", dtype=object)
+    out[order[n - n_test - n_val : n - n_test]] = "validation"
+    out[order[n - n_test :]] = "test"
+    return out.astype(str)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -273,7 +303,7 @@ class TaskTable:
         self.workdir, self.schema, self.task_ids = workdir, schema, task_ids
         self.x, self.y, self.ts, self.pos = (arrays[k] for k in ("x", "y", "ts", "pos"))
         self.offsets, self.seed, self.summary, self._owned = offsets, seed, summary, owned
-        self.splits = np.array([split_of(t, seed) for t in task_ids])
+        self.splits = assign_splits(task_ids, seed)
 
     @property
     def n_tasks(self) -> int:

@@ -129,3 +129,17 @@ def test_the_fingerprint_is_of_the_bytes(tmp_path: Path) -> None:
     c = write(tmp_path / "c.jsonl", make_events(seed=1))
     assert fingerprint(a) == fingerprint(b) != fingerprint(c)
     assert fingerprint(REAL / "radon.jsonl.gz").startswith("sha256:")
+
+
+def test_a_small_log_is_split_by_rank_so_no_split_is_empty() -> None:
+    from stream_meta.tasklog import RANK_SPLIT_BELOW, assign_splits
+
+    for n in (3, 5, 18, RANK_SPLIT_BELOW - 1):
+        ids = [f"subject-{i}" for i in range(n)]
+        splits = assign_splits(ids).tolist()
+        assert splits == assign_splits(ids).tolist()
+        counts = Counter(splits)
+        assert counts["validation"] >= 1 and counts["test"] >= 1 and counts["train"] >= 1
+        assert counts["train"] >= 0.5 * n or n < 5
+    big = [f"c{i}" for i in range(RANK_SPLIT_BELOW)]
+    assert assign_splits(big).tolist() == [split_of(t) for t in big]
