@@ -196,15 +196,24 @@ def synthetic_log(path: Path, events: int, seed: int = 0, tasks_per: int = 20) -
             fh.write((json.dumps(e) + "\n").encode())
 
 
-def sinusoid_log(path: Path, events: int, seed: int = 0) -> None:
-    """The built-in sinusoid stream's first ``events`` events, as a file."""
+def sinusoid_logs(plain: Path, three: Path, events: int, seed: int = 0) -> None:
+    """The built-in sinusoid stream's first ``events`` events, and the same stream with three
+    features: the same tasks, order and labelled/unlabelled pattern, ``x = (x, u1, u2)`` with
+    ``u`` uniform noise features and ``y + 0.1 u1``: a comparison where only the schema
+    differs."""
     from stream_meta.tasks import SinusoidFamily, TaskStream
 
     stream = iter(TaskStream(SinusoidFamily(), seed=seed))
-    with gzip.GzipFile(path, "wb", mtime=0) as fh:
+    rng = np.random.default_rng(seed)
+    with gzip.GzipFile(plain, "wb", mtime=0) as f1, gzip.GzipFile(three, "wb", mtime=0) as f3:
         for _ in range(events):
-            ev = next(stream).event
-            fh.write((json.dumps(ev) + "\n").encode())
+            ev = dict(next(stream).event)
+            f1.write((json.dumps(ev) + "\n").encode())
+            u = rng.uniform(-1, 1, 2).round(4)
+            ev["x"] = [*ev["x"], *u.tolist()]
+            if ev.get("y") is not None:
+                ev["y"] = round(float(ev["y"]) + 0.1 * float(u[0]), 5)
+            f3.write((json.dumps(ev) + "\n").encode())
 
 
 def _speed(ctx: Context, section: Section, tmp: Path) -> None:
@@ -227,28 +236,32 @@ def _speed(ctx: Context, section: Section, tmp: Path) -> None:
             f"`{cmd}`",
         )
     )
-    sin = tmp / "sinusoid.jsonl.gz"
-    sinusoid_log(sin, events)
-    rates = {}
+    sin, sin3 = tmp / "sinusoid.jsonl.gz", tmp / "sinusoid-3-features.jsonl.gz"
+    sinusoid_logs(sin, sin3, events)
+    ckpt3 = tmp / "sinusoid-3-features.safetensors"
+    # its quality is not measured here: a short training gives the served architecture
+    cli_json(["train", "--data", rel(sin3), "--out", rel(ckpt3), "--steps", "200", "--json"])
+    runs: dict[str, list[float]] = {"3-feature": [], "sinusoid": []}
     cmds = {}
-    for name, log, extra in (
-        ("3-feature", log3, ["--checkpoint", rel(ckpt)]),
-        ("sinusoid", sin, ["--family", "sinusoid"]),
-    ):
-        best = 0.0
-        for _ in range(2):  # the better of two runs: the machine is shared
+    for _ in range(3):  # interleaved, the best of three each: the machine is shared
+        for name, log, extra in (
+            ("3-feature", sin3, ["--checkpoint", rel(ckpt3)]),
+            ("sinusoid", sin, ["--family", "sinusoid"]),
+        ):
             argv = ["run", "--input", rel(log), *extra, "--no-meta-update"]
             r, _s, cmds[name] = cli_json([*argv, "--metrics-port", "0", "--json", "-q"])
-            best = max(best, float(r["engine_events_per_s"]))
-        rates[name] = best
+            runs[name].append(float(r["engine_events_per_s"]))
+    rates = {k: max(v) for k, v in runs.items()}
     ratio = rates["3-feature"] / rates["sinusoid"]
     section.checks.append(
         Check(
             f"`run` on a 3-feature schema within {1 - RUN_RATIO:.0%} of the sinusoid's events/s",
             f"{rates['3-feature']:,.0f} vs {rates['sinusoid']:,.0f} events/s ({ratio:.2f}x; "
-            "engine events/s, the better of two runs each, same machine and run)",
+            "engine events/s, the best of three interleaved runs each, same machine and run; "
+            "the same sinusoid stream with two noise features added, served by a model trained "
+            "on it)",
             ratio >= RUN_RATIO,
             f"`{cmds['3-feature']}` vs `{cmds['sinusoid']}`",
         )
     )
-    section.raw["speed"] = {"train_seconds": seconds, "events_per_s": rates}
+    section.raw["speed"] = {"train_seconds": seconds, "events_per_s": runs}
