@@ -1,6 +1,7 @@
 """A user's own tasks: ``stream-meta schema LOG`` (infer and print a schema), and the ``--data``
-forms of ``train`` and ``evaluate`` (meta-train on a recorded stream, evaluate against the
-baselines a statistician fits first)."""
+forms of ``train``, ``train-baseline`` and ``evaluate`` (meta-train on a recorded stream; train
+the MAML and pre-trained initialisations on the same training tasks; evaluate against the
+baselines a statistician fits first and the replay strategies)."""
 
 from __future__ import annotations
 
@@ -175,6 +176,184 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
     if "accuracy" in ours:
         out["accuracy"] = ours["accuracy"]
     return out
+
+
+# -- train-baseline --data ---------------------------------------------------------------------
+def train_baseline_from_log(args: argparse.Namespace) -> int:
+    """``train-baseline --data LOG --checkpoint CKPT --method maml|pretrained --out FILE``.
+
+    The initialisation of a gradient baseline for the model of ``CKPT`` (trained by
+    ``train --data`` on ``LOG``), trained as the meta-model was:
+
+    * on the *training* tasks of the log read with the checkpoint's schema and split seed,
+      with the very episodes the meta-model was trained on
+      (:func:`~stream_meta.log_training.training_episodes` with the checkpoint's training
+      settings: same ``max_shots``, queries, tasks per step, learning rate, schedule, seed);
+    * for the steps the meta-model's training ran (its manifest's ``metrics.train.steps``,
+      early stopping's patience included; ``training.max_steps`` where absent; ``--steps``
+      overrides), keeping the best of checks every ``validate_every`` steps on the fixed
+      episodes of the *validation* tasks the meta-model was checked on;
+    * in the model's units: inputs standardised and regression targets the residuals over the
+      checkpoint's pooled linear fit (classification: logits over its pooled logistic model),
+      so MAML and fine-tuning start from the population's fit as the meta-model does. The
+      scaling is saved with the initialisation and applied when it serves.
+
+    Fine-tuning's serving step size (``pretrained`` without ``--inner-lr``) is tuned on the
+    fixed episodes of the *validation* tasks, not on the training tasks the family baselines
+    use: pre-training has fitted every point of the training tasks, so they would flatter a
+    small step. The test tasks are never looked at.
+    """
+    import dataclasses
+
+    import torch
+
+    from stream_meta.evaluation.baselines import (
+        DEFAULT_INNER_LR,
+        GradientInit,
+        InnerLoop,
+        save_init,
+        target_for,
+        train_init,
+        tune_lr_on,
+    )
+    from stream_meta.log_training import LogTrainConfig, training_episodes, validation_episodes
+    from stream_meta.tasklog import fingerprint
+    from stream_meta.tasks.logged import describe
+
+    if args.checkpoint is None:
+        raise UsageError(
+            "train-baseline --data needs --checkpoint (the model train --data trained on LOG)"
+        )
+    if args.inner_steps < 1 or args.serve_steps < 0:
+        raise UsageError("--inner-steps must be >= 1 and --serve-steps >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, manifest = load_model(args.checkpoint, "")
+    if "schema" not in manifest or "data" not in manifest:
+        raise UsageError(
+            f"checkpoint {manifest['path']} was not trained on a log (train --data): "
+            "use train-baseline --family for a built-in family's"
+        )
+    fields = LogTrainConfig.__dataclass_fields__
+    config = LogTrainConfig(
+        **{k: v for k, v in manifest.get("training", {}).items() if k in fields}
+    )
+    data = manifest["data"]
+    if data.get("fingerprint") not in (None, fingerprint(args.data)):
+        log.warning(
+            "%s is not the log %s was trained on (%s): the training tasks may differ",
+            args.data,
+            manifest["path"],
+            data.get("path"),
+        )
+    steps, budget = _baseline_steps(args.steps, manifest, config)
+    family, kind = manifest["family"], model.config.kind
+    lr = args.inner_lr or DEFAULT_INNER_LR[kind]
+    with open_table(args.data, None, data.get("split_seed", 0), False, manifest["schema"]) as table:
+        _check_fits(table.schema, model, manifest)
+        try:
+            sampler, tc = training_episodes(table, config)
+            _, validation = validation_episodes(
+                table, config, sampler.max_shots, sampler.time_ordered
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        tc = dataclasses.replace(tc, steps=steps)
+        log.info(
+            "training the %s initialisation for %s on %d training tasks for %d steps (%s), "
+            "%d tasks per step, in the checkpoint's units",
+            args.method,
+            family,
+            len(sampler.tasks),
+            steps,
+            budget,
+            tc.batch_tasks,
+        )
+        theta, result = train_init(
+            args.method,
+            None,
+            model.config,
+            tc,
+            InnerLoop(steps=args.inner_steps, lr=lr),
+            first_order=args.first_order,
+            progress=not args.quiet,
+            sampler=sampler,
+            scaling=model.scaling,
+            validation=validation,
+            validate_every=config.validate_every,
+        )
+    serve_loop = InnerLoop(steps=args.serve_steps, lr=lr, clip=args.serve_clip)
+    tuning: dict[str, Any] = {}
+    if args.method == "pretrained" and args.inner_lr is None and validation is not None:
+        probe = GradientInit(
+            args.method,
+            family,
+            kind,
+            theta,
+            target_for(model.config),
+            serve_loop,
+            {},
+            model.scaling,
+        )
+        best, tried = tune_lr_on(probe, _chunks(validation, 1024))
+        serve_loop = dataclasses.replace(serve_loop, lr=best)
+        tuning = {"serve_lr_tuned_on_validation_tasks": tried, "serve_lr": best}
+    save_init(
+        args.out,
+        theta,
+        method=args.method,
+        family=family,
+        model_config=model.config,
+        loop=serve_loop,
+        training={
+            **tc.__dict__,
+            "budget": budget,
+            "episodes": describe(sampler),
+            "inner_steps": args.inner_steps,
+            "first_order": args.first_order,
+            **tuning,
+        },
+        metrics={"train": result},
+        first_order=args.first_order,
+        scaling=model.scaling,
+        extra={
+            "checkpoint": manifest["path"],
+            "data": {
+                "path": str(args.data),
+                "fingerprint": fingerprint(args.data),
+                "split_seed": data.get("split_seed", 0),
+            },
+        },
+    )
+    summary = {
+        "out": str(args.out),
+        "family": family,
+        "method": args.method,
+        "steps": steps,
+        "budget": budget,
+        "inner_loop": dataclasses.asdict(serve_loop),
+        "train": result,
+    }
+    emit(summary, args.json)
+    return 0
+
+
+def _baseline_steps(steps: int | None, manifest: dict[str, Any], config: Any) -> tuple[int, str]:
+    """The baselines' training steps and where they come from: ``--steps``, else the steps the
+    meta-model's training ran (``metrics.train.steps``), else its ``max_steps``."""
+    if steps is not None:
+        return steps, "--steps"
+    ran = manifest.get("metrics", {}).get("train", {}).get("steps")
+    if isinstance(ran, int) and ran > 0:
+        return ran, "the meta-model's steps (metrics.train.steps)"
+    return config.max_steps, "the meta-model's max_steps (training.max_steps)"
+
+
+def _chunks(episodes: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    n = len(episodes["xs"])
+    return [{k: v[i : i + size] for k, v in episodes.items()} for i in range(0, n, size)]
 
 
 # -- evaluate --data ---------------------------------------------------------------------------
