@@ -359,21 +359,41 @@ def _chunks(episodes: dict[str, Any], size: int) -> list[dict[str, Any]]:
 # -- evaluate --data ---------------------------------------------------------------------------
 def evaluate_log(args: argparse.Namespace) -> int:
     """``evaluate --data LOG --checkpoint CKPT``: the prequential report on the log's held-out
-    tasks (the split of ``train --data``), against the baselines fitted on its training tasks."""
+    tasks (the split of ``train --data``), against the baselines fitted on its training tasks
+    and the replay strategies of ``--strategy`` (default: :func:`_data_strategies`'s)."""
     from stream_meta.evaluation.prequential import evaluate_table
+    from stream_meta.evaluation.strategies import StrategyOptions
 
     if args.checkpoint is None:
         raise UsageError("evaluate --data needs --checkpoint (a model trained with train --data)")
     model, manifest = load_model(args.checkpoint, "")
+    options = StrategyOptions(baseline_dir=args.baseline_dir)
+    names = _data_strategies(args.strategy, model, manifest, options)
     schema_file = args.schema
     with open_table(
         args.data, schema_file, manifest.get("data", {}).get("split_seed", 0), False
     ) as table:
         _check_fits(table.schema, model, manifest)
+        if names:
+            log.info("replaying the %s tasks with %s too", args.split, ", ".join(names))
         try:
-            report = evaluate_table(model, table, args.split)
+            report = evaluate_table(
+                model,
+                table,
+                args.split,
+                strategies=names,
+                family=manifest["family"],
+                options=options,
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if names:
+        report["replay"] = {
+            "strategies": names,
+            "baseline_dir": None if args.baseline_dir is None else str(args.baseline_dir),
+            "inner_steps": options.inner_steps,
+            "scratch_steps": options.scratch_steps,
+        }
     report["checkpoint"] = manifest["path"]
     report["data"] = str(args.data)
     if args.out:
@@ -388,6 +408,65 @@ def evaluate_log(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0
+
+
+def _data_strategies(
+    requested: list[str] | None, model: Any, manifest: dict[str, Any], options: Any
+) -> list[str]:
+    """The replay strategies ``evaluate --data`` runs, each checked before any replay.
+
+    ``--strategy`` as given; by default ``maml`` and ``finetune`` where ``--baseline-dir``
+    holds ``<family>-maml.safetensors`` / ``<family>-pretrained.safetensors``, then
+    ``scratch`` and ``nearest-task`` (they need no training). A missing or unfit
+    initialisation is a usage error; one trained for another scaling (another checkpoint) is
+    used with a warning."""
+    from stream_meta.evaluation.prequential import DATA_STRATEGIES
+    from stream_meta.evaluation.strategies import load_gradient_init
+    from stream_meta.model_checkpoint import CheckpointError
+
+    family = manifest["family"]
+    if requested:
+        names = list(dict.fromkeys(requested))
+        for name in names:
+            if name not in DATA_STRATEGIES:
+                raise UsageError(
+                    f"unknown strategy {name!r} for evaluate --data; one of "
+                    f"{', '.join(DATA_STRATEGIES)}"
+                )
+    else:
+        trained = {"maml": "maml", "finetune": "pretrained"}
+        d = options.baseline_dir
+        names = [
+            name
+            for name, method in trained.items()
+            if d is not None and (d / f"{family}-{method}.safetensors").is_file()
+        ]
+        names += ["scratch", "nearest-task"]
+    for name in names:
+        if name not in ("maml", "finetune"):
+            continue
+        if options.baseline_dir is None:
+            raise UsageError(
+                f"strategy {name} needs --baseline-dir DIR holding its initialisation "
+                f"(stream-meta train-baseline --data LOG --checkpoint {manifest['path']} "
+                f"--method {'maml' if name == 'maml' else 'pretrained'} --out DIR/"
+                f"{family}-{'maml' if name == 'maml' else 'pretrained'}.safetensors)"
+            )
+        try:
+            init = load_gradient_init(name, model, family, options)
+        except (CheckpointError, ValueError) as exc:
+            raise UsageError(f"strategy {name}: {exc}") from exc
+        theirs = None if init.scaling is None else init.scaling.to_dict()
+        ours = None if model.scaling.is_identity else model.scaling.to_dict()
+        if theirs != ours:
+            log.warning(
+                "strategy %s: its initialisation was trained in another checkpoint's units "
+                "(%s); retrain it with train-baseline --data --checkpoint %s",
+                name,
+                init.manifest.get("checkpoint", "unknown"),
+                manifest["path"],
+            )
+    return names
 
 
 def _check_fits(schema: Any, model: Any, manifest: dict[str, Any]) -> None:
@@ -419,3 +498,8 @@ def _print_table(report: dict[str, Any]) -> None:
         f"best baseline: {report['best_baseline']}; stream-meta / best: "
         f"{report['ratio_to_best_baseline']:.3f}"
     )
+    if "best_strategy" in report and report["best_strategy"] != report["best_baseline"]:
+        print(
+            f"best of all: {report['best_strategy']}; stream-meta / best: "
+            f"{report['ratio_to_best_strategy']:.3f}"
+        )
