@@ -45,6 +45,7 @@ from stream_meta.evaluation.baselines import (
 from stream_meta.model import MetaModel
 from stream_meta.model_checkpoint import CheckpointError
 from stream_meta.scaling import Scaling
+from stream_meta.state import TaskState
 
 __all__ = [
     "NO_LEARNING",
@@ -228,16 +229,21 @@ class NearestTaskAdapter:
     @staticmethod
     def _nearest(sets: Sequence[SupportSet], engine: EngineView) -> Sequence[SupportSet]:
         """Each set replaced by its task's nearest indexed neighbour's current support set; a
-        task without examples, or without a live neighbour, keeps its own (prior) set."""
+        task without examples keeps its own (empty) set, and one without a live neighbour with
+        examples (none indexed yet) gets an empty set: the prior, never its own examples."""
         own = [j for j, r in enumerate(sets) if r.n > 0]
         index = engine.index
-        if not own or len(index) == 0:
+        if not own:
             return sets
+        out = list(sets)
+        for j in own:  # the prior unless a neighbour is found below
+            out[j] = SupportSet(TaskState(sets[j].task_id, -1, len(sets[j].feature_sum)))
+        if len(index) == 0:
+            return out
         sums = np.stack([sets[j].feature_sum for j in own]).astype(np.float32)
         counts = torch.tensor([float(sets[j].n) for j in own])
         z = engine.model.encoder.readout(torch.from_numpy(sums), counts).numpy()
         _D, I = index.search(z, 1, exclude=[sets[j].task_id for j in own])
-        out = list(sets)
         for j, key in zip(own, I[:, 0].tolist(), strict=True):
             neighbour = None if key < 0 else engine.store.get(index.task_id_of([key])[0] or "")
             if neighbour is not None and neighbour.n > 0:
