@@ -359,7 +359,8 @@ def _chunks(episodes: dict[str, Any], size: int) -> list[dict[str, Any]]:
 # -- evaluate --data ---------------------------------------------------------------------------
 def evaluate_log(args: argparse.Namespace) -> int:
     """``evaluate --data LOG --checkpoint CKPT``: the prequential report on the log's held-out
-    tasks (the split of ``train --data``), against the baselines fitted on its training tasks
+    tasks (the split of ``train --data``; the log read with ``--schema``, else the checkpoint's
+    schema, else an inferred one), against the baselines fitted on its training tasks
     and the replay strategies of ``--strategy`` (default: :func:`_data_strategies`'s)."""
     from stream_meta.evaluation.prequential import evaluate_table
     from stream_meta.evaluation.strategies import StrategyOptions
@@ -371,7 +372,11 @@ def evaluate_log(args: argparse.Namespace) -> int:
     names = _data_strategies(args.strategy, model, manifest, options)
     schema_file = args.schema
     with open_table(
-        args.data, schema_file, manifest.get("data", {}).get("split_seed", 0), False
+        args.data,
+        schema_file,
+        manifest.get("data", {}).get("split_seed", 0),
+        False,
+        manifest.get("schema"),
     ) as table:
         _check_fits(table.schema, model, manifest)
         if names:
