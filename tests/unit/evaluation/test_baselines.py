@@ -484,3 +484,27 @@ def test_scratch_serves_in_the_meta_models_units(make_model) -> None:
     init = load_gradient_init("scratch", model, "custom", StrategyOptions())
     assert init.scaling is not None and init.scaling.to_dict() == model.scaling.to_dict()
     assert init.scaling is not model.scaling  # a copy: the served model's stays its own
+
+
+def test_nearest_task_without_another_indexed_task_serves_the_prior_not_its_own(
+    shipped_sinusoid,
+) -> None:
+    model, _ = shipped_sinusoid
+
+    def engine(adapter=None) -> Engine:
+        metrics = EngineMetrics(CollectorRegistry())
+        return Engine(model, EngineConfig(), metrics=metrics, adapter=adapter)
+
+    near, full = engine(NearestTaskAdapter()), engine()
+    teach = [
+        {"event_id": f"a{i}", "task_id": "a", "x": [float(x)], "y": float(2 * np.sin(x))}
+        for i, x in enumerate(np.linspace(-4.5, 4.5, 20))
+    ]
+    for e in (near, full):
+        e.process(teach)  # a alone is indexed
+    query = {"event_id": "q", "task_id": "a", "x": [1.3]}
+    served = near.process([query]).outputs.values[0]
+    prior = engine().process([{**query, "task_id": "new"}]).outputs.values[0]
+    own = full.process([query]).outputs.values[0]
+    assert served == pytest.approx(prior, rel=1e-5)
+    assert abs(served - own) > 0.5
