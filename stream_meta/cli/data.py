@@ -503,7 +503,10 @@ def _print_table(report: dict[str, Any]) -> None:
         f"best baseline: {report['best_baseline']}; stream-meta / best: "
         f"{report['ratio_to_best_baseline']:.3f}"
     )
-    if "best_strategy" in report and report["best_strategy"] != report["best_baseline"]:
+    if (
+        "replay" in report
+        or report.get("best_strategy", report["best_baseline"]) != report["best_baseline"]
+    ):
         print(
             f"best of all: {report['best_strategy']}; stream-meta / best: "
             f"{report['ratio_to_best_strategy']:.3f}"
