@@ -29,7 +29,13 @@ from stream_meta.scaling import fit_scaling
 from stream_meta.tasklog import TaskTable
 from stream_meta.tasks.logged import LoggedEpisodes, describe, fixed_episodes
 
-__all__ = ["LogTrainConfig", "model_size", "train_on_log"]
+__all__ = [
+    "LogTrainConfig",
+    "model_size",
+    "train_on_log",
+    "training_episodes",
+    "validation_episodes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +117,8 @@ def train_on_log(
     torch.manual_seed(config.seed)
     rows = table.split_rows("train")
     size_name, size = model_size(len(train), len(rows))
-    counts = table.counts()
-    max_shots = int(max(1, min(config.max_shots, counts[train].max() - 1)))
+    train_sampler, tc = training_episodes(table, config)
+    max_shots, time_ordered = train_sampler.max_shots, train_sampler.time_ordered
     model = MetaModel(
         ModelConfig(
             x_dim=schema.x_dim,
@@ -127,32 +133,6 @@ def train_on_log(
     )
     model.scaling.set(**stats)
     _start_from_population(model)
-    time_ordered = schema.time_ordered if config.time_ordered is None else config.time_ordered
-    rng = np.random.default_rng(config.seed)
-
-    def sampler(tasks: np.ndarray, generator: np.random.Generator) -> LoggedEpisodes:
-        return LoggedEpisodes(
-            table,
-            tasks,
-            batch_tasks=config.batch_tasks,
-            bank_tasks=config.bank_tasks,
-            max_shots=max_shots,
-            query_points=config.query_points,
-            rng=generator,
-            time_ordered=time_ordered,
-        )
-
-    train_sampler = sampler(train, rng)
-    tc = TrainConfig(
-        steps=config.max_steps,
-        batch_tasks=train_sampler.batch_tasks,
-        lr=config.lr,
-        max_shots=max_shots,
-        query_points=config.query_points,
-        bank_tasks=train_sampler.bank_tasks,
-        k_neighbours=min(config.k_neighbours, train_sampler.bank_tasks),
-        seed=config.seed,
-    )
     validate = _validator(table, train, val, max_shots, config, time_ordered, tc)
     log.info(
         "meta-training a %s model on %d training tasks (%d rows), validating on %d tasks",
@@ -185,6 +165,60 @@ def train_on_log(
     return model, report
 
 
+def training_episodes(
+    table: TaskTable, config: LogTrainConfig
+) -> tuple[LoggedEpisodes, TrainConfig]:
+    """The episode sampler of the training tasks and the meta-training settings of
+    :func:`train_on_log` (``max_shots``: the largest training task's size less one, at most
+    ``config.max_shots``). A new sampler is seeded with ``config.seed``, so it draws the very
+    episodes the meta-model was trained on (the gradient baselines of ``train-baseline --data``
+    are trained on them too)."""
+    train = table.tasks_in("train")
+    max_shots = int(max(1, min(config.max_shots, table.counts()[train].max() - 1)))
+    schema = table.schema
+    time_ordered = schema.time_ordered if config.time_ordered is None else config.time_ordered
+    sampler = LoggedEpisodes(
+        table,
+        train,
+        batch_tasks=config.batch_tasks,
+        bank_tasks=config.bank_tasks,
+        max_shots=max_shots,
+        query_points=config.query_points,
+        rng=np.random.default_rng(config.seed),
+        time_ordered=time_ordered,
+    )
+    tc = TrainConfig(
+        steps=config.max_steps,
+        batch_tasks=sampler.batch_tasks,
+        lr=config.lr,
+        max_shots=max_shots,
+        query_points=config.query_points,
+        bank_tasks=sampler.bank_tasks,
+        k_neighbours=min(config.k_neighbours, sampler.bank_tasks),
+        seed=config.seed,
+    )
+    return sampler, tc
+
+
+def validation_episodes(
+    table: TaskTable, config: LogTrainConfig, max_shots: int, time_ordered: bool
+) -> tuple[LoggedEpisodes, dict[str, np.ndarray] | None]:
+    """The sampler of the validation tasks and the fixed episodes early stopping compares
+    checks on (32 support sizes per task), as :func:`train_on_log` draws them."""
+    val = table.tasks_in("validation")
+    val_sampler = LoggedEpisodes(
+        table,
+        np.concatenate([val, val]) if len(val) == 1 else val,
+        batch_tasks=config.batch_tasks,
+        bank_tasks=config.bank_tasks,
+        max_shots=max_shots,
+        query_points=config.query_points,
+        rng=np.random.default_rng(config.seed + 1),
+        time_ordered=time_ordered,
+    )
+    return val_sampler, fixed_episodes(val_sampler, per_task=32, seed=config.seed + 2)
+
+
 def _start_from_population(model: MetaModel, prior_variance: float = 0.1) -> None:
     """Start training from the population's fit: the generated head's prior mean is zero
     (a prediction is the scaling's offset, the pooled linear fit, until training moves it),
@@ -209,18 +243,8 @@ def _validator(
 ) -> Any:
     """The validation loss (model units) of fixed episodes of the validation tasks, with the
     training tasks as the bank retrieval searches."""
-    rng = np.random.default_rng(config.seed + 1)
-    val_sampler = LoggedEpisodes(
-        table,
-        np.concatenate([val, val]) if len(val) == 1 else val,
-        batch_tasks=config.batch_tasks,
-        bank_tasks=config.bank_tasks,
-        max_shots=max_shots,
-        query_points=config.query_points,
-        rng=rng,
-        time_ordered=time_ordered,
-    )
-    episodes = fixed_episodes(val_sampler, per_task=32, seed=config.seed + 2)
+    val_sampler, episodes = validation_episodes(table, config, max_shots, time_ordered)
+    rng = val_sampler.rng
     bank_tasks = train if len(train) <= 512 else rng.choice(train, 512, replace=False)
     bx, by, bm = val_sampler.task_sets(bank_tasks, max_shots)
     bank = {"x": torch.from_numpy(bx), "y": torch.from_numpy(by), "mask": torch.from_numpy(bm)}

@@ -1,6 +1,7 @@
 """A user's own tasks: ``stream-meta schema LOG`` (infer and print a schema), and the ``--data``
-forms of ``train`` and ``evaluate`` (meta-train on a recorded stream, evaluate against the
-baselines a statistician fits first)."""
+forms of ``train``, ``train-baseline`` and ``evaluate`` (meta-train on a recorded stream; train
+the MAML and pre-trained initialisations on the same training tasks; evaluate against the
+baselines a statistician fits first and the replay strategies)."""
 
 from __future__ import annotations
 
@@ -177,24 +178,227 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- train-baseline --data ---------------------------------------------------------------------
+def train_baseline_from_log(args: argparse.Namespace) -> int:
+    """``train-baseline --data LOG --checkpoint CKPT --method maml|pretrained --out FILE``.
+
+    The initialisation of a gradient baseline for the model of ``CKPT`` (trained by
+    ``train --data`` on ``LOG``), trained as the meta-model was:
+
+    * on the *training* tasks of the log read with the checkpoint's schema and split seed,
+      with the very episodes the meta-model was trained on
+      (:func:`~stream_meta.log_training.training_episodes` with the checkpoint's training
+      settings: same ``max_shots``, queries, tasks per step, learning rate, schedule, seed);
+    * for the steps the meta-model's training ran (its manifest's ``metrics.train.steps``,
+      early stopping's patience included; ``training.max_steps`` where absent; ``--steps``
+      overrides), keeping the best of checks every ``validate_every`` steps on the fixed
+      episodes of the *validation* tasks the meta-model was checked on;
+    * in the model's units: inputs standardised and regression targets the residuals over the
+      checkpoint's pooled linear fit (classification: logits over its pooled logistic model),
+      so MAML and fine-tuning start from the population's fit as the meta-model does. The
+      scaling is saved with the initialisation and applied when it serves.
+
+    Fine-tuning's serving step size (``pretrained`` without ``--inner-lr``) is tuned on the
+    fixed episodes of the *validation* tasks, not on the training tasks the family baselines
+    use: pre-training has fitted every point of the training tasks, so they would flatter a
+    small step. The test tasks are never looked at.
+    """
+    import dataclasses
+
+    import torch
+
+    from stream_meta.evaluation.baselines import (
+        DEFAULT_INNER_LR,
+        GradientInit,
+        InnerLoop,
+        save_init,
+        target_for,
+        train_init,
+        tune_lr_on,
+    )
+    from stream_meta.log_training import LogTrainConfig, training_episodes, validation_episodes
+    from stream_meta.tasklog import fingerprint
+    from stream_meta.tasks.logged import describe
+
+    if args.checkpoint is None:
+        raise UsageError(
+            "train-baseline --data needs --checkpoint (the model train --data trained on LOG)"
+        )
+    if args.inner_steps < 1 or args.serve_steps < 0:
+        raise UsageError("--inner-steps must be >= 1 and --serve-steps >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, manifest = load_model(args.checkpoint, "")
+    if "schema" not in manifest or "data" not in manifest:
+        raise UsageError(
+            f"checkpoint {manifest['path']} was not trained on a log (train --data): "
+            "use train-baseline --family for a built-in family's"
+        )
+    fields = LogTrainConfig.__dataclass_fields__
+    config = LogTrainConfig(
+        **{k: v for k, v in manifest.get("training", {}).items() if k in fields}
+    )
+    data = manifest["data"]
+    if data.get("fingerprint") not in (None, fingerprint(args.data)):
+        log.warning(
+            "%s is not the log %s was trained on (%s): the training tasks may differ",
+            args.data,
+            manifest["path"],
+            data.get("path"),
+        )
+    steps, budget = _baseline_steps(args.steps, manifest, config)
+    family, kind = manifest["family"], model.config.kind
+    lr = args.inner_lr or DEFAULT_INNER_LR[kind]
+    with open_table(args.data, None, data.get("split_seed", 0), False, manifest["schema"]) as table:
+        _check_fits(table.schema, model, manifest)
+        try:
+            sampler, tc = training_episodes(table, config)
+            _, validation = validation_episodes(
+                table, config, sampler.max_shots, sampler.time_ordered
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        tc = dataclasses.replace(tc, steps=steps)
+        log.info(
+            "training the %s initialisation for %s on %d training tasks for %d steps (%s), "
+            "%d tasks per step, in the checkpoint's units",
+            args.method,
+            family,
+            len(sampler.tasks),
+            steps,
+            budget,
+            tc.batch_tasks,
+        )
+        theta, result = train_init(
+            args.method,
+            None,
+            model.config,
+            tc,
+            InnerLoop(steps=args.inner_steps, lr=lr),
+            first_order=args.first_order,
+            progress=not args.quiet,
+            sampler=sampler,
+            scaling=model.scaling,
+            validation=validation,
+            validate_every=config.validate_every,
+        )
+    serve_loop = InnerLoop(steps=args.serve_steps, lr=lr, clip=args.serve_clip)
+    tuning: dict[str, Any] = {}
+    if args.method == "pretrained" and args.inner_lr is None and validation is not None:
+        probe = GradientInit(
+            args.method,
+            family,
+            kind,
+            theta,
+            target_for(model.config),
+            serve_loop,
+            {},
+            model.scaling,
+        )
+        best, tried = tune_lr_on(probe, _chunks(validation, 1024))
+        serve_loop = dataclasses.replace(serve_loop, lr=best)
+        tuning = {"serve_lr_tuned_on_validation_tasks": tried, "serve_lr": best}
+    save_init(
+        args.out,
+        theta,
+        method=args.method,
+        family=family,
+        model_config=model.config,
+        loop=serve_loop,
+        training={
+            **tc.__dict__,
+            "budget": budget,
+            "episodes": describe(sampler),
+            "inner_steps": args.inner_steps,
+            "first_order": args.first_order,
+            **tuning,
+        },
+        metrics={"train": result},
+        first_order=args.first_order,
+        scaling=model.scaling,
+        extra={
+            "checkpoint": manifest["path"],
+            "data": {
+                "path": str(args.data),
+                "fingerprint": fingerprint(args.data),
+                "split_seed": data.get("split_seed", 0),
+            },
+        },
+    )
+    summary = {
+        "out": str(args.out),
+        "family": family,
+        "method": args.method,
+        "steps": steps,
+        "budget": budget,
+        "inner_loop": dataclasses.asdict(serve_loop),
+        "train": result,
+    }
+    emit(summary, args.json)
+    return 0
+
+
+def _baseline_steps(steps: int | None, manifest: dict[str, Any], config: Any) -> tuple[int, str]:
+    """The baselines' training steps and where they come from: ``--steps``, else the steps the
+    meta-model's training ran (``metrics.train.steps``), else its ``max_steps``."""
+    if steps is not None:
+        return steps, "--steps"
+    ran = manifest.get("metrics", {}).get("train", {}).get("steps")
+    if isinstance(ran, int) and ran > 0:
+        return ran, "the meta-model's steps (metrics.train.steps)"
+    return config.max_steps, "the meta-model's max_steps (training.max_steps)"
+
+
+def _chunks(episodes: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    n = len(episodes["xs"])
+    return [{k: v[i : i + size] for k, v in episodes.items()} for i in range(0, n, size)]
+
+
 # -- evaluate --data ---------------------------------------------------------------------------
 def evaluate_log(args: argparse.Namespace) -> int:
     """``evaluate --data LOG --checkpoint CKPT``: the prequential report on the log's held-out
-    tasks (the split of ``train --data``), against the baselines fitted on its training tasks."""
+    tasks (the split of ``train --data``; the log read with ``--schema``, else the checkpoint's
+    schema, else an inferred one), against the baselines fitted on its training tasks
+    and the replay strategies of ``--strategy`` (default: :func:`_data_strategies`'s)."""
     from stream_meta.evaluation.prequential import evaluate_table
+    from stream_meta.evaluation.strategies import StrategyOptions
 
     if args.checkpoint is None:
         raise UsageError("evaluate --data needs --checkpoint (a model trained with train --data)")
     model, manifest = load_model(args.checkpoint, "")
+    options = StrategyOptions(baseline_dir=args.baseline_dir)
+    names = _data_strategies(args.strategy, model, manifest, options)
     schema_file = args.schema
     with open_table(
-        args.data, schema_file, manifest.get("data", {}).get("split_seed", 0), False
+        args.data,
+        schema_file,
+        manifest.get("data", {}).get("split_seed", 0),
+        False,
+        manifest.get("schema"),
     ) as table:
         _check_fits(table.schema, model, manifest)
+        if names:
+            log.info("replaying the %s tasks with %s too", args.split, ", ".join(names))
         try:
-            report = evaluate_table(model, table, args.split)
+            report = evaluate_table(
+                model,
+                table,
+                args.split,
+                strategies=names,
+                family=manifest["family"],
+                options=options,
+            )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+    if names:
+        report["replay"] = {
+            "strategies": names,
+            "baseline_dir": None if args.baseline_dir is None else str(args.baseline_dir),
+            "inner_steps": options.inner_steps,
+            "scratch_steps": options.scratch_steps,
+        }
     report["checkpoint"] = manifest["path"]
     report["data"] = str(args.data)
     if args.out:
@@ -209,6 +413,65 @@ def evaluate_log(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0
+
+
+def _data_strategies(
+    requested: list[str] | None, model: Any, manifest: dict[str, Any], options: Any
+) -> list[str]:
+    """The replay strategies ``evaluate --data`` runs, each checked before any replay.
+
+    ``--strategy`` as given; by default ``maml`` and ``finetune`` where ``--baseline-dir``
+    holds ``<family>-maml.safetensors`` / ``<family>-pretrained.safetensors``, then
+    ``scratch`` and ``nearest-task`` (they need no training). A missing or unfit
+    initialisation is a usage error; one trained for another scaling (another checkpoint) is
+    used with a warning."""
+    from stream_meta.evaluation.prequential import DATA_STRATEGIES
+    from stream_meta.evaluation.strategies import load_gradient_init
+    from stream_meta.model_checkpoint import CheckpointError
+
+    family = manifest["family"]
+    if requested:
+        names = list(dict.fromkeys(requested))
+        for name in names:
+            if name not in DATA_STRATEGIES:
+                raise UsageError(
+                    f"unknown strategy {name!r} for evaluate --data; one of "
+                    f"{', '.join(DATA_STRATEGIES)}"
+                )
+    else:
+        trained = {"maml": "maml", "finetune": "pretrained"}
+        d = options.baseline_dir
+        names = [
+            name
+            for name, method in trained.items()
+            if d is not None and (d / f"{family}-{method}.safetensors").is_file()
+        ]
+        names += ["scratch", "nearest-task"]
+    for name in names:
+        if name not in ("maml", "finetune"):
+            continue
+        if options.baseline_dir is None:
+            raise UsageError(
+                f"strategy {name} needs --baseline-dir DIR holding its initialisation "
+                f"(stream-meta train-baseline --data LOG --checkpoint {manifest['path']} "
+                f"--method {'maml' if name == 'maml' else 'pretrained'} --out DIR/"
+                f"{family}-{'maml' if name == 'maml' else 'pretrained'}.safetensors)"
+            )
+        try:
+            init = load_gradient_init(name, model, family, options)
+        except (CheckpointError, ValueError) as exc:
+            raise UsageError(f"strategy {name}: {exc}") from exc
+        theirs = None if init.scaling is None else init.scaling.to_dict()
+        ours = None if model.scaling.is_identity else model.scaling.to_dict()
+        if theirs != ours:
+            log.warning(
+                "strategy %s: its initialisation was trained in another checkpoint's units "
+                "(%s); retrain it with train-baseline --data --checkpoint %s",
+                name,
+                init.manifest.get("checkpoint", "unknown"),
+                manifest["path"],
+            )
+    return names
 
 
 def _check_fits(schema: Any, model: Any, manifest: dict[str, Any]) -> None:
@@ -240,3 +503,11 @@ def _print_table(report: dict[str, Any]) -> None:
         f"best baseline: {report['best_baseline']}; stream-meta / best: "
         f"{report['ratio_to_best_baseline']:.3f}"
     )
+    if (
+        "replay" in report
+        or report.get("best_strategy", report["best_baseline"]) != report["best_baseline"]
+    ):
+        print(
+            f"best of all: {report['best_strategy']}; stream-meta / best: "
+            f"{report['ratio_to_best_strategy']:.3f}"
+        )

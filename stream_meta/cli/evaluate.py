@@ -46,6 +46,21 @@ def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
         default="test",
         help="--data: which held-out tasks (the split of train --data)",
     )
+    e.add_argument(
+        "--strategy",
+        action="append",
+        metavar="NAME",
+        help="--data: a replay strategy to compare too: maml, finetune, scratch, nearest-task "
+        "(repeatable; default: maml and finetune where --baseline-dir holds their "
+        "initialisations, then scratch and nearest-task)",
+    )
+    e.add_argument(
+        "--baseline-dir",
+        type=Path,
+        metavar="DIR",
+        help="--data: where <name>-maml.safetensors and <name>-pretrained.safetensors are "
+        "(stream-meta train-baseline --data; <name>: the checkpoint's family)",
+    )
     e.add_argument("--out", type=Path, help="--data: write the report as JSON")
     e.add_argument("--html", type=Path, help="--data: write the report as HTML")
     e.set_defaults(func=cmd_evaluate)
@@ -57,6 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from stream_meta.cli.data import evaluate_log
 
         return evaluate_log(args)
+    if args.strategy or args.baseline_dir:
+        raise UsageError("--strategy and --baseline-dir go with --data")
     from stream_meta.evaluation.fewshot import evaluate
 
     device = check_device(args.device or "cpu")

@@ -1,5 +1,7 @@
 """``stream-meta train`` (meta-train a model) and ``stream-meta train-baseline`` (a MAML or
-pre-trained initialisation on the meta-model's training budget)."""
+pre-trained initialisation on the meta-model's training budget: a built-in family's, or with
+``--data LOG --checkpoint CKPT`` on the training tasks of the log a ``train --data`` checkpoint
+was trained on, see :func:`stream_meta.cli.data.train_baseline_from_log`)."""
 
 from __future__ import annotations
 
@@ -136,7 +138,16 @@ def add_train_baseline_parser(sub: Subparsers, options: Options) -> None:
         parents=[options.common],
         help="train a MAML or pre-trained initialisation on the meta-model's training budget",
     )
-    tb.add_argument("--family", choices=["sinusoid", "digits"], required=True)
+    what = tb.add_mutually_exclusive_group(required=True)
+    what.add_argument("--family", choices=["sinusoid", "digits"], help="a built-in family")
+    what.add_argument(
+        "--data",
+        type=Path,
+        metavar="LOG",
+        help="the log a train --data checkpoint was trained on (needs --checkpoint): train on "
+        "its training tasks, in the checkpoint's units; save as DIR/<name>-<method>.safetensors "
+        "for evaluate --data --baseline-dir DIR",
+    )
     tb.add_argument("--method", choices=["maml", "pretrained"], required=True)
     tb.add_argument("--out", type=Path, required=True, help="output path (.safetensors)")
     tb.add_argument(
@@ -144,7 +155,12 @@ def add_train_baseline_parser(sub: Subparsers, options: Options) -> None:
         type=Path,
         help="the meta-model whose architecture and budget to match (default: shipped)",
     )
-    tb.add_argument("--steps", type=int, help="override the budget's steps")
+    tb.add_argument(
+        "--steps",
+        type=int,
+        help="override the budget's steps (default: the meta-model's; --data: the steps its "
+        "training ran)",
+    )
     tb.add_argument(
         "--inner-steps",
         type=int,
@@ -171,13 +187,19 @@ def add_train_baseline_parser(sub: Subparsers, options: Options) -> None:
     )
     tb.add_argument("--first-order", action="store_true", help="first-order MAML")
     tb.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
-    tb.add_argument("--eval-tasks", type=int, default=500, help="held-out tasks scored")
+    tb.add_argument(
+        "--eval-tasks", type=int, default=500, help="held-out tasks scored (--family only)"
+    )
     tb.set_defaults(func=cmd_train_baseline)
 
 
 def cmd_train_baseline(args: argparse.Namespace) -> int:
     """Train a baseline initialisation (MAML or pre-trained) on the meta-model's budget."""
     settings_from(args, {})
+    if args.data is not None:
+        from stream_meta.cli.data import train_baseline_from_log
+
+        return train_baseline_from_log(args)
     import torch
 
     from stream_meta.evaluation.baselines import DEFAULT_INNER_LR, InnerLoop, save_init, train_init

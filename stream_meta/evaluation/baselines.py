@@ -22,6 +22,16 @@ support sizes ``0..max_shots`` and query points), the same number of steps and t
 the same optimiser, schedule and gradient clipping. A trained initialisation is saved like a
 model checkpoint (safetensors + manifest, no pickle).
 
+Units: the built-in families' baselines work on raw ``x`` and ``y``. An initialisation trained
+on a user's log (``train-baseline --data``) works in the *model's units* of the checkpoint it was
+trained for, like the meta-model: it carries that checkpoint's :class:`~stream_meta.scaling.Scaling`
+(:attr:`GradientInit.scaling`), its network sees standardised inputs and fits the regression
+residuals over the pooled linear fit (classification: logits added to the pooled logistic
+model's), so MAML and fine-tuning start from the population's fit too, and
+:meth:`GradientInit.fit` / :meth:`GradientInit.predict` take and return the user's units.
+Recorded tasks have varying sizes: their episodes carry ``qmask`` (queries) and ``amask`` (all
+points), and every loss honours them.
+
 Shapes: ``theta [P]``, support ``xs [B, n, x_dim]``, labels ``ys [B, n]``, mask ``smask [B, n]``,
 adapted weights ``[B, P]``.
 
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -59,6 +70,7 @@ from stream_meta.model_checkpoint import (
     read_manifest,
     write_tensors,
 )
+from stream_meta.scaling import Scaling
 
 __all__ = [
     "TRAINED",
@@ -68,6 +80,7 @@ __all__ = [
     "fit",
     "load_init",
     "maml_adapt",
+    "model_units",
     "predict",
     "save_init",
     "scratch_init",
@@ -75,6 +88,7 @@ __all__ = [
     "target_for",
     "train_init",
     "tune_lr",
+    "tune_lr_on",
 ]
 
 #: initialisations that are trained (``stream-meta train-baseline --method``)
@@ -128,10 +142,19 @@ def _targets(kind: str, ys: torch.Tensor, n_out: int) -> torch.Tensor:
 
 
 def _task_loss(
-    net: TargetNet, kind: str, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+    net: TargetNet,
+    kind: str,
+    w: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss of one task's masked examples (unbatched: ``w [P], x [n, d], m [n]``)."""
+    """Mean loss of one task's masked examples (unbatched: ``w [P], x [n, d], m [n]``; ``base``
+    ``[n, C]``: logits the network's are added to)."""
     out = net.forward(x.unsqueeze(0), w.unsqueeze(0))[0]  # [n, out]
+    if base is not None:
+        out = out + base
     if kind == "regression":
         per = (out[:, 0] - y) ** 2
     else:
@@ -149,13 +172,15 @@ def fit(
     loop: InnerLoop,
     *,
     keep_best: bool = True,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fit ``theta [P]`` to every support set -> ``[B, P]`` (serving: no graph is kept).
 
     All tasks step together as one ``[B, P]`` tensor: the gradient of the sum of the tasks'
     mean losses is each task's own gradient, so every task is fitted alone. With ``keep_best``
     each task gets the iterate with the lowest support loss (the initialisation included), so
-    a step that diverges on some task never serves a worse fit than the start.
+    a step that diverges on some task never serves a worse fit than the start. ``base``
+    ``[B, n, C]`` (classification in model units): logits the network's are added to.
     """
     y = _targets(kind, ys, net.out_dim)
     adam = loop.optimizer == "adam"
@@ -165,7 +190,7 @@ def fit(
     with torch.enable_grad():
         for t in range(1, loop.steps + 1):
             w.requires_grad_(True)
-            per = _task_losses(net, kind, w, xs, y, smask)
+            per = _task_losses(net, kind, w, xs, y, smask, base)
             (g,) = torch.autograd.grad(per.sum(), w)
             w, per = w.detach(), per.detach()
             if keep_best:
@@ -180,7 +205,7 @@ def fit(
     if not keep_best:
         return w
     with torch.no_grad():
-        _keep(best_w, best_l, w, _task_losses(net, kind, w, xs, y, smask))
+        _keep(best_w, best_l, w, _task_losses(net, kind, w, xs, y, smask, base))
     return best_w
 
 
@@ -191,10 +216,18 @@ def _keep(best_w: torch.Tensor, best_l: torch.Tensor, w: torch.Tensor, loss: tor
 
 
 def _task_losses(
-    net: TargetNet, kind: str, w: torch.Tensor, xs: torch.Tensor, y: torch.Tensor, m: torch.Tensor
+    net: TargetNet,
+    kind: str,
+    w: torch.Tensor,
+    xs: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each task's mean loss over its masked support set ``[B]``."""
     out = net.forward(xs, w)  # [B, n, out]
+    if base is not None:
+        out = out + base
     if kind == "regression":
         per = (out[..., 0] - y) ** 2
     else:
@@ -212,23 +245,36 @@ def maml_adapt(
     loop: InnerLoop,
     *,
     first_order: bool = False,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MAML's inner loop, differentiable with respect to ``theta`` -> ``[B, P]``.
 
     A ``torch.func.vmap`` over tasks of ``loop.steps`` SGD steps taken by ``torch.func.grad``;
     the meta-gradient flows through them (second order), or not through the inner gradients
-    with ``first_order`` (FOMAML).
+    with ``first_order`` (FOMAML). ``base`` as in :func:`fit`.
     """
     y = _targets(kind, ys, net.out_dim)
-    grad = torch.func.grad(lambda w, x_, y_, m_: _task_loss(net, kind, w, x_, y_, m_))
+    if base is None:
+        grad = torch.func.grad(lambda w, x_, y_, m_: _task_loss(net, kind, w, x_, y_, m_))
 
-    def inner(w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor) -> Any:
+        def inner(w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor) -> Any:
+            for _ in range(loop.steps):
+                g = grad(w, x, y_, m)
+                w = w - loop.lr * (g.detach() if first_order else g)
+            return w
+
+        return torch.func.vmap(inner, in_dims=(None, 0, 0, 0))(theta, xs, y, smask)
+    grad_b = torch.func.grad(lambda w, x_, y_, m_, b_: _task_loss(net, kind, w, x_, y_, m_, b_))
+
+    def inner_b(
+        w: torch.Tensor, x: torch.Tensor, y_: torch.Tensor, m: torch.Tensor, b: torch.Tensor
+    ) -> Any:
         for _ in range(loop.steps):
-            g = grad(w, x, y_, m)
+            g = grad_b(w, x, y_, m, b)
             w = w - loop.lr * (g.detach() if first_order else g)
         return w
 
-    return torch.func.vmap(inner, in_dims=(None, 0, 0, 0))(theta, xs, y, smask)
+    return torch.func.vmap(inner_b, in_dims=(None, 0, 0, 0, 0))(theta, xs, y, smask, base)
 
 
 def scratch_init(config: ModelConfig, seed: int = 0) -> torch.Tensor:
@@ -236,10 +282,33 @@ def scratch_init(config: ModelConfig, seed: int = 0) -> torch.Tensor:
     return target_for(config).init_flat(torch.Generator().manual_seed(seed))
 
 
+def model_units(
+    scaling: Scaling | None, x: torch.Tensor, y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """User units -> the network's: ``(x_std, targets, base)``.
+
+    ``x_std = scaling.inputs(x)``; regression ``targets`` are the residuals over the pooled
+    linear fit (``scaling.targets``), classes are unchanged and ``base [..., C]`` holds the
+    pooled logistic model's logits, which the network's are added to (regression: None).
+    ``scaling`` None (the built-in families): everything as it is.
+    """
+    if scaling is None:
+        return x, y, None
+    x_std = scaling.inputs(x)
+    if scaling.regression:
+        return x_std, None if y is None else scaling.targets(x_std, y), None
+    return x_std, y, scaling.offset(x_std)
+
+
 # -- trained initialisations ------------------------------------------------------------------
 @dataclass(frozen=True)
 class GradientInit:
-    """A trained initialisation with what it needs to serve: the network, kind and inner loop."""
+    """A trained initialisation with what it needs to serve: the network, kind and inner loop,
+    and the scaling of the units it works in (None: raw units, the built-in families').
+
+    :meth:`fit` and :meth:`predict` take and return the user's units: the support set is
+    standardised and the regression targets made residuals over the scaling's pooled fit,
+    and predictions are mapped back (``scaling.outputs``)."""
 
     method: str
     family: str
@@ -248,6 +317,26 @@ class GradientInit:
     net: TargetNet
     loop: InnerLoop
     manifest: dict[str, Any]
+    scaling: Scaling | None = None
+
+    def fit(
+        self,
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        smask: torch.Tensor,
+        loop: InnerLoop | None = None,
+    ) -> torch.Tensor:
+        """:func:`fit` of the support sets (user units) from ``theta`` -> ``[B, P]``."""
+        x_std, y_t, base = model_units(self.scaling, xs, ys)
+        assert y_t is not None
+        return fit(self.net, self.kind, self.theta, x_std, y_t, smask, loop or self.loop, base=base)
+
+    def predict(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``[B, n, x_dim], [B, P] ->`` predictions ``[B, n]`` in user units, or logits."""
+        if self.scaling is None:
+            return predict(self.net, self.kind, x, weights)
+        x_std = self.scaling.inputs(x)
+        return self.scaling.outputs(x_std, predict(self.net, self.kind, x_std, weights))
 
 
 def train_init(
@@ -259,12 +348,26 @@ def train_init(
     *,
     first_order: bool = False,
     progress: bool = True,
+    sampler: Any = None,
+    scaling: Scaling | None = None,
+    validation: dict[str, np.ndarray] | None = None,
+    validate_every: int = 100,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Train the ``maml`` or ``pretrained`` initialisation on ``family`` -> ``(theta, summary)``.
 
     ``train_config`` is a :class:`~stream_meta.meta_training.TrainConfig`: its steps, tasks per
     step, learning rate, schedule, clipping, episode shapes and seed are the meta-model's budget.
     Each step draws exactly the episodes :func:`~stream_meta.meta_training.meta_train` draws.
+
+    A user's tasks (``train-baseline --data``): ``sampler`` is the meta-model's
+    :class:`~stream_meta.tasks.logged.LoggedEpisodes` of the training tasks (built with the
+    same seed, it draws the very episodes the meta-model was trained on), ``scaling`` the
+    checkpoint's (the network learns in the model's units, see :func:`model_units`), and the
+    losses honour the episodes' ``qmask`` (MAML's queries) and ``amask`` (pre-training's
+    points). With ``validation`` (fixed episodes of the validation tasks, user units) the
+    initialisation is scored every ``validate_every`` steps and the best check's ``theta`` is
+    returned, as the meta-model keeps its best check: MAML by its query loss after ``loop``'s
+    adaptation, pre-training by its own objective (every point, no adaptation).
     """
     from stream_meta.meta_training import EpisodeSampler, _progress, make_optimizer
 
@@ -276,27 +379,25 @@ def train_init(
     net, kind = target_for(model_config), model_config.kind
     theta = net.init_flat(torch.Generator().manual_seed(c.seed)).requires_grad_()
     opt, sched = make_optimizer([theta], c)
-    sampler = EpisodeSampler(family, c, rng)
+    own_sampler = sampler is None
+    if own_sampler:
+        sampler = EpisodeSampler(family, c, rng)
     bar = _progress(c.steps, progress, desc=f"train {method}")
     start, ema = time.perf_counter(), math.nan
+    best: tuple[float, int, torch.Tensor] | None = None
+    checks: list[list[float]] = []
     for step in range(1, c.steps + 1):
         # the same draws as meta_train: a bank (its cluster centres place half the episode
-        # tasks), the episodes, then the neighbour-dropout coin flips
+        # tasks), the episodes, then the neighbour-dropout coin flips (on meta_train's own rng,
+        # which a family's sampler shares)
         bank = sampler.bank()
         ep = {
             k: torch.from_numpy(np.ascontiguousarray(v))
             for k, v in sampler.episodes(bank["centres"]).items()
         }
-        rng.random(c.batch_tasks)
-        if method == "maml":
-            w = maml_adapt(
-                net, kind, theta, ep["xs"], ep["ys"], ep["smask"], loop, first_order=first_order
-            )
-            x, y = ep["xq"], ep["yq"]
-        else:  # one network for every task: fitted to all of each task's points
-            w = theta.expand(ep["x_all"].shape[0], -1)
-            x, y = ep["x_all"], ep["y_all"]
-        loss = _batch_loss(kind, predict(net, kind, x, w), y)
+        if own_sampler:
+            rng.random(c.batch_tasks)
+        loss = _episode_loss(method, net, kind, theta, ep, loop, scaling, first_order)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {method} training loss at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -307,24 +408,111 @@ def train_init(
             sched.step()
         value = float(loss.detach())
         ema = value if math.isnan(ema) else 0.98 * ema + 0.02 * value
+        if validation is not None and (step % validate_every == 0 or step == c.steps):
+            v = _validation_loss(method, net, kind, theta.detach(), validation, loop, scaling)
+            checks.append([step, round(v, 6)])
+            if best is None or v < best[0]:
+                best = (v, step, theta.detach().clone())
         if bar is not None:
             bar.update(1)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{ema:.4g}")
     if bar is not None:
         bar.close()
-    summary = {
+    summary: dict[str, Any] = {
         "steps": c.steps,
         "seconds": round(time.perf_counter() - start, 1),
         "final_loss": ema,
     }
+    if best is not None:
+        summary.update(best_step=best[1], best_validation_loss=best[0], validation=checks)
+        return best[2], summary
     return theta.detach(), summary
 
 
-def _batch_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _episode_loss(
+    method: str,
+    net: TargetNet,
+    kind: str,
+    theta: torch.Tensor,
+    ep: dict[str, torch.Tensor],
+    loop: InnerLoop,
+    scaling: Scaling | None,
+    first_order: bool = False,
+) -> torch.Tensor:
+    """One batch of episodes' training loss: MAML's query loss after its inner loop, or
+    pre-training's loss on every point of each task (no adaptation); masked where the episodes
+    carry ``qmask`` / ``amask``."""
+    if method == "maml":
+        xs, ys, bs = model_units(scaling, ep["xs"], ep["ys"])
+        assert ys is not None
+        w = maml_adapt(
+            net, kind, theta, xs, ys, ep["smask"], loop, first_order=first_order, base=bs
+        )
+        x, y, base = model_units(scaling, ep["xq"], ep["yq"])
+        mask = ep.get("qmask")
+    else:  # one network for every task: fitted to all of each task's points
+        w = theta.expand(ep["x_all"].shape[0], -1)
+        x, y, base = model_units(scaling, ep["x_all"], ep["y_all"])
+        mask = ep.get("amask")
+    assert y is not None
+    out = predict(net, kind, x, w)
+    if base is not None:
+        out = out + base
+    return _batch_loss(kind, out, y, mask)
+
+
+def _validation_loss(
+    method: str,
+    net: TargetNet,
+    kind: str,
+    theta: torch.Tensor,
+    episodes: dict[str, np.ndarray],
+    loop: InnerLoop,
+    scaling: Scaling | None,
+    chunk: int = 256,
+) -> float:
+    """The loss (model units) of fixed episodes: MAML's on the queries after ``loop``'s serving
+    fit of the support, pre-training's on every point without adaptation; masked, pooled."""
+    total, weight = 0.0, 0.0
+    n = len(episodes["xs"])
+    for i in range(0, n, chunk):
+        ep = {
+            k: torch.from_numpy(np.ascontiguousarray(v[i : i + chunk])) for k, v in episodes.items()
+        }
+        mask = ep["qmask"] if method == "maml" else ep["amask"]
+        if method == "maml":
+            xs, ys, bs = model_units(scaling, ep["xs"], ep["ys"])
+            assert ys is not None
+            w = fit(net, kind, theta, xs, ys, ep["smask"], loop, base=bs)
+            x, y, base = model_units(scaling, ep["xq"], ep["yq"])
+        else:
+            w = theta.expand(len(ep["xs"]), -1)
+            x, y, base = model_units(scaling, ep["x_all"], ep["y_all"])
+        assert y is not None
+        with torch.no_grad():
+            out = predict(net, kind, x, w)
+            if base is not None:
+                out = out + base
+            part = float(_batch_loss(kind, out, y, mask))
+        w_part = float(mask.sum())
+        total, weight = total + part * w_part, weight + w_part
+    return total / max(weight, 1.0) if math.isfinite(total) else math.inf
+
+
+def _batch_loss(
+    kind: str, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean loss over every point, or over the points ``mask [B, n]`` keeps."""
+    if mask is None:
+        if kind == "regression":
+            return ((out - y) ** 2).mean()
+        return nn.functional.cross_entropy(out.transpose(1, 2), y.long())
     if kind == "regression":
-        return ((out - y) ** 2).mean()
-    return nn.functional.cross_entropy(out.transpose(1, 2), y.long())
+        per = (out - y) ** 2
+    else:
+        per = nn.functional.cross_entropy(out.transpose(1, 2), y.long(), reduction="none")
+    return (per * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def evaluate_init(
@@ -373,17 +561,33 @@ def tune_lr(
     episodes = []
     for s in shots:
         params = family.sample_params(tasks, rng)
-        episodes.append([torch.from_numpy(a) for a in family.sample_episode(params, s, 20, rng)])
+        xs, ys, xq, yq = family.sample_episode(params, s, 20, rng)
+        episodes.append({"xs": xs, "ys": ys, "xq": xq, "yq": yq})
+    return tune_lr_on(init, episodes, candidates)
+
+
+def tune_lr_on(
+    init: GradientInit,
+    episodes: Sequence[dict[str, np.ndarray]],
+    candidates: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1),
+) -> tuple[float, dict[str, float]]:
+    """The serving step size with the lowest loss on ``episodes`` (user units; ``smask`` and
+    ``qmask`` where their tasks vary in size) -> ``(best lr, {lr: loss})``: each batch's mean
+    query loss in user units, averaged over the batches."""
+    batches = [
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in e.items()} for e in episodes
+    ]
     losses: dict[str, float] = {}
     for lr in candidates:
         loop = replace(init.loop, lr=lr)
         total = 0.0
-        for xs, ys, xq, yq in episodes:
-            w = fit(init.net, init.kind, init.theta, xs, ys, torch.ones(ys.shape), loop)
+        for ep in batches:
+            smask = ep.get("smask", torch.ones(ep["ys"].shape))
+            w = init.fit(ep["xs"], ep["ys"], smask, loop)
             with torch.no_grad():
-                out = predict(init.net, init.kind, xq, w.detach())
-                total += float(_batch_loss(init.kind, out, yq))
-        losses[str(lr)] = total / len(episodes) if math.isfinite(total) else math.inf
+                out = init.predict(ep["xq"], w.detach())
+                total += float(_batch_loss(init.kind, out, ep["yq"], ep.get("qmask")))
+        losses[str(lr)] = total / len(batches) if math.isfinite(total) else math.inf
     best = min(candidates, key=lambda lr: losses[str(lr)])
     return best, losses
 
@@ -399,8 +603,14 @@ def save_init(
     training: dict[str, Any],
     metrics: dict[str, Any],
     first_order: bool = False,
+    scaling: Scaling | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save a trained initialisation (safetensors + manifest); returns the manifest."""
+    """Save a trained initialisation (safetensors + manifest); returns the manifest.
+
+    ``scaling`` (an initialisation trained in a checkpoint's units) is stored with it, as the
+    tensors ``scaling.<buffer>`` and as the manifest's ``scaling``; ``extra``: more manifest
+    keys (where the data came from)."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "baseline": method,
@@ -411,12 +621,20 @@ def save_init(
         "training": training,
         "metrics": metrics,
         "created_unix": time.time(),
+        **(extra or {}),
     }
-    return write_tensors(Path(path), {"theta": theta}, manifest)
+    tensors = {"theta": theta}
+    if scaling is not None:
+        manifest["scaling"] = scaling.to_dict()
+        tensors.update({f"scaling.{k}": v for k, v in scaling.named_buffers()})
+    return write_tensors(Path(path), tensors, manifest)
 
 
 def load_init(path: Path, *, steps: int | None = None) -> GradientInit:
     """Load and validate a trained initialisation; ``steps`` overrides its serving steps.
+
+    An initialisation saved with a scaling gets it back (:attr:`GradientInit.scaling`); one
+    without (the built-in families') works in raw units (None).
 
     Raises :class:`~stream_meta.model_checkpoint.CheckpointError` for a missing, corrupt, foreign or
     non-finite file.
@@ -429,8 +647,10 @@ def load_init(path: Path, *, steps: int | None = None) -> GradientInit:
         method = manifest["baseline"]
         config = ModelConfig.from_dict(manifest["model"])
         loop = InnerLoop(**manifest["inner_loop"])
-        theta = load_file(str(path))["theta"]
-    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        tensors = load_file(str(path))
+        theta = tensors["theta"]
+        scaling = _scaling_of(tensors, config)
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a baseline initialisation: {exc}") from exc
     net = target_for(config)
     if theta.shape != (net.n_params,) or not bool(torch.isfinite(theta).all()):
@@ -439,7 +659,23 @@ def load_init(path: Path, *, steps: int | None = None) -> GradientInit:
         )
     if steps is not None:
         loop = replace(loop, steps=steps)
-    return GradientInit(method, manifest["family"], config.kind, theta, net, loop, manifest)
+    return GradientInit(
+        method, manifest["family"], config.kind, theta, net, loop, manifest, scaling
+    )
+
+
+def _scaling_of(tensors: dict[str, torch.Tensor], config: ModelConfig) -> Scaling | None:
+    """The ``scaling.*`` tensors of an initialisation as a :class:`Scaling` (None: none)."""
+    prefix = "scaling."
+    values = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not values:
+        return None
+    scaling = Scaling(config.x_dim, config.y_dim, regression=config.kind == "regression")
+    names = {name for name, _ in scaling.named_buffers()}
+    if set(values) != names:
+        raise ValueError(f"scaling tensors {sorted(values)}, expected {sorted(names)}")
+    scaling.set(**values)  # shapes and finiteness checked
+    return scaling
 
 
 def shipped_init(family: str, method: str) -> Path:

@@ -9,18 +9,33 @@ that of a prediction the service would have made at that point. The baselines of
 in the same order. Losses are reported overall and by the task's support size when it was
 predicted, in buckets ``0, 1, 2, 3-4, 5-9, 10-19, 20+``, all in the user's units (squared error,
 or log loss and accuracy for classification).
+
+The replay strategies of :mod:`stream_meta.evaluation.strategies` that fit a user's tasks
+(``maml``, ``finetune``, ``scratch``, ``nearest-task``: :data:`DATA_STRATEGIES`) can be replayed
+over the same events too, each through its own engine (same support sets, same scoring) with its
+adapter: the gradient baselines in the checkpoint's units, with initialisations trained on the
+same training tasks (``stream-meta train-baseline --data``). ``best_baseline`` and
+``ratio_to_best_baseline`` compare with the simple baselines only; ``best_strategy`` and
+``ratio_to_best_strategy`` with every other entry (simple baselines and replay strategies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from stream_meta.tasklog import TaskTable
 
-__all__ = ["BUCKETS", "bucket_of", "evaluate_table", "summarise"]
+__all__ = [
+    "BUCKETS",
+    "DATA_STRATEGIES",
+    "bucket_of",
+    "evaluate_table",
+    "strategy_losses",
+    "summarise",
+]
 
 #: support-size buckets: (label, lowest, highest) shots, inclusive
 BUCKETS = (
@@ -32,6 +47,10 @@ BUCKETS = (
     ("10-19", 10, 19),
     ("20+", 20, 1 << 62),
 )
+
+
+#: replay strategies that serve a user's tasks (``evaluate --data --strategy``)
+DATA_STRATEGIES = ("maml", "finetune", "scratch", "nearest-task")
 
 
 def bucket_of(shots: np.ndarray) -> np.ndarray:
@@ -74,7 +93,42 @@ def model_losses(
     from stream_meta.app import build_engine
     from stream_meta.config import Settings
 
-    engine = build_engine(model, settings or Settings())
+    return engine_losses(build_engine(model, settings or Settings()), table, rows, batch)
+
+
+def strategy_losses(
+    name: str,
+    model: Any,
+    table: TaskTable,
+    rows: np.ndarray,
+    family: str,
+    options: Any = None,
+    settings: Any = None,
+    batch: int = 256,
+) -> dict[str, np.ndarray]:
+    """:func:`model_losses` of replay strategy ``name`` (one of :data:`DATA_STRATEGIES`):
+    a fresh engine with the strategy's settings and adapter
+    (:func:`~stream_meta.evaluation.strategies.build_strategy_engine`; ``options``: its
+    :class:`~stream_meta.evaluation.strategies.StrategyOptions`, where the initialisations are)."""
+    from stream_meta.config import Settings
+    from stream_meta.evaluation.strategies import (
+        StrategyOptions,
+        build_strategy_engine,
+        strategy_settings,
+    )
+
+    if name not in DATA_STRATEGIES:
+        raise ValueError(f"strategy {name!r} does not replay a log; one of {DATA_STRATEGIES}")
+    s = strategy_settings(settings or Settings(), name)
+    engine = build_strategy_engine(name, model, s, None, family, options or StrategyOptions())
+    return engine_losses(engine, table, rows, batch)
+
+
+def engine_losses(
+    engine: Any, table: TaskTable, rows: np.ndarray, batch: int = 256
+) -> dict[str, np.ndarray]:
+    """Replay ``rows`` in order through ``engine``, ``batch`` events per call: per-event loss,
+    support size and (classification) whether the predicted class was right."""
     losses, shots, correct = [], [], []
     events = list(_events(table, rows))
     classes = table.schema.target == "classification"
@@ -151,20 +205,37 @@ def summarise(res: dict[str, np.ndarray], shots: np.ndarray) -> dict[str, Any]:
 
 
 def evaluate_table(
-    model: Any, table: TaskTable, split: str = "test", settings: Any = None
+    model: Any,
+    table: TaskTable,
+    split: str = "test",
+    settings: Any = None,
+    *,
+    strategies: Sequence[str] = (),
+    family: str = "",
+    options: Any = None,
 ) -> dict[str, Any]:
-    """The prequential report of ``model`` and every baseline on one split's tasks."""
+    """The prequential report of ``model``, every simple baseline and the replay
+    ``strategies`` (of :data:`DATA_STRATEGIES`; ``family`` and ``options`` find their
+    initialisations) on one split's tasks."""
     rows = stream_rows(table, split)
     if not len(rows):
         raise ValueError(f"the {split} split holds no labelled event")
     ours = model_losses(model, table, rows, settings)
     shots = ours["shots"]
-    strategies = {"stream-meta": summarise(ours, shots)}
-    for name, res in baseline_losses(table, rows).items():
-        strategies[name] = summarise(res, shots)
+    report = {"stream-meta": summarise(ours, shots)}
+    simple = baseline_losses(table, rows)
+    for name, res in simple.items():
+        report[name] = summarise(res, shots)
+    for name in strategies:
+        res = strategy_losses(name, model, table, rows, family, options, settings)
+        if len(res["loss"]) != len(rows) or not np.array_equal(res["shots"], shots):
+            raise RuntimeError(f"strategy {name} did not serve the same events")
+        report[name] = summarise(res, shots)
     counts = {label: int((bucket_of(shots) == i).sum()) for i, (label, _, _) in enumerate(BUCKETS)}
-    base = {k: v for k, v in strategies.items() if k != "stream-meta"}
-    best = min(base, key=lambda k: base[k]["loss"])
+    ours_loss = report["stream-meta"]["loss"]
+    best = min(simple, key=lambda k: report[k]["loss"])
+    others = [k for k in report if k != "stream-meta"]
+    best_any = min(others, key=lambda k: report[k]["loss"])
     metric = "mse" if table.schema.target == "regression" else "log_loss"
     return {
         "split": split,
@@ -172,10 +243,12 @@ def evaluate_table(
         "events": len(rows),
         "metric": metric,
         "events_by_bucket": counts,
-        "strategies": strategies,
+        "strategies": report,
         "best_baseline": best,
-        "ratio_to_best_baseline": strategies["stream-meta"]["loss"] / base[best]["loss"],
-        "ratio_0shot_to_pooled": _zero_shot_ratio(strategies, table.schema.target),
+        "ratio_to_best_baseline": ours_loss / report[best]["loss"],
+        "best_strategy": best_any,
+        "ratio_to_best_strategy": ours_loss / report[best_any]["loss"],
+        "ratio_0shot_to_pooled": _zero_shot_ratio(report, table.schema.target),
     }
 
 

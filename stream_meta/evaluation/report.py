@@ -264,6 +264,11 @@ def write_data_html(report: dict[str, Any], path: str | Path) -> Path:
         f"baseline {html.escape(report['best_baseline'])}, stream-meta / best "
         f"{report['ratio_to_best_baseline']:.3f}"
     )
+    if "best_strategy" in report:
+        meta += (
+            f"; best of all {html.escape(report['best_strategy'])}, stream-meta / best "
+            f"{report['ratio_to_best_strategy']:.3f}"
+        )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>stream-meta evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}

@@ -14,7 +14,9 @@ its task had when it arrived, then learns its label.
   meta-model's prior (one function for all tasks);
 * ``scratch``, ``finetune``, ``maml``: the target network fitted by gradient steps on the
   support set from a random, a pre-trained or a MAML initialisation
-  (:mod:`stream_meta.evaluation.baselines`);
+  (:mod:`stream_meta.evaluation.baselines`), in the units of the initialisation's scaling:
+  a checkpoint trained on a user's log (``train --data``) has one, and so do the
+  initialisations ``train-baseline --data`` trains for it; ``scratch`` takes the meta-model's;
 * ``nearest-task``: the weights the system adapts for the task's nearest *other* live task
   (by the task's embedding in the FAISS index), never the task's own examples; the prior while
   the task has no example or no other task is indexed.
@@ -35,15 +37,15 @@ from stream_meta.engine import Engine
 from stream_meta.evaluation.baselines import (
     GradientInit,
     InnerLoop,
-    fit,
     load_init,
-    predict,
     scratch_init,
     shipped_init,
     target_for,
 )
 from stream_meta.model import MetaModel
 from stream_meta.model_checkpoint import CheckpointError
+from stream_meta.scaling import Scaling
+from stream_meta.state import TaskState
 
 __all__ = [
     "NO_LEARNING",
@@ -122,7 +124,10 @@ def build_strategy_engine(
 def load_gradient_init(
     name: str, model: MetaModel, family: str, options: StrategyOptions
 ) -> GradientInit:
-    """The initialisation and inner loop of gradient baseline ``name`` for ``model``'s family."""
+    """The initialisation and inner loop of gradient baseline ``name`` for ``model``'s family.
+
+    ``scratch`` works in the meta-model's units (a copy of its scaling; none for the built-in
+    families' identity scaling); a trained initialisation in the units it was trained in."""
     method = _INIT[name]
     config = model.config
     if method == "scratch":
@@ -135,15 +140,21 @@ def load_gradient_init(
             target_for(config),
             loop,
             {},
+            _copy_scaling(model.scaling),
         )
     if options.baseline_dir is None:
         path = shipped_init(family, method)
     else:
         path = options.baseline_dir / f"{family}-{method}.safetensors"
         if not path.is_file():
+            source = (
+                "--data LOG --checkpoint CKPT"
+                if not model.scaling.is_identity
+                else f"--family {family}"
+            )
             raise CheckpointError(
                 f"no {method} initialisation at {path}; build it with `stream-meta "
-                f"train-baseline --family {family} --method {method} --out {path}`"
+                f"train-baseline {source} --method {method} --out {path}`"
             )
     init = load_init(path, steps=options.inner_steps)
     if init.net.n_params != model.target.n_params or init.kind != config.kind:
@@ -154,11 +165,23 @@ def load_gradient_init(
     return init
 
 
+def _copy_scaling(scaling: Scaling) -> Scaling | None:
+    """A copy of a model's scaling, or None for the identity (raw units: nothing to map)."""
+    if scaling.is_identity:
+        return None
+    copy = Scaling(len(scaling.x_shift), len(scaling.y_shift), regression=scaling.regression)
+    copy.set(**{k: v.detach().clone() for k, v in scaling.named_buffers()})
+    return copy
+
+
 class GradientAdapter:
     """Serves each task with the target network fitted to its support set by gradient steps.
 
     There is no set encoder, embedding or neighbour (``embeds`` is False: the engine's index
     stays empty). ``diverged`` counts fits with non-finite weights (served the initialisation).
+    The support set and the predictions are in the user's units; with a scaling
+    (:attr:`GradientInit.scaling`) the network is fitted to ``inputs(xs)`` and
+    ``targets(x_std, ys)`` and predicts ``outputs(x_std, net(x_std))``.
     """
 
     embeds = False
@@ -173,15 +196,7 @@ class GradientAdapter:
         # the engine predicts under inference mode; fitting needs autograd
         with torch.inference_mode(False), torch.enable_grad():
             for g, xs, ys, smask in support_groups(sets, engine.store.x_dim, engine.store.y_dtype):
-                w = fit(
-                    init.net,
-                    init.kind,
-                    init.theta,
-                    torch.from_numpy(xs),
-                    torch.from_numpy(ys),
-                    torch.from_numpy(smask),
-                    init.loop,
-                )
+                w = init.fit(torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(smask))
                 parts.append((g, w.detach()))
         weights = torch.empty(len(sets), init.net.n_params)
         for g, w in parts:
@@ -193,7 +208,7 @@ class GradientAdapter:
         return weights
 
     def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        return predict(self.init.net, self.init.kind, x, weights)
+        return self.init.predict(x, weights)
 
 
 class NearestTaskAdapter:
@@ -214,16 +229,21 @@ class NearestTaskAdapter:
     @staticmethod
     def _nearest(sets: Sequence[SupportSet], engine: EngineView) -> Sequence[SupportSet]:
         """Each set replaced by its task's nearest indexed neighbour's current support set; a
-        task without examples, or without a live neighbour, keeps its own (prior) set."""
+        task without examples keeps its own (empty) set, and one without a live neighbour with
+        examples (none indexed yet) gets an empty set: the prior, never its own examples."""
         own = [j for j, r in enumerate(sets) if r.n > 0]
         index = engine.index
-        if not own or len(index) == 0:
+        if not own:
             return sets
+        out = list(sets)
+        for j in own:  # the prior unless a neighbour is found below
+            out[j] = SupportSet(TaskState(sets[j].task_id, -1, len(sets[j].feature_sum)))
+        if len(index) == 0:
+            return out
         sums = np.stack([sets[j].feature_sum for j in own]).astype(np.float32)
         counts = torch.tensor([float(sets[j].n) for j in own])
         z = engine.model.encoder.readout(torch.from_numpy(sums), counts).numpy()
         _D, I = index.search(z, 1, exclude=[sets[j].task_id for j in own])
-        out = list(sets)
         for j, key in zip(own, I[:, 0].tolist(), strict=True):
             neighbour = None if key < 0 else engine.store.get(index.task_id_of([key])[0] or "")
             if neighbour is not None and neighbour.n > 0:
@@ -243,17 +263,9 @@ def adapter(engine: Engine, k: int) -> Callable[..., torch.Tensor]:
 
         def gradient(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray, exclude: Any = None) -> Any:
             with torch.enable_grad():
-                w = fit(
-                    init.net,
-                    init.kind,
-                    init.theta,
-                    torch.from_numpy(xs),
-                    torch.from_numpy(ys),
-                    torch.ones(ys.shape),
-                    init.loop,
-                )
+                w = init.fit(torch.from_numpy(xs), torch.from_numpy(ys), torch.ones(ys.shape))
             with torch.no_grad():
-                return predict(init.net, init.kind, torch.from_numpy(xq), w.detach())
+                return init.predict(torch.from_numpy(xq), w.detach())
 
         return gradient
 

@@ -384,3 +384,127 @@ def test_probes_follow_a_model_swap(shipped_sinusoid, make_model) -> None:
     after = adapt(xs, ys, xq)
     fresh = adapter(engine, 8)(xs, ys, xq)
     assert torch.equal(after, fresh) and not torch.equal(before, after)
+
+
+# -- in a checkpoint's units (train-baseline --data) -------------------------------------------
+def _scaling(kind: str = "regression", x_dim: int = 2, y_dim: int = 1):
+    from stream_meta.scaling import Scaling
+
+    s = Scaling(x_dim, y_dim, regression=kind == "regression")
+    s.set(
+        x_shift=[100.0 + i for i in range(x_dim)],
+        x_scale=[20.0] * x_dim,
+        y_shift=[50.0 + c for c in range(y_dim)],
+        y_coef=[[3.0 * (i + 1) - c for c in range(y_dim)] for i in range(x_dim)],
+        y_scale=4.0 if kind == "regression" else 1.0,
+    )
+    return s
+
+
+def test_an_init_in_a_checkpoints_units_starts_from_the_pooled_fit_and_fits_user_units() -> None:
+    config = ModelConfig(x_dim=2, target_hidden=(8,), skip_input=True)
+    net, scaling = target_for(config), _scaling()
+    theta = torch.zeros(net.n_params)  # the network adds nothing: the pooled linear fit
+    init = GradientInit("t", "custom", "regression", theta, net, InnerLoop(200, 0.05, "adam"), {})
+    scaled = dataclasses.replace(init, scaling=scaling)
+    gen = torch.Generator().manual_seed(0)
+    xs = 100.0 + 20.0 * torch.randn(3, 8, 2, generator=gen)
+    pooled = scaling.outputs(scaling.inputs(xs), torch.zeros(3, 8))
+    torch.testing.assert_close(scaled.predict(xs, theta.expand(3, -1)), pooled)
+    # each task is the pooled fit plus its own shift, in user units (grams, not z-scores)
+    ys = pooled + torch.tensor([[-8.0], [0.0], [12.0]])
+    w = scaled.fit(xs, ys, torch.ones(3, 8))
+    assert float(((scaled.predict(xs, w) - ys) ** 2).mean()) < 0.05 * 64
+    # without a scaling the same network sees the raw numbers (and fits them worse)
+    raw = init.fit(xs, ys, torch.ones(3, 8))
+    assert float(((init.predict(xs, raw) - ys) ** 2).mean()) > 10 * float(
+        ((scaled.predict(xs, w) - ys) ** 2).mean()
+    )
+
+
+def test_classification_in_a_checkpoints_units_adds_the_pooled_logits() -> None:
+    config = ModelConfig(x_dim=2, kind="classification", n_classes=3, target_hidden=(8,))
+    net, scaling = target_for(config), _scaling("classification", y_dim=3)
+    gen = torch.Generator().manual_seed(2)
+    xs = 100.0 + 20.0 * torch.randn(4, 6, 2, generator=gen)
+    ys = torch.randint(0, 3, (4, 6), generator=gen)
+    m = (torch.rand(4, 6, generator=gen) > 0.3).float()
+    init = GradientInit(
+        "t", "c", "classification", torch.zeros(net.n_params), net, InnerLoop(4, 0.05), {}, scaling
+    )
+    x_std = scaling.inputs(xs)
+    torch.testing.assert_close(
+        init.predict(xs, init.theta.expand(4, -1)), scaling.offset(x_std)
+    )  # a zero network serves the pooled logistic model
+    theta, loop = scratch_init(config), InnerLoop(4, 0.05)
+    base = scaling.offset(x_std)
+    served = fit(net, "classification", theta, x_std, ys, m, loop, keep_best=False, base=base)
+    adapted = maml_adapt(net, "classification", theta, x_std, ys, m, loop, base=base)
+    torch.testing.assert_close(served, adapted.detach())
+    plain = fit(net, "classification", theta, x_std, ys, m, loop, keep_best=False)
+    assert not torch.allclose(served, plain)  # the pooled logits change the fit
+
+
+def test_masked_episode_losses_ignore_the_padding() -> None:
+    from stream_meta.evaluation.baselines import _batch_loss
+
+    out, y = torch.tensor([[1.0, 2.0, 99.0]]), torch.tensor([[0.0, 0.0, 0.0]])
+    assert float(_batch_loss("regression", out, y, torch.tensor([[1.0, 1.0, 0.0]]))) == 2.5
+    logits = torch.tensor([[[0.0, 0.0], [50.0, -50.0]]])
+    labels = torch.tensor([[0, 1]])
+    kept = _batch_loss("classification", logits, labels, torch.tensor([[1.0, 0.0]]))
+    assert float(kept) == pytest.approx(math.log(2.0))
+
+
+def test_an_init_keeps_its_scaling_through_a_file_and_a_family_one_has_none(tmp_path) -> None:
+    config = ModelConfig(x_dim=2, target_hidden=(8,), skip_input=True)
+    theta, scaling = scratch_init(config), _scaling()
+    path = tmp_path / "custom-maml.safetensors"
+    kw = {"method": "maml", "family": "custom", "model_config": config, "loop": InnerLoop()}
+    save_init(path, theta, **kw, training={}, metrics={}, scaling=scaling, extra={"data": {}})
+    init = load_init(path)
+    assert init.scaling is not None and init.scaling.to_dict() == scaling.to_dict()
+    assert init.manifest["scaling"] == scaling.to_dict() and init.manifest["data"] == {}
+    save_init(path, theta, **kw, training={}, metrics={})
+    assert load_init(path).scaling is None  # raw units, as the built-in families' inits
+    # a scaling of the wrong shape is refused like any broken file
+    from stream_meta.model_checkpoint import write_tensors
+
+    write_tensors(path, {"theta": theta, "scaling.x_shift": torch.zeros(5)}, init.manifest)
+    with pytest.raises(CheckpointError, match="not a baseline initialisation"):
+        load_init(path)
+
+
+def test_scratch_serves_in_the_meta_models_units(make_model) -> None:
+    from stream_meta.evaluation.strategies import StrategyOptions, load_gradient_init
+
+    model = make_model()
+    assert load_gradient_init("scratch", model, "sinusoid", StrategyOptions()).scaling is None
+    model.scaling.set(x_shift=[3.0], x_scale=[2.0], y_shift=[7.0], y_scale=0.5)
+    init = load_gradient_init("scratch", model, "custom", StrategyOptions())
+    assert init.scaling is not None and init.scaling.to_dict() == model.scaling.to_dict()
+    assert init.scaling is not model.scaling  # a copy: the served model's stays its own
+
+
+def test_nearest_task_without_another_indexed_task_serves_the_prior_not_its_own(
+    shipped_sinusoid,
+) -> None:
+    model, _ = shipped_sinusoid
+
+    def engine(adapter=None) -> Engine:
+        metrics = EngineMetrics(CollectorRegistry())
+        return Engine(model, EngineConfig(), metrics=metrics, adapter=adapter)
+
+    near, full = engine(NearestTaskAdapter()), engine()
+    teach = [
+        {"event_id": f"a{i}", "task_id": "a", "x": [float(x)], "y": float(2 * np.sin(x))}
+        for i, x in enumerate(np.linspace(-4.5, 4.5, 20))
+    ]
+    for e in (near, full):
+        e.process(teach)  # a alone is indexed
+    query = {"event_id": "q", "task_id": "a", "x": [1.3]}
+    served = near.process([query]).outputs.values[0]
+    prior = engine().process([{**query, "task_id": "new"}]).outputs.values[0]
+    own = full.process([query]).outputs.values[0]
+    assert served == pytest.approx(prior, rel=1e-5)
+    assert abs(served - own) > 0.5
