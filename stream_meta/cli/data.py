@@ -389,6 +389,7 @@ def evaluate_log(args: argparse.Namespace) -> int:
                 strategies=names,
                 family=manifest["family"],
                 options=options,
+                warm_start=not args.no_warm_start,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None

@@ -63,6 +63,11 @@ def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
     )
     e.add_argument("--out", type=Path, help="--data: write the report as JSON")
     e.add_argument("--html", type=Path, help="--data: write the report as HTML")
+    e.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="--data: do not serve the training tasks first (the index starts empty)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
 

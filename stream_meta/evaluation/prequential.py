@@ -6,9 +6,11 @@ The held-out tasks' labelled events are replayed in stream order through the ser
 micro-batches). Every event is predicted first, scored, then learned, so the loss of an event is
 that of a prediction the service would have made at that point. The baselines of
 :mod:`stream_meta.evaluation.population`, fitted on the *training* tasks, see the same events
-in the same order. Losses are reported overall and by the task's support size when it was
-predicted, in buckets ``0, 1, 2, 3-4, 5-9, 10-19, 20+``, all in the user's units (squared error,
-or log loss and accuracy for classification).
+in the same order. By default the engines first serve the *training* tasks' events (not scored):
+the task index then holds the tasks the model was trained on, as it would in a service that
+consumed the recorded stream, so retrieval has somewhere to look. Losses are reported overall
+and by the task's support size when it was predicted, in buckets ``0, 1, 2, 3-4, 5-9, 10-19,
+20+``, all in the user's units (squared error, or log loss and accuracy for classification).
 
 The replay strategies of :mod:`stream_meta.evaluation.strategies` that fit a user's tasks
 (``maml``, ``finetune``, ``scratch``, ``nearest-task``: :data:`DATA_STRATEGIES`) can be replayed
@@ -21,6 +23,7 @@ same training tasks (``stream-meta train-baseline --data``). ``best_baseline`` a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,14 +89,21 @@ def _task_of(table: TaskTable, row: int) -> int:
 
 
 def model_losses(
-    model: Any, table: TaskTable, rows: np.ndarray, settings: Any = None, batch: int = 256
+    model: Any,
+    table: TaskTable,
+    rows: np.ndarray,
+    settings: Any = None,
+    warm_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Replay ``rows`` through a fresh engine serving ``model``: per-event loss, support size
-    and (classification) whether the predicted class was right."""
+    """Replay ``rows`` through a fresh engine serving ``model`` (micro-batches of the settings'
+    size, as served): per-event loss, support size and (classification) whether the predicted
+    class was right; ``warm_rows`` as in :func:`engine_losses`."""
     from stream_meta.app import build_engine
     from stream_meta.config import Settings
 
-    return engine_losses(build_engine(model, settings or Settings()), table, rows, batch)
+    settings = settings or Settings()
+    engine = build_engine(model, settings)
+    return engine_losses(engine, table, rows, settings.engine.micro_batch, warm_rows)
 
 
 def strategy_losses(
@@ -104,7 +114,7 @@ def strategy_losses(
     family: str,
     options: Any = None,
     settings: Any = None,
-    batch: int = 256,
+    warm_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`model_losses` of replay strategy ``name`` (one of :data:`DATA_STRATEGIES`):
     a fresh engine with the strategy's settings and adapter
@@ -121,19 +131,31 @@ def strategy_losses(
         raise ValueError(f"strategy {name!r} does not replay a log; one of {DATA_STRATEGIES}")
     s = strategy_settings(settings or Settings(), name)
     engine = build_strategy_engine(name, model, s, None, family, options or StrategyOptions())
-    return engine_losses(engine, table, rows, batch)
+    return engine_losses(engine, table, rows, s.engine.micro_batch, warm_rows)
 
 
 def engine_losses(
-    engine: Any, table: TaskTable, rows: np.ndarray, batch: int = 256
+    engine: Any,
+    table: TaskTable,
+    rows: np.ndarray,
+    batch: int = 512,
+    warm_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Replay ``rows`` in order through ``engine``, ``batch`` events per call: per-event loss,
-    support size and (classification) whether the predicted class was right."""
-    losses, shots, correct = [], [], []
-    events = list(_events(table, rows))
+    support size and (classification) whether the predicted class was right.
+
+    ``warm_rows`` (the training tasks' events, in stream order) are served first and not
+    scored, when the engine's adapter embeds tasks: the index then holds the tasks the model
+    was trained on, as a service that consumed the recorded stream would."""
+    if warm_rows is not None and len(warm_rows) and engine.adapter.embeds:
+        for part in _chunks(_events(table, warm_rows), batch):
+            engine.process(part)
+        engine.flush_index()
+    losses: list[float] = []
+    shots: list[int] = []
+    correct: list[int] = []
     classes = table.schema.target == "classification"
-    for i in range(0, len(events), batch):
-        part = events[i : i + batch]
+    for part in _chunks(_events(table, rows), batch):
         result = engine.process(part)
         out = result.outputs
         if result.rejections or out is None:
@@ -146,6 +168,11 @@ def engine_losses(
     if classes:
         res["correct"] = np.asarray(correct, dtype=np.float64)
     return res
+
+
+def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    while part := list(itertools.islice(items, size)):
+        yield part
 
 
 def baseline_losses(table: TaskTable, rows: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -162,33 +189,24 @@ def baseline_losses(table: TaskTable, rows: np.ndarray) -> dict[str, dict[str, n
         n_classes=table.schema.n_classes,
     )
     fitted = population.baselines(data)
-    events = [(e["task_id"], np.asarray(e["x"]), e["y"]) for e in _events(table, rows)]
+    kind = table.schema.target
+    losses: dict[str, list[float]] = {b.name: [] for b in fitted}
+    correct: dict[str, list[float]] = {b.name: [] for b in fitted}
+    for e in _events(table, rows):
+        x, y = np.asarray(e["x"]), e["y"]
+        for b in fitted:
+            p = np.asarray(b.predict(e["task_id"], x))
+            losses[b.name].append(population.loss(kind, p, y))
+            if kind == "classification":
+                correct[b.name].append(float(int(np.argmax(p)) == y))
+            b.learn(e["task_id"], x, y)
     out: dict[str, dict[str, np.ndarray]] = {}
-    predictions = _predictions(fitted, events)
     for b in fitted:
-        preds = predictions[b.name]
-        losses = np.array(
-            [
-                population.loss(table.schema.target, p, e[2])
-                for p, e in zip(preds, events, strict=True)
-            ]
-        )
-        res = {"loss": losses}
-        if table.schema.target == "classification":
-            res["correct"] = np.array(
-                [float(int(np.argmax(p)) == e[2]) for p, e in zip(preds, events, strict=True)]
-            )
+        res = {"loss": np.asarray(losses[b.name], dtype=np.float64)}
+        if kind == "classification":
+            res["correct"] = np.asarray(correct[b.name], dtype=np.float64)
         out[b.name] = res
     return out
-
-
-def _predictions(fitted: list[Any], events: list[tuple[str, np.ndarray, Any]]) -> dict[str, list]:
-    preds: dict[str, list] = {b.name: [] for b in fitted}
-    for task_id, x, y in events:
-        for b in fitted:
-            preds[b.name].append(np.asarray(b.predict(task_id, x)))
-            b.learn(task_id, x, y)
-    return preds
 
 
 def summarise(res: dict[str, np.ndarray], shots: np.ndarray) -> dict[str, Any]:
@@ -213,21 +231,27 @@ def evaluate_table(
     strategies: Sequence[str] = (),
     family: str = "",
     options: Any = None,
+    warm_start: bool = True,
 ) -> dict[str, Any]:
     """The prequential report of ``model``, every simple baseline and the replay
     ``strategies`` (of :data:`DATA_STRATEGIES`; ``family`` and ``options`` find their
-    initialisations) on one split's tasks."""
+    initialisations) on one split's tasks.
+
+    ``warm_start``: the engines that index tasks first serve the training tasks' events
+    (unscored), so retrieval can find them, as in a service that consumed the recorded
+    stream; the baselines are fitted on the same training tasks."""
     rows = stream_rows(table, split)
     if not len(rows):
         raise ValueError(f"the {split} split holds no labelled event")
-    ours = model_losses(model, table, rows, settings)
+    warm = stream_rows(table, "train") if warm_start else None
+    ours = model_losses(model, table, rows, settings, warm)
     shots = ours["shots"]
     report = {"stream-meta": summarise(ours, shots)}
     simple = baseline_losses(table, rows)
     for name, res in simple.items():
         report[name] = summarise(res, shots)
     for name in strategies:
-        res = strategy_losses(name, model, table, rows, family, options, settings)
+        res = strategy_losses(name, model, table, rows, family, options, settings, warm)
         if len(res["loss"]) != len(rows) or not np.array_equal(res["shots"], shots):
             raise RuntimeError(f"strategy {name} did not serve the same events")
         report[name] = summarise(res, shots)
@@ -241,6 +265,7 @@ def evaluate_table(
         "split": split,
         "tasks": len(table.tasks_in(split)),
         "events": len(rows),
+        "warm_start_events": 0 if warm is None else len(warm),
         "metric": metric,
         "events_by_bucket": counts,
         "strategies": report,
