@@ -397,8 +397,10 @@ def read_tasks(
     seed: int = 0,
     workdir: str | Path | None = None,
     skip_invalid: bool = False,
+    progress: bool = False,
 ) -> TaskTable:
-    """Stream a log into a :class:`TaskTable` (labelled events; unlabelled ones are counted).
+    """Stream a log into a :class:`TaskTable` (labelled events; unlabelled ones are counted;
+    ``progress``: a progress bar of the events read, on stderr).
 
     Events the schema refuses (:func:`~stream_meta.events.parse_event`) raise a
     :class:`SchemaError` naming the first and counting them, unless ``skip_invalid``.
@@ -414,9 +416,12 @@ def read_tasks(
     rejected: Counter[str] = Counter()
     first_bad: tuple[int, Rejection] | None = None
     events = 0
+    bar = _bar(progress)
     try:
         for pos, raw in enumerate(log_items(path)):
             events += 1
+            if bar is not None and events % 10_000 == 0:
+                bar.update(10_000)
             ev = parse_event(raw, ev_schema)
             if isinstance(ev, Rejection):
                 rejected[ev.reason.value] += 1
@@ -429,6 +434,9 @@ def read_tasks(
             per_task[t] += 1
             cols.add(ev.x, ev.y, ev.ts, t, pos)
         arrays = cols.finish()
+        if bar is not None:
+            bar.update(events % 10_000)
+            bar.close()
     except BaseException:
         if owned:
             shutil.rmtree(wd, ignore_errors=True)
@@ -463,6 +471,14 @@ def read_tasks(
         rejected=dict(rejected),
     )
     return TaskTable(wd, schema, task_ids, sorted_arrays, offsets, seed, summary, owned)
+
+
+def _bar(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="reading", unit="ev", unit_scale=True, dynamic_ncols=True)
 
 
 def _sorted_on_disk(

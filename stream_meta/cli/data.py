@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,10 @@ def open_table(
     seed: int,
     skip_invalid: bool,
     known: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> Any:
     """The log's tasks, read with the schema of ``--schema``, else ``known`` (a checkpoint's),
-    else the one inferred from the log; with a line about them."""
+    else the one inferred from the log; with a line about them (``progress``: a bar)."""
     from stream_meta.schema import TaskSchema, load_schema
     from stream_meta.tasklog import infer_schema, read_tasks
 
@@ -71,7 +73,7 @@ def open_table(
         else:
             schema, _ = infer_schema(log_path)
             log.info("inferred schema: %s", schema.to_dict())
-        return read_tasks(log_path, schema, seed=seed, skip_invalid=skip_invalid)
+        return read_tasks(log_path, schema, seed=seed, skip_invalid=skip_invalid, progress=progress)
 
     table = _checked(read)
     log.info(
@@ -108,7 +110,8 @@ def train_from_log(args: argparse.Namespace) -> int:
     if args.batch_tasks is not None:
         overrides["batch_tasks"] = args.batch_tasks
     config = LogTrainConfig(**overrides)
-    with open_table(args.data, args.schema, seed, args.skip_invalid) as table:
+    bar = not args.quiet and sys.stderr.isatty()
+    with open_table(args.data, args.schema, seed, args.skip_invalid, progress=bar) as table:
         try:
             model, report = train_on_log(table, config, progress=not args.quiet)
         except ValueError as exc:
