@@ -10,7 +10,8 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,45 @@ def fmt_bytes(n: int | None) -> str:
     return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
 
 
-def render(meta: dict[str, Any], sections: list[Section]) -> str:
+@dataclass(frozen=True)
+class Kept:
+    """A section of an earlier report that this run did not measure (``--only ... --keep``):
+    its summary rows and its block of markdown, as they were, with when they were measured."""
+
+    title: str
+    summary_rows: list[str]
+    block: list[str]
+    measured: str
+
+
+def kept_sections(path: Path, skip_titles: set[str]) -> list[Kept]:
+    """The sections of the report at ``path`` whose titles are not in ``skip_titles``."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    when = next((ln for ln in lines if ln.startswith("Written by ")), "")
+    date = re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", when)
+    source = next((ln for ln in lines if ln.startswith("| source |")), "| source | ? |")
+    measured = (
+        f"the run of {date.group(1) if date else '?'} (source {source.split('|')[2].strip()})"
+    )
+    summary = [ln for ln in lines if ln.startswith("| ") and ln.count("|") == 5]
+    heads = [i for i, ln in enumerate(lines) if re.match(r"## \d+\. ", ln)]
+    out = []
+    for j, i in enumerate(heads):
+        title = lines[i].split(". ", 1)[1]
+        if title in skip_titles:
+            continue
+        # a block kept before already says when it was measured
+        already = "*Kept from " in " ".join(lines[i + 1 : i + 4])
+        measured_here = "" if already else measured
+        end = heads[j + 1] if j + 1 < len(heads) else len(lines)
+        rows = [ln for ln in summary if ln.startswith(f"| {title} |")]
+        out.append(Kept(title, rows, lines[i + 1 : end], measured_here))
+    return out
+
+
+def render(meta: dict[str, Any], sections: list[Section], kept: Sequence[Kept] = ()) -> str:
     m = meta["machine"]
     lines = ["# Benchmarks", ""]
     if meta["quick"]:
@@ -103,7 +142,13 @@ def render(meta: dict[str, Any], sections: list[Section]) -> str:
         "Every number below was measured by that run (raw results: "
         f"`{meta['json_path']}`), except the published results quoted for comparison and the "
         "training time read from the checkpoint's manifest. Do not edit by hand: run "
-        "`make bench` again.",
+        "`make bench` again."
+        + (
+            " Exception: the sections marked *kept* were not measured by this run (`--keep`); "
+            "each names the earlier run (date, source) that measured it, on its machine."
+            if kept
+            else ""
+        ),
         "",
         "## Machine",
         "",
@@ -138,9 +183,22 @@ def render(meta: dict[str, Any], sections: list[Section]) -> str:
         for c in s.checks:
             if c.ok is not None or c.status == "n/a":
                 lines.append(f"| {s.title} | {c.target} | {c.measured} | {c.status} |")
-    skipped = [n for n in MEASUREMENTS if n not in {s.name for s in sections}]
+    for k in kept:
+        lines += k.summary_rows
+    skipped = [
+        n
+        for n, (title, _) in MEASUREMENTS.items()
+        if n not in {s.name for s in sections} and title not in {k.title for k in kept}
+    ]
     if skipped:
         lines += ["", f"Not run this time (`--only`): {', '.join(skipped)}."]
+    if kept:
+        lines += [
+            "",
+            "Kept from earlier runs (`--keep`), not measured by this one: "
+            + ", ".join(k.title for k in kept)
+            + ". Their sections say when they were measured.",
+        ]
     for i, s in enumerate(sections, 1):
         lines += ["", f"## {i}. {s.title}", "", f"Section `{s.name}`, {s.seconds:.0f} s.", ""]
         if s.error:
@@ -153,27 +211,44 @@ def render(meta: dict[str, Any], sections: list[Section]) -> str:
             lines += [note, ""]
         for table in s.tables:
             lines += [table, ""]
+    for i, k in enumerate(kept, len(sections) + 1):
+        lines += ["", f"## {i}. {k.title}"]
+        block = list(k.block)
+        if k.measured:
+            block[:1] = ["", f"*Kept from {k.measured}: not measured by this run.*", ""]
+        lines += block
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write(meta: dict[str, Any], sections: list[Section], out: Path, json_path: Path) -> None:
-    """The markdown report to ``out``, every section's raw results to ``json_path``."""
+def write(
+    meta: dict[str, Any],
+    sections: list[Section],
+    out: Path,
+    json_path: Path,
+    keep: bool = False,
+) -> None:
+    """The markdown report to ``out``, every section's raw results to ``json_path``; with
+    ``keep``, the sections of the existing report and JSON that this run did not measure are
+    kept (marked with when they were measured)."""
+    kept = kept_sections(out, {s.title for s in sections}) if keep else []
+    old: dict[str, Any] = {}
+    if keep and json_path.is_file():
+        old = json.loads(json_path.read_text()).get("sections", {})
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(meta, sections))
-    payload = {
-        **meta,
-        "sections": {
-            s.name: {
-                "title": s.title,
-                "seconds": round(s.seconds, 2),
-                "error": s.error,
-                "checks": [{**asdict(c), "status": c.status} for c in s.checks],
-                "notes": s.notes,
-                "raw": s.raw,
-            }
-            for s in sections
-        },
+    out.write_text(render(meta, sections, kept))
+    run = {
+        s.name: {
+            "title": s.title,
+            "seconds": round(s.seconds, 2),
+            "error": s.error,
+            "checks": [{**asdict(c), "status": c.status} for c in s.checks],
+            "notes": s.notes,
+            "raw": s.raw,
+        }
+        for s in sections
     }
+    kept_json = {k: v for k, v in old.items() if k not in run}
+    payload = {**meta, "sections": {**run, **kept_json}}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     say(f"wrote {rel(out)} and {rel(json_path)} in {meta['seconds']:.0f} s")

@@ -46,6 +46,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
         help="comma-separated sections: " + ",".join(MEASUREMENTS),
     )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --only: keep the other sections of the existing report (marked with the "
+        "run that measured them) instead of dropping them",
+    )
     p.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINTS)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument(
@@ -82,6 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "json_path": rel(json_path),
         "machine": mach,
     }
-    report.write(meta, sections, args.out, json_path)
+    report.write(meta, sections, args.out, json_path, keep=args.keep)
     report.print_summary(sections)
     return 1 if any(s.error for s in sections) else 0

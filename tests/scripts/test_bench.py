@@ -3,6 +3,8 @@ themselves are not run)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from scripts.bench import report, runner, scale_stats, serve, serve_runs
@@ -182,3 +184,29 @@ def test_scale_cores_in_reads_cpu_samples_of_a_window() -> None:
     assert scale_stats.cores_in(cpu, 0.0, 10.0) == "0.50, 0.25 / 1.00"
     assert scale_stats.cores_in(cpu, 10.0, 20.0) == "0.50, 0.25 / 2.00"
     assert scale_stats.cores_in(cpu, 30.0, 40.0) == "?"
+
+
+def test_keep_carries_the_sections_this_run_did_not_measure(tmp_path) -> None:
+    """``--only X --keep``: the other sections of the existing report stay, marked with the run
+    that measured them, and stay marked the same way when kept again."""
+    meta = {**_meta(quick=False), "date_utc": "2026-11-27 14:17 UTC"}
+    meta["machine"] = {**meta["machine"], "git": "old"}
+    out, js = tmp_path / "B.md", tmp_path / "b.json"
+    first = [
+        Section("sinusoid", "Sinusoid few-shot regression", [Check("mse", "0.1", True, "x")]),
+        Section("digits", "Digits 5-way classification", [Check("acc", "0.9", True, "y")]),
+    ]
+    report.write(meta, first, out, js)
+    meta2 = {**meta, "date_utc": "2026-12-07 01:00 UTC"}
+    meta2["machine"] = {**meta["machine"], "git": "new"}
+    new = [Section("digits", "Digits 5-way classification", [Check("acc", "0.8", False, "y")])]
+    for _ in range(2):
+        report.write(meta2, new, out, js, keep=True)
+        text = out.read_text()
+        assert "| Sinusoid few-shot regression | mse | 0.1 | pass |" in text
+        assert "| Digits 5-way classification | acc | 0.8 | **FAIL** |" in text
+        assert "0.9" not in text
+        assert text.count("*Kept from the run of 2026-11-27 14:17 UTC (source old)") == 1
+    assert set(json.loads(js.read_text())["sections"]) == {"sinusoid", "digits"}
+    report.write(meta2, new, out, js)  # without --keep: the other sections are dropped
+    assert "Sinusoid" not in out.read_text().split("## Summary")[1].split("Not run")[0]
