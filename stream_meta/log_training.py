@@ -59,10 +59,18 @@ class LogTrainConfig:
     seed: int = 0
     #: None: the schema's ``time_ordered``
     time_ordered: bool | None = None
+    #: ``auto`` (from the data size, :func:`model_size`), or ``small`` / ``medium`` / ``large``
+    model_size: str = "auto"
 
 
-def model_size(train_tasks: int, train_rows: int) -> tuple[str, dict[str, Any]]:
-    """The architecture for a data size: ``(name, ModelConfig fields)``.
+SIZES = ("small", "medium", "large")
+
+
+def model_size(
+    train_tasks: int, train_rows: int, choice: str = "auto"
+) -> tuple[str, dict[str, Any]]:
+    """The architecture for a data size: ``(name, ModelConfig fields)`` (``choice``: a size
+    by name instead).
 
     ``small`` below 200 training tasks or 5,000 rows, ``medium`` below 2,000 tasks, else
     ``large``. Every size feeds the raw (standardised) features to the closed-form head
@@ -72,7 +80,9 @@ def model_size(train_tasks: int, train_rows: int) -> tuple[str, dict[str, Any]]:
     >>> model_size(40, 900)[0], model_size(600, 6000)[0], model_size(5000, 10**6)[0]
     ('small', 'medium', 'large')
     """
-    if train_tasks < 200 or train_rows < 5000:
+    if choice not in ("auto", *SIZES):
+        raise ValueError(f"model size {choice!r}: one of auto, {', '.join(SIZES)}")
+    if choice == "small" or (choice == "auto" and (train_tasks < 200 or train_rows < 5000)):
         return "small", {
             "embed_dim": 32,
             "encoder_hidden": 64,
@@ -80,7 +90,7 @@ def model_size(train_tasks: int, train_rows: int) -> tuple[str, dict[str, Any]]:
             "hyper_hidden": 64,
             "skip_input": True,
         }
-    if train_tasks < 2000:
+    if choice == "medium" or (choice == "auto" and train_tasks < 2000):
         return "medium", {
             "embed_dim": 64,
             "encoder_hidden": 128,
@@ -116,7 +126,7 @@ def train_on_log(
         )
     torch.manual_seed(config.seed)
     rows = table.split_rows("train")
-    size_name, size = model_size(len(train), len(rows))
+    size_name, size = model_size(len(train), len(rows), config.model_size)
     train_sampler, tc = training_episodes(table, config)
     max_shots, time_ordered = train_sampler.max_shots, train_sampler.time_ordered
     model = MetaModel(

@@ -109,6 +109,8 @@ def train_from_log(args: argparse.Namespace) -> int:
         overrides["lr"] = args.lr
     if args.batch_tasks is not None:
         overrides["batch_tasks"] = args.batch_tasks
+    if args.model_size is not None:
+        overrides["model_size"] = args.model_size
     config = LogTrainConfig(**overrides)
     bar = not args.quiet and sys.stderr.isatty()
     with open_table(args.data, args.schema, seed, args.skip_invalid, progress=bar) as table:

@@ -48,6 +48,11 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
         "--skip-invalid", action="store_true", help="--data: train on the events that fit"
     )
     t.add_argument("--name", help="--data: the model's name in its manifest (default: LOG's)")
+    t.add_argument(
+        "--model-size",
+        choices=["auto", "small", "medium", "large"],
+        help="--data: the architecture (default auto: from the number of training tasks)",
+    )
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--batch-tasks", type=int)
@@ -68,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         settings_from(args, {})  # a bad --config or --set is refused the same way
         return train_from_log(args)
-    for flag in ("schema", "time_ordered", "skip_invalid", "name"):
+    for flag in ("schema", "time_ordered", "skip_invalid", "name", "model_size"):
         if getattr(args, flag):
             raise UsageError(f"--{flag.replace('_', '-')} goes with --data")
     train_over: dict[str, Any] = {
