@@ -8,10 +8,18 @@ From a :class:`~stream_meta.tasklog.TaskTable` to a served model, with nothing t
    scale. The model learns what a task adds to the population's fit, and starts from it;
 3. the model's size follows the data (:func:`model_size`): few tasks get a small network, so
    30 training tasks do not over-fit a hypernetwork made for thousands;
-4. episodes are cut from the training tasks (:class:`~stream_meta.tasks.logged.LoggedEpisodes`)
-   and the model is meta-trained with retrieval in the loop, validated every
+4. regression starts from a linear mixed model of the training tasks' residuals (random
+   intercept and slopes, maximum likelihood, ``G``'s structure chosen by BIC: the
+   ``task-ridge`` baseline's fit): the closed-form head's prior over its ``[x, 1]`` features is
+   the random effects' covariance and the noise is the mixed model's, so the untrained model
+   already predicts as that model's BLUP and training only has to find what is not linear;
+5. episodes are cut from the training tasks (:class:`~stream_meta.tasks.logged.LoggedEpisodes`)
+   and the model is meta-trained with retrieval in the loop, validated at the start and every
    ``validate_every`` steps on fixed episodes of the *validation* tasks, and ends with the
-   weights of its best check (early stopping: ``patience`` checks without improvement).
+   weights of its best check (early stopping: ``patience`` checks without improvement). A check
+   replaces the starting weights only if it beats them by ``significance`` standard errors
+   (paired over the validation tasks): a few validation tasks cannot tell a real gain from
+   luck, and the mixed model is the safe answer until they can.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_meta.meta_training import EarlyStopping, TrainConfig, episode_loss, meta_train
+from stream_meta.meta_training import EarlyStopping, TrainConfig, meta_train, query_losses
 from stream_meta.model import MetaModel, ModelConfig
 from stream_meta.scaling import fit_scaling
 from stream_meta.tasklog import TaskTable
@@ -56,6 +64,17 @@ class LogTrainConfig:
     query_points: int = 16
     k_neighbours: int = 8
     lr: float = 1e-3
+    #: the head's starting prior: "mixed" (regression: the [x, 1] block from a linear mixed
+    #: model fitted on the training tasks; classification: as "isotropic") or "isotropic"
+    #: (``prior_variance`` on every feature)
+    head_prior: str = "mixed"
+    #: the starting prior variance of the head's features ("mixed": of the body's only)
+    prior_variance: float = 0.01
+    #: validate the starting weights too (step 0): a run that never beats them keeps them
+    validate_at_start: bool = True
+    #: a later check replaces the starting weights only if it beats them by this many
+    #: standard errors over the validation tasks (0: any improvement)
+    significance: float = 2.0
     seed: int = 0
     #: None: the schema's ``time_ordered``
     time_ordered: bool | None = None
@@ -115,6 +134,8 @@ def train_on_log(
     Raises ``ValueError`` (with a message a user can act on) when the log has too few tasks.
     """
     config = config or LogTrainConfig()
+    if config.head_prior not in ("mixed", "isotropic"):
+        raise ValueError(f"head_prior must be 'mixed' or 'isotropic', got {config.head_prior!r}")
     schema = table.schema
     train, val = table.tasks_in("train"), table.tasks_in("validation")
     if len(train) < MIN_TRAIN_TASKS or len(val) < 1:
@@ -142,7 +163,10 @@ def train_on_log(
         table.x[rows], table.y[rows], kind=schema.target, n_classes=schema.n_classes
     )
     model.scaling.set(**stats)
-    _start_from_population(model)
+    mixed = None
+    if config.head_prior == "mixed" and schema.target == "regression":
+        mixed = _mixed_model(model, table, train, seed=config.seed)
+    _start_from_population(model, config.prior_variance, mixed=mixed)
     validate = _validator(table, train, val, max_shots, config, time_ordered, tc)
     log.info(
         "meta-training a %s model on %d training tasks (%d rows), validating on %d tasks",
@@ -158,7 +182,11 @@ def train_on_log(
         progress=progress,
         sampler=train_sampler,
         early_stopping=EarlyStopping(
-            validate, every=config.validate_every, patience=config.patience
+            validate,
+            every=config.validate_every,
+            patience=config.patience,
+            at_start=config.validate_at_start,
+            significance=config.significance,
         ),
     )
     report = {
@@ -170,6 +198,9 @@ def train_on_log(
         "episodes": describe(train_sampler),
         "train": result.to_dict(),
         "validation_checks": [[s, round(v, 6)] for s, v in result.validation],
+        # the same validation loss of the pooled fit alone (the model's output 0)
+        "validation_pooled_loss": validate.pooled(model),
+        "head_prior": None if mixed is None else mixed.describe(),
         "settings": asdict(config),
     }
     return model, report
@@ -229,17 +260,111 @@ def validation_episodes(
     return val_sampler, fixed_episodes(val_sampler, per_task=32, seed=config.seed + 2)
 
 
-def _start_from_population(model: MetaModel, prior_variance: float = 0.1) -> None:
+def _start_from_population(
+    model: MetaModel,
+    prior_variance: float = 0.1,
+    *,
+    mixed: MixedModel | None = None,
+    mixed_mean: bool = False,
+) -> None:
     """Start training from the population's fit: the generated head's prior mean is zero
     (a prediction is the scaling's offset, the pooled linear fit, until training moves it),
     the noise is the residual scale (1 in model units, the scaling's ``y_scale``) and the head's
-    prior variance is small, so a few examples shrink toward the population as a mixed model's
-    do instead of being interpolated."""
+    prior variance is small (``prior_variance``), so a few examples shrink toward the
+    population as a mixed model's do instead of being interpolated.
+
+    With ``mixed`` (a linear mixed model of the model-unit residuals, :func:`_mixed_model`) the
+    head starts as that model's BLUP: the prior covariance of the head's ``[x, 1]`` features is
+    the random effects' covariance ``G`` and the noise the mixed model's residual variance (and
+    with ``mixed_mean`` the prior mean its fixed effects, not the pooled fit's zero); the body's
+    features keep ``prior_variance``."""
+    n_feat = model.prior_chol.shape[0]
+    precision = torch.eye(n_feat, dtype=torch.float64) / prior_variance
+    noise = 1.0
     with torch.no_grad():
         model.hyper.base[model.target.n_body :] = 0.0
-        model.log_noise.fill_(0.0)
-        eye = torch.eye(model.prior_chol.shape[0])
-        model.prior_chol.copy_(eye / prior_variance**0.5)
+        if mixed is not None:
+            idx = torch.as_tensor(mixed.columns)
+            cov = torch.as_tensor(mixed.cov, dtype=torch.float64)
+            cov = (cov + cov.T) / 2 + MIXED_COV_FLOOR * torch.eye(len(idx), dtype=torch.float64)
+            precision[idx[:, None], idx[None, :]] = torch.linalg.inv(cov)
+            noise = mixed.noise
+            if mixed_mean and model.config.y_dim == 1:
+                head = model.hyper.base[model.target.n_body :]
+                head[idx] = torch.as_tensor(mixed.beta, dtype=head.dtype)
+        model.log_noise.fill_(0.5 * float(np.log(noise)))
+        # prior_precision() is L L' + 1e-3 I
+        chol = torch.linalg.cholesky(precision - 1e-3 * torch.eye(n_feat, dtype=torch.float64))
+        model.prior_chol.copy_(chol.to(model.prior_chol.dtype))
+
+
+#: variance added to the diagonal of the mixed model's ``G`` (model units: a coefficient's
+#: variance in squared residual scales) before it becomes the head's prior precision, so an
+#: effect that does not vary between tasks gets a precision of ~1000, not an infinite one
+MIXED_COV_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class MixedModel:
+    """A linear mixed model of the residual targets (model units) over the head's features
+    ``columns`` (the informative standardised inputs and the constant 1, in the head's
+    order): fixed effects ``beta``, random-effect covariance ``cov``, residual variance
+    ``noise``, ``G``'s ``structure``."""
+
+    columns: list[int]
+    beta: np.ndarray
+    cov: np.ndarray
+    noise: float
+    structure: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "structure": self.structure,
+            "noise": round(self.noise, 6),
+            "effect_variances": [round(float(v), 6) for v in np.diag(self.cov)],
+        }
+
+
+def _mixed_model(
+    model: MetaModel, table: TaskTable, train: np.ndarray, *, seed: int, max_tasks: int = 2000
+) -> MixedModel:
+    """The mixed model the head starts from: :func:`~stream_meta.evaluation.population.
+    select_mixed_model` (random intercept and slopes, maximum likelihood by EM, ``G``'s
+    structure by BIC) fitted to the training tasks' residuals over the scaling's pooled fit, in
+    model units (at most ``max_tasks`` tasks, a seeded sample)."""
+    from stream_meta.evaluation.population import select_mixed_model
+
+    tasks = np.asarray(train)
+    if len(tasks) > max_tasks:
+        tasks = np.random.default_rng(seed).choice(tasks, max_tasks, replace=False)
+    parts = [np.arange(table.offsets[t], table.offsets[t + 1]) for t in tasks]
+    rows = np.concatenate(parts)
+    task_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    with torch.no_grad():
+        x_std = model.scaling.inputs(
+            torch.as_tensor(np.asarray(table.x[rows]), dtype=torch.float32)
+        )
+        r = model.scaling.targets(x_std, torch.as_tensor(np.asarray(table.y[rows])))
+    xs, rs = x_std.double().numpy(), r.double().numpy()
+    informative = np.flatnonzero(xs.std(axis=0) > 1e-6)
+    # population's convention: the intercept first
+    z = np.concatenate([np.ones((len(xs), 1)), xs[:, informative]], axis=1)
+    fit, _ = select_mixed_model(z, rs, task_of)
+    bias = model.target.n_features - 1
+    keep = list(range(z.shape[1]))
+    columns = [bias]
+    if model.config.skip_input:  # the head sees the raw inputs: [body, x, 1]
+        first_x = model.target.n_features - model.config.x_dim - 1
+        columns += [first_x + int(j) for j in informative]
+    else:  # the head's only linear feature is the constant: the intercept's block
+        keep = [0]
+    return MixedModel(
+        columns,
+        fit.beta[keep],
+        fit.cov[np.ix_(keep, keep)],
+        float(fit.noise),
+        fit.structure,
+    )
 
 
 def _validator(
@@ -261,15 +386,31 @@ def _validator(
     assert episodes is not None
     eps = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in episodes.items()}
     n = len(eps["xs"])
+    # the validation task of each episode (fixed_episodes cuts min(32, n) of each, in order)
+    per_task = np.minimum(val_sampler.counts, 32)
+    task_of = np.repeat(np.unique(val_sampler.tasks, return_inverse=True)[1], per_task)
+    n_tasks = int(task_of.max()) + 1
+    weight = float(eps["qmask"].sum().clamp(min=1.0))
 
-    def validate(model: MetaModel) -> float:
-        total, weight = 0.0, 0.0
+    def validate(model: MetaModel) -> np.ndarray:
+        """Each validation task's share of the validation loss (the shares sum to it)."""
+        shares = np.zeros(n_tasks)
         for i in range(0, n, 128):
             part = {k: v[i : i + 128] for k, v in eps.items()}
             drop = torch.zeros(len(part["xs"]))
-            loss, _ = episode_loss(model, bank, part, tc, drop)
-            w = float(part["qmask"].sum())
-            total, weight = total + float(loss) * w, weight + w
-        return total / max(weight, 1.0)
+            per_point = query_losses(model, bank, part, tc, drop)
+            per_episode = (per_point * part["qmask"]).sum(-1).double().numpy()
+            np.add.at(shares, task_of[i : i + 128], per_episode / weight)
+        return shares
 
+    def pooled(model: MetaModel) -> float:
+        """The same loss of the scaling's pooled fit alone (the model's output 0)."""
+        with torch.no_grad():
+            x_std = model.scaling.inputs(eps["xq"])
+            shape = eps["yq"].shape + ((model.config.y_dim,) if model.config.y_dim > 1 else ())
+            out = model.scaling.outputs(x_std, torch.zeros(shape))
+            per_point = model.train_loss(out, eps["yq"]) * eps["qmask"]
+        return float(per_point.sum() / eps["qmask"].sum().clamp(min=1.0))
+
+    validate.pooled = pooled  # type: ignore[attr-defined]
     return validate

@@ -82,11 +82,22 @@ class TrainResult:
 @dataclass(frozen=True)
 class EarlyStopping:
     """Validate every ``every`` steps; keep the weights of the best check; stop after
-    ``patience`` checks without improvement (0: never stop early)."""
+    ``patience`` checks without improvement (0: never stop early).
 
-    validate: Callable[[MetaModel], float]
+    ``validate`` returns the validation loss, or the validation tasks' shares of it (an array
+    over the tasks that sums to the loss), which ``significance`` needs."""
+
+    validate: Callable[[MetaModel], Any]
     every: int = 100
     patience: int = 0
+    #: check the starting weights too (step 0), so that training which never beats its
+    #: starting point (e.g. a population fit) ends where it started
+    at_start: bool = False
+    #: with ``at_start`` and per-task shares: a later check may replace the starting weights
+    #: only if it beats them by this many standard errors of the loss difference, the spread
+    #: taken over the validation tasks (paired: each task against itself at the start). A few
+    #: validation tasks cannot tell a real gain from luck, so the start is kept
+    significance: float = 0.0
 
 
 def _support_masks(shots: np.ndarray, n_max: int) -> np.ndarray:
@@ -155,6 +166,44 @@ def episode_loss(
     drop: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query loss of one batch of episodes (and the contrastive term)."""
+    per_point, z, z_sib = _query_losses(model, bank, ep, config, drop)
+    qmask = ep.get("qmask")  # recorded tasks have queries of varying number
+    query_loss = (
+        per_point.mean()
+        if qmask is None
+        else (per_point * qmask).sum() / qmask.sum().clamp(min=1.0)
+    )
+    if config.prior_weight > 0 and z_sib is not None:
+        query_loss = query_loss + config.prior_weight * _prior_only_loss(
+            model, ep, z, z_sib, config
+        )
+    amask = ep.get("amask")
+    if amask is None:
+        amask = torch.ones_like(ep["y_all"], dtype=z.dtype)
+    z_full = model.embed(ep["x_all"], ep["y_all"], amask)
+    return query_loss, contrastive_loss(z, z_full)
+
+
+def query_losses(
+    model: MetaModel,
+    bank: dict[str, torch.Tensor],
+    ep: dict[str, torch.Tensor],
+    config: TrainConfig,
+    drop: torch.Tensor,
+) -> torch.Tensor:
+    """The loss of every query point of a batch of episodes ``[B, Q]`` (padding included:
+    weigh by ``qmask``)."""
+    return _query_losses(model, bank, ep, config, drop)[0]
+
+
+def _query_losses(
+    model: MetaModel,
+    bank: dict[str, torch.Tensor],
+    ep: dict[str, torch.Tensor],
+    config: TrainConfig,
+    drop: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-point query losses ``[B, Q]``, the episodes' embeddings and their siblings'."""
     z_bank = model.embed(bank["x"], bank["y"], bank["mask"])
     z = model.embed(ep["xs"], ep["ys"], ep["smask"])
     zn, sim, nmask = retrieve(z, z_bank, config.k_neighbours)
@@ -172,21 +221,7 @@ def episode_loss(
     nmask = nmask * (1.0 - drop).unsqueeze(-1)
     weights = model.adapt(z, zn, sim, nmask, ep["xs"], ep["ys"], ep["smask"])
     per_point = model.train_loss(model.predict(ep["xq"], weights), ep["yq"])
-    qmask = ep.get("qmask")  # recorded tasks have queries of varying number
-    query_loss = (
-        per_point.mean()
-        if qmask is None
-        else (per_point * qmask).sum() / qmask.sum().clamp(min=1.0)
-    )
-    if config.prior_weight > 0 and z_sib is not None:
-        query_loss = query_loss + config.prior_weight * _prior_only_loss(
-            model, ep, z, z_sib, config
-        )
-    amask = ep.get("amask")
-    if amask is None:
-        amask = torch.ones_like(ep["y_all"], dtype=z.dtype)
-    z_full = model.embed(ep["x_all"], ep["y_all"], amask)
-    return query_loss, contrastive_loss(z, z_full)
+    return per_point, z, z_sib
 
 
 def contrastive_loss(
@@ -267,9 +302,11 @@ def meta_train(
     rng = np.random.default_rng(config.seed)
     model.to(device).train()
     sampler = sampler if sampler is not None else EpisodeSampler(family, config, rng)
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray | None] | None = None
     checks: list[tuple[int, float]] = []
     opt, sched = make_optimizer(model.parameters(), config)
+    if early_stopping is not None and early_stopping.at_start:
+        best = _check(model, early_stopping, 0, best, checks)
     bar = _progress(config.steps, progress)
     start, ema, history = time.perf_counter(), math.nan, []
     for step in range(1, config.steps + 1):
@@ -323,19 +360,36 @@ def _check(
     model: MetaModel,
     stopping: EarlyStopping,
     step: int,
-    best: tuple[float, int, dict[str, torch.Tensor]] | None,
+    best: tuple[float, int, dict[str, torch.Tensor], np.ndarray | None] | None,
     checks: list[tuple[int, float]],
-) -> tuple[float, int, dict[str, torch.Tensor]]:
-    """One validation check; returns the best ``(loss, step, weights)`` so far."""
+) -> tuple[float, int, dict[str, torch.Tensor], np.ndarray | None]:
+    """One validation check; returns the best ``(loss, step, weights, shares)`` so far (the
+    shares: the per-task parts of the loss when ``validate`` gives them, else ``None``)."""
     model.eval()
     with torch.no_grad():
-        value = float(stopping.validate(model))
+        out = stopping.validate(model)
     model.train()
+    shares = None if np.ndim(out) == 0 else np.asarray(out, dtype=np.float64)
+    value = float(out) if shares is None else float(shares.sum())
     checks.append((step, value))
-    if best is None or value < best[0]:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return value, step, state
-    return best
+    if best is not None:
+        if not value < best[0]:
+            return best
+        gated = best[1] == 0 and stopping.at_start and stopping.significance > 0
+        if gated and not _significant(best[3], shares, stopping.significance):
+            return best
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return value, step, state, shares
+
+
+def _significant(start: np.ndarray | None, now: np.ndarray | None, z: float) -> bool:
+    """Whether ``now`` beats ``start`` (per-task shares of a loss) by ``z`` standard errors of
+    the difference of their sums; ``False`` when fewer than 2 tasks say (or none)."""
+    if start is None or now is None or len(now) < 2:
+        return False
+    d = now - start
+    se = float(np.sqrt(len(d) / (len(d) - 1) * np.sum((d - d.mean()) ** 2)))
+    return float(d.sum()) < -z * se
 
 
 def _to_tensors(

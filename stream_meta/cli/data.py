@@ -141,6 +141,7 @@ def train_from_log(args: argparse.Namespace) -> int:
                 "validation": {
                     "best_step": report["train"].get("best_step"),
                     "loss": report["train"].get("best_validation_loss"),
+                    "pooled_loss": report.get("validation_pooled_loss"),
                     "checks": report["validation_checks"],
                 },
             },
