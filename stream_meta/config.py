@@ -182,6 +182,35 @@ class EngineSettings(BaseModel):
         "twice (about 120 bytes each); 0 turns de-duplication off.",
     )
     seed: int = Field(default=EngineConfig.seed, description="Seed of the engine's random choices.")
+    retrieval: bool = Field(
+        default=EngineConfig.retrieval,
+        description="Retrieval by evidence: a task with few examples borrows from the banked "
+        "tasks that explain its examples best (weighted by their marginal likelihood, beside "
+        "the model's own prior); false serves every task from the hypernetwork alone.",
+    )
+    retrieval_bank_size: int = Field(
+        default=EngineConfig.retrieval_bank_size,
+        ge=1,
+        le=4096,
+        description="Experienced tasks kept as retrieval candidates (similar tasks are merged "
+        "into one entry; the least used entry is retired when the bank is full).",
+    )
+    retrieval_min_examples: int = Field(
+        default=EngineConfig.retrieval_min_examples,
+        ge=1,
+        description="Examples a task needs before it enters the retrieval bank.",
+    )
+    retrieval_max_shots: int = Field(
+        default=EngineConfig.retrieval_max_shots,
+        ge=0,
+        description="Tasks with 1 to this many examples are served with retrieval; 0 disables it.",
+    )
+    retrieval_candidates: int = Field(
+        default=EngineConfig.retrieval_candidates,
+        ge=1,
+        le=64,
+        description="Most probable bank entries whose examples are borrowed per task.",
+    )
     # the application's: the entry point sets the process's torch threads
     threads: int = Field(
         default=0,

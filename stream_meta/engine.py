@@ -70,6 +70,13 @@ class EngineConfig:
     weights_cache_size: int = 0  # 0 = auto: 256 MiB worth of rows, at most max_live_tasks
     dedupe_window: int = 200_000  # learned event ids remembered (0 = no de-duplication)
     seed: int = 0
+    # retrieval by evidence (stream_meta.retrieval): a bounded bank of experienced tasks, each
+    # weighted by how well it explains a few-shot task's own examples
+    retrieval: bool = True
+    retrieval_bank_size: int = 128
+    retrieval_min_examples: int = 8
+    retrieval_max_shots: int = 8
+    retrieval_candidates: int = 4
 
 
 @dataclass
