@@ -30,6 +30,7 @@ import torch
 
 from stream_meta.index import TaskIndex
 from stream_meta.model import MetaModel
+from stream_meta.retrieval import Borrowed, EvidenceBank, solve_head_borrowed
 from stream_meta.state import TaskState, TaskStore
 
 __all__ = ["SUPPORT_GROUPS", "Adapter", "EngineView", "MetaAdapter", "SupportSet", "support_groups"]
@@ -83,6 +84,10 @@ class EngineView(Protocol):
 
     @property
     def store(self) -> TaskStore: ...
+
+    @property
+    def bank(self) -> EvidenceBank | None:
+        """The retrieval bank (None: retrieval by evidence is off)."""
 
     def neighbours(
         self, z: np.ndarray, exclude: Sequence[str | None]
@@ -153,24 +158,101 @@ class MetaAdapter:
         model, empty = engine.model, engine.empty_embedding
         b = len(sets)
         counts = np.array([r.n for r in sets], dtype=np.int64)
-        sums = np.stack([r.feature_sum for r in sets]).astype(np.float32)
+        sums = torch.from_numpy(np.stack([r.feature_sum for r in sets]).astype(np.float32))
         shots = torch.from_numpy(counts.astype(np.float32))
-        z = model.encoder.readout(torch.from_numpy(sums), shots).numpy()
+        borrowed = _borrow(sets, counts, model.encoder.readout(sums, shots), engine)
+        bank = engine.bank
+        if borrowed is not None and bank is not None:
+            # the borrowed examples join the pooled encoder state, each counted with its
+            # entry's posterior weight: the hypernetwork sees the evidence it is lent
+            rows = torch.from_numpy(borrowed.rows)
+            w = torch.from_numpy(borrowed.weights.astype(np.float32))  # [b, M]
+            ent = torch.from_numpy(borrowed.entries)
+            held = torch.from_numpy(bank.count[borrowed.entries].astype(np.float32))
+            sums[rows] += (w.unsqueeze(-1) * bank.feature_sum[ent]).sum(dim=1)
+            shots[rows] += (w * held).sum(dim=1)
+        z = model.encoder.readout(sums, shots).numpy()
         for j in np.flatnonzero(counts == 0).tolist():
             z[j] = sets[j].embedding if sets[j].embedding is not None else empty
         zn, sim, nmask = engine.neighbours(z, [r.task_id for r in sets])
         generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
         head = torch.empty(b, model.target.n_features, model.config.y_dim)
-        store = engine.store
-        for g, xs, ys, smask in support_groups(sets, store.x_dim, store.y_dtype):
-            gi = torch.from_numpy(g)
-            head[gi] = model.solve_head(
-                generated[gi],
-                torch.from_numpy(xs),
-                torch.from_numpy(ys),
-                torch.from_numpy(smask),
-            )
+        keep = np.arange(b)
+        if borrowed is not None:
+            rows = torch.from_numpy(borrowed.rows)
+            head[rows] = _solve_borrowed(model, generated[rows], sets, borrowed, engine)
+            keep = np.setdiff1d(keep, borrowed.rows)
+        own = [sets[j] for j in keep.tolist()]
+        if own:
+            store = engine.store
+            for g, xs, ys, smask in support_groups(own, store.x_dim, store.y_dtype):
+                gi = torch.from_numpy(keep[g])
+                head[gi] = model.solve_head(
+                    generated[gi],
+                    torch.from_numpy(xs),
+                    torch.from_numpy(ys),
+                    torch.from_numpy(smask),
+                )
         return model.with_head(generated, head)
 
     def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
         return engine.model.predict(x, weights)
+
+
+def _borrow(
+    sets: Sequence[SupportSet], counts: np.ndarray, z: torch.Tensor, engine: EngineView
+) -> Borrowed | None:
+    """The retrieval bank's posterior for the sets with ``1..max_shots`` examples (None when
+    retrieval is off, the bank is empty, or nothing is worth borrowing); rows index ``sets``."""
+    bank = engine.bank
+    if bank is None or not len(bank):
+        return None
+    rows = np.flatnonzero((counts >= 1) & (counts <= bank.config.max_shots))
+    if not len(rows):
+        return None
+    borrowed = bank.borrow(
+        engine.model,
+        z[torch.from_numpy(rows)],
+        [sets[j].xs for j in rows.tolist()],  # type: ignore[misc]
+        [sets[j].ys for j in rows.tolist()],  # type: ignore[misc]
+    )
+    if borrowed is not None:
+        borrowed.rows = rows[borrowed.rows]
+    return borrowed
+
+
+def _solve_borrowed(
+    model: MetaModel,
+    generated: torch.Tensor,
+    sets: Sequence[SupportSet],
+    borrowed: Borrowed,
+    engine: EngineView,
+) -> torch.Tensor:
+    """The head of each borrowing set: the posterior given its own examples (weight 1) and its
+    entries' pooled examples, each weighted by its entry's posterior probability."""
+    bank = engine.bank
+    assert bank is not None
+    b, m = borrowed.entries.shape
+    n_own = max(sets[r].n for r in borrowed.rows.tolist())
+    p = bank.config.points
+    xs = np.zeros((b, n_own, bank.x_dim), dtype=np.float32)
+    ys = np.zeros((b, n_own), dtype=bank.y_dtype)
+    own = np.zeros((b, n_own), dtype=np.float32)
+    for i, r in enumerate(borrowed.rows.tolist()):
+        s = sets[r]
+        xs[i, : s.n], ys[i, : s.n], own[i, : s.n] = s.xs, s.ys, 1.0
+    ent = borrowed.entries
+    held = np.arange(p)[None, None, :] < bank.count[ent][:, :, None]  # [b, M, P]
+    return solve_head_borrowed(
+        model,
+        generated,
+        torch.from_numpy(xs),
+        torch.from_numpy(ys),
+        torch.from_numpy(own),
+        torch.from_numpy(bank.xs[ent].reshape(b, m * p, bank.x_dim)),
+        torch.from_numpy(bank.ys[ent].reshape(b, m * p)),
+        torch.from_numpy(
+            (held * borrowed.weights[:, :, None]).reshape(b, m * p).astype(np.float32)
+        ),
+        bank.config.spread,
+    )

@@ -45,6 +45,7 @@ from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_
 from stream_meta.index import TaskIndex, neighbour_arrays, task_key
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
+from stream_meta.retrieval import EvidenceBank, RetrievalConfig
 from stream_meta.state import TaskState, TaskStore
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,10 @@ class EngineConfig:
     # retrieval by evidence (stream_meta.retrieval): a bounded bank of experienced tasks, each
     # weighted by how well it explains a few-shot task's own examples
     retrieval: bool = True
-    retrieval_bank_size: int = 128
+    retrieval_bank_size: int = 1024
     retrieval_min_examples: int = 8
     retrieval_max_shots: int = 8
-    retrieval_candidates: int = 4
+    retrieval_candidates: int = 8
 
 
 @dataclass
@@ -136,6 +137,37 @@ class BatchResult:
             cached = [] if out is None else [out.record(i) for i in range(len(out))]
             self.__dict__["_predictions"] = cached
         return cached
+
+
+def retrieval_config(config: EngineConfig) -> RetrievalConfig:
+    """The retrieval bank's knobs from the engine's ``retrieval_*`` settings."""
+    return RetrievalConfig(
+        bank_size=config.retrieval_bank_size,
+        min_examples=config.retrieval_min_examples,
+        max_shots=config.retrieval_max_shots,
+        candidates=config.retrieval_candidates,
+    )
+
+
+def _offer_level(seen: int, least: int) -> int:
+    """The last offer point a task with ``seen`` examples has passed: ``least * 2**k``, or 0."""
+    if seen < least:
+        return 0
+    level = least
+    while 2 * level <= seen:
+        level *= 2
+    return level
+
+
+def _newest_last(state: TaskState, support_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A task's support set with its most recently learned examples last (the buffer is a
+    ring once full)."""
+    assert state.xs is not None and state.ys is not None
+    n = state.n
+    if n < support_size:
+        return state.xs[:n].copy(), state.ys[:n].copy()
+    order = (np.arange(state.seen - n, state.seen)) % support_size
+    return state.xs[order], state.ys[order]
 
 
 class _Plan:
@@ -272,6 +304,9 @@ class Engine:
         self._cache_size = config.weights_cache_size or max(
             1, min(config.max_live_tasks, (256 << 20) // (4 * model.target.n_params))
         )
+        self.bank: EvidenceBank | None = None
+        if config.retrieval and config.retrieval_max_shots > 0 and self.adapter.embeds:
+            self.bank = EvidenceBank(model, retrieval_config(config), seed=config.seed)
         self._pending: dict[str, np.ndarray] = {}
         #: embeddings changed since the last drain (for other replicas), when sharing is on
         self._outbox: dict[str, np.ndarray] | None = None
@@ -329,6 +364,8 @@ class Engine:
             raise ValueError("the new model's configuration differs from the served one")
         self._install(model, version)
         self._rebuild_embeddings()
+        if self.bank is not None:
+            self.bank.refit_all(model)
         self.metrics.model_version.set(version)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -418,6 +455,8 @@ class Engine:
             weights = self._weights_for(plan)
             out = self.adapter.predict(plan.x.unsqueeze(1), weights, self)[:, 0]
         outputs = self._score(events, plan, out, t0)
+        if self.bank is not None:
+            self._offer(plan)
         outputs.x = plan.x.numpy()
         outputs.y = [ev.y for ev in events]
         return outputs
@@ -506,6 +545,39 @@ class Engine:
                 s.feature_sum = s.feature_sum + prefix[s.key][-1]
                 touched.append(s)
         self._reembed(touched)
+
+    def _offer(self, plan: _Plan) -> None:
+        """Offer the batch's experienced tasks to the retrieval bank: a task once it has seen
+        ``retrieval_min_examples`` examples, then each time it has doubled them."""
+        bank = self.bank
+        assert bank is not None
+        least = self.config.retrieval_min_examples
+        offers = []
+        done: set[int] = set()
+        for s in plan.states:
+            if s.key in done or s.n < least:
+                continue
+            done.add(s.key)
+            level = _offer_level(s.seen, least)
+            if level > s.offered:
+                xs, ys = _newest_last(s, self.store.support_size)
+                offers.append((s.task_id, xs, ys))
+                s.offered = level
+        if not offers:
+            return
+        before = (bank.merged, bank.added, bank.retired)
+        with torch.inference_mode():
+            bank.admit(self.model, offers)
+        m = self.metrics
+        for outcome, old, new in zip(
+            ("merged", "added", "retired"),
+            before,
+            (bank.merged, bank.added, bank.retired),
+            strict=True,
+        ):
+            if new > old:
+                m.bank_changes.labels(outcome).inc(new - old)
+        m.bank_entries.set(len(bank))
 
     def _point_features(self, xs: Sequence[Any] | np.ndarray, ys: Sequence[Any]) -> np.ndarray:
         model = self.model
@@ -780,6 +852,8 @@ class Engine:
         }
         if self.dedupe is not None:
             packers["dedupe"] = self.dedupe.capture()
+        if self.bank is not None:
+            packers["bank"] = _ready(self.bank.to_arrays())
 
         def pack() -> dict[str, np.ndarray]:
             return {f"{p}.{k}": v for p, f in packers.items() for k, v in f().items()}
@@ -807,7 +881,16 @@ class Engine:
             raise ValueError(f"saved index has d={index.d}, the model embeds in {self.index.d}")
         stats = RunningStats(self.config.support_size)
         stats.restore(part["stats"])
+        bank: EvidenceBank | None = self.bank
+        if self.bank is not None and "bank" in part:
+            bank = EvidenceBank(self.model, self.bank.config, seed=self.config.seed)
+            with torch.inference_mode():
+                bank.restore(self.model, part["bank"], refit=reencode)
         self.store.restore(part["store"])  # the last check that can fail
+        self.bank = bank
+        least = self.config.retrieval_min_examples
+        for s in self.store:  # offers depend on examples seen only
+            s.offered = _offer_level(s.seen, least)
         self.stats = stats
         if self.dedupe is not None and "dedupe" in part:
             self.dedupe.restore(part["dedupe"])

@@ -179,6 +179,23 @@ class EngineMetrics:
         self.index_size = Gauge(
             "stream_meta_index_vectors", "Task embeddings in the FAISS index.", registry=r
         )
+        self.bank_entries = Gauge(
+            "stream_meta_retrieval_bank_entries",
+            "Entries of the retrieval bank (experienced tasks' pooled examples).",
+            registry=r,
+        )
+        self.bank_changes = Counter(
+            "stream_meta_retrieval_bank_changes_total",
+            "Experienced tasks offered to the retrieval bank, by outcome: merged into an "
+            "entry, added as a new entry, or an entry retired to make room.",
+            ["outcome"],
+            registry=r,
+        )
+        self.borrowed = Counter(
+            "stream_meta_retrieval_borrowed_total",
+            "Few-shot adaptations that borrowed examples from the retrieval bank.",
+            registry=r,
+        )
         self.model_version = Gauge(
             "stream_meta_model_version", "Version of the model being served.", registry=r
         )

@@ -32,6 +32,7 @@ class TaskState:
         "key",
         "last_seen",
         "n",
+        "offered",
         "seen",
         "slot",
         "task_id",
@@ -47,6 +48,7 @@ class TaskState:
         self.ys: np.ndarray | None = None  # [support_size]
         self.n = 0  # examples in the buffer
         self.seen = 0  # labelled examples ever learned
+        self.offered = 0  # examples seen when last offered to the retrieval bank
         self.feature_sum = np.zeros(feat_dim, dtype=np.float64)
         self.embedding: np.ndarray | None = None  # [E] float32, None until computed
         self.version = 0  # bumped whenever the support set changes

@@ -131,10 +131,10 @@ def test_predictions_do_not_depend_on_micro_batch_size_when_retrieval_is_off(
 ) -> None:
     """Batching across tasks must not change what any event sees (exact prequential order)."""
     events = sinusoid_events(200, tasks=12, seed=3)
-    one = make_engine(make_model(), k_neighbours=0)
+    one = make_engine(make_model(), k_neighbours=0, retrieval=False)
     ref = [p.prediction for i in range(0, 200) for p in one.process(events[i : i + 1]).predictions]
     for batch in (7, 64, 200):
-        other = make_engine(make_model(), k_neighbours=0)
+        other = make_engine(make_model(), k_neighbours=0, retrieval=False)
         got = [
             p.prediction
             for i in range(0, 200, batch)
