@@ -286,6 +286,14 @@ class RelatedTaskStream:
                 out.append(RelatedEvent(ev, truth, "probe", t, clusters[t], have[t], slot, q))
         return out
 
+    def support_positions(self) -> NDArray[np.int64]:
+        """``[P, max(shots)]``: each probe support example's position in :meth:`events`."""
+        pos = np.full((self.probe_tasks, max(self.shots)), -1, dtype=np.int64)
+        for i, e in enumerate(self._events):
+            if e.phase == "probe" and not e.query:
+                pos[e.task, e.shots] = i
+        return pos
+
     def query_positions(self) -> NDArray[np.int64]:
         """``[P, len(shots), Q]``: each probe query's position in :meth:`events`."""
         pos = np.full((self.probe_tasks, len(self.shots), self.queries), -1, dtype=np.int64)
