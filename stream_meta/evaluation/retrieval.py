@@ -377,11 +377,13 @@ def speed(
     Every engine is warmed on the same synthetic stream (:class:`~stream_meta.tasks.TaskStream`,
     ``tasks=live_tasks``, clustered, new tasks at rate 0.1) until ``live_tasks`` are live, then
     fed the next ``timed_events`` in windows of ``window_batches`` micro-batches, the engines
-    taking turns window by window, so that a disturbance of a shared machine falls on all of
-    them; events/s counts the time inside ``Engine.process``. Latency: ``latency_samples`` new
-    tasks, each given ``1 + i % 5`` labelled examples in one untimed call, then one query alone,
-    timed: it needs fresh weights (an adaptation, with whatever retrieval the configuration
-    does) and a prediction. The engines take turns sample by sample; the first 10 are warm-up.
+    taking turns window by window (the first of a turn rotates), so that a disturbance of a
+    shared machine falls on all of them; events/s counts the time inside ``Engine.process``,
+    and each window's time is kept (``window_seconds``) for ratios window by window. Latency:
+    ``latency_samples`` new tasks, each given ``1 + i % 5`` labelled examples in one untimed
+    call, then one query alone, timed: it needs fresh weights (an adaptation, with whatever
+    retrieval the configuration does) and a prediction. The engines take turns sample by
+    sample; the first 10 samples are warm-up.
     """
     model.eval()
     stream = TaskStream(family, tasks=live_tasks, new_task_rate=0.1, seed=seed)
@@ -395,19 +397,20 @@ def speed(
         warm += batch
         if warm > 50 * live_tasks:
             raise RuntimeError(f"{warm} warm-up events did not make {live_tasks} tasks live")
-    seconds = dict.fromkeys(engines, 0.0)
-    done = 0
+    windows: dict[str, list[float]] = {name: [] for name in engines}
+    done, turn = 0, 0
     while done < timed_events:
         window = [
             [next(source).event for _ in range(batch)]
             for _ in range(min(window_batches, -(-(timed_events - done) // batch)))
         ]
-        for name, e in engines.items():
+        for name, e in _taking_turns(engines, turn):
             t0 = time.perf_counter()
             for chunk in window:
                 e.process(chunk)
-            seconds[name] += time.perf_counter() - t0
+            windows[name].append(time.perf_counter() - t0)
         done += sum(len(c) for c in window)
+        turn += 1
     rng = np.random.default_rng(np.random.SeedSequence([seed, 42]))
     params = family.sample_params(latency_samples, rng)
     x, y = family.sample(params, 6, rng)
@@ -419,7 +422,7 @@ def speed(
             for k in range(n)
         ]
         query = [{"event_id": f"l{i}-q", "task_id": tid, "x": x[i, n].tolist()}]
-        for name, e in engines.items():
+        for name, e in _taking_turns(engines, i):
             e.process(learn)
             t0 = time.perf_counter()
             e.process(query)
@@ -435,8 +438,17 @@ def speed(
     for name in engines:
         ms = np.array(times[name][10:] or times[name]) * 1e3
         out[name] = {
-            "events_per_s": done / seconds[name],
+            "events_per_s": done / sum(windows[name]),
+            "window_seconds": windows[name],
             "adapt_latency_ms_p50": float(np.percentile(ms, 50)),
             "adapt_latency_ms_p99": float(np.percentile(ms, 99)),
         }
     return out
+
+
+def _taking_turns(engines: Mapping[str, Engine], turn: int) -> list[tuple[str, Engine]]:
+    """The engines in the order of this turn: rotated by one each turn, so that none is always
+    first (warm caches) or last."""
+    items = list(engines.items())
+    k = turn % len(items)
+    return items[k:] + items[:k]
