@@ -19,7 +19,13 @@ from stream_meta.evaluation.retrieval import (
     speed,
 )
 from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
-from stream_meta.tasks import RelatedTaskStream, SinusoidFamily
+from stream_meta.tasks import (
+    LinearFamily,
+    QuadraticFamily,
+    RelatedTaskStream,
+    SinusoidFamily,
+    TaskFamily,
+)
 
 # A sparse history (100 tasks): with 1,000 stored sinusoids the exact mixture also beats the
 # shipped model at 2 shots on the control stream (the stored tasks then cover the prior densely,
@@ -91,6 +97,10 @@ def test_fractions_are_the_share_of_the_best_reference_gain_when_hand_made() -> 
     assert out["fraction"]["attention"][:2] == pytest.approx([0.0, 0.5])
     # nothing attainable (the references are no better than no retrieval): undefined
     assert out["fraction"]["retrieval"][2] is None
+    # a gain within 1% of the no-retrieval loss is noise: no fraction either
+    tiny = fractions({"no-retrieval": [1.0], "bayes-mixture": [0.995], "retrieval": [0.9]})
+    assert tiny["attainable"] == pytest.approx([0.005])
+    assert tiny["fraction"]["retrieval"] == [None]
 
 
 def test_mixture_weights_follow_the_likelihood_when_one_component_fits() -> None:
@@ -107,6 +117,30 @@ def test_mixture_weights_follow_the_likelihood_when_one_component_fits() -> None
     truth = np.ones((1, 1, 2))
     variance, prior = calibrate_mixture(mix, truth, y_var=1.0)
     assert mix.predict(variance, prior) == pytest.approx(truth, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("family", "shots"),
+    [(SinusoidFamily(), (0,)), (QuadraticFamily(), (3,)), (LinearFamily(), (1, 4))],
+    ids=["sinusoid-0", "quadratic-3", "linear-1-4"],
+)
+def test_compare_runs_when_family_and_shot_counts_vary(
+    model, family: TaskFamily, shots: tuple[int, ...]
+) -> None:
+    stream = RelatedTaskStream(
+        family,
+        clusters=3,
+        history_tasks=30,
+        history_examples=5,
+        probe_tasks=7,
+        shots=shots,
+        queries=3,
+        seed=5,
+    )
+    report = compare(model, stream, strategies={"no-retrieval": STRATEGIES["no-retrieval"]})
+    assert report["shots"] == list(shots)
+    assert all(len(v) == len(shots) and np.isfinite(v).all() for v in report["loss"].values())
+    assert report["stream"]["family"] == repr(family)
 
 
 def test_compare_refuses_strategies_without_the_base_when_asked(model) -> None:
