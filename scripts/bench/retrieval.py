@@ -28,14 +28,15 @@ CONTROL_SLACK = 0.01
 LATENCY_RATIO = 1.2
 EVENTS_RATIO = 0.9
 SEED = 0
-#: torch threads of the speed comparison: one, so that the ratio measures the engines and not
-#: how two threads contend with other work on a shared machine (the throughput section measures
-#: `run`'s own two threads)
-SPEED_THREADS = 1
+#: torch threads of the whole section: one, so that the speed ratios measure the engines and
+#: not how two threads contend with other work on a shared machine (the throughput section
+#: measures `run`'s own two threads); restored afterwards
+THREADS = 1
 HOW = "`scripts/bench/retrieval.py`: `stream_meta.evaluation.retrieval.compare`"
 
 
 def measure_retrieval(ctx: Context, section: Section) -> None:
+    live = ctx.sizes.retrieval_live_tasks
     targets = [
         *(
             f"related: loss at {shots(str(n))} >= {cut:.0%} below no retrieval"
@@ -46,13 +47,22 @@ def measure_retrieval(ctx: Context, section: Section) -> None:
             for n in LOSS_CUTS
         ),
         f"control: no more than {CONTROL_SLACK:.0%} worse than no retrieval at any shot count",
-        f"adaptation p50 <= {LATENCY_RATIO}x `retrieval=False`'s",
-        f"events/s >= {EVENTS_RATIO}x `retrieval=False`'s",
+        f"adaptation p50 <= {LATENCY_RATIO}x `retrieval=False`'s with {live:,} live tasks",
+        f"events/s >= {EVENTS_RATIO}x `retrieval=False`'s with {live:,} live tasks",
     ]
     if not need_checkpoint(ctx, section, "sinusoid", targets):
         return
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        _measure(ctx, section, targets)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(ctx: Context, section: Section, targets: list[str]) -> None:
     from stream_meta.engine import EngineConfig
     from stream_meta.evaluation.retrieval import compare, speed
     from stream_meta.model_checkpoint import load_checkpoint
@@ -79,20 +89,15 @@ def measure_retrieval(ctx: Context, section: Section) -> None:
     _quality_checks(section, targets, reports)
     say(f"retrieval: speed with {sizes.retrieval_live_tasks:,} live tasks")
     configs = {"retrieval=False": EngineConfig(retrieval=False), "default": EngineConfig()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SPEED_THREADS)
-    try:
-        cost = speed(
-            model,
-            family,
-            configs,
-            live_tasks=sizes.retrieval_live_tasks,
-            timed_events=sizes.retrieval_timed_events,
-            latency_samples=sizes.retrieval_latency_samples,
-            seed=SEED,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    cost = speed(
+        model,
+        family,
+        configs,
+        live_tasks=sizes.retrieval_live_tasks,
+        timed_events=sizes.retrieval_timed_events,
+        latency_samples=sizes.retrieval_latency_samples,
+        seed=SEED,
+    )
     section.raw["speed"] = cost
     _speed_checks(section, targets[-2:], cost)
     _notes(section, reports)
