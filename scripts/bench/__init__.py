@@ -50,6 +50,15 @@ Sections (``--only`` takes these names), a module each (:mod:`.registry` lists t
   stream (nothing may be lost), and a soak at 2,000 events/s (memory, lag, errors); mechanics
   in :mod:`.scale_runs` (``python -m scripts.bench.scale soak SECONDS`` runs the soak alone).
 
+* ``real`` (:mod:`.real`): ``stream-meta train --data`` on the real data sets of
+  ``tests/data/real`` (issue 14) and the speed of ``train --data`` and ``run`` on 3 features.
+* ``retrieval`` (:mod:`.retrieval`): the shipped sinusoid model on a stream of related tasks
+  (history around fresh cluster centres, probes of the same clusters under new ids) and on its
+  control without relations (issue 15): probe query loss per shot count with no retrieval,
+  attention and retrieval, beside an oracle same-cluster neighbour and the exact Bayes mixture
+  over the stored tasks, the fraction of the attainable gain realised; adaptation p50 and
+  events/s with 10,000 live tasks, ``retrieval=False`` against the default in the same run.
+
 ``--quick`` shrinks every size for a smoke run; its report says so at the top and must not be
 committed as the project's numbers. The CLI is run with the default settings: ``STREAM_META_*``
 variables are removed from the environment of every command (and the library measurements use

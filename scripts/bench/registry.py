@@ -18,6 +18,7 @@ from scripts.bench.memory import measure_memory
 from scripts.bench.meta_update import measure_meta_update
 from scripts.bench.real import measure_real
 from scripts.bench.replay import measure_replay
+from scripts.bench.retrieval import measure_retrieval
 from scripts.bench.scale import measure_scale
 from scripts.bench.serve import measure_serve
 from scripts.bench.throughput import measure_throughput
@@ -39,4 +40,5 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "replay": ("Replay evaluation: strategies and baselines", measure_replay),
     "scale": ("Replicas: scale-out, kill-and-restart, soak", measure_scale),
     "real": ("Bring your own tasks: real data sets", measure_real),
+    "retrieval": ("Retrieval by evidence: related tasks and a control", measure_retrieval),
 }

@@ -34,6 +34,11 @@ class Sizes:
     scale_events: int
     scale_cycles: int
     soak_s: float
+    retrieval_history_tasks: int
+    retrieval_probe_tasks: int
+    retrieval_live_tasks: int
+    retrieval_timed_events: int
+    retrieval_latency_samples: int
 
 
 FULL = Sizes(
@@ -60,6 +65,11 @@ FULL = Sizes(
     scale_events=300_000,
     scale_cycles=20,
     soak_s=600.0,
+    retrieval_history_tasks=1000,
+    retrieval_probe_tasks=200,
+    retrieval_live_tasks=10_000,
+    retrieval_timed_events=60_000,
+    retrieval_latency_samples=300,
 )
 QUICK = Sizes(
     eval_tasks=200,
@@ -84,4 +94,9 @@ QUICK = Sizes(
     scale_events=100_000,  # enough for both replicas to serve at once
     scale_cycles=3,
     soak_s=60.0,
+    retrieval_history_tasks=200,
+    retrieval_probe_tasks=60,
+    retrieval_live_tasks=2000,
+    retrieval_timed_events=10_000,
+    retrieval_latency_samples=100,
 )

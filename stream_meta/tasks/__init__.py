@@ -14,6 +14,8 @@ ValueError: unknown task family 'mnist'; known: sinusoid, digits
 
 The families of ``functions`` (linear, quadratic, square wave, mixtures) only serve drift
 scenarios and are not registered: ``FAMILIES`` names the families a model is trained on.
+``RelatedTaskStream`` (:mod:`stream_meta.tasks.related`) is the stream of related tasks and its
+control that retrieval is measured on.
 
 >>> from stream_meta.tasks import SCENARIOS, get_scenario
 >>> list(SCENARIOS)  # doctest: +NORMALIZE_WHITESPACE
@@ -36,6 +38,7 @@ from stream_meta.tasks.functions import (
     SquareWaveFamily,
     TransformedDigitsFamily,
 )
+from stream_meta.tasks.related import RelatedEvent, RelatedTaskStream
 from stream_meta.tasks.scenarios import (
     SCENARIOS,
     Regime,
@@ -55,6 +58,8 @@ __all__ = [
     "MixtureFamily",
     "QuadraticFamily",
     "Regime",
+    "RelatedEvent",
+    "RelatedTaskStream",
     "Scenario",
     "ScenarioStream",
     "SinusoidFamily",

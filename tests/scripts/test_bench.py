@@ -210,3 +210,80 @@ def test_keep_carries_the_sections_this_run_did_not_measure(tmp_path) -> None:
     assert set(json.loads(js.read_text())["sections"]) == {"sinusoid", "digits"}
     report.write(meta2, new, out, js)  # without --keep: the other sections are dropped
     assert "Sinusoid" not in out.read_text().split("## Summary")[1].split("Not run")[0]
+
+
+def _retrieval_report(related: bool, retrieval: list[float]) -> dict:
+    from stream_meta.evaluation.retrieval import fractions
+
+    loss = {
+        "no-retrieval": [2.0, 1.0, 0.1],
+        "attention": [2.0, 0.9, 0.1],
+        "retrieval": retrieval,
+        "oracle-neighbour": [0.5, 0.5, 0.5] if related else [5.0, 5.0, 5.0],
+        "bayes-mixture": [1.9, 0.6, 0.02] if related else [2.0, 1.0, 0.1],
+    }
+    gains = fractions(loss)
+    return {
+        "stream": {
+            "related": related,
+            "clusters": 20,
+            "jitter": 0.02,
+            "history_tasks": 1000,
+            "history_examples": 20,
+            "probe_tasks": 200,
+            "queries": 10,
+            "seed": 0,
+        },
+        "shots": [0, 1, 2],
+        "loss": loss,
+        "ci95": {k: [0.01] * 3 for k in loss},
+        "attainable": gains["attainable"],
+        "fraction": gains["fraction"],
+        "mixture": {"variance": [1.0, 0.01, 0.001], "null_prior": [0.5, 0.1, 0.9]},
+    }
+
+
+def test_retrieval_targets_are_judged_from_the_numbers_when_measured() -> None:
+    from scripts.bench import retrieval
+
+    assert "retrieval" in runner.parse_args(["--only", "retrieval"]).only
+    section = Section("retrieval", "Retrieval")
+    targets = [f"t{i}" for i in range(7)]
+    reports = {
+        # 1 shot: 25% lower, half of an attainable 0.5 (the oracle's); 2 shots: 50% lower,
+        # 0.05 of an attainable 0.08 (the mixture's)
+        "related": _retrieval_report(True, [2.0, 0.75, 0.05]),
+        # 2 shots 2% worse than no retrieval
+        "control": _retrieval_report(False, [2.0, 1.0, 0.102]),
+    }
+    retrieval._quality_checks(section, targets, reports)
+    judged = {c.target: c.ok for c in section.checks if c.ok is not None}
+    assert judged == {"t0": False, "t1": True, "t2": False, "t3": True, "t4": False}
+    assert "50.0% of 0.5" in section.checks[2].measured
+    assert "2: 1.020x" in section.checks[4].measured
+    speed = {
+        "retrieval=False": {
+            "events_per_s": 1000.0,
+            "adapt_latency_ms_p50": 1.0,
+            "adapt_latency_ms_p99": 2.0,
+            "window_seconds": [1.0, 1.0, 9.0],
+        },
+        "default": {
+            "events_per_s": 950.0,
+            "adapt_latency_ms_p50": 1.3,
+            "adapt_latency_ms_p99": 2.5,
+            "window_seconds": [1.05, 1.0, 1.0],
+        },
+        "live_tasks": {"retrieval=False": 10_000, "default": 10_000},
+        "torch_threads": 2,
+        "timed_events": 60_000,
+    }
+    retrieval._speed_checks(section, targets[5:], speed)
+    # 1.30x latency; events/s window by window 0.95x, 1x, 9x: the median, 1.00x, is judged
+    assert [c.ok for c in section.checks[-2:]] == [False, True]
+    assert section.checks[-1].measured.startswith("1.00x (median of 3 windows")
+    table = retrieval._table("related", reports["related"])
+    assert "| fraction realised: retrieval | 0.0% | 50.0% | 62.5% |" in table
+    # nothing attainable on the control: no fraction
+    control = retrieval._table("control", reports["control"])
+    assert "| fraction realised: retrieval | - | - | - |" in control
