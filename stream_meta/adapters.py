@@ -228,8 +228,11 @@ def _solve_borrowed(
     borrowed: Borrowed,
     engine: EngineView,
 ) -> torch.Tensor:
-    """The head of each borrowing set: the posterior given its own examples (weight 1) and its
-    entries' pooled examples, each weighted by its entry's posterior probability."""
+    """The head of each borrowing set: the posterior mean of its head under the mixture over
+    ``{null, its entries}``. Given an entry, the head's posterior is the two-level one (the
+    entry's examples, then the set's own; :func:`~stream_meta.retrieval.solve_head_borrowed`);
+    given the null, it is the set's own posterior. All share the body generated for the set, so
+    the mixture's mean is one head: the posterior-weighted sum of the components' heads."""
     bank = engine.bank
     assert bank is not None
     b, m = borrowed.entries.shape
@@ -241,18 +244,24 @@ def _solve_borrowed(
     for i, r in enumerate(borrowed.rows.tolist()):
         s = sets[r]
         xs[i, : s.n], ys[i, : s.n], own[i, : s.n] = s.xs, s.ys, 1.0
-    ent = borrowed.entries
-    held = np.arange(p)[None, None, :] < bank.count[ent][:, :, None]  # [b, M, P]
-    return solve_head_borrowed(
+    xs_t, ys_t, own_t = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(own)
+    null_head = model.solve_head(generated, xs_t, ys_t, own_t)  # [b, F, out]
+    ent = borrowed.entries.reshape(-1)
+    held = (np.arange(p)[None, :] < bank.count[ent][:, None]).astype(np.float32)  # [b*M, P]
+    heads = solve_head_borrowed(
         model,
-        generated,
-        torch.from_numpy(xs),
-        torch.from_numpy(ys),
-        torch.from_numpy(own),
-        torch.from_numpy(bank.xs[ent].reshape(b, m * p, bank.x_dim)),
-        torch.from_numpy(bank.ys[ent].reshape(b, m * p)),
-        torch.from_numpy(
-            (held * borrowed.weights[:, :, None]).reshape(b, m * p).astype(np.float32)
-        ),
+        generated.repeat_interleave(m, dim=0),
+        xs_t.repeat_interleave(m, dim=0),
+        ys_t.repeat_interleave(m, dim=0),
+        own_t.repeat_interleave(m, dim=0),
+        torch.from_numpy(bank.xs[ent]),
+        torch.from_numpy(bank.ys[ent]),
+        torch.from_numpy(held),
         bank.config.spread,
-    )
+    ).reshape(b, m, *null_head.shape[1:])
+    # renormalised over the components kept (the entries not kept are mostly near-copies of
+    # the ones kept: their mass is theirs, not the null's; measured: giving it to the null
+    # doubled the 2-shot loss on the related-task stream)
+    mass = np.concatenate([borrowed.null[:, None], borrowed.weights], axis=1)
+    w = torch.from_numpy((mass / mass.sum(axis=1, keepdims=True)).astype(np.float32))
+    return w[:, 0, None, None] * null_head + (w[:, 1:, None, None] * heads).sum(dim=1)

@@ -46,6 +46,8 @@ from stream_meta.packing import pack_strings, unpack_strings
 __all__ = ["Borrowed", "EvidenceBank", "RetrievalConfig", "null_log_evidence"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+#: inputs at which entries' networks are compared to cluster them
+ANCHORS = 32
 #: rows (entry x example) evaluated together when scoring entries
 _CHUNK_ROWS = 1 << 16
 
@@ -62,7 +64,6 @@ class RetrievalConfig:
     probe_clusters: int = 4  # clusters of entries whose members are scored exactly
     points: int = 32  # pooled examples kept per entry (a reservoir sample)
     null_prior: float = 0.5  # prior probability that no entry is related
-    jitter: float = 0.0  # between-task variance added to the noise (model units)
     spread: float = 0.05  # a task's head around its entry's: this fraction of the prior covariance
     merge_nats: float = 0.0  # merge a task into an entry explaining it this close (per example)
     min_weight: float = 1e-3  # entries below this posterior weight are not borrowed from
@@ -113,6 +114,7 @@ class EvidenceBank:
         self.ids: list[str | None] = [None] * cap
         self._rng = np.random.default_rng(seed)
         self.merged = self.added = self.retired = 0
+        self.log_var: float | None = None  # see evidence_var
         # the clusters of entries (see clusters()): each entry's cluster at the last build (-1:
         # added since), whether it represents it, and how many entries changed since
         self._cluster = np.full(cap, -1, dtype=np.int64)
@@ -135,6 +137,14 @@ class EvidenceBank:
         return np.flatnonzero(self.count > 0)
 
     # -- evidence ---------------------------------------------------------------------------
+    def evidence_var(self, model: MetaModel) -> float:
+        """The variance of a related task's examples around an entry's network (model units):
+        learned from the stream, as the typical squared residual of an experienced task's
+        examples under the best *other* entry (the model's noise until the bank has seen any)."""
+        if self.log_var is None:
+            return float(torch.exp(2.0 * model.log_noise))
+        return math.exp(self.log_var)
+
     def shortlist(self, z: torch.Tensor, size: int) -> np.ndarray:
         """The ``size`` live entries nearest to each embedding ``z [B, E]`` (inner product, as
         the task index): ``[B, min(size, live)]`` entry indices."""
@@ -144,11 +154,16 @@ class EvidenceBank:
         top = torch.topk(sims, size, dim=1).indices.numpy()
         return live[top]
 
-    def clusters(self) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """``(representatives [C], members of each cluster, entries added since)``: the live
-        entries clustered by k-means in embedding space (FAISS, ``sqrt(entries)`` centroids;
-        a representative is the member nearest its centroid), rebuilt once a tenth of the
-        bank has changed; entries added since the last build are listed apart."""
+    def clusters(self, model: MetaModel) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """``(representatives [C], members of each cluster, entries added since)``.
+
+        The live entries are clustered by k-means (FAISS, ``sqrt(entries)`` centroids) in
+        *function space*: each entry is described by its network's outputs at the same
+        ``ANCHORS`` inputs, drawn from the bank's own examples, so a cluster holds entries that
+        predict alike and its representative (the member nearest the centroid) explains what
+        its members explain. Rebuilt once a tenth of the bank has changed; entries added since
+        the last build are listed apart.
+        """
         live = self.live
         if self._changes > max(8, len(live) // 10) or not (self._is_rep & (self.count > 0)).any():
             self._cluster[:] = -1
@@ -158,19 +173,15 @@ class EvidenceBank:
                 self._cluster[live] = np.arange(len(live))
                 self._is_rep[live] = True
             else:
-                zl = np.ascontiguousarray(self.z[torch.from_numpy(live)].numpy())
-                km = faiss.Kmeans(
-                    zl.shape[1], k, niter=10, seed=1, spherical=True, min_points_per_centroid=1
-                )
-                km.train(zl)
-                _, assign = km.index.search(zl, 1)
-                assign = assign[:, 0]
-                centroids = np.asarray(km.centroids)
-                sims = (zl * centroids[assign]).sum(axis=1)
+                prints = self._fingerprints(model, live)
+                km = faiss.Kmeans(prints.shape[1], k, niter=20, seed=1, min_points_per_centroid=1)
+                km.train(prints)
+                dist, assign = km.index.search(prints, 1)
+                assign, dist = assign[:, 0], dist[:, 0]
                 self._cluster[live] = assign
                 for cl in np.unique(assign).tolist():
                     idx = np.flatnonzero(assign == cl)
-                    self._is_rep[live[idx[np.argmax(sims[idx])]]] = True
+                    self._is_rep[live[idx[np.argmin(dist[idx])]]] = True
             self._changes = 0
         alive = self.count > 0
         reps = np.flatnonzero(self._is_rep & alive)
@@ -181,13 +192,27 @@ class EvidenceBank:
         fresh = np.flatnonzero(alive & (self._cluster < 0))
         return reps, groups, fresh
 
+    def _fingerprints(self, model: MetaModel, entries: np.ndarray) -> np.ndarray:
+        """Each entry's outputs at ``ANCHORS`` inputs drawn from the bank's examples (model
+        units; class probabilities for a classifier): ``[len(entries), ANCHORS * out]``."""
+        rng = np.random.default_rng(len(entries))
+        pick = rng.choice(len(entries), size=ANCHORS)
+        anchors = self.xs[entries[pick], rng.integers(0, self.count[entries[pick]])]
+        x = torch.from_numpy(anchors).unsqueeze(0).expand(len(entries), -1, -1)
+        out = model.predict(x, self.weights[torch.from_numpy(entries)])
+        if self.regression:
+            out = out / model.scaling.loss_scale().sqrt()
+        else:
+            out = torch.softmax(out, dim=-1)
+        return np.ascontiguousarray(out.reshape(len(entries), -1).numpy(), dtype=np.float32)
+
     def candidates(
         self, model: MetaModel, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray
     ) -> np.ndarray:
         """The entries worth scoring exactly for each set: the members of the ``probe``
         clusters whose representatives explain the set's examples best, plus the entries added
         since the clusters were built: ``[B, S]`` entry indices, ``-1`` = padding."""
-        reps, groups, fresh = self.clusters()
+        reps, groups, fresh = self.clusters(model)
         b = len(offsets) - 1
         if len(reps) == 0:
             return np.tile(fresh, (b, 1))
@@ -256,7 +281,7 @@ class EvidenceBank:
             xp[gi_t, ci_t] = x[src]
             yp[gi_t, ci_t] = y[src]
             pred = model.predict(xp, self.weights[torch.from_numpy(uniq[grp])])
-            ll[torch.from_numpy(rows)] = _log_likelihood(model, pred, yp, self.config.jitter)[
+            ll[torch.from_numpy(rows)] = _log_likelihood(model, pred, yp, self.evidence_var(model))[
                 gi_t, ci_t
             ]
             lo = hi
@@ -335,11 +360,19 @@ class EvidenceBank:
             n = torch.from_numpy(np.diff(offsets).astype(np.float32))
             seg = torch.from_numpy(_set_of(offsets))
             rows = own_w[torch.from_numpy(others)][seg]
-            own = _log_likelihood(model, model.predict(x.unsqueeze(1), rows)[:, 0], y, c.jitter)
+            own = _log_likelihood(
+                model, model.predict(x.unsqueeze(1), rows)[:, 0], y, self.evidence_var(model)
+            )
             own_mean = torch.zeros(len(others)).index_add_(0, seg, own) / n
             cand = self.shortlist(own_z[torch.from_numpy(others)], 16)
             ll = self.pair_log_likelihood(model, x, y, offsets, cand) / n.unsqueeze(1)
             best = ll.argmax(dim=1)
+            if self.regression:  # the evidence's variance: squared residuals under the best
+                var = self.evidence_var(model)
+                top = ll.gather(1, best.unsqueeze(1))[:, 0]
+                msr = (-2.0 * top - math.log(2.0 * math.pi * var)) * var
+                obs = float(torch.log(msr.clamp(min=1e-6)).median())
+                self.log_var = obs if self.log_var is None else 0.9 * self.log_var + 0.1 * obs
             dup = (ll.gather(1, best.unsqueeze(1))[:, 0] >= own_mean - c.merge_nats).numpy()
             hit = cand[np.arange(len(others)), best.numpy()][dup]
             np.add.at(self.members, hit, 1.0)
@@ -430,6 +463,7 @@ class EvidenceBank:
             ids_utf8=utf8,
             ids_offsets=offsets,
             changes=np.array([self._changes]),
+            log_var=np.array([np.nan if self.log_var is None else self.log_var]),
             weights=self.weights.numpy().copy(),
             feature_sum=self.feature_sum.numpy().copy(),
             z=self.z.numpy().copy(),
@@ -451,6 +485,8 @@ class EvidenceBank:
             setattr(self, name, np.asarray(arrays[name.lstrip("_")]).copy())
         self.ids = [i or None for i in ids]
         self._changes = int(np.asarray(arrays["changes"])[0])
+        log_var = float(np.asarray(arrays["log_var"])[0])
+        self.log_var = None if math.isnan(log_var) else log_var
         if refit:
             self.refit_all(model)
         else:
@@ -465,13 +501,13 @@ def _set_of(offsets: np.ndarray) -> np.ndarray:
 
 
 def _log_likelihood(
-    model: MetaModel, pred: torch.Tensor, y: torch.Tensor, jitter: float
+    model: MetaModel, pred: torch.Tensor, y: torch.Tensor, var: torch.Tensor | float
 ) -> torch.Tensor:
     """Per-example log-likelihood of labels ``y [.., N]`` given predictions ``pred`` (user
-    units; ``[.., N]`` values or ``[.., N, C]`` logits): Gaussian in the model's units with the
-    model's noise plus ``jitter``, or the class probability."""
+    units; ``[.., N]`` values or ``[.., N, C]`` logits): Gaussian with variance ``var`` in the
+    model's units, or the class probability."""
     if model.config.kind == "regression":
-        var = torch.exp(2.0 * model.log_noise) + jitter
+        var = torch.as_tensor(var, dtype=pred.dtype)
         r2 = (pred - y) ** 2 / model.scaling.loss_scale()
         return -0.5 * (r2 / var + torch.log(var) + _LOG_2PI)
     logp = torch.log_softmax(pred, dim=-1)
