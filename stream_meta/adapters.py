@@ -5,11 +5,16 @@ caches adapted weights and scores; *how* a support set becomes weights, and how 
 predicted with them, is its adapter's (learn2learn's wrap-and-adapt: the strategy is an object
 the engine holds, not a subclass of it). An adapter is anything with this shape:
 
-* ``adapt(sets, engine) -> weights [B, n_params]``: one row per :class:`SupportSet` of the
+* ``row_width(model) -> int``: the width of the rows ``adapt`` returns and the engine caches,
+  ``n_params`` plus whatever the adapter keeps beside the weights (the meta-adapter: the
+  head's posterior, for the predictive standard deviation);
+* ``adapt(sets, engine) -> rows [B, row_width]``: one row per :class:`SupportSet` of the
   chunk (each one task's examples *as an event of the batch saw them*); called once per
   micro-batch chunk of adaptation requests, never per event;
-* ``predict(x [N, q, x_dim], weights [N, n_params], engine) -> [N, q]`` values, or
-  ``[N, q, C]`` logits (weights from the cache or from ``adapt``);
+* ``predict(x [N, q, x_dim], rows [N, row_width], engine) -> (out, std)``: ``[N, q]`` values,
+  or ``[N, q, C]`` logits, and for regression the predictive standard deviation ``[N, q]`` in
+  the target's units, or None when the adapter has none (rows from the cache or from
+  ``adapt``);
 * ``embeds``: whether the engine keeps every task's pooled encoder state and embedding up to
   date as examples arrive (and so indexes it for the k-NN search); an adapter that never reads
   them says False and the engine skips that work.
@@ -97,11 +102,17 @@ class Adapter(Protocol):
     def embeds(self) -> bool:
         """Whether the engine must keep pooled encoder states and task embeddings up to date."""
 
-    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
-        """Weights ``[len(sets), n_params]`` of the model's target network, one row per set."""
+    def row_width(self, model: MetaModel) -> int:
+        """Columns of a row of :meth:`adapt` (``>= model.target.n_params``)."""
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        """``[N, q, x_dim], [N, n_params] -> [N, q]`` values or ``[N, q, C]`` logits."""
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
+        """Rows ``[len(sets), row_width]`` (the target network's weights first), one per set."""
+
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N, q, x_dim], [N, row_width] -> ([N, q]`` values or ``[N, q, C]`` logits, the
+        predictive standard deviation ``[N, q]`` or None)."""
 
 
 def support_groups(
@@ -144,10 +155,16 @@ class MetaAdapter:
 
     Encoder readout of each set's pooled state (a set without examples: its stored embedding,
     else the empty-set one), one batched k-NN search (a task never retrieves itself), the
-    hypernetwork, and the closed-form head solved per group of similar support sizes.
+    hypernetwork, and the closed-form head solved per group of similar support sizes. A
+    regression row carries the head's posterior beside the weights
+    (:meth:`~stream_meta.model.MetaModel.posterior_row`), so every prediction, from the cache
+    or fresh, comes with its standard deviation.
     """
 
     embeds = True
+
+    def row_width(self, model: MetaModel) -> int:
+        return model.target.n_params + model.posterior_width
 
     def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
         model, empty = engine.model, engine.empty_embedding
@@ -161,16 +178,21 @@ class MetaAdapter:
         zn, sim, nmask = engine.neighbours(z, [r.task_id for r in sets])
         generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
         head = torch.empty(b, model.target.n_features, model.config.y_dim)
+        post = torch.empty(b, model.posterior_width)
         store = engine.store
         for g, xs, ys, smask in support_groups(sets, store.x_dim, store.y_dtype):
             gi = torch.from_numpy(g)
-            head[gi] = model.solve_head(
+            posterior = model.head_posterior(
                 generated[gi],
                 torch.from_numpy(xs),
                 torch.from_numpy(ys),
                 torch.from_numpy(smask),
             )
-        return model.with_head(generated, head)
+            head[gi] = posterior.mean
+            post[gi] = model.posterior_row(posterior)
+        return torch.cat([model.with_head(generated, head), post], dim=-1)
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        return engine.model.predict(x, weights)
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return engine.model.predict_with_std(x, rows)
