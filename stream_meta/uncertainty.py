@@ -3,22 +3,39 @@
 The closed-form head is a Bayesian linear regression on the body's features ``phi(x) [F]``:
 with ``G = beta Phi^T Phi + Lambda0`` (the posterior precision, ``G = L L^T``) its predictive
 variance in model units is ``phi^T G^{-1} phi + 1 / beta``: what the head does not know yet
-(*epistemic*, ``||L^{-1} phi||^2``) plus the observation noise. Two things make the raw value a
-poor interval: the meta-trained noise ``1 / beta`` is the *average* squared error over the
-training shots (0.1 for the shipped sinusoid model, whose tasks have no noise and whose 20-shot
-error is 0.001), and the prior ``Lambda0`` was trained for the mean, not for the spread. So the
-served variance is calibrated by two numbers fitted on held-out episodes
-(:func:`fit_variance_calibration`)::
+(*epistemic*, ``||L^{-1} phi||^2``) plus the observation noise. Three things make the raw
+value a poor interval: the meta-trained noise ``1 / beta`` is the *average* squared error over
+the training shots (0.1 for the shipped sinusoid model, whose tasks have no noise and whose
+20-shot error is 0.001); the prior ``Lambda0`` was trained for the mean, not for the spread
+(the raw 0-shot variance is 40x the 0-shot error); and one noise level cannot fit tasks whose
+own spread differs (a shifted family). So the served variance is (:class:`Calibration`)::
 
-    var = a * phi^T G^{-1} phi + c / beta        (a: ``var_scale``, c: ``noise_scale``)
+    var = s * (a * phi^T G^{-1} phi + c / beta)     (a: ``var_scale``, c: ``noise_scale``)
 
-and carried in user units (``y_scale**2 * var``). Both default to 1, the exact Bayesian
+where ``s`` is the task's own scale, estimated from how far its examples stray from what the
+prior expected (Normal-inverse-gamma regression: ``s = (1 + k M) / (1 + k n)`` for the support
+set's Mahalanobis misfit ``M`` over ``n`` examples, ``k``: ``scale_rate``), widened to the
+Student-t's central 90% interval that an estimated scale implies at few examples
+(:func:`t_interval_factor`). ``a``, ``c`` and ``k`` are fitted by maximum Gaussian likelihood
+on held-out query points of episodes across support sizes (:func:`fit_variance_calibration`;
+at the end of ``stream-meta train`` and ``train --data``), and the standard deviation is served
+in user units (``y_scale * sqrt(var)``). The defaults (1, 1, 0) are the exact Bayesian
 predictive: a checkpoint from before calibration existed loads as that.
 
+Measured on the shipped sinusoid model (``scripts/calibrate_checkpoints.py``, 300 held-out
+tasks per shot count in 0, 1, 2, 5, 10, 20, 40): the central 90% interval covers 93.0% of the
+labels in distribution, 89.8% with the phase in ``[pi, 2 pi]`` and 84.5% with the amplitude
+in ``[5, 10]`` (63% of those at 0 shots, where nothing shows the task is wilder; 73-96% from 1
+shot on), where the uncalibrated variance covers 100% everywhere. Two variants fitted worse:
+``a`` and ``c`` alone (no task scale) cover 87% in distribution but 55% on the amplitude
+shift; the scale without the t tails covers 1-shot labels only 72% of the time.
+
 A cached weight row carries the posterior beside the weights: the rows of ``R = L^{-1}``
-(lower triangular) packed row-major, ``F (F + 1) / 2`` numbers (:func:`pack_tril`). Serving
-a query is then one gather and a matrix-vector product, ``var_epi = ||R phi||^2``, with no
-solve and never a negative variance.
+(lower triangular) packed row-major, ``F (F + 1) / 2`` numbers (:func:`pack_tril`), and the
+task's scale ``s``. Serving a query is then one gather and a matrix-vector product,
+``var_epi = ||R phi||^2``, with no solve and never a negative variance. A prediction that
+averages several heads (candidates, experts) must report the mixture's variance, not the mean
+of theirs (:func:`mixture_moments`).
 
 Scoring (the replay report and the calibration checks): a regression label's standardised
 residual ``z = (y - mean) / std`` is inside the central ``p`` interval when

@@ -5,9 +5,10 @@ family has one) with a seed that training never uses. A bank of held-out tasks w
 support sets is embedded into a FAISS :class:`~stream_meta.index.TaskIndex`, as a live
 deployment's index would hold them; each evaluated task is embedded from its ``k``-shot support
 set, retrieves its nearest bank tasks from that index (unless ``neighbours=False``), adapts in one
-forward pass and is scored on fresh query points: MSE for regression, accuracy for
-classification, with a 95% confidence interval over tasks. Classification also reports a
-nearest-centroid baseline in raw input space on the very same episodes.
+forward pass and is scored on fresh query points: MSE for regression (and the share of labels
+inside the served central 90% interval), accuracy for classification, with a 95% confidence
+interval over tasks. Classification also reports a nearest-centroid baseline in raw input space
+on the very same episodes.
 
 Latency is measured for one task at a time on one thread (embed, k-NN, generate weights,
 predict one point); throughput as batched predictions per second with adapted weights.
@@ -25,6 +26,7 @@ import torch
 from stream_meta.index import TaskIndex, neighbour_arrays
 from stream_meta.model import MetaModel
 from stream_meta.tasks import TaskFamily
+from stream_meta.uncertainty import central_coverage
 
 #: offset between any training seed and the evaluation seeds (never used in training)
 EVAL_SEED_OFFSET = 1_000_003
@@ -122,7 +124,7 @@ def evaluate(
         index = build_bank(model, family, bank_tasks if k_neighbours else 0, bank_shots, rng)
         baseline: dict[str, Any] = {}
         for s in shots:
-            scores, base_scores = [], []
+            scores, base_scores, zs = [], [], []
             for start in range(0, tasks, batch):
                 b = min(batch, tasks - start)
                 params = family.sample_params(b, rng)
@@ -131,8 +133,11 @@ def evaluate(
                     xs, ys, xq, yq = family.sample_episode(params, s, q, rng)
                 else:
                     xs, ys, xq, yq = family.sample_episode(params, s, queries, rng)
-                w = adapt_batch(model, index, xs, ys, k_neighbours)
-                out = _predict(model, xq, w)
+                w = adapt_batch(model, index, xs, ys, k_neighbours, posterior=True)
+                out_t, std = model.predict_with_std(torch.from_numpy(xq).to(w.device), w)
+                out = out_t.cpu()
+                if std is not None:
+                    zs.append(((yq - out.numpy()) / std.cpu().numpy()).ravel())
                 if classification:
                     acc = (out.argmax(-1).numpy() == yq).mean(axis=1)
                     scores.append(acc)
@@ -148,6 +153,8 @@ def evaluate(
                 else:
                     scores.append(((out.numpy() - yq) ** 2).mean(axis=1))
             report["shots"][str(s)] = _mean_ci(np.concatenate(scores))
+            if zs:  # the served standard deviations: share of labels in the 90% interval
+                report["shots"][str(s)]["coverage_90"] = central_coverage(np.concatenate(zs))
             if base_scores:
                 baseline[str(s)] = _mean_ci(np.concatenate(base_scores))
         if baseline:
@@ -175,11 +182,7 @@ def uncertainty_report(
     central 90% interval ``mean +- 1.645 std`` and its calibration error over the central
     levels 0.1..0.9; a classifier's expected calibration error of the top-class probability
     (15 bins) and accuracy."""
-    from stream_meta.uncertainty import (
-        central_coverage,
-        expected_calibration_error,
-        regression_calibration_error,
-    )
+    from stream_meta.uncertainty import expected_calibration_error, regression_calibration_error
 
     rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
     model.eval()
