@@ -259,3 +259,22 @@ def test_the_report_scores_each_strategys_uncertainty_when_it_gives_one(tmp_path
     assert "coverage_90" in page and "calibration_error" in page
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["strategies"]["no-meta-update"]["coverage_90"] == ours["coverage_90"]
+
+
+def test_a_classifiers_report_scores_the_calibration_of_its_probabilities(tmp_path: Path) -> None:
+    proc = cli(
+        "replay",
+        str(LOGS / "digits-new-transform"),
+        "--report",
+        str(tmp_path),
+        "--family",
+        "digits",
+        "--strategy",
+        "no-meta-update",
+        "--json",
+        "-q",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    r = json.loads(proc.stdout)["strategies"]["no-meta-update"]
+    assert r["coverage_90"] is None
+    assert r["calibration_metric"].startswith("ECE") and 0 <= r["calibration_error"] < 0.2
