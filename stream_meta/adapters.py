@@ -157,8 +157,8 @@ class MetaAdapter:
     else the empty-set one), one batched k-NN search (a task never retrieves itself), the
     hypernetwork, and the closed-form head solved per group of similar support sizes. A
     regression row carries the head's posterior beside the weights
-    (:meth:`~stream_meta.model.MetaModel.posterior_row`), so every prediction, from the cache
-    or fresh, comes with its standard deviation.
+    (:meth:`~stream_meta.model.MetaModel.head_row`), so every prediction, from the cache or
+    fresh, comes with its standard deviation.
     """
 
     embeds = True
@@ -177,8 +177,9 @@ class MetaAdapter:
             z[j] = sets[j].embedding if sets[j].embedding is not None else empty
         zn, sim, nmask = engine.neighbours(z, [r.task_id for r in sets])
         generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
-        head = torch.empty(b, model.target.n_features, model.config.y_dim)
-        post = torch.empty(b, model.posterior_width)
+        n_body = model.target.n_body
+        rows = torch.empty(b, self.row_width(model))
+        rows[:, :n_body] = generated[:, :n_body]
         store = engine.store
         for g, xs, ys, smask in support_groups(sets, store.x_dim, store.y_dtype):
             gi = torch.from_numpy(g)
@@ -188,9 +189,8 @@ class MetaAdapter:
                 torch.from_numpy(ys),
                 torch.from_numpy(smask),
             )
-            head[gi] = posterior.mean
-            post[gi] = model.posterior_row(posterior)
-        return torch.cat([model.with_head(generated, head), post], dim=-1)
+            rows[gi, n_body:] = model.head_row(posterior)
+        return rows
 
     def predict(
         self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView

@@ -30,10 +30,9 @@ shot on), where the uncalibrated variance covers 100% everywhere. Two variants f
 ``a`` and ``c`` alone (no task scale) cover 87% in distribution but 55% on the amplitude
 shift; the scale without the t tails covers 1-shot labels only 72% of the time.
 
-A cached weight row carries the posterior beside the weights: the rows of ``R = L^{-1}``
-(lower triangular) packed row-major, ``F (F + 1) / 2`` numbers (:func:`pack_tril`), and the
-task's scale ``s``. Serving a query is then one gather and a matrix-vector product,
-``var_epi = ||R phi||^2``, with no solve and never a negative variance. A prediction that
+A cached weight row carries the posterior beside the weights: ``L`` (``F x F``) and the
+task's scale ``s``. Serving a query is then one triangular solve, ``var_epi = ||L^{-1}
+phi||^2``, never a negative variance. A prediction that
 averages several heads (candidates, experts) must report the mixture's variance, not the mean
 of theirs (:func:`mixture_moments`).
 
@@ -68,11 +67,8 @@ __all__ = [
     "expected_calibration_error",
     "fit_variance_calibration",
     "mixture_moments",
-    "pack_tril",
     "regression_calibration_error",
     "t_interval_factor",
-    "tril_size",
-    "unpack_tril",
 ]
 
 #: the central levels whose coverage the calibration error averages over
@@ -109,32 +105,6 @@ def t_interval_factor(dof: torch.Tensor) -> torch.Tensor:
     )  # Cornish-Fisher: within 1e-4 of the exact quantile beyond 32
     t = torch.where(dof > len(T95), t_cf, t_tab)
     return torch.where(dof < 1.0, torch.ones_like(dof), (t / z) ** 2)
-
-
-# -- the posterior factor in a weight row ----------------------------------------------------
-def tril_size(n: int) -> int:
-    """Numbers in the packed lower triangle of an ``n x n`` matrix."""
-    return n * (n + 1) // 2
-
-
-def pack_tril(m: torch.Tensor) -> torch.Tensor:
-    """``[B, F, F]`` lower-triangular -> ``[B, F (F+1) / 2]``, row-major.
-
-    >>> m = torch.tensor([[[1.0, 0.0], [2.0, 3.0]]])
-    >>> pack_tril(m).tolist(), unpack_tril(pack_tril(m), 2).tolist() == m.tolist()
-    ([[1.0, 2.0, 3.0]], True)
-    """
-    f = m.shape[-1]
-    i, j = torch.tril_indices(f, f, device=m.device)
-    return m[:, i, j]
-
-
-def unpack_tril(packed: torch.Tensor, f: int) -> torch.Tensor:
-    """:func:`pack_tril`'s inverse: ``[B, F (F+1) / 2] -> [B, F, F]`` (zeros above)."""
-    i, j = torch.tril_indices(f, f, device=packed.device)
-    out = packed.new_zeros(packed.shape[0], f, f)
-    out[:, i, j] = packed
-    return out
 
 
 class Calibration(nn.Module):

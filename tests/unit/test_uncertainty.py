@@ -23,11 +23,8 @@ from stream_meta.uncertainty import (
     expected_calibration_error,
     fit_variance_calibration,
     mixture_moments,
-    pack_tril,
     regression_calibration_error,
     t_interval_factor,
-    tril_size,
-    unpack_tril,
 )
 from tests.conftest import sinusoid_events
 
@@ -77,16 +74,24 @@ def test_std_is_the_bayesian_linear_regressions_when_calibration_is_the_identity
     np.testing.assert_allclose(mean.numpy(), model.predict(xq, plain).detach().numpy(), atol=1e-5)
 
 
-def test_rows_carry_the_packed_posterior_when_the_model_is_a_regressor(make_model) -> None:
+def test_rows_carry_the_posterior_factor_when_the_model_is_a_regressor(make_model) -> None:
     reg = make_model()
     f = reg.target.n_features
-    assert reg.posterior_width == tril_size(f) + 1
+    assert reg.posterior_width == f * f + 1
     xs, ys, smask = _support()
     with torch.no_grad():
         rows = _rows(reg, xs, ys, smask)
-    assert rows.shape == (3, reg.target.n_params + tril_size(f) + 1)
-    inv = unpack_tril(rows[:, reg.target.n_params : -1], f)
-    assert torch.equal(inv, torch.tril(inv)) and bool((inv.diagonal(dim1=1, dim2=2) > 0).all())
+    assert rows.shape == (3, reg.target.n_params + f * f + 1)
+    chol = rows[:, reg.target.n_params : -1].reshape(3, f, f)
+    assert torch.equal(chol, torch.tril(chol)) and bool((chol.diagonal(dim1=1, dim2=2) > 0).all())
+    # it factors the posterior precision beta Phi^T Phi + Lambda0
+    with torch.no_grad():
+        z = reg.embed(xs, ys, smask)
+        generated = reg.hyper(z, *no_neighbours(3, z.shape[1]), smask.sum(-1))
+        phi = reg.target.features(xs, generated) * smask.unsqueeze(-1)
+        beta = torch.exp(-2 * reg.log_noise)
+        gram = beta * phi.transpose(1, 2) @ phi + reg.prior_precision()
+    torch.testing.assert_close(chol @ chol.transpose(1, 2), gram, rtol=1e-4, atol=1e-4)
     assert torch.equal(rows[:, -1], torch.ones(3))  # the identity calibration: task scale 1
     clf = make_model(x_dim=2, kind="classification", n_classes=3)
     assert clf.posterior_width == 0
@@ -94,13 +99,6 @@ def test_rows_carry_the_packed_posterior_when_the_model_is_a_regressor(make_mode
     with torch.no_grad():
         out, std = clf.predict_with_std(x2, _rows(clf, x2, y2, torch.ones(2, 4)))
     assert out.shape == (2, 4, 3) and std is None
-
-
-def test_pack_and_unpack_round_trip_when_lower_triangular() -> None:
-    m = torch.tril(torch.randn(4, 6, 6))
-    packed = pack_tril(m)
-    assert packed.shape == (4, 21)
-    assert torch.equal(unpack_tril(packed, 6), m)
 
 
 def test_coverage_and_calibration_error_when_cases_are_made_by_hand() -> None:
