@@ -203,6 +203,8 @@ class _PredictionLog:
             }
             if o.stds is not None:
                 rec["std"] = o.stds[ref]
+            if o.probabilities is not None:
+                rec["probabilities"] = o.probabilities[ref]
             if loss == loss:
                 self.losses.append((pos, o.shots[ref], loss))
                 if label is not None:
