@@ -5,11 +5,16 @@ caches adapted weights and scores; *how* a support set becomes weights, and how 
 predicted with them, is its adapter's (learn2learn's wrap-and-adapt: the strategy is an object
 the engine holds, not a subclass of it). An adapter is anything with this shape:
 
-* ``adapt(sets, engine) -> weights [B, n_params]``: one row per :class:`SupportSet` of the
+* ``row_width(model) -> int``: the width of the rows ``adapt`` returns and the engine caches,
+  ``n_params`` plus whatever the adapter keeps beside the weights (the meta-adapter: the
+  head's posterior, for the predictive standard deviation);
+* ``adapt(sets, engine) -> rows [B, row_width]``: one row per :class:`SupportSet` of the
   chunk (each one task's examples *as an event of the batch saw them*); called once per
   micro-batch chunk of adaptation requests, never per event;
-* ``predict(x [N, q, x_dim], weights [N, n_params], engine) -> [N, q]`` values, or
-  ``[N, q, C]`` logits (weights from the cache or from ``adapt``);
+* ``predict(x [N, q, x_dim], rows [N, row_width], engine) -> (out, std)``: ``[N, q]`` values,
+  or ``[N, q, C]`` logits, and for regression the predictive standard deviation ``[N, q]`` in
+  the target's units, or None when the adapter has none (rows from the cache or from
+  ``adapt``);
 * ``embeds``: whether the engine keeps every task's pooled encoder state and embedding up to
   date as examples arrive (and so indexes it for the k-NN search); an adapter that never reads
   them says False and the engine skips that work.
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 
 from stream_meta.index import TaskIndex
-from stream_meta.model import MetaModel
+from stream_meta.model import HeadPosterior, MetaModel
 from stream_meta.retrieval import Borrowed, EvidenceBank, solve_head_borrowed
 from stream_meta.state import TaskState, TaskStore
 
@@ -102,11 +107,17 @@ class Adapter(Protocol):
     def embeds(self) -> bool:
         """Whether the engine must keep pooled encoder states and task embeddings up to date."""
 
-    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
-        """Weights ``[len(sets), n_params]`` of the model's target network, one row per set."""
+    def row_width(self, model: MetaModel) -> int:
+        """Columns of a row of :meth:`adapt` (``>= model.target.n_params``)."""
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        """``[N, q, x_dim], [N, n_params] -> [N, q]`` values or ``[N, q, C]`` logits."""
+    def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
+        """Rows ``[len(sets), row_width]`` (the target network's weights first), one per set."""
+
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N, q, x_dim], [N, row_width] -> ([N, q]`` values or ``[N, q, C]`` logits, the
+        predictive standard deviation ``[N, q]`` or None)."""
 
 
 def support_groups(
@@ -149,10 +160,16 @@ class MetaAdapter:
 
     Encoder readout of each set's pooled state (a set without examples: its stored embedding,
     else the empty-set one), one batched k-NN search (a task never retrieves itself), the
-    hypernetwork, and the closed-form head solved per group of similar support sizes.
+    hypernetwork, and the closed-form head solved per group of similar support sizes. A
+    regression row carries the head's posterior beside the weights
+    (:meth:`~stream_meta.model.MetaModel.head_row`), so every prediction, from the cache or
+    fresh, comes with its standard deviation.
     """
 
     embeds = True
+
+    def row_width(self, model: MetaModel) -> int:
+        return model.target.n_params + model.posterior_width
 
     def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
         model, empty = engine.model, engine.empty_embedding
@@ -176,27 +193,33 @@ class MetaAdapter:
             z[j] = sets[j].embedding if sets[j].embedding is not None else empty
         zn, sim, nmask = engine.neighbours(z, [r.task_id for r in sets])
         generated = model.hyper(torch.from_numpy(z), zn, sim, nmask, shots)
-        head = torch.empty(b, model.target.n_features, model.config.y_dim)
+        n_body = model.target.n_body
+        out = torch.empty(b, self.row_width(model))
+        out[:, :n_body] = generated[:, :n_body]
         keep = np.arange(b)
         if borrowed is not None:
             rows = torch.from_numpy(borrowed.rows)
-            head[rows] = _solve_borrowed(model, generated[rows], sets, borrowed, engine)
+            post = _solve_borrowed(model, generated[rows], sets, borrowed, engine)
+            out[rows, n_body:] = model.head_row(post)
             keep = np.setdiff1d(keep, borrowed.rows)
         own = [sets[j] for j in keep.tolist()]
         if own:
             store = engine.store
             for g, xs, ys, smask in support_groups(own, store.x_dim, store.y_dtype):
                 gi = torch.from_numpy(keep[g])
-                head[gi] = model.solve_head(
+                posterior = model.head_posterior(
                     generated[gi],
                     torch.from_numpy(xs),
                     torch.from_numpy(ys),
                     torch.from_numpy(smask),
                 )
-        return model.with_head(generated, head)
+                out[gi, n_body:] = model.head_row(posterior)
+        return out
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        return engine.model.predict(x, weights)
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return engine.model.predict_with_std(x, rows)
 
 
 def _borrow(
@@ -227,12 +250,14 @@ def _solve_borrowed(
     sets: Sequence[SupportSet],
     borrowed: Borrowed,
     engine: EngineView,
-) -> torch.Tensor:
+) -> HeadPosterior:
     """The head of each borrowing set: the posterior mean of its head under the mixture over
     ``{null, its entries}``. Given an entry, the head's posterior is the two-level one (the
     entry's examples, then the set's own; :func:`~stream_meta.retrieval.solve_head_borrowed`);
     given the null, it is the set's own posterior. All share the body generated for the set, so
-    the mixture's mean is one head: the posterior-weighted sum of the components' heads."""
+    the mixture's mean is one head: the posterior-weighted sum of the components' heads. The
+    uncertainty (precision factor, misfit) is the most probable component's: the spread
+    between components is not represented."""
     bank = engine.bank
     assert bank is not None
     b, m = borrowed.entries.shape
@@ -245,10 +270,10 @@ def _solve_borrowed(
         s = sets[r]
         xs[i, : s.n], ys[i, : s.n], own[i, : s.n] = s.xs, s.ys, 1.0
     xs_t, ys_t, own_t = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(own)
-    null_head = model.solve_head(generated, xs_t, ys_t, own_t)  # [b, F, out]
+    null = model.head_posterior(generated, xs_t, ys_t, own_t)  # [b, F, out]
     ent = borrowed.entries.reshape(-1)
     held = (np.arange(p)[None, :] < bank.count[ent][:, None]).astype(np.float32)  # [b*M, P]
-    heads = solve_head_borrowed(
+    lent = solve_head_borrowed(
         model,
         generated.repeat_interleave(m, dim=0),
         xs_t.repeat_interleave(m, dim=0),
@@ -258,10 +283,17 @@ def _solve_borrowed(
         torch.from_numpy(bank.ys[ent]),
         torch.from_numpy(held),
         bank.config.spread,
-    ).reshape(b, m, *null_head.shape[1:])
+    )
+    heads = lent.mean.reshape(b, m, *null.mean.shape[1:])
     # renormalised over the components kept (the entries not kept are mostly near-copies of
     # the ones kept: their mass is theirs, not the null's; measured: giving it to the null
     # doubled the 2-shot loss on the related-task stream)
     mass = np.concatenate([borrowed.null[:, None], borrowed.weights], axis=1)
     w = torch.from_numpy((mass / mass.sum(axis=1, keepdims=True)).astype(np.float32))
-    return w[:, 0, None, None] * null_head + (w[:, 1:, None, None] * heads).sum(dim=1)
+    mean = w[:, 0, None, None] * null.mean + (w[:, 1:, None, None] * heads).sum(dim=1)
+    top = torch.from_numpy(mass.argmax(axis=1))  # 0 = the null
+    pick = torch.arange(b) * m + (top - 1).clamp(min=0)
+    use_null = top == 0
+    chol = torch.where(use_null[:, None, None], null.chol, lent.chol[pick])
+    misfit = torch.where(use_null, null.misfit, lent.misfit[pick])
+    return HeadPosterior(mean, chol, misfit, null.shots)

@@ -47,6 +47,7 @@ from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
 from stream_meta.retrieval import EvidenceBank, RetrievalConfig
 from stream_meta.state import TaskState, TaskStore
+from stream_meta.uncertainty import Z90
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Outputs:
     losses: list[float]  # NaN for unlabelled events
     latency_s: float
     model_version: int
+    #: predictive standard deviations, target units (regression, when the adapter gives them)
+    stds: list[float] | None = None
     duplicates: list[bool] | None = None  # labelled events already learned (not learned again)
     x: np.ndarray | None = None  # the events' features [N, x_dim] (for replay)
     y: list[Any] | None = None  # the labels learned (None: a query, or a duplicate)
@@ -107,6 +110,7 @@ class Outputs:
             task_id=self.task_ids[i],
             prediction=self.values[i],
             probabilities=None if self.probabilities is None else self.probabilities[i],
+            std=None if self.stds is None else self.stds[i],
             model_version=self.model_version,
             shots=self.shots[i],
             labelled=self.labelled[i],
@@ -302,7 +306,7 @@ class Engine:
         self.stats = RunningStats(config.support_size)
         self.dedupe = DedupeWindow(config.dedupe_window) if config.dedupe_window else None
         self._cache_size = config.weights_cache_size or max(
-            1, min(config.max_live_tasks, (256 << 20) // (4 * model.target.n_params))
+            1, min(config.max_live_tasks, (256 << 20) // (4 * self.adapter.row_width(model)))
         )
         self.bank: EvidenceBank | None = None
         if config.retrieval and config.retrieval_max_shots > 0 and self.adapter.embeds:
@@ -322,7 +326,7 @@ class Engine:
             empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))[
                 0
             ].numpy()
-        pool = torch.zeros(self._cache_size, model.target.n_params)
+        pool = torch.zeros(self._cache_size, self.adapter.row_width(model))
         self._snapshot = (model, version, empty, pool)
         self._slot_key = np.full(self._cache_size, -1, dtype=np.int64)
         self._slot_version = np.full(self._cache_size, -1, dtype=np.int64)
@@ -453,8 +457,8 @@ class Engine:
         with torch.inference_mode():
             plan = self._plan(events)
             weights = self._weights_for(plan)
-            out = self.adapter.predict(plan.x.unsqueeze(1), weights, self)[:, 0]
-        outputs = self._score(events, plan, out, t0)
+            out, std = self.adapter.predict(plan.x.unsqueeze(1), weights, self)
+        outputs = self._score(events, plan, out[:, 0], None if std is None else std[:, 0], t0)
         if self.bank is not None:
             self._offer(plan)
         outputs.x = plan.x.numpy()
@@ -588,7 +592,7 @@ class Engine:
 
     # -- adaptation ---------------------------------------------------------------------------
     def _weights_for(self, plan: _Plan) -> torch.Tensor:
-        """Per-event weights ``[N, n_params]``: cached rows, or freshly adapted requests."""
+        """Per-event rows ``[N, row_width]``: cached ones, or freshly adapted requests."""
         pool = self._snapshot[3]
         req = torch.as_tensor(plan.request_of)
         cached = req < 0
@@ -605,7 +609,7 @@ class Engine:
         return weights
 
     def _adapt(self, requests: list[SupportSet], chunk: int = 4096) -> torch.Tensor:
-        """Adapt every request with the engine's adapter, in chunks -> weights ``[R, n_params]``."""
+        """Adapt every request with the engine's adapter, in chunks -> rows ``[R, row_width]``."""
         adapt, parts = self.adapter.adapt, []
         for lo in range(0, len(requests), chunk):
             part = requests[lo : lo + chunk]
@@ -661,7 +665,14 @@ class Engine:
         return tuple(torch.from_numpy(a) for a in arrays)  # type: ignore[return-value]
 
     # -- scoring and outputs ------------------------------------------------------------------
-    def _score(self, events: list[Event], plan: _Plan, out: torch.Tensor, t0: float) -> Outputs:
+    def _score(
+        self,
+        events: list[Event],
+        plan: _Plan,
+        out: torch.Tensor,
+        std: torch.Tensor | None,
+        t0: float,
+    ) -> Outputs:
         version = self.model_version
         shots = plan.shots
         labelled = np.array([ev.y is not None for ev in events])
@@ -674,6 +685,8 @@ class Engine:
             if len(li):
                 ys = np.array([events[i].y for i in li], dtype=np.float64)
                 losses[li] = (values[li] - ys) ** 2
+                if std is not None:
+                    self._score_intervals(values[li], std.numpy()[li], ys)
             correct = 0
         else:
             p = torch.softmax(out, dim=-1).numpy().astype(np.float64)
@@ -702,12 +715,23 @@ class Engine:
             task_ids=[ev.task_id for ev in events],
             values=predictions,
             probabilities=None if self.kind == "regression" else probs,
+            stds=None if std is None else std.numpy().astype(np.float64).tolist(),
             shots=shots.tolist(),
             labelled=labelled.tolist(),
             losses=losses.tolist(),
             latency_s=latency,
             model_version=version,
         )
+
+    def _score_intervals(self, values: np.ndarray, std: np.ndarray, ys: np.ndarray) -> None:
+        """Count labelled events whose label fell inside their central 90% interval
+        (``mean +- 1.645 std``): the served coverage, which should stay near 0.9."""
+        ok = np.isfinite(std) & (std > 0)
+        n = int(ok.sum())
+        if n:
+            inside = int((np.abs(ys[ok] - values[ok]) <= Z90 * std[ok]).sum())
+            self.metrics.interval_labels.inc(n)
+            self.metrics.interval_hits.inc(inside)
 
     def _reembed(self, states: list[TaskState]) -> None:
         """Recompute embeddings from the pooled encoder state and queue them for the index."""

@@ -162,6 +162,11 @@ class Prediction(BaseModel):
     probabilities: tuple[float, ...] | None = Field(
         default=None, description="Class probabilities [n_classes] (classification only)."
     )
+    std: float | None = Field(
+        default=None,
+        description="Predictive standard deviation in the target's units (regression; "
+        "mean +- 1.645 std is the central 90% interval). None when the strategy has none.",
+    )
     model_version: int = Field(ge=0, description="Version of the model snapshot that predicted.")
     shots: int = Field(ge=0, description="Support examples the task had when predicting.")
     labelled: bool = Field(description="Whether the event carried a label.")

@@ -408,3 +408,94 @@ def _progress(total: int, enabled: bool, desc: str = "meta-train") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# -- the predictive variance's calibration -----------------------------------------------------
+def variance_evidence(
+    model: MetaModel, bank: dict[str, torch.Tensor], ep: dict[str, torch.Tensor], k: int
+) -> dict[str, np.ndarray]:
+    """What :func:`~stream_meta.uncertainty.fit_variance_calibration` fits on, for every real
+    query point of a batch of episodes (retrieval in the loop as in training, no dropout):
+    the head's ``epistemic`` variance, its task's support ``misfit`` and ``shots``, and the
+    squared error ``sq_err``, all in model units."""
+    with torch.no_grad():
+        z_bank = model.embed(bank["x"], bank["y"], bank["mask"])
+        z = model.embed(ep["xs"], ep["ys"], ep["smask"])
+        zn, sim, nmask = retrieve(z, z_bank, k)
+        generated = model.hyper(z, zn, sim, nmask, ep["smask"].sum(dim=-1))
+        post = model.head_posterior(generated, ep["xs"], ep["ys"], ep["smask"])
+        weights = model.with_head(generated, post.mean)
+        x_std = model.scaling.inputs(ep["xq"])
+        phi = model.target.features(x_std, weights)
+        eye = torch.eye(phi.shape[-1], dtype=phi.dtype, device=phi.device)
+        inv = torch.linalg.solve_triangular(post.chol, eye.expand_as(post.chol), upper=False)
+        epistemic = (torch.bmm(inv, phi.transpose(1, 2)) ** 2).sum(dim=1)  # [B, Q]
+        sq_err = model.train_loss(model.predict(ep["xq"], weights), ep["yq"])
+    qmask = ep.get("qmask")
+    real = (torch.ones_like(sq_err) if qmask is None else qmask) > 0
+    per_task = lambda t: t.unsqueeze(-1).expand_as(sq_err)[real].double().numpy()  # noqa: E731
+    return {
+        "epistemic": epistemic[real].double().numpy(),
+        "sq_err": sq_err[real].double().numpy(),
+        "misfit": per_task(post.misfit),
+        "shots": per_task(post.shots),
+    }
+
+
+def calibrate_variance(
+    model: MetaModel, draws: Any, k: int, *, task_scale: bool = True
+) -> dict[str, Any]:
+    """Fit ``model``'s :class:`~stream_meta.uncertainty.Calibration` (in place) on held-out
+    query points of ``draws``, an iterable of ``(bank, episodes)`` tensor dicts (see
+    :func:`variance_evidence`); returns the fitted numbers and the points' 90% coverage before
+    and after. A classifier is left alone (its probabilities are its uncertainty)."""
+    from stream_meta.uncertainty import central_coverage, fit_variance_calibration
+
+    if model.config.kind != "regression":
+        return {}
+    model.eval()
+    parts = [variance_evidence(model, bank, ep, k) for bank, ep in draws]
+    ev = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    noise = float(model.noise_variance().detach())
+
+    def coverage() -> float | None:
+        scale = model.calibration.task_scale(
+            torch.from_numpy(ev["misfit"]), torch.from_numpy(ev["shots"])
+        ).numpy()
+        cal = model.calibration
+        var = scale * (float(cal.var_scale) * ev["epistemic"] + float(cal.noise_scale) * noise)
+        return central_coverage(np.sqrt(ev["sq_err"] / var))
+
+    before = coverage()
+    a, c, rate = fit_variance_calibration(
+        ev["epistemic"],
+        noise,
+        ev["sq_err"],
+        ev["misfit"] if task_scale else None,
+        ev["shots"] if task_scale else None,
+    )
+    model.calibration.set(a, c, rate)
+    return {
+        **model.calibration.to_dict(),
+        "points": len(ev["sq_err"]),
+        "coverage_90_before": before,
+        "coverage_90": coverage(),
+    }
+
+
+def family_draws(
+    family: Any, config: TrainConfig, batches: int = 20, seed: int = 1
+) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """``batches`` fresh ``(bank, episodes)`` of ``family`` as training draws them (support
+    sizes over ``[min_shots, max_shots]``), from a seed training does not use."""
+    sampler = EpisodeSampler(family, config, np.random.default_rng(config.seed + 10_007 * seed))
+    out = []
+    for _ in range(batches):
+        bank_np = sampler.bank()
+        out.append(
+            (
+                _to_tensors(bank_np, "cpu", skip=("centres",)),
+                _to_tensors(sampler.episodes(bank_np["centres"]), "cpu"),
+            )
+        )
+    return out

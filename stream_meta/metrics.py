@@ -159,6 +159,18 @@ class EngineMetrics:
             "Mean prequential loss since start.",
             registry=r,
         )
+        self.interval_labels = Counter(
+            "stream_meta_interval_labels_total",
+            "Labelled regression events predicted with a standard deviation (scored against "
+            "their central 90% interval, mean +- 1.645 std).",
+            registry=r,
+        )
+        self.interval_hits = Counter(
+            "stream_meta_interval_hits_total",
+            "Labelled regression events whose label fell inside their central 90% interval; "
+            "rate(hits)/rate(labels) is the served coverage (calibrated: about 0.9).",
+            registry=r,
+        )
         self.adaptations = Counter(
             "stream_meta_adaptations_total",
             "Task adaptations (weights generated from support set and neighbours).",

@@ -116,9 +116,10 @@ def load_checkpoint(
         config = ModelConfig.from_dict(manifest["model"])
         model = MetaModel(config)
         tensors = load_file(str(path), device=str(device))
-        # checkpoints from before the scaling existed hold none: theirs is the identity
+        # checkpoints from before the scaling (or the variance's calibration) existed hold
+        # none: theirs is the identity (the exact Bayesian predictive variance)
         for name, default in model.state_dict().items():
-            if name.startswith("scaling.") and name not in tensors:
+            if name.startswith(("scaling.", "calibration.")) and name not in tensors:
                 tensors[name] = default.to(device)
         model.load_state_dict(tensors, strict=True)
     except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError) as exc:

@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 import torch
 
-from stream_meta.model import MetaModel, no_neighbours
+from stream_meta.model import HeadPosterior, MetaModel, no_neighbours
 from stream_meta.packing import pack_strings, unpack_strings
 
 __all__ = ["Borrowed", "EvidenceBank", "RetrievalConfig", "null_log_evidence"]
@@ -562,8 +562,8 @@ def solve_head_borrowed(
     yb: torch.Tensor,
     wb: torch.Tensor,
     spread: float,
-) -> torch.Tensor:
-    """The head of tasks that borrow: a two-level posterior ``-> [B, F, out]``.
+) -> HeadPosterior:
+    """The head of tasks that borrow: a two-level posterior.
 
     The borrowed examples ``xb [B, m, x_dim], yb [B, m]`` (weights ``wb [B, m]``: their
     entries' posterior probabilities) are evidence about the *entry's* head; a task's head is
@@ -591,7 +591,14 @@ def solve_head_borrowed(
     gram = beta * phi.transpose(1, 2) @ phi + lam0 + msg_prec
     prior_info = (prior_mean.transpose(1, 2) @ lam0).transpose(1, 2)
     rhs = beta * phi.transpose(1, 2) @ t + prior_info + msg_info
-    return torch.cholesky_solve(rhs, _cholesky(gram))
+    chol = _cholesky(gram)
+    mean = torch.cholesky_solve(rhs, chol)
+    # the task's misfit as HeadPosterior defines it: its own examples' residuals and the
+    # head's shift from the generated prior
+    resid = t - phi @ mean
+    shift = mean - prior_mean
+    misfit = beta * (resid * resid).sum(dim=(1, 2)) + (shift * (lam0 @ shift)).sum(dim=(1, 2))
+    return HeadPosterior(mean, chol, misfit, (smask * smask).sum(dim=-1))
 
 
 def _design(

@@ -119,6 +119,8 @@ def train_from_log(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         metrics: dict[str, Any] = {"train": report["train"]}
+        if report.get("calibration"):
+            metrics["calibration"] = report["calibration"]
         if len(table.tasks_in("test")):
             log.info("prequential evaluation on the %d test tasks", len(table.tasks_in("test")))
             metrics["test"] = evaluate_table(model, table, "test")

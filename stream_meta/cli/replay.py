@@ -204,8 +204,11 @@ def _write_report(report: dict[str, Any], report_dir: Path, as_json: bool) -> No
         return
     for name, r in report["strategies"].items():
         loss = r["prequential_loss"]
+        cover, cal = r.get("coverage_90"), r.get("calibration_error")
         print(
             f"{name:<16} prequential loss {'-' if loss is None else f'{loss:.4g}'}  "
+            f"90% coverage {'-' if cover is None else f'{cover:.3f}'}  "
+            f"calibration error {'-' if cal is None else f'{cal:.3f}'}  "
             f"{r['events_per_s']:>9,.0f} events/s  model v{r['model_version']}  "
             f"sha256 {r['predictions_sha256'][:12]}"
         )

@@ -91,7 +91,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from stream_meta.evaluation.fewshot import evaluate
-    from stream_meta.meta_training import TrainConfig, meta_train
+    from stream_meta.meta_training import (
+        TrainConfig,
+        calibrate_variance,
+        family_draws,
+        meta_train,
+    )
     from stream_meta.model import PRESETS, MetaModel, ModelConfig
     from stream_meta.model_checkpoint import save_checkpoint
 
@@ -114,6 +119,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = meta_train(model, family, tc, device=device, progress=not args.quiet)
     model.to("cpu").eval()
     metrics: dict[str, Any] = {"train": result.to_dict()}
+    if config.kind == "regression":
+        # the predictive variance's calibration, on held-out points of fresh episodes
+        metrics["calibration"] = calibrate_variance(
+            model, family_draws(family, tc), tc.k_neighbours
+        )
     if args.eval_tasks:
         shots = [1, 5] if family.kind == "classification" else [1, 5, 10, 20]
         report = evaluate(

@@ -5,9 +5,10 @@ family has one) with a seed that training never uses. A bank of held-out tasks w
 support sets is embedded into a FAISS :class:`~stream_meta.index.TaskIndex`, as a live
 deployment's index would hold them; each evaluated task is embedded from its ``k``-shot support
 set, retrieves its nearest bank tasks from that index (unless ``neighbours=False``), adapts in one
-forward pass and is scored on fresh query points: MSE for regression, accuracy for
-classification, with a 95% confidence interval over tasks. Classification also reports a
-nearest-centroid baseline in raw input space on the very same episodes.
+forward pass and is scored on fresh query points: MSE for regression (and the share of labels
+inside the served central 90% interval), accuracy for classification, with a 95% confidence
+interval over tasks. Classification also reports a nearest-centroid baseline in raw input space
+on the very same episodes.
 
 Latency is measured for one task at a time on one thread (embed, k-NN, generate weights,
 predict one point); throughput as batched predictions per second with adapted weights.
@@ -25,6 +26,7 @@ import torch
 from stream_meta.index import TaskIndex, neighbour_arrays
 from stream_meta.model import MetaModel
 from stream_meta.tasks import TaskFamily
+from stream_meta.uncertainty import central_coverage
 
 #: offset between any training seed and the evaluation seeds (never used in training)
 EVAL_SEED_OFFSET = 1_000_003
@@ -65,8 +67,11 @@ def adapt_batch(
     ys: np.ndarray,
     k: int,
     exclude: list[str | None] | None = None,
+    *,
+    posterior: bool = False,
 ) -> torch.Tensor:
-    """Embed, retrieve and adapt a batch of support sets -> weights ``[B, n_params]``.
+    """Embed, retrieve and adapt a batch of support sets -> weights ``[B, n_params]`` (with
+    ``posterior``: rows that carry the head's posterior too, for ``predict_with_std``).
 
     ``exclude[i]``: a task id row ``i`` must not retrieve (itself, when it is indexed). Runs on
     the model's device; the FAISS index lives on the CPU.
@@ -77,7 +82,7 @@ def adapt_batch(
     z = model.embed(xs_t, ys_t, smask)
     arrays = neighbour_arrays(index, z.cpu().numpy(), k, exclude)
     zn, sim, nmask = (torch.from_numpy(a).to(dev) for a in arrays)
-    return model.adapt(z, zn, sim, nmask, xs_t, ys_t, smask)
+    return model.adapt(z, zn, sim, nmask, xs_t, ys_t, smask, posterior=posterior)
 
 
 def _device_of(model: MetaModel) -> torch.device:
@@ -119,7 +124,7 @@ def evaluate(
         index = build_bank(model, family, bank_tasks if k_neighbours else 0, bank_shots, rng)
         baseline: dict[str, Any] = {}
         for s in shots:
-            scores, base_scores = [], []
+            scores, base_scores, zs = [], [], []
             for start in range(0, tasks, batch):
                 b = min(batch, tasks - start)
                 params = family.sample_params(b, rng)
@@ -128,8 +133,11 @@ def evaluate(
                     xs, ys, xq, yq = family.sample_episode(params, s, q, rng)
                 else:
                     xs, ys, xq, yq = family.sample_episode(params, s, queries, rng)
-                w = adapt_batch(model, index, xs, ys, k_neighbours)
-                out = _predict(model, xq, w)
+                w = adapt_batch(model, index, xs, ys, k_neighbours, posterior=True)
+                out_t, std = model.predict_with_std(torch.from_numpy(xq).to(w.device), w)
+                out = out_t.cpu()
+                if std is not None:
+                    zs.append(((yq - out.numpy()) / std.cpu().numpy()).ravel())
                 if classification:
                     acc = (out.argmax(-1).numpy() == yq).mean(axis=1)
                     scores.append(acc)
@@ -145,6 +153,8 @@ def evaluate(
                 else:
                     scores.append(((out.numpy() - yq) ** 2).mean(axis=1))
             report["shots"][str(s)] = _mean_ci(np.concatenate(scores))
+            if zs:  # the served standard deviations: share of labels in the 90% interval
+                report["shots"][str(s)]["coverage_90"] = central_coverage(np.concatenate(zs))
             if base_scores:
                 baseline[str(s)] = _mean_ci(np.concatenate(base_scores))
         if baseline:
@@ -152,6 +162,65 @@ def evaluate(
         if latency_samples > 0:  # 0: losses only
             report.update(_latency(model, family, index, k_neighbours, latency_samples, rng))
             report["predictions_per_s"] = _throughput(model, family, index, k_neighbours, rng)
+    return report
+
+
+def uncertainty_report(
+    model: MetaModel,
+    family: TaskFamily,
+    *,
+    shots: list[int],
+    tasks: int = 300,
+    queries: int = 50,
+    k_neighbours: int = 8,
+    bank_tasks: int = 500,
+    bank_shots: int = 20,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How calibrated the served uncertainty is on held-out tasks of ``family`` (the protocol
+    of :func:`evaluate`): per shot count and over all of them, regression's coverage of the
+    central 90% interval ``mean +- 1.645 std`` and its calibration error over the central
+    levels 0.1..0.9; a classifier's expected calibration error of the top-class probability
+    (15 bins) and accuracy."""
+    from stream_meta.uncertainty import expected_calibration_error, regression_calibration_error
+
+    rng = np.random.default_rng(EVAL_SEED_OFFSET + seed)
+    model.eval()
+    classification = family.kind == "classification"
+    report: dict[str, Any] = {"family": family.name, "tasks": tasks, "shots": {}}
+    pooled: list[np.ndarray] = []
+    with torch.inference_mode():
+        index = build_bank(model, family, bank_tasks if k_neighbours else 0, bank_shots, rng)
+        for s in shots:
+            params = family.sample_params(tasks, rng)
+            q = max(1, queries // family.y_dim) if classification else queries
+            xs, ys, xq, yq = family.sample_episode(params, s, q, rng)
+            w = adapt_batch(model, index, xs, ys, k_neighbours, posterior=True)
+            out, std = model.predict_with_std(torch.from_numpy(xq).to(w.device), w)
+            if classification:
+                p = torch.softmax(out, dim=-1).cpu().numpy().reshape(-1, family.y_dim)
+                hit = (p.argmax(-1) == yq.reshape(-1)).astype(np.float64)
+                pooled.append(np.stack([p.max(-1), hit], axis=1))
+                report["shots"][str(s)] = {
+                    "ece": expected_calibration_error(p.max(-1), hit),
+                    "accuracy": float(hit.mean()),
+                }
+                continue
+            assert std is not None
+            z = ((yq - out.cpu().numpy()) / std.cpu().numpy()).ravel()
+            pooled.append(z)
+            report["shots"][str(s)] = {
+                "coverage_90": central_coverage(z, 0.9),
+                "calibration_error": regression_calibration_error(z),
+                "mse": float(((out.cpu().numpy() - yq) ** 2).mean()),
+            }
+    if classification:
+        both = np.concatenate(pooled)
+        report["ece"] = expected_calibration_error(both[:, 0], both[:, 1])
+    else:
+        z = np.concatenate(pooled)
+        report["coverage_90"] = central_coverage(z, 0.9)
+        report["calibration_error"] = regression_calibration_error(z)
     return report
 
 

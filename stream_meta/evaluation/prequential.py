@@ -24,12 +24,14 @@ same training tasks (``stream-meta train-baseline --data``). ``best_baseline`` a
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from stream_meta.tasklog import TaskTable
+from stream_meta.uncertainty import central_coverage, regression_calibration_error
 
 __all__ = [
     "BUCKETS",
@@ -142,7 +144,8 @@ def engine_losses(
     warm_rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Replay ``rows`` in order through ``engine``, ``batch`` events per call: per-event loss,
-    support size and (classification) whether the predicted class was right.
+    support size, (classification) whether the predicted class was right and (regression,
+    when the engine gives standard deviations) the standardised residual ``z``.
 
     ``warm_rows`` (the training tasks' events, in stream order) are served first and not
     scored, when the engine's adapter embeds tasks: the index then holds the tasks the model
@@ -154,6 +157,7 @@ def engine_losses(
     losses: list[float] = []
     shots: list[int] = []
     correct: list[int] = []
+    z: list[float] = []
     classes = table.schema.target == "classification"
     for part in _chunks(_events(table, rows), batch):
         result = engine.process(part)
@@ -164,9 +168,16 @@ def engine_losses(
         shots += out.shots
         if classes:
             correct += [int(v == e["y"]) for v, e in zip(out.values, part, strict=True)]
+        elif out.stds is not None:
+            z += [
+                (e["y"] - v) / sd if sd > 0 else math.nan
+                for v, sd, e in zip(out.values, out.stds, part, strict=True)
+            ]
     res = {"loss": np.asarray(losses, dtype=np.float64), "shots": np.asarray(shots)}
     if classes:
         res["correct"] = np.asarray(correct, dtype=np.float64)
+    if z:
+        res["z"] = np.asarray(z, dtype=np.float64)
     return res
 
 
@@ -215,6 +226,9 @@ def summarise(res: dict[str, np.ndarray], shots: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = {"loss": float(res["loss"].mean()) if len(shots) else None}
     if "correct" in res:
         out["accuracy"] = float(res["correct"].mean()) if len(shots) else None
+    if "z" in res:  # the served standard deviations' calibration
+        out["coverage_90"] = central_coverage(res["z"], 0.9)
+        out["calibration_error"] = regression_calibration_error(res["z"])
     out["buckets"] = {
         label: (float(res["loss"][b == i].mean()) if (b == i).any() else None)
         for i, (label, _, _) in enumerate(BUCKETS)

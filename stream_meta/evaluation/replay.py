@@ -11,7 +11,12 @@ The strategies (the system, its ablations and the baselines it is compared with)
 described in :mod:`stream_meta.evaluation.strategies`.
 
 Everything is computed here from the predictions, not from the strategy's own counters, so
-every strategy is scored the same way on the same events. The predictions file holds no wall
+every strategy is scored the same way on the same events. That includes the uncertainty: a
+regression strategy that gives a standard deviation is scored on the coverage of its central
+90% interval (``mean +- 1.645 std``; calibrated: 0.9) and its calibration error (mean
+``|empirical - nominal|`` coverage over the central levels 0.1..0.9); a classifier on the
+expected calibration error of its top-class probability (15 bins)
+(:mod:`stream_meta.uncertainty`). The predictions file holds no wall
 time: the same log, checkpoint, settings and seed give byte-identical predictions
 (``predictions_sha256`` in the summary).
 """
@@ -42,6 +47,11 @@ from stream_meta.evaluation.strategies import (
     strategy_settings,
 )
 from stream_meta.pipeline import Pipeline
+from stream_meta.uncertainty import (
+    central_coverage,
+    expected_calibration_error,
+    regression_calibration_error,
+)
 
 __all__ = ["ReplayConfig", "replay_strategy"]
 
@@ -127,6 +137,7 @@ def replay_strategy(
     seconds = time.perf_counter() - start - phases.seconds
     pipeline.close()
     summary = _metrics(log.losses, config.window)
+    summary.update(log.uncertainty())
     if probes is not None:
         summary["families"] = matrix_summary(probes, phases.finish())
     summary.update(
@@ -154,6 +165,8 @@ class _PredictionLog:
     def __init__(self, path: Path, kind: str) -> None:
         self.path, self.kind = path, kind
         self.losses: list[tuple[int, int, float]] = []  # (position, shots, loss)
+        #: regression: each scored label's (y - mean) / std; classification: (top p, hit)
+        self.calibration: list[Any] = []
         self.digest = hashlib.sha256()
         self.rejected = self.non_finite = 0
         self._out: Any = None
@@ -176,6 +189,7 @@ class _PredictionLog:
                 self.rejected += 1
                 continue
             loss = o.losses[ref]
+            label = late_label if late_label is not None else (o.y[ref] if o.y else None)
             if late_label is not None:
                 loss = _loss(self.kind, o, ref, late_label)
             rec = {
@@ -187,8 +201,14 @@ class _PredictionLog:
                 "loss": None if loss != loss else loss,
                 "model_version": o.model_version,
             }
+            if o.stds is not None:
+                rec["std"] = o.stds[ref]
+            if o.probabilities is not None:
+                rec["probabilities"] = o.probabilities[ref]
             if loss == loss:
                 self.losses.append((pos, o.shots[ref], loss))
+                if label is not None:
+                    self._calibration(o, ref, label)
             elif o.labelled[ref] or late_label is not None:
                 self.non_finite += 1  # a labelled event predicted NaN: counted, never hidden
             lines.append(json.dumps(rec, separators=(",", ":")))
@@ -196,6 +216,32 @@ class _PredictionLog:
             text = "\n".join(lines) + "\n"
             self._out.write(text)
             self.digest.update(text.encode())
+
+    def _calibration(self, o: Any, ref: int, label: Any) -> None:
+        if self.kind == "regression":
+            std = o.stds[ref] if o.stds is not None else None
+            if std is not None and std > 0:
+                self.calibration.append((float(label) - float(o.values[ref])) / std)
+            return
+        probs = o.probabilities[ref]
+        top = max(range(len(probs)), key=probs.__getitem__)
+        self.calibration.append((float(probs[top]), float(top == int(label))))
+
+    def uncertainty(self) -> dict[str, Any]:
+        """The report's uncertainty fields (None where the strategy gives no uncertainty)."""
+        if self.kind == "regression":
+            z = np.array(self.calibration, dtype=np.float64)
+            return {
+                "coverage_90": central_coverage(z, 0.9),
+                "calibration_error": regression_calibration_error(z),
+                "calibration_metric": "central interval coverage error",
+            }
+        both = np.array(self.calibration, dtype=np.float64).reshape(-1, 2)
+        return {
+            "coverage_90": None,
+            "calibration_error": expected_calibration_error(both[:, 0], both[:, 1]),
+            "calibration_metric": "ECE of the top-class probability (15 bins)",
+        }
 
 
 class _PhaseProbes:

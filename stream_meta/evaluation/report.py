@@ -7,7 +7,9 @@ beside it), so it can be mailed or attached to a CI run as it is:
   meta-updates of each strategy marked;
 * loss against the number of examples the task had (the shots curve);
 * one-task adaptation latency per strategy (its distribution);
-* a comparison table.
+* a comparison table, with each strategy's uncertainty: the coverage of its central 90%
+  interval and its calibration error (regression), or its expected calibration error
+  (classification); "-" for a strategy that gives no uncertainty.
 
 :func:`compare` is what ``stream-meta compare A B`` prints: a markdown table of the differences
 between two reports and whether B regresses past a threshold (to gate a model version in CI).
@@ -113,6 +115,8 @@ def _table(report: dict[str, Any]) -> str:
         "prequential_loss",
         "cold_start_loss",
         *(f"shots {s}" for s in SHOTS_SHOWN),
+        "coverage_90",
+        "calibration_error",
         "events_per_s",
         "adapt_latency_ms_p50",
         "model_version",
@@ -125,6 +129,8 @@ def _table(report: dict[str, Any]) -> str:
             r.get("prequential_loss"),
             r.get("cold_start_loss"),
             *(by.get(s) for s in SHOTS_SHOWN),
+            r.get("coverage_90"),
+            r.get("calibration_error"),
             r.get("events_per_s"),
             r.get("adapt_latency_ms_p50"),
             r.get("model_version"),

@@ -190,6 +190,9 @@ class GradientAdapter:
         self.init = init
         self.diverged = 0
 
+    def row_width(self, model: MetaModel) -> int:
+        return self.init.net.n_params
+
     def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
         init = self.init
         parts = []
@@ -207,8 +210,11 @@ class GradientAdapter:
             self.diverged += int(diverged.sum())
         return weights
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        return self.init.predict(x, weights)
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fitted network's predictions; no standard deviation (a point estimate)."""
+        return self.init.predict(x, rows), None
 
 
 class NearestTaskAdapter:
@@ -220,11 +226,18 @@ class NearestTaskAdapter:
     def __init__(self) -> None:
         self.meta = MetaAdapter()
 
+    def row_width(self, model: MetaModel) -> int:
+        return self.meta.row_width(model)
+
     def adapt(self, sets: Sequence[SupportSet], engine: EngineView) -> torch.Tensor:
         return self.meta.adapt(self._nearest(sets, engine), engine)
 
-    def predict(self, x: torch.Tensor, weights: torch.Tensor, engine: EngineView) -> torch.Tensor:
-        return self.meta.predict(x, weights, engine)
+    def predict(
+        self, x: torch.Tensor, rows: torch.Tensor, engine: EngineView
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The neighbour's adaptation; no standard deviation (its posterior measures how
+        unsure the model is of the neighbour, not of this task)."""
+        return self.meta.predict(x, rows, engine)[0], None
 
     @staticmethod
     def _nearest(sets: Sequence[SupportSet], engine: EngineView) -> Sequence[SupportSet]:

@@ -75,6 +75,8 @@ def test_run_writes_predictions_and_rejects_when_input_has_bad_lines(tmp_path: P
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     assert [p["event_id"] for p in preds] == [e["event_id"] for e in events]
     assert {"event_id", "task_id", "prediction", "model_version", "latency_s"} <= preds[0].keys()
+    # every regression prediction carries its predictive standard deviation
+    assert all(p["std"] > 0 for p in preds) and all(p["probabilities"] is None for p in preds)
     reasons = [json.loads(line)["reason"] for line in rej.read_text().splitlines()]
     assert reasons == ["wrong_dimension", "malformed_json", "non_finite", "missing_field"]
 
@@ -218,6 +220,11 @@ def test_train_writes_a_loadable_checkpoint_when_run_briefly(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr.decode()
     summary = json.loads(proc.stdout)
     assert summary["train"]["steps"] == 30
+    # the variance was calibrated on fresh episodes, and the checkpoint carries it
+    cal = summary["calibration"]
+    assert cal["points"] > 0 and cal["var_scale"] > 0 and cal["noise_scale"] > 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["metrics"]["calibration"] == cal
     proc = cli(
         "evaluate",
         "--checkpoint",

@@ -237,3 +237,46 @@ def test_compare_gates_a_regression(shifted_log: Path, tmp_path: Path) -> None:
     assert cli("compare", str(tmp_path / "a"), str(worse), "--threshold", "0.25").returncode == 0
     missing = cli("compare", str(tmp_path / "a"), str(tmp_path / "nope"))
     assert missing.returncode == 2 and b"no replay report" in missing.stderr
+
+
+def test_the_report_scores_each_strategys_uncertainty_when_it_gives_one(tmp_path: Path) -> None:
+    log = LOGS / "sinusoid-stationary"
+    names = ["no-meta-update", "finetune"]
+    report = _replay(log, tmp_path, *(f"--strategy={s}" for s in names), "--inner-steps", "2")
+    ours, baseline = report["strategies"]["no-meta-update"], report["strategies"]["finetune"]
+    # the meta-model's calibrated standard deviations: the 90% interval covers about 90%
+    assert 0.8 <= ours["coverage_90"] <= 0.97, ours["coverage_90"]
+    assert 0 <= ours["calibration_error"] < 0.2
+    assert ours["calibration_metric"] == "central interval coverage error"
+    # a point-estimate baseline has none, and says so
+    assert baseline["coverage_90"] is None and baseline["calibration_error"] is None
+    lines = (tmp_path / "predictions-no-meta-update.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["std"] > 0 for line in lines)
+    assert "std" not in json.loads(
+        (tmp_path / "predictions-finetune.jsonl").read_text().splitlines()[0]
+    )
+    page = (tmp_path / "report.html").read_text()
+    assert "coverage_90" in page and "calibration_error" in page
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["strategies"]["no-meta-update"]["coverage_90"] == ours["coverage_90"]
+
+
+def test_a_classifiers_report_scores_the_calibration_of_its_probabilities(tmp_path: Path) -> None:
+    proc = cli(
+        "replay",
+        str(LOGS / "digits-new-transform"),
+        "--report",
+        str(tmp_path),
+        "--family",
+        "digits",
+        "--strategy",
+        "no-meta-update",
+        "--json",
+        "-q",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    r = json.loads(proc.stdout)["strategies"]["no-meta-update"]
+    first = json.loads((tmp_path / "predictions-no-meta-update.jsonl").open().readline())
+    assert len(first["probabilities"]) == 5 and "std" not in first  # 5-way tasks
+    assert r["coverage_90"] is None
+    assert r["calibration_metric"].startswith("ECE") and 0 <= r["calibration_error"] < 0.2

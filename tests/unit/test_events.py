@@ -321,6 +321,7 @@ def test_rejection_truncates_raw_when_constructed_directly() -> None:
             event_id="e1",
             task_id="t1",
             prediction=0.25,
+            std=0.125,
             model_version=3,
             shots=12,
             labelled=True,
@@ -346,6 +347,8 @@ def test_prediction_json_round_trips_when_serialised(prediction: Prediction) -> 
 
     assert json.loads(text)["event_id"] == prediction.event_id
     assert Prediction.model_validate_json(text) == prediction
+    # regression: a standard deviation; classification: probabilities and no std
+    assert json.loads(text)["std"] == (0.125 if prediction.probabilities is None else None)
 
 
 def test_prediction_json_is_strict_json_when_values_are_not_finite() -> None:
@@ -359,9 +362,11 @@ def test_prediction_json_is_strict_json_when_values_are_not_finite() -> None:
         labelled=True,
         loss=math.inf,
         latency_s=0.001,
+        std=math.inf,
     )
 
     record = json.loads(prediction.to_json(), parse_constant=pytest.fail)
+    assert record["std"] is None
 
     assert record["prediction"] is None
     assert record["probabilities"] == [None, 0.0]

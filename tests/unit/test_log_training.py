@@ -130,3 +130,19 @@ def test_a_check_replaces_the_start_only_if_it_beats_it_across_validation_tasks(
     )
     assert result.best_step == kept
     assert result.validation[1] == (2, pytest.approx(sum(later)))
+
+
+def test_train_on_log_calibrates_the_variance_on_the_validation_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl.gz"
+    _write_log(path, [f"t{i}" for i in range(60)], rows=12)
+    with read_tasks(path, TaskSchema(x_dim=1), seed=0) as table:
+        model, report = train_on_log(
+            table, LogTrainConfig(max_steps=4, validate_every=2, batch_tasks=4), progress=False
+        )
+    cal = report["calibration"]
+    assert cal["points"] > 100
+    assert model.calibration.to_dict() == {
+        k: cal[k] for k in ("var_scale", "noise_scale", "scale_rate")
+    }
+    # the validation points' 90% intervals cover about 90% of them once calibrated
+    assert 0.8 <= cal["coverage_90"] <= 0.97
