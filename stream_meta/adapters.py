@@ -260,7 +260,7 @@ def _solve_borrowed(
     between components is not represented."""
     bank = engine.bank
     assert bank is not None
-    b, m = borrowed.entries.shape
+    b = borrowed.entries.shape[0]
     n_own = max(sets[r].n for r in borrowed.rows.tolist())
     p = bank.config.points
     xs = np.zeros((b, n_own, bank.x_dim), dtype=np.float32)
@@ -271,29 +271,35 @@ def _solve_borrowed(
         xs[i, : s.n], ys[i, : s.n], own[i, : s.n] = s.xs, s.ys, 1.0
     xs_t, ys_t, own_t = torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(own)
     null = model.head_posterior(generated, xs_t, ys_t, own_t)  # [b, F, out]
-    ent = borrowed.entries.reshape(-1)
-    held = (np.arange(p)[None, :] < bank.count[ent][:, None]).astype(np.float32)  # [b*M, P]
+    # one two-level solve per (set, entry) pair with some posterior weight
+    pi, pm = np.nonzero(borrowed.weights > 0)
+    ent = borrowed.entries[pi, pm]
+    held = (np.arange(p)[None, :] < bank.count[ent][:, None]).astype(np.float32)  # [pairs, P]
+    sel = torch.from_numpy(pi)
     lent = solve_head_borrowed(
         model,
-        generated.repeat_interleave(m, dim=0),
-        xs_t.repeat_interleave(m, dim=0),
-        ys_t.repeat_interleave(m, dim=0),
-        own_t.repeat_interleave(m, dim=0),
+        generated[sel],
+        xs_t[sel],
+        ys_t[sel],
+        own_t[sel],
         torch.from_numpy(bank.xs[ent]),
         torch.from_numpy(bank.ys[ent]),
         torch.from_numpy(held),
         bank.config.spread,
+        bank.constants(model),
     )
-    heads = lent.mean.reshape(b, m, *null.mean.shape[1:])
     # renormalised over the components kept (the entries not kept are mostly near-copies of
     # the ones kept: their mass is theirs, not the null's; measured: giving it to the null
     # doubled the 2-shot loss on the related-task stream)
     mass = np.concatenate([borrowed.null[:, None], borrowed.weights], axis=1)
     w = torch.from_numpy((mass / mass.sum(axis=1, keepdims=True)).astype(np.float32))
-    mean = w[:, 0, None, None] * null.mean + (w[:, 1:, None, None] * heads).sum(dim=1)
-    top = torch.from_numpy(mass.argmax(axis=1))  # 0 = the null
-    pick = torch.arange(b) * m + (top - 1).clamp(min=0)
-    use_null = top == 0
-    chol = torch.where(use_null[:, None, None], null.chol, lent.chol[pick])
-    misfit = torch.where(use_null, null.misfit, lent.misfit[pick])
+    mean = w[:, 0, None, None] * null.mean
+    mean = mean.index_add(0, sel, w[sel, torch.from_numpy(pm) + 1, None, None] * lent.mean)
+    # the uncertainty of the most probable component
+    top = mass.argmax(axis=1)  # 0 = the null
+    chol, misfit = null.chol.clone(), null.misfit.clone()
+    pair_of = {(i, m + 1): j for j, (i, m) in enumerate(zip(pi.tolist(), pm.tolist(), strict=True))}
+    for i in np.flatnonzero(top > 0).tolist():
+        j = pair_of[(i, int(top[i]))]
+        chol[i], misfit[i] = lent.chol[j], lent.misfit[j]
     return HeadPosterior(mean, chol, misfit, null.shots)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -66,7 +67,7 @@ class RetrievalConfig:
     null_prior: float = 0.5  # prior probability that no entry is related
     spread: float = 0.05  # a task's head around its entry's: this fraction of the prior covariance
     merge_nats: float = 0.0  # merge a task into an entry explaining it this close (per example)
-    min_weight: float = 1e-3  # entries below this posterior weight are not borrowed from
+    min_weight: float = 0.01  # entries below this posterior weight are not borrowed from
     offers_per_batch: int = 256
 
 
@@ -115,6 +116,7 @@ class EvidenceBank:
         self._rng = np.random.default_rng(seed)
         self.merged = self.added = self.retired = 0
         self.log_var: float | None = None  # see evidence_var
+        self._constants: tuple[MetaModel, ModelConstants] | None = None
         # the clusters of entries (see clusters()): each entry's cluster at the last build (-1:
         # added since), whether it represents it, and how many entries changed since
         self._cluster = np.full(cap, -1, dtype=np.int64)
@@ -137,6 +139,12 @@ class EvidenceBank:
         return np.flatnonzero(self.count > 0)
 
     # -- evidence ---------------------------------------------------------------------------
+    def constants(self, model: MetaModel) -> ModelConstants:
+        """:class:`ModelConstants` of ``model``, computed once per model object."""
+        if self._constants is None or self._constants[0] is not model:
+            self._constants = (model, ModelConstants.of(model))
+        return self._constants[1]
+
     def evidence_var(self, model: MetaModel) -> float:
         """The variance of a related task's examples around an entry's network (model units):
         learned from the stream, as the typical squared residual of an experienced task's
@@ -307,7 +315,7 @@ class EvidenceBank:
         y = torch.from_numpy(np.concatenate(ys).astype(self.y_dtype, copy=False))
         cand = self.candidates(model, x, y, offsets)  # [B, S], -1 = padding
         ll = self.pair_log_likelihood(model, x, y, offsets, cand)
-        null = null_log_evidence(model, xs, ys)  # [B]
+        null = null_log_evidence(model, xs, ys, self.constants(model))  # [B]
         members = np.where(cand >= 0, self.members[np.maximum(cand, 0)], 1.0)
         log_prior = np.log1p(-c.null_prior) + np.log(members / self.members.sum())
         logits = torch.cat(
@@ -495,6 +503,21 @@ class EvidenceBank:
             self.z = torch.from_numpy(np.asarray(arrays["z"]).copy())
 
 
+class ModelConstants(NamedTuple):
+    """What retrieval computes once per served model: its zero-shot generated weights
+    ``[1, n_params]`` (the population prior) and the head's prior covariance
+    ``Lambda0^-1 [F, F]``."""
+
+    zero_shot: torch.Tensor
+    prior_cov: torch.Tensor
+
+    @classmethod
+    def of(cls, model: MetaModel) -> ModelConstants:
+        empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))
+        gen = model.hyper(empty, *no_neighbours(1, empty.shape[1]), torch.zeros(1))
+        return cls(gen, torch.cholesky_inverse(_cholesky(model.prior_precision())))
+
+
 def _set_of(offsets: np.ndarray) -> np.ndarray:
     """Which set each example belongs to, from the sets' ``offsets``."""
     return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -515,7 +538,10 @@ def _log_likelihood(
 
 
 def null_log_evidence(
-    model: MetaModel, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]
+    model: MetaModel,
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    constants: ModelConstants | None = None,
 ) -> torch.Tensor:
     """Log marginal likelihood of each support set under the population prior: the model's
     zero-shot network with its head's prior uncertainty (regression: ``N(Phi m0,
@@ -531,8 +557,8 @@ def null_log_evidence(
         x[i, : len(yi)] = torch.from_numpy(np.asarray(xi, dtype=np.float32))
         y[i, : len(yi)] = torch.from_numpy(np.asarray(yi))
         mask[i, : len(yi)] = 1.0
-    empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))
-    gen = model.hyper(empty, *no_neighbours(1, empty.shape[1]), torch.zeros(1))
+    k = constants or ModelConstants.of(model)
+    gen = k.zero_shot
     if mc.kind != "regression":
         logits = model.predict(x.reshape(1, -1, mc.x_dim), gen)
         ll = _log_likelihood(model, logits.reshape(b, n_max, -1), y, 0.0)
@@ -541,9 +567,8 @@ def null_log_evidence(
     t = model.scaling.targets(x_std, y)
     phi = model.target.features(x_std.reshape(1, -1, mc.x_dim), gen).reshape(b, n_max, -1)
     r = (t - (phi @ model.target.head(gen)[0]).squeeze(-1)) * mask
-    cov_prior = torch.cholesky_inverse(torch.linalg.cholesky(model.prior_precision()))
     noise = torch.exp(2.0 * model.log_noise)
-    cov = phi @ cov_prior @ phi.transpose(1, 2) + noise * torch.eye(n_max)
+    cov = phi @ k.prior_cov @ phi.transpose(1, 2) + noise * torch.eye(n_max)
     pair = mask.unsqueeze(-1) * mask.unsqueeze(-2)
     cov = cov * pair + torch.diag_embed(1.0 - mask)  # padding: independent, zero residual
     chol = torch.linalg.cholesky(cov)
@@ -562,6 +587,7 @@ def solve_head_borrowed(
     yb: torch.Tensor,
     wb: torch.Tensor,
     spread: float,
+    constants: ModelConstants | None = None,
 ) -> HeadPosterior:
     """The head of tasks that borrow: a two-level posterior.
 
@@ -578,15 +604,17 @@ def solve_head_borrowed(
     beta = torch.exp(-2.0 * model.log_noise)
     lam0 = model.prior_precision()
     prior_mean = model.target.head(generated)  # [B, F, out]
-    phi_b, t_b = _design(model, generated, xb, yb, wb.sqrt())
-    g = beta * phi_b.transpose(1, 2) @ phi_b
-    info_b = beta * phi_b.transpose(1, 2) @ t_b
-    eye = torch.eye(lam0.shape[0], dtype=lam0.dtype)
-    k = spread * torch.cholesky_inverse(_cholesky(lam0))
-    damp = eye + g @ k  # [B, F, F]
-    msg_prec = torch.linalg.solve(damp, g)
+    phi_b, t_b = _design(model, generated, xb, yb, wb.sqrt())  # A [B, P, F], t [B, P, out]
+    k = spread * (constants or ModelConstants.of(model)).prior_cov
+    # with G = beta A^T A: (I + G K)^-1 G = beta A^T S^-1 A and (I + G K)^-1 (beta A^T t) =
+    # beta A^T S^-1 t, S = I + beta A K A^T: one P x P Cholesky instead of F x F solves
+    eye_p = torch.eye(phi_b.shape[1], dtype=phi_b.dtype)
+    s_mat = eye_p + beta * phi_b @ k @ phi_b.transpose(1, 2)
+    s_chol = _cholesky(s_mat)
+    s_inv_a = torch.cholesky_solve(phi_b, s_chol)  # [B, P, F]
+    msg_prec = beta * phi_b.transpose(1, 2) @ s_inv_a
     msg_prec = 0.5 * (msg_prec + msg_prec.transpose(1, 2))
-    msg_info = torch.linalg.solve(damp, info_b)
+    msg_info = beta * s_inv_a.transpose(1, 2) @ t_b
     phi, t = _design(model, generated, xs, ys, smask)
     gram = beta * phi.transpose(1, 2) @ phi + lam0 + msg_prec
     prior_info = (prior_mean.transpose(1, 2) @ lam0).transpose(1, 2)
