@@ -78,7 +78,7 @@ class EngineConfig:
     retrieval_bank_size: int = 1024
     retrieval_min_examples: int = 8
     retrieval_max_shots: int = 8
-    retrieval_candidates: int = 8
+    retrieval_candidates: int = 16
 
 
 @dataclass
@@ -309,6 +309,7 @@ class Engine:
             1, min(config.max_live_tasks, (256 << 20) // (4 * self.adapter.row_width(model)))
         )
         self.bank: EvidenceBank | None = None
+        self._borrowings = 0  # the bank's count already reported to the metrics
         if config.retrieval and config.retrieval_max_shots > 0 and self.adapter.embeds:
             self.bank = EvidenceBank(model, retrieval_config(config), seed=config.seed)
         self._pending: dict[str, np.ndarray] = {}
@@ -369,7 +370,8 @@ class Engine:
         self._install(model, version)
         self._rebuild_embeddings()
         if self.bank is not None:
-            self.bank.refit_all(model)
+            with torch.inference_mode():
+                self.bank.refit_all(model)
         self.metrics.model_version.set(version)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -555,6 +557,10 @@ class Engine:
         ``retrieval_min_examples`` examples, then each time it has doubled them."""
         bank = self.bank
         assert bank is not None
+        m = self.metrics
+        if bank.borrowings > self._borrowings:
+            m.borrowed.inc(bank.borrowings - self._borrowings)
+        self._borrowings = bank.borrowings
         least = self.config.retrieval_min_examples
         offers = []
         done: set[int] = set()
@@ -572,7 +578,6 @@ class Engine:
         before = (bank.merged, bank.added, bank.retired)
         with torch.inference_mode():
             bank.admit(self.model, offers)
-        m = self.metrics
         for outcome, old, new in zip(
             ("merged", "added", "retired"),
             before,

@@ -61,12 +61,13 @@ class RetrievalConfig:
     bank_size: int = 1024
     min_examples: int = 8
     max_shots: int = 8
-    candidates: int = 8
+    candidates: int = 16
     probe_clusters: int = 4  # clusters of entries whose members are scored exactly
     points: int = 32  # pooled examples kept per entry (a reservoir sample)
     null_prior: float = 0.5  # prior probability that no entry is related
     spread: float = 0.05  # a task's head around its entry's: this fraction of the prior covariance
     merge_nats: float = 0.0  # merge a task into an entry explaining it this close (per example)
+    mass: float = 0.9  # share of the entries' posterior the kept entries must hold
     min_weight: float = 0.01  # entries below this posterior weight are not borrowed from
     offers_per_batch: int = 256
 
@@ -115,6 +116,7 @@ class EvidenceBank:
         self.ids: list[str | None] = [None] * cap
         self._rng = np.random.default_rng(seed)
         self.merged = self.added = self.retired = 0
+        self.borrowings = 0  # sets that borrowed, ever
         self.log_var: float | None = None  # see evidence_var
         self._constants: tuple[MetaModel, ModelConstants] | None = None
         # the clusters of entries (see clusters()): each entry's cluster at the last build (-1:
@@ -331,11 +333,16 @@ class EvidenceBank:
         m = min(c.candidates, cand.shape[1])
         top = np.argsort(-post[:, 1:], axis=1)[:, :m]
         w = np.take_along_axis(post[:, 1:], top, axis=1)
-        w[w < c.min_weight] = 0.0
+        # the fewest entries holding `mass` of the entries' posterior: many where one or two
+        # examples leave it broad, few where it is sharp (more would only dilute it)
+        total = post[:, 1:].sum(axis=1, keepdims=True)
+        before = np.cumsum(w, axis=1) - w
+        w[(before >= c.mass * total) | (w < c.min_weight)] = 0.0
         rows = np.flatnonzero(w.sum(axis=1) > 0)
         if len(rows) == 0:
             return None
         entries = np.take_along_axis(cand, top, axis=1)
+        self.borrowings += len(rows)
         return Borrowed(rows, entries[rows], w[rows], post[rows, 0])
 
     # -- admission --------------------------------------------------------------------------
@@ -393,6 +400,8 @@ class EvidenceBank:
             protect.add(slot)
         for i in others[~dup].tolist():
             slot = self._free_slot(protect)
+            if slot < 0:  # every entry was written by this call: the rest wait for later
+                break
             if self.ids[slot] is not None and self.count[slot]:
                 self.retired += 1
             self.ids[slot] = offers[i][0]
@@ -428,6 +437,8 @@ class EvidenceBank:
         empty = np.flatnonzero(self.count == 0)
         if len(empty):
             return int(empty[0])
+        if len(protect) >= len(self.count):
+            return -1
         score = self.score.copy()
         score[list(protect)] = np.inf
         return int(np.argmin(score))
