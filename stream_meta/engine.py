@@ -78,7 +78,7 @@ class EngineConfig:
     retrieval_bank_size: int = 1024
     retrieval_min_examples: int = 8
     retrieval_max_shots: int = 8
-    retrieval_candidates: int = 16
+    retrieval_candidates: int = 8
 
 
 @dataclass

@@ -61,7 +61,7 @@ class RetrievalConfig:
     bank_size: int = 1024
     min_examples: int = 8
     max_shots: int = 8
-    candidates: int = 16
+    candidates: int = 8
     probe_clusters: int = 4  # clusters of entries whose members are scored exactly
     points: int = 32  # pooled examples kept per entry (a reservoir sample)
     null_prior: float = 0.5  # prior probability that no entry is related
