@@ -214,7 +214,9 @@ class EvidenceBank:
             out = out / model.scaling.loss_scale().sqrt()
         else:
             out = torch.softmax(out, dim=-1)
-        return np.ascontiguousarray(out.reshape(len(entries), -1).numpy(), dtype=np.float32)
+        prints = out.reshape(len(entries), -1).numpy().astype(np.float32)
+        # a model that overflows (rolled back by the updater) must not stop the clustering
+        return np.ascontiguousarray(np.nan_to_num(prints, nan=0.0, posinf=1e6, neginf=-1e6))
 
     def candidates(
         self, model: MetaModel, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray
@@ -327,7 +329,12 @@ class EvidenceBank:
             ],
             dim=1,
         )
-        post = torch.softmax(logits.double(), dim=1).numpy()  # [B, 1 + S]
+        logits = torch.nan_to_num(logits.double(), nan=-math.inf, posinf=-math.inf)
+        # a set that nothing explains (every log-likelihood -inf or not finite) borrows nothing
+        finite = torch.isfinite(logits).any(dim=1)
+        logits[~finite, 0] = 0.0
+        post = torch.softmax(logits, dim=1).numpy()  # [B, 1 + S]
+        post[~finite.numpy(), 1:] = 0.0
         held = cand >= 0
         np.add.at(self.score, cand[held], post[:, 1:][held])
         m = min(c.candidates, cand.shape[1])
@@ -582,10 +589,14 @@ def null_log_evidence(
     cov = phi @ k.prior_cov @ phi.transpose(1, 2) + noise * torch.eye(n_max)
     pair = mask.unsqueeze(-1) * mask.unsqueeze(-2)
     cov = cov * pair + torch.diag_embed(1.0 - mask)  # padding: independent, zero residual
-    chol = torch.linalg.cholesky(cov)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    bad = info != 0  # not positive definite: a model that overflows (no evidence at all)
+    if bool(bad.any()):
+        chol = torch.where(bad[:, None, None], torch.eye(n_max).expand_as(chol), chol)
     alpha = torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
     logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * ((r * alpha).sum(-1) + logdet + mask.sum(-1) * _LOG_2PI)
+    out = -0.5 * ((r * alpha).sum(-1) + logdet + mask.sum(-1) * _LOG_2PI)
+    return out.masked_fill(bad, -math.inf)
 
 
 def solve_head_borrowed(
