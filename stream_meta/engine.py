@@ -17,6 +17,12 @@ an index that is updated in batches: embedding upserts are applied once ``index_
 them have accumulated (which can happen while a large batch is being planned, before its
 searches) and at the end of every batch. A task never retrieves itself.
 
+With ``retrieval`` on, the engine also keeps a bank of experienced tasks
+(:mod:`stream_meta.retrieval`): after each batch it offers the tasks that reached
+``retrieval_min_examples`` examples (or doubled them since their last offer), and the adapter
+lets tasks with few examples borrow from it. Like the index, the bank changes between
+batches only.
+
 How a support set becomes weights, and how an event is predicted with them, is the engine's
 *adapter* (:mod:`stream_meta.adapters`; the meta-model's one forward pass by default), called
 once per chunk of the batch's adaptation requests.

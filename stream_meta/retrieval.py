@@ -2,32 +2,36 @@
 
 Cosine k-NN on a one- or two-shot embedding rarely finds the right neighbours, and even the
 right neighbour loses most of its information on its way through the hypernetwork's attention.
-This module lets a task use its neighbours' *data* instead, weighted by Bayesian evidence:
+This module lets a task use its neighbours' *data*, weighted by Bayesian evidence:
 
-* an :class:`EvidenceBank` keeps a bounded set of *entries*, each the pooled examples of one or
-  more experienced tasks (a task enters once it has ``min_examples`` examples; a task whose
-  examples an entry already explains as well as the task's own fit does is merged into that
-  entry instead, so related tasks share one entry and the bank stays bounded at any number of
-  tasks; when the bank is full the least useful entry is retired). Each entry carries the
-  network the meta-model adapts to its pooled examples;
-* for a task with ``1..max_shots`` examples, every entry is weighted by the exact likelihood of
-  the task's examples under the entry's network (Gaussian with the model's noise plus a
-  between-task ``jitter`` for regression, the class probability for classification), beside a
-  *null* component, the population prior (the model's zero-shot prediction with its prior
-  uncertainty), weighted by its own marginal likelihood. The weights are the posterior over
-  ``{null, entries}`` with prior mass ``null_prior`` on the null and the rest in proportion to
-  each entry's number of member tasks;
-* the most probable ``candidates`` entries' examples then join the task's own as *soft*
-  examples, each counted with its entry's posterior weight: in the encoder's pooled mean (so
-  the hypernetwork generates the body for the borrowed evidence) and as weighted rows of the
-  closed-form head (so the head is the posterior given the own examples plus the borrowed ones,
-  each borrowed example down-weighted by the chance that its entry is the right one). A wrong
-  entry has negligible weight and changes nothing; the right one makes a one-shot task look
-  like a task with its cluster's examples, updated by its own.
+* an :class:`EvidenceBank` keeps a bounded set of *entries*, each an experienced task's newest
+  examples (``points`` of them) and the network the meta-model adapts to them. A task enters
+  once it has seen ``min_examples`` examples and refreshes its entry each time it has doubled
+  them; a task that an entry already explains as well as its own network does (within
+  ``merge_nats`` per example: a recurring task under a new id) only adds to that entry's
+  member count; when the bank is full the least useful entry (the least posterior weight won,
+  decayed) is retired. The bank is bounded at any number of tasks;
+* the entries are clustered by k-means (FAISS) in *function space*, on their networks'
+  outputs at shared anchor inputs. A task with ``1..max_shots`` examples scores every cluster's
+  representative by the exact likelihood of its examples, then every member of the
+  ``probe_clusters`` best clusters. The likelihood is Gaussian with a variance learned from the
+  stream (how far an experienced task's examples typically lie from the best *other* entry), or
+  the class probability. Beside the entries stands the *null*: the population prior (the
+  model's zero-shot network with its head's prior uncertainty), weighted by its own marginal
+  likelihood. The weights are the posterior over ``{null, entries}``, with prior mass
+  ``null_prior`` on the null and the rest in proportion to each entry's members;
+* the task's head is then the posterior mean of the mixture over the kept components (at most
+  ``candidates`` entries, those holding ``mass`` of the entries' posterior, each >=
+  ``min_weight``): given the null, its own posterior; given an entry, a two-level posterior in
+  which the entry's examples are evidence about a *related* task (its head = the entry's plus a
+  deviation of ``spread`` times the prior covariance) and its own examples update that exactly
+  (:func:`solve_head_borrowed`). The body is generated from the pooled encoder state of its own
+  and the borrowed examples, each counted with its entry's weight. A wrong entry gets no
+  weight and changes nothing; with none, the task is served exactly as without retrieval.
 
-Everything is one forward pass per batch of requests: the entries' networks are evaluated at
-the requests' support points in one batched call, and entries are re-adapted only when they
-change (or when the model is swapped).
+Everything stays one forward pass per batch of requests: the entries' networks are evaluated
+at the requests' examples grouped by entry, the heads are solved in closed form, and entries
+are re-adapted only when they change or the model is swapped.
 """
 
 from __future__ import annotations
@@ -56,14 +60,14 @@ _CHUNK_ROWS = 1 << 16
 @dataclass(frozen=True)
 class RetrievalConfig:
     """Knobs of retrieval by evidence (the engine's ``retrieval_*`` settings give the first
-    five)."""
+    four; the others were chosen on the related-task stream of ``make bench``)."""
 
     bank_size: int = 1024
     min_examples: int = 8
     max_shots: int = 8
     candidates: int = 8
     probe_clusters: int = 4  # clusters of entries whose members are scored exactly
-    points: int = 32  # pooled examples kept per entry (a reservoir sample)
+    points: int = 32  # an entry's examples: its task's newest
     null_prior: float = 0.5  # prior probability that no entry is related
     spread: float = 0.05  # a task's head around its entry's: this fraction of the prior covariance
     merge_nats: float = 0.0  # merge a task into an entry explaining it this close (per example)
