@@ -315,18 +315,18 @@ def check_batch_size_invariance(
         engine.clear_weights_cache()
         q_served, q_values = _feed(engine, queries, batch)
         runs.append(((served, solo_served, q_served), learned, (values, solo_values, q_values)))
-    served, learned, values = runs[0]
+    ref_served, ref_learned, ref_values = runs[0]
     compared = {"none": 3, "others": 2, "shared": 1}[retrieval]
     for batch, (served2, learned2, values2) in zip(sizes[1:], runs[1:], strict=True):
         what = f"batches of {batch} vs {sizes[0]}"
-        assert served2 == served, f"{what}: events served with other support sets"
-        assert learned2 == learned, f"{what}: other support sets learned"
+        assert served2 == ref_served, f"{what}: events served with other support sets"
+        assert learned2 == ref_learned, f"{what}: other support sets learned"
         for part in range(3 - compared, 3):
             # served with 1..borrows examples: possibly borrowed from the bank
-            keep = [i for i, ev in enumerate(served[part]) if not 1 <= ev[2] <= borrows]
+            keep = [i for i, ev in enumerate(ref_served[part]) if not 1 <= ev[2] <= borrows]
             _assert_close(
                 [values2[part][i] for i in keep],
-                [values[part][i] for i in keep],
+                [ref_values[part][i] for i in keep],
                 f"{what}: {_PARTS[part]} differ",
             )
 
