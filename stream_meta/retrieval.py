@@ -68,8 +68,8 @@ class RetrievalConfig:
     candidates: int = 8
     probe_clusters: int = 4  # clusters of entries whose members are scored exactly
     points: int = 32  # an entry's examples: its task's newest
-    null_prior: float = 0.5  # prior probability that no entry is related
-    spread: float = 0.05  # a task's head around its entry's: this fraction of the prior covariance
+    null_prior: float = 0.9  # prior probability that no entry is related
+    spread: float = 0.5  # a task's head around its entry's: this fraction of the prior covariance
     merge_nats: float = 0.0  # merge a task into an entry explaining it this close (per example)
     mass: float = 0.9  # share of the entries' posterior the kept entries must hold
     min_weight: float = 0.01  # entries below this posterior weight are not borrowed from
