@@ -92,8 +92,8 @@ class EvidenceBank:
     """A bounded bank of experienced tasks' pooled examples; see the module docstring.
 
     Arrays (``E`` = capacity, ``P`` = points per entry): ``xs [E, P, x_dim]``, ``ys [E, P]``,
-    ``count [E]`` (points held; 0 = a free slot), ``seen [E]`` (points ever offered, for the
-    reservoir), ``members [E]`` (tasks merged), ``score [E]`` (decayed posterior weight won:
+    ``count [E]`` (points held; 0 = a free slot), ``seen [E]`` (points stored at the entry's
+    last refresh), ``members [E]`` (tasks merged), ``score [E]`` (decayed posterior weight won:
     usefulness), ``ids`` (the founding task of each entry), and what the served model makes of
     each entry: ``weights [E, n_params]`` (its adapted network), ``feature_sum [E, H]`` (the
     encoder's pooled state of its points) and ``z [E, embed]`` (its embedding, to shortlist).
@@ -118,7 +118,7 @@ class EvidenceBank:
         self.members = np.zeros(cap, dtype=np.float64)
         self.score = np.zeros(cap, dtype=np.float64)
         self.ids: list[str | None] = [None] * cap
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed  # of the clustering and its anchor inputs
         self.merged = self.added = self.retired = 0
         self.borrowings = 0  # sets that borrowed, ever
         self.log_var: float | None = None  # see evidence_var
@@ -188,7 +188,9 @@ class EvidenceBank:
                 self._is_rep[live] = True
             else:
                 prints = self._fingerprints(model, live)
-                km = faiss.Kmeans(prints.shape[1], k, niter=20, seed=1, min_points_per_centroid=1)
+                km = faiss.Kmeans(
+                    prints.shape[1], k, niter=20, seed=self._seed + 1, min_points_per_centroid=1
+                )
                 km.train(prints)
                 dist, assign = km.index.search(prints, 1)
                 assign, dist = assign[:, 0], dist[:, 0]
@@ -209,7 +211,7 @@ class EvidenceBank:
     def _fingerprints(self, model: MetaModel, entries: np.ndarray) -> np.ndarray:
         """Each entry's outputs at ``ANCHORS`` inputs drawn from the bank's examples (model
         units; class probabilities for a classifier): ``[len(entries), ANCHORS * out]``."""
-        rng = np.random.default_rng(len(entries))
+        rng = np.random.default_rng(len(entries) + 1_000_003 * self._seed)
         pick = rng.choice(len(entries), size=ANCHORS)
         anchors = self.xs[entries[pick], rng.integers(0, self.count[entries[pick]])]
         x = torch.from_numpy(anchors).unsqueeze(0).expand(len(entries), -1, -1)
@@ -312,9 +314,11 @@ class EvidenceBank:
         ys: Sequence[np.ndarray],
     ) -> Borrowed | None:
         """The posterior over ``{null, entries}`` of each support set ``(xs[i] [n_i, x_dim],
-        ys[i] [n_i])`` with embedding ``z[i]``: the ``shortlist`` entries nearest in
-        embedding are scored exactly, and the ``candidates`` most probable kept; None when
-        nothing is borrowed. Entries are credited with the weight they won (usefulness)."""
+        ys[i] [n_i])``: the entries :meth:`candidates` picks are scored exactly, and up to
+        ``candidates`` of the most probable kept (those holding ``mass`` of the entries'
+        posterior, each >= ``min_weight``); None when nothing is borrowed. Entries are
+        credited with the weight they won (their usefulness). ``z [B, E]``, the sets'
+        embeddings, is not used by this scoring (kept for callers that shortlist by it)."""
         if not len(self) or not len(xs):
             return None
         c = self.config
