@@ -177,7 +177,7 @@ class MetaAdapter:
         counts = np.array([r.n for r in sets], dtype=np.int64)
         sums = torch.from_numpy(np.stack([r.feature_sum for r in sets]).astype(np.float32))
         shots = torch.from_numpy(counts.astype(np.float32))
-        borrowed = _borrow(sets, counts, model.encoder.readout(sums, shots), engine)
+        borrowed = _borrow(sets, counts, engine)
         bank = engine.bank
         if borrowed is not None and bank is not None:
             # the borrowed examples join the pooled encoder state, each counted with its
@@ -222,9 +222,7 @@ class MetaAdapter:
         return engine.model.predict_with_std(x, rows)
 
 
-def _borrow(
-    sets: Sequence[SupportSet], counts: np.ndarray, z: torch.Tensor, engine: EngineView
-) -> Borrowed | None:
+def _borrow(sets: Sequence[SupportSet], counts: np.ndarray, engine: EngineView) -> Borrowed | None:
     """The retrieval bank's posterior for the sets with ``1..max_shots`` examples (None when
     retrieval is off, the bank is empty, or nothing is worth borrowing); rows index ``sets``."""
     bank = engine.bank
@@ -235,7 +233,6 @@ def _borrow(
         return None
     borrowed = bank.borrow(
         engine.model,
-        z[torch.from_numpy(rows)],
         [sets[j].xs for j in rows.tolist()],  # type: ignore[misc]
         [sets[j].ys for j in rows.tolist()],  # type: ignore[misc]
     )

@@ -188,36 +188,49 @@ class MetaModel(nn.Module):
         the support set ``xs [B, n, x_dim], ys [B, n]`` in user units."""
         return self.head_posterior(generated, xs, ys, smask).mean
 
+    def head_design(
+        self, generated: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, smask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's regression problem in model units: features ``[B, n, F]`` and targets
+        ``[B, n, out]`` (centred one-hot for a classifier), both rows multiplied by ``smask``."""
+        x_std = self.scaling.inputs(xs)
+        y_enc = self.encode_labels(self.scaling.targets(x_std, ys))
+        phi = self.target.features(x_std, generated) * smask.unsqueeze(-1)  # [B, n, F]
+        targets = y_enc
+        if self.config.kind == "classification":
+            targets = y_enc - 1.0 / self.config.y_dim  # centred one-hot
+        return phi, targets * smask.unsqueeze(-1)
+
     def head_posterior(
         self,
         generated: torch.Tensor,
         xs: torch.Tensor,
         ys: torch.Tensor,
         smask: torch.Tensor,
+        message: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> HeadPosterior:
         """The head's posterior under the generated prior, given the support set
         ``xs [B, n, x_dim], ys [B, n]`` in user units (``smask [B, n]``: an example's features
         and label are both multiplied by its mask value, so a fractional one ``m`` counts as
-        ``m**2`` of an example)."""
-        x_std = self.scaling.inputs(xs)
-        y_enc = self.encode_labels(self.scaling.targets(x_std, ys))
-        phi = self.target.features(x_std, generated) * smask.unsqueeze(-1)  # [B, n, F]
+        ``m**2`` of an example). ``message``: a further Gaussian factor on the head, as its
+        precision ``[B, F, F]`` and information ``[B, F, out]`` (what borrowed evidence says,
+        :func:`stream_meta.retrieval.solve_head_borrowed`)."""
+        phi, targets = self.head_design(generated, xs, ys, smask)
         prior_mean = self.target.head(generated)  # [B, F, out]
-        targets = y_enc
-        if self.config.kind == "classification":
-            targets = y_enc - 1.0 / self.config.y_dim  # centred one-hot
         beta = torch.exp(-2.0 * self.log_noise)
         lam0 = self.prior_precision()
         gram = beta * phi.transpose(1, 2) @ phi + lam0  # [B, F, F]
         # Lambda0 @ m0 for every task as one GEMM: (m0^T Lambda0^T)^T, Lambda0 symmetric
         prior_term = (prior_mean.transpose(1, 2) @ lam0).transpose(1, 2)
-        rhs = beta * phi.transpose(1, 2) @ (targets * smask.unsqueeze(-1)) + prior_term
+        rhs = beta * phi.transpose(1, 2) @ targets + prior_term
+        if message is not None:
+            gram, rhs = gram + message[0], rhs + message[1]
         chol, info = torch.linalg.cholesky_ex(gram)
         if bool(info.any()):  # numerically indefinite: fall back to a general solve
             mean, chol = torch.linalg.solve(gram, rhs), _jittered_cholesky(gram)
         else:
             mean = torch.cholesky_solve(rhs, chol)
-        resid = targets * smask.unsqueeze(-1) - phi @ mean  # [B, n, out] (padding: 0)
+        resid = targets - phi @ mean  # [B, n, out] (padding: 0)
         shift = mean - prior_mean
         misfit = beta * (resid * resid).sum(dim=(1, 2)) + (shift * (lam0 @ shift)).sum(dim=(1, 2))
         return HeadPosterior(mean, chol, misfit, (smask * smask).sum(dim=-1))
@@ -307,11 +320,18 @@ class MetaModel(nn.Module):
         return self.loss(out, y) / self.scaling.loss_scale()
 
 
+def stable_cholesky(a: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``a [..., F, F]``; where it is not numerically positive definite,
+    with the smallest diagonal jitter that makes it so (:func:`_jittered_cholesky`)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    return _jittered_cholesky(a) if bool(info.any()) else chol
+
+
 def _jittered_cholesky(gram: torch.Tensor, tries: int = 8) -> torch.Tensor:
-    """Cholesky factor of ``gram [B, F, F]`` with the smallest diagonal jitter (1e-6 of the
+    """Cholesky factor of ``gram [..., F, F]`` with the smallest diagonal jitter (1e-6 of the
     mean diagonal, growing tenfold) that makes every matrix positive definite."""
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-12)[:, None, None]
+    scale = gram.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-12)[..., None, None]
     jitter = 1e-6
     for _ in range(tries):
         chol, info = torch.linalg.cholesky_ex(gram + jitter * scale * eye)

@@ -45,7 +45,7 @@ import faiss
 import numpy as np
 import torch
 
-from stream_meta.model import HeadPosterior, MetaModel, no_neighbours
+from stream_meta.model import HeadPosterior, MetaModel, no_neighbours, stable_cholesky
 from stream_meta.packing import pack_strings, unpack_strings
 
 __all__ = ["Borrowed", "EvidenceBank", "RetrievalConfig", "null_log_evidence"]
@@ -307,18 +307,13 @@ class EvidenceBank:
         return out.masked_fill(torch.from_numpy(pad), -math.inf)
 
     def borrow(
-        self,
-        model: MetaModel,
-        z: torch.Tensor,
-        xs: Sequence[np.ndarray],
-        ys: Sequence[np.ndarray],
+        self, model: MetaModel, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]
     ) -> Borrowed | None:
         """The posterior over ``{null, entries}`` of each support set ``(xs[i] [n_i, x_dim],
         ys[i] [n_i])``: the entries :meth:`candidates` picks are scored exactly, and up to
         ``candidates`` of the most probable kept (those holding ``mass`` of the entries'
         posterior, each >= ``min_weight``); None when nothing is borrowed. Entries are
-        credited with the weight they won (their usefulness). ``z [B, E]``, the sets'
-        embeddings, is not used by this scoring (kept for callers that shortlist by it)."""
+        credited with the weight they won (their usefulness)."""
         if not len(self) or not len(xs):
             return None
         c = self.config
@@ -472,15 +467,8 @@ class EvidenceBank:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The pooled encoder states ``[B, H]``, adapted networks ``[B, n_params]`` (no
         neighbours) and embeddings ``[B, E]`` of support sets."""
-        n_max = max(len(y) for _, y in sets)
         b = len(sets)
-        xs = torch.zeros(b, n_max, self.x_dim)
-        ys = torch.zeros(b, n_max, dtype=torch.float32 if self.regression else torch.long)
-        mask = torch.zeros(b, n_max)
-        for i, (x, y) in enumerate(sets):
-            xs[i, : len(y)] = torch.from_numpy(np.asarray(x, dtype=np.float32))
-            ys[i, : len(y)] = torch.from_numpy(np.asarray(y))
-            mask[i, : len(y)] = 1.0
+        xs, ys, mask = _padded(model, [x for x, _ in sets], [y for _, y in sets])
         feats = model.point_features(xs, ys) * mask.unsqueeze(-1)
         fsum, cnt = feats.sum(dim=1), mask.sum(dim=1)
         z = model.encoder.readout(fsum, cnt)
@@ -541,7 +529,23 @@ class ModelConstants(NamedTuple):
     def of(cls, model: MetaModel) -> ModelConstants:
         empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))
         gen = model.hyper(empty, *no_neighbours(1, empty.shape[1]), torch.zeros(1))
-        return cls(gen, torch.cholesky_inverse(_cholesky(model.prior_precision())))
+        return cls(gen, torch.cholesky_inverse(stable_cholesky(model.prior_precision())))
+
+
+def _padded(
+    model: MetaModel, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sets of examples padded to the largest: ``x [B, n, x_dim], y [B, n], mask [B, n]``."""
+    b, n_max = len(ys), max(len(y) for y in ys)
+    regression = model.config.kind == "regression"
+    x = torch.zeros(b, n_max, model.config.x_dim)
+    y = torch.zeros(b, n_max, dtype=torch.float32 if regression else torch.long)
+    mask = torch.zeros(b, n_max)
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        x[i, : len(yi)] = torch.from_numpy(np.asarray(xi, dtype=np.float32))
+        y[i, : len(yi)] = torch.from_numpy(np.asarray(yi))
+        mask[i, : len(yi)] = 1.0
+    return x, y, mask
 
 
 def _set_of(offsets: np.ndarray) -> np.ndarray:
@@ -573,16 +577,9 @@ def null_log_evidence(
     zero-shot network with its head's prior uncertainty (regression: ``N(Phi m0,
     Phi Lambda0^-1 Phi^T + noise I)`` in the model's units), or its zero-shot class
     probabilities. ``-> [B]``."""
-    b = len(xs)
-    n_max = max(len(y) for y in ys)
     mc = model.config
-    x = torch.zeros(b, n_max, mc.x_dim)
-    y = torch.zeros(b, n_max, dtype=torch.float32 if mc.kind == "regression" else torch.long)
-    mask = torch.zeros(b, n_max)
-    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
-        x[i, : len(yi)] = torch.from_numpy(np.asarray(xi, dtype=np.float32))
-        y[i, : len(yi)] = torch.from_numpy(np.asarray(yi))
-        mask[i, : len(yi)] = 1.0
+    x, y, mask = _padded(model, xs, ys)
+    b, n_max = mask.shape
     k = constants or ModelConstants.of(model)
     gen = k.zero_shot
     if mc.kind != "regression":
@@ -628,55 +625,18 @@ def solve_head_borrowed(
     ``N(G^-1 b, G^-1)`` (``G = beta Phi_b^T W Phi_b``, ``b = beta Phi_b^T W y_b``) with that
     deviation added to its covariance: precision ``(I + G K)^-1 G`` and information
     ``(I + G K)^-1 b``, ``K = spread * Lambda0^-1``. It multiplies the generated prior and the
-    task's own likelihood exactly as in :meth:`MetaModel.solve_head`. ``spread -> inf`` gives
+    task's own likelihood exactly as in :meth:`MetaModel.head_posterior`. ``spread -> inf`` gives
     the task's own posterior back; ``spread -> 0`` pools the borrowed examples with its own.
     """
     beta = torch.exp(-2.0 * model.log_noise)
-    lam0 = model.prior_precision()
-    prior_mean = model.target.head(generated)  # [B, F, out]
-    phi_b, t_b = _design(model, generated, xb, yb, wb.sqrt())  # A [B, P, F], t [B, P, out]
+    phi_b, t_b = model.head_design(generated, xb, yb, wb.sqrt())  # A [B, P, F], t [B, P, out]
     k = spread * (constants or ModelConstants.of(model)).prior_cov
     # with G = beta A^T A: (I + G K)^-1 G = beta A^T S^-1 A and (I + G K)^-1 (beta A^T t) =
     # beta A^T S^-1 t, S = I + beta A K A^T: one P x P Cholesky instead of F x F solves
     eye_p = torch.eye(phi_b.shape[1], dtype=phi_b.dtype)
-    s_mat = eye_p + beta * phi_b @ k @ phi_b.transpose(1, 2)
-    s_chol = _cholesky(s_mat)
+    s_chol = stable_cholesky(eye_p + beta * phi_b @ k @ phi_b.transpose(1, 2))
     s_inv_a = torch.cholesky_solve(phi_b, s_chol)  # [B, P, F]
     msg_prec = beta * phi_b.transpose(1, 2) @ s_inv_a
     msg_prec = 0.5 * (msg_prec + msg_prec.transpose(1, 2))
     msg_info = beta * s_inv_a.transpose(1, 2) @ t_b
-    phi, t = _design(model, generated, xs, ys, smask)
-    gram = beta * phi.transpose(1, 2) @ phi + lam0 + msg_prec
-    prior_info = (prior_mean.transpose(1, 2) @ lam0).transpose(1, 2)
-    rhs = beta * phi.transpose(1, 2) @ t + prior_info + msg_info
-    chol = _cholesky(gram)
-    mean = torch.cholesky_solve(rhs, chol)
-    # the task's misfit as HeadPosterior defines it: its own examples' residuals and the
-    # head's shift from the generated prior
-    resid = t - phi @ mean
-    shift = mean - prior_mean
-    misfit = beta * (resid * resid).sum(dim=(1, 2)) + (shift * (lam0 @ shift)).sum(dim=(1, 2))
-    return HeadPosterior(mean, chol, misfit, (smask * smask).sum(dim=-1))
-
-
-def _design(
-    model: MetaModel, generated: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-weighted head features ``[B, n, F]`` and targets ``[B, n, out]`` in model units."""
-    x_std = model.scaling.inputs(xs)
-    targets = model.encode_labels(model.scaling.targets(x_std, ys))
-    if model.config.kind == "classification":
-        targets = targets - 1.0 / model.config.y_dim  # centred one-hot, as solve_head
-    phi = model.target.features(x_std, generated) * w.unsqueeze(-1)
-    return phi, targets * w.unsqueeze(-1)
-
-
-def _cholesky(a: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor, with growing jitter on the diagonal where ``a`` is not quite PD."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    jitter = 1e-6
-    while bool(info.any()) and jitter < 1.0:
-        eye = torch.eye(a.shape[-1], dtype=a.dtype)
-        chol, info = torch.linalg.cholesky_ex(a + jitter * eye)
-        jitter *= 10.0
-    return chol
+    return model.head_posterior(generated, xs, ys, smask, message=(msg_prec, msg_info))
