@@ -211,6 +211,19 @@ class EngineSettings(BaseModel):
         le=64,
         description="Most probable bank entries whose examples are borrowed per task.",
     )
+    expert_share_rate: float = Field(
+        default=EngineConfig.expert_share_rate,
+        gt=0,
+        le=1,
+        description="With experts: weight of one labelled event in each expert's population "
+        "share (the routing prior of a task with no example).",
+    )
+    expert_share_floor: float = Field(
+        default=EngineConfig.expert_share_floor,
+        gt=0,
+        le=1,
+        description="With experts: an expert's routing prior is at least this / experts.",
+    )
     # the application's: the entry point sets the process's torch threads
     threads: int = Field(
         default=0,
@@ -626,6 +639,26 @@ class MetaUpdateSettings(BaseModel):
         default=UpdateConfig.old_margin,
         ge=0,
         description="Allowed relative rise of the old-task loss.",
+    )
+    max_experts: int = Field(
+        default=MetaUpdateConfig.max_experts,
+        ge=1,
+        le=16,
+        description="Experts served side by side: a candidate that helps the new tasks but "
+        "not the old ones is added beside the served model, each task routed by its own "
+        "evidence (the least used one retired at capacity); 1 keeps a single model, replaced "
+        "by a candidate that passes the gate.",
+    )
+    expert_min_improvement: float = Field(
+        default=UpdateConfig.expert_min_improvement,
+        ge=0,
+        lt=1,
+        description="With experts: required relative drop of the new-task loss under routing.",
+    )
+    expert_old_margin: float = Field(
+        default=UpdateConfig.expert_old_margin,
+        ge=0,
+        description="With experts: allowed relative rise of the old-task loss under routing.",
     )
     threads: int = Field(
         default=UpdateConfig.threads, ge=0, description="Torch threads of a job (0: default)."

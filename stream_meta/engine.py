@@ -27,6 +27,13 @@ How a support set becomes weights, and how an event is predicted with them, is t
 *adapter* (:mod:`stream_meta.adapters`; the meta-model's one forward pass by default), called
 once per chunk of the batch's adaptation requests.
 
+With *experts* (:mod:`stream_meta.experts`: a served model version that is a set of models
+sharing one encoder, kept by meta-updates that help a new regime without overwriting the old),
+every expert adapts each request and predicts each event, and the event is served by their
+mixture, weighted per task by the experts' prequential evidence on the task's own examples
+before it (a batch's routing, like its support sets, is walked in stream order). The cached row
+of a task holds every expert's weights side by side.
+
 Adapted weights live in a fixed pool of ``weights_cache_size`` rows (FIFO reuse); a row is valid
 for a task while the task's support version and the model generation are unchanged. The model
 is an immutable snapshot read once per batch: :meth:`Engine.swap_model` takes effect between
@@ -45,9 +52,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stream_meta.adapters import Adapter, MetaAdapter, SupportSet
+from stream_meta.adapters import Adapter, EngineView, MetaAdapter, SupportSet
 from stream_meta.dedupe import DedupeWindow
 from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
+from stream_meta.experts import Router, RoutingConfig, log_density, members, mix, same_encoder
 from stream_meta.index import TaskIndex, neighbour_arrays, task_key
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
@@ -85,6 +93,10 @@ class EngineConfig:
     retrieval_min_examples: int = 8
     retrieval_max_shots: int = 8
     retrieval_candidates: int = 8
+    # routing among experts (stream_meta.experts): the population share's rate per labelled
+    # event, and the floor of an expert's prior (divided by the number of experts)
+    expert_share_rate: float = 0.01
+    expert_share_floor: float = 0.05
 
 
 @dataclass
@@ -102,6 +114,8 @@ class Outputs:
     model_version: int
     #: predictive standard deviations, target units (regression, when the adapter gives them)
     stds: list[float] | None = None
+    #: with experts: the id of the expert with the largest routing weight for each event
+    experts: list[int] | None = None
     duplicates: list[bool] | None = None  # labelled events already learned (not learned again)
     x: np.ndarray | None = None  # the events' features [N, x_dim] (for replay)
     y: list[Any] | None = None  # the labels learned (None: a query, or a duplicate)
@@ -123,6 +137,7 @@ class Outputs:
             loss=None if loss != loss else loss,
             latency_s=self.latency_s,
             duplicate=self.duplicates is not None and self.duplicates[i],
+            expert=None if self.experts is None else self.experts[i],
         )
 
 
@@ -192,6 +207,41 @@ class _Plan:
         self.ops: dict[int, list[tuple[int, int]]] = {}
         self.evicted: list[tuple[np.ndarray, Any] | None] = []
         self.x = torch.empty(0)
+
+
+class _ExpertView:
+    """What an expert other than the primary sees of the engine: its own model, the primary's
+    embeddings, index and store (experts share its encoder), no retrieval bank (the bank's
+    entries are the primary's adapted networks)."""
+
+    bank = None
+
+    def __init__(self, engine: Engine, model: MetaModel) -> None:
+        self._engine, self.model = engine, model
+
+    @property
+    def empty_embedding(self) -> np.ndarray:
+        return self._engine.empty_embedding
+
+    @property
+    def index(self) -> Any:
+        return self._engine.index
+
+    @property
+    def store(self) -> TaskStore:
+        return self._engine.store
+
+    def neighbours(
+        self, z: np.ndarray, exclude: Sequence[str | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._engine.neighbours(z, exclude)
+
+
+def _same_weights(a: MetaModel, b: MetaModel) -> bool:
+    if a is b:
+        return True
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def _ready(arrays: dict[str, np.ndarray]) -> Callable[[], dict[str, np.ndarray]]:
@@ -311,9 +361,8 @@ class Engine:
         )
         self.stats = RunningStats(config.support_size)
         self.dedupe = DedupeWindow(config.dedupe_window) if config.dedupe_window else None
-        self._cache_size = config.weights_cache_size or max(
-            1, min(config.max_live_tasks, (256 << 20) // (4 * self.adapter.row_width(model)))
-        )
+        self._cache_size = 0
+        self.router: Router | None = None
         self.bank: EvidenceBank | None = None
         self._borrowings = 0  # the bank's count already reported to the metrics
         if config.retrieval and config.retrieval_max_shots > 0 and self.adapter.embeds:
@@ -333,7 +382,31 @@ class Engine:
             empty = model.encoder.readout(torch.zeros(1, model.encoder.hidden), torch.zeros(1))[
                 0
             ].numpy()
-        pool = torch.zeros(self._cache_size, self.adapter.row_width(model))
+        self._members = members(model, version)
+        for _, m in self._members:
+            m.eval()
+        # experts need the meta-model's adapter (the replay strategies' adapters serve one)
+        k = len(self._members) if isinstance(self.adapter, MetaAdapter) else 1
+        self._views: list[EngineView] = [self] + [
+            _ExpertView(self, m) for _, m in self._members[1:k]
+        ]
+        width = self.adapter.row_width(model) * k
+        self._cache_size = self.config.weights_cache_size or max(
+            1, min(self.config.max_live_tasks, (256 << 20) // (4 * width))
+        )
+        ids = [i for i, _ in self._members[:k]]
+        if self.router is None:
+            c = self.config
+            self.router = Router(ids, RoutingConfig(c.expert_share_rate, c.expert_share_floor))
+        else:
+            self.router.remap(ids, list(self.store))
+        self.metrics.experts.set(k)
+        for gone in getattr(self, "_share_labels", set()) - {str(i) for i in ids}:
+            self.metrics.expert_share.remove(gone)
+        self._share_labels = {str(i) for i in ids} if k > 1 else set()
+        if k == 1:
+            self.metrics.expert_share.clear()
+        pool = torch.zeros(self._cache_size, width)
         self._snapshot = (model, version, empty, pool)
         self._slot_key = np.full(self._cache_size, -1, dtype=np.int64)
         self._slot_version = np.full(self._cache_size, -1, dtype=np.int64)
@@ -343,7 +416,13 @@ class Engine:
 
     @property
     def model(self) -> MetaModel:
+        """The served model (with experts: the primary, carrying the others)."""
         return self._snapshot[0]
+
+    @property
+    def expert_ids(self) -> list[int]:
+        """Ids of the served experts, the primary first (one id: a single model)."""
+        return [i for i, _ in self._members[: len(self._views)]]
 
     @property
     def empty_embedding(self) -> np.ndarray:
@@ -373,9 +452,11 @@ class Engine:
         """
         if model.config != self.model.config:
             raise ValueError("the new model's configuration differs from the served one")
+        old = self.model
         self._install(model, version)
-        self._rebuild_embeddings()
-        if self.bank is not None:
+        if not same_encoder(model, old):  # the same encoder: the same embeddings (experts)
+            self._rebuild_embeddings()
+        if self.bank is not None and not _same_weights(model, old):
             with torch.inference_mode():
                 self.bank.refit_all(model)
         self.metrics.model_version.set(version)
@@ -465,13 +546,49 @@ class Engine:
         with torch.inference_mode():
             plan = self._plan(events)
             weights = self._weights_for(plan)
-            out, std = self.adapter.predict(plan.x.unsqueeze(1), weights, self)
-        outputs = self._score(events, plan, out[:, 0], None if std is None else std[:, 0], t0)
+            if len(self._views) == 1:
+                out, std = self.adapter.predict(plan.x.unsqueeze(1), weights, self)
+                out, std = out[:, 0], None if std is None else std[:, 0]
+                top = None
+            else:
+                out, std, top = self._route(events, plan, weights)
+        outputs = self._score(events, plan, out, std, t0)
+        outputs.experts = top
         if self.bank is not None:
             self._offer(plan)
         outputs.x = plan.x.numpy()
         outputs.y = [ev.y for ev in events]
         return outputs
+
+    def _route(
+        self, events: list[Event], plan: _Plan, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """Every expert's prediction of every event, mixed by the routing posterior of the
+        event's task (its evidence before the event); labelled events then add each expert's
+        predictive density of their label to their task's evidence. Returns the mixture's
+        values (or log probabilities), standard deviations and each event's top expert id."""
+        width = weights.shape[1] // len(self._views)
+        x = plan.x.unsqueeze(1)
+        outs, stds = [], []
+        for e, view in enumerate(self._views):
+            o, sd = self.adapter.predict(x, weights[:, e * width : (e + 1) * width], view)
+            outs.append(o[:, 0])
+            stds.append(None if sd is None else sd[:, 0])
+        labelled = np.array([ev.y is not None for ev in events])
+        dens = np.zeros((len(events), len(outs)))
+        li = np.flatnonzero(labelled)
+        if len(li):
+            ys = np.array([events[i].y for i in li])
+            sel = torch.from_numpy(li)
+            for e, (o, sd) in enumerate(zip(outs, stds, strict=True)):
+                dens[li, e] = log_density(self.kind, o[sel], None if sd is None else sd[sel], ys)
+        assert self.router is not None
+        w = self.router.route(plan.states, dens, labelled)
+        out, std = mix(self.kind, outs, stds, w)
+        ids = np.asarray(self.expert_ids)
+        for expert_id, share in self.router.shares().items():
+            self.metrics.expert_share.labels(str(expert_id)).set(share)
+        return out, std, ids[w.argmax(axis=1)].tolist()
 
     # -- planning: walk the batch in order, learning as we go --------------------------------
     def _plan(self, events: list[Event]) -> _Plan:
@@ -624,7 +741,8 @@ class Engine:
         adapt, parts = self.adapter.adapt, []
         for lo in range(0, len(requests), chunk):
             part = requests[lo : lo + chunk]
-            parts.append(adapt(part, self))
+            rows = [adapt(part, view) for view in self._views]  # one per expert
+            parts.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
             self.metrics.adapt_batch.observe(len(part))
         self.metrics.adaptations.inc(len(requests))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -889,6 +1007,8 @@ class Engine:
             packers["dedupe"] = self.dedupe.capture()
         if self.bank is not None:
             packers["bank"] = _ready(self.bank.to_arrays())
+        if len(self._views) > 1 and self.router is not None:
+            packers["experts"] = _ready(self.router.to_arrays(list(self.store)))
 
         def pack() -> dict[str, np.ndarray]:
             return {f"{p}.{k}": v for p, f in packers.items() for k, v in f().items()}
@@ -922,6 +1042,13 @@ class Engine:
             with torch.inference_mode():
                 bank.restore(self.model, part["bank"], refit=reencode)
         self.store.restore(part["store"])  # the last check that can fail
+        if self.router is not None:
+            if "experts" in part and len(self._views) > 1:
+                try:
+                    self.router.restore(part["experts"], self.store)
+                except (KeyError, ValueError) as exc:  # routing restarts level, state is fine
+                    log.warning("saved expert routing not restored (%s): tasks start level", exc)
+            self.router.remap(self.expert_ids, list(self.store))
         self.bank = bank
         least = self.config.retrieval_min_examples
         for s in self.store:  # offers depend on examples seen only

@@ -178,6 +178,11 @@ class Prediction(BaseModel):
         default=False,
         description="A labelled event whose id was already learned: predicted, not learned again.",
     )
+    expert: int | None = Field(
+        default=None,
+        description="With several experts served: the id of the expert with the largest "
+        "routing weight for this event (the prediction is their mixture); None with one model.",
+    )
 
     def to_json(self) -> str:
         """Serialise to compact JSON (one line, suitable for a Kafka value or a JSONL file)."""

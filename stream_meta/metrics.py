@@ -208,6 +208,25 @@ class EngineMetrics:
             "Few-shot adaptations that borrowed examples from the retrieval bank.",
             registry=r,
         )
+        self.experts = Gauge(
+            "stream_meta_experts",
+            "Experts in the served model set (1: a single model).",
+            registry=r,
+        )
+        self.expert_share = Gauge(
+            "stream_meta_expert_share",
+            "Each served expert's share of the routing posterior over recent labelled events "
+            "(the prior of a task with no example).",
+            ["expert"],
+            registry=r,
+        )
+        self.expert_changes = Counter(
+            "stream_meta_expert_changes_total",
+            "Changes of the served expert set by meta-updates, by action: added, replaced, "
+            "retired.",
+            ["action"],
+            registry=r,
+        )
         self.model_version = Gauge(
             "stream_meta_model_version", "Version of the model being served.", registry=r
         )

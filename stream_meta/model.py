@@ -95,6 +95,11 @@ class HeadPosterior(NamedTuple):
 class MetaModel(nn.Module):
     """Set encoder, hypernetwork and closed-form head; see the module docstring."""
 
+    #: a served set of experts (stream_meta.experts): this model's id in the set, and the other
+    #: ``(expert id, model)`` pairs served beside it (none: a single model)
+    expert_id: int = 0
+    experts: tuple[tuple[int, MetaModel], ...] = ()
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

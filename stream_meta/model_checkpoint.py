@@ -6,6 +6,10 @@ training settings, final metrics, creation time, library version). A human-reada
 the manifest is written beside it as ``<name>.json``. Nothing is unpickled on load: safetensors
 holds raw tensors only, so a checkpoint from an untrusted place cannot run code.
 
+A served set of experts (:mod:`stream_meta.experts`) is one checkpoint too: the primary's
+tensors as above, each other expert's under ``experts.<id>.``, and their ids in the manifest
+(``expert_id``, ``experts``), so a set is saved, published and followed like a single model.
+
 Writes are atomic: to a temporary file in the same directory, fsync, then ``os.replace``.
 """
 
@@ -46,6 +50,10 @@ def save_checkpoint(
     """Save ``model`` atomically to ``path``; returns the manifest written. ``extra``: more
     manifest entries (a model trained on a user's log: its ``schema``, ``scaling``, ``data``
     and ``validation``)."""
+    others = getattr(model, "experts", ())
+    tensors = dict(model.state_dict())
+    for expert_id, expert in others:
+        tensors.update({f"experts.{expert_id}.{k}": v for k, v in expert.state_dict().items()})
     manifest = {
         "schema": model_schema(model.config),
         **(extra or {}),
@@ -55,11 +63,13 @@ def save_checkpoint(
         "model": model.config.to_dict(),
         "training": training or {},
         "metrics": metrics or {},
+        "expert_id": int(getattr(model, "expert_id", 0) or model_version),
+        "experts": [int(i) for i, _ in others],
         "created_unix": time.time(),
         "stream_meta_version": __version__,
         "torch_version": torch.__version__,
     }
-    return write_tensors(path, model.state_dict(), manifest)
+    return write_tensors(path, tensors, manifest)
 
 
 def model_schema(config: ModelConfig) -> dict[str, Any]:
@@ -116,17 +126,44 @@ def load_checkpoint(
         config = ModelConfig.from_dict(manifest["model"])
         model = MetaModel(config)
         tensors = load_file(str(path), device=str(device))
+        for name, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
+        own = {k: v for k, v in tensors.items() if not k.startswith("experts.")}
         # checkpoints from before the scaling (or the variance's calibration) existed hold
         # none: theirs is the identity (the exact Bayesian predictive variance)
         for name, default in model.state_dict().items():
-            if name.startswith(("scaling.", "calibration.")) and name not in tensors:
-                tensors[name] = default.to(device)
-        model.load_state_dict(tensors, strict=True)
+            if name.startswith(("scaling.", "calibration.")) and name not in own:
+                own[name] = default.to(device)
+        model.load_state_dict(own, strict=True)
+        others = []
+        for expert_id in manifest.get("experts", []):
+            prefix = f"experts.{int(expert_id)}."
+            expert = MetaModel(config)
+            expert.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+                strict=True,
+            )
+            others.append((int(expert_id), expert.to(device).eval()))
+        expected = {f"experts.{int(i)}." for i in manifest.get("experts", [])}
+        stray = [
+            k
+            for k in tensors
+            if k.startswith("experts.") and k[: k.index(".", 8) + 1] not in expected
+        ]
+        if stray:
+            raise CheckpointError(
+                f"{path}: tensors of experts the manifest does not list: {stray[:3]}"
+            )
+        if others:
+            from stream_meta.experts import with_experts
+
+            primary_id = int(manifest.get("expert_id") or manifest.get("model_version") or 1)
+            model = with_experts(model, primary_id, others)
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, RuntimeError, SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
-    for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf")
     return model.to(device).eval(), manifest
 
 

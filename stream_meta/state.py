@@ -28,6 +28,7 @@ class TaskState:
 
     __slots__ = (
         "embedding",
+        "evidence",
         "feature_sum",
         "key",
         "last_seen",
@@ -53,6 +54,8 @@ class TaskState:
         self.embedding: np.ndarray | None = None  # [E] float32, None until computed
         self.version = 0  # bumped whenever the support set changes
         self.slot = -1  # row in the engine's weights cache, -1 = none
+        #: log evidence of each served expert (stream_meta.experts), None: none yet / one expert
+        self.evidence: np.ndarray | None = None
         self.last_seen = 0.0
 
 

@@ -49,13 +49,30 @@ The candidate is *promoted* when every loss is finite, its new-task loss is belo
 model's by at least ``min_improvement`` (relative) and its old-task loss is above the served
 model's by at most ``old_margin`` (relative); otherwise it is *rejected* (or *failed*, on a
 non-finite loss or an error), with the reason.
+
+Experts
+-------
+With ``max_experts > 1`` (the payload's ``experts``: every served expert's weights) the
+candidate is trained from the expert that serves the stream most (``parent``) with the set
+encoder frozen (experts share the primary's task embeddings), and judged by *routing*
+(:mod:`stream_meta.experts`): each held-out episode is served by the mixture of a set of
+experts weighted by their prequential evidence on the episode's support examples, as serving
+does. Three sets are compared on the same episodes: the served one, the served one with the
+parent *replaced* by the candidate, and the served one with the candidate *added* (at
+capacity, minus the expert the updater chose to retire). A set passes when its new-task loss
+is ``expert_min_improvement`` below the served set's and its old-task loss at most
+``expert_old_margin`` above it; the replacement is preferred when it passes and is within 1%
+of the addition (one expert fewer to serve), else the addition, else the candidate is
+rejected.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,6 +81,7 @@ import torch
 from numpy.typing import NDArray
 
 from stream_meta.continual.replay_buffer import ReplaySnapshot
+from stream_meta.experts import log_density
 from stream_meta.meta_training import contrastive_loss, retrieve
 from stream_meta.model import MetaModel, ModelConfig, no_neighbours
 
@@ -103,6 +121,9 @@ class UpdateConfig:
     min_val_tasks: int = 8
     min_improvement: float = 0.02
     old_margin: float = 0.10
+    #: the expert gate (see "Experts" above)
+    expert_min_improvement: float = 0.02
+    expert_old_margin: float = 0.02
     grad_clip: float = 10.0
     threads: int = 1
     seed: int = 0
@@ -339,6 +360,165 @@ def validate(
     return out
 
 
+@torch.inference_mode()
+def expert_passes(
+    model: MetaModel,
+    snap: ReplaySnapshot,
+    rows: NDArray[np.int64],
+    bank_rows: NDArray[np.int64],
+    config: UpdateConfig,
+    chunk: int = 512,
+) -> list[dict[str, Any]]:
+    """What routing needs of one expert on the held-out ``rows``: per repeat (the episodes of
+    :func:`validate`, same seed, same orders), ``dens [T, L]`` the log predictive density of
+    each task's example ``t`` given its first ``t`` (``L = max(val_shots)``; NaN where the
+    task has no example ``t``), ``out`` the predictions of every example at each validation
+    support size, ``y`` and ``n``."""
+    rng = np.random.default_rng(config.seed + 1)
+    bank_z = _Bank(model, snap, bank_rows).z
+    m = snap.x.shape[1]
+    top = max(config.val_shots)
+    passes = []
+    for _ in range(config.val_repeats):
+        x_np, y_np, n = _shuffled(snap, rows, rng)
+        dens = np.full((len(rows), top), np.nan)
+        outs: dict[int, torch.Tensor] = {}
+        for t in range(top + 1):
+            take = np.flatnonzero(n > t)
+            if not len(take):
+                break
+            level: list[torch.Tensor] = []
+            for lo in range(0, len(take), chunk):
+                tk = take[lo : lo + chunk]
+                smask, _, _ = _masks(n[tk], np.full(len(tk), t), m)
+                x, y = _tensors(x_np[tk], y_np[tk])
+                z = model.embed(x, y, smask)
+                if len(bank_z) and config.k_neighbours:
+                    zn, sim, nmask = retrieve(z, bank_z, config.k_neighbours)
+                else:
+                    zn, sim, nmask = no_neighbours(len(z), z.shape[1])
+                w = model.adapt(z, zn, sim, nmask, x, y, smask, posterior=True)
+                out, std = model.predict_with_std(x, w)
+                if t < top:
+                    dens[tk, t] = log_density(
+                        model.config.kind,
+                        out[:, t],
+                        None if std is None else std[:, t],
+                        y_np[tk, t],
+                    )
+                level.append(out)
+            if t in config.val_shots:
+                full = torch.zeros((len(rows), *level[0].shape[1:]), dtype=level[0].dtype)
+                full[torch.from_numpy(take)] = torch.cat(level)
+                outs[t] = full
+        passes.append({"dens": dens, "out": outs, "y": y_np, "n": n})
+    return passes
+
+
+def routed_validation(
+    kind: str,
+    passes: Sequence[list[dict[str, Any]]],
+    config: UpdateConfig,
+    shot_weights: dict[str, float] | None = None,
+    cap: float = math.inf,
+) -> dict[str, Any]:
+    """:func:`validate`'s result for a *set* of experts (``passes``: one
+    :func:`expert_passes` per expert, on the same rows): each episode is served by the mixture
+    of the experts weighted by their evidence on its support examples (a uniform prior). With
+    one expert it is that expert's :func:`validate`."""
+    rows = len(passes[0][0]["n"]) if passes and passes[0] else 0
+    out: dict[str, Any] = {"loss": None, "tasks": rows, "episodes": 0, "by_shots": {}}
+    if not rows:
+        return out
+    sums = {s: [0.0, 0] for s in config.val_shots}
+    for r in range(config.val_repeats):
+        n, y = passes[0][r]["n"], passes[0][r]["y"]
+        m = y.shape[1]
+        for s in config.val_shots:
+            take = np.flatnonzero(n > s)
+            if not len(take) or s not in passes[0][r]["out"]:
+                continue
+            ev = np.stack([p[r]["dens"][take, :s].sum(axis=1) for p in passes], axis=1)
+            w = np.exp(ev - ev.max(axis=1, keepdims=True))
+            w = torch.from_numpy(w / w.sum(axis=1, keepdims=True))  # [T, K]
+            preds = [p[r]["out"][s][torch.from_numpy(take)].double() for p in passes]
+            yt = torch.from_numpy(np.ascontiguousarray(y[take]))
+            if kind == "regression":
+                mean = sum(w[:, e, None] * preds[e] for e in range(len(preds)))
+                per_point = (mean - yt.double()) ** 2
+            else:
+                prob = sum(
+                    w[:, e, None, None] * torch.softmax(preds[e], -1) for e in range(len(preds))
+                )
+                per_point = -torch.log(
+                    prob.gather(-1, yt.long().unsqueeze(-1)).squeeze(-1).clamp(min=1e-12)
+                )
+            pos = np.arange(m)[None, :]
+            qmask = torch.from_numpy(((pos >= s) & (pos < n[take][:, None])).astype(np.float64))
+            episode = ((per_point * qmask).sum(1) / qmask.sum(1)).clamp(max=cap)
+            sums[s][0] += float(episode.sum())
+            sums[s][1] += len(take)
+    out["by_shots"] = {str(s): v[0] / v[1] for s, v in sums.items() if v[1]}
+    out["episodes"] = sum(v[1] for v in sums.values())
+    out["loss"] = weighted_loss(out["by_shots"], shot_weights)
+    return out
+
+
+def decide_experts(
+    validation: dict[str, dict[str, Any]], config: UpdateConfig, can_add: bool
+) -> tuple[str, str, str | None]:
+    """The expert gate: ``(outcome, reason, action)`` from the routed validation of the
+    ``served``, ``replace`` and ``add`` sets (see "Experts" in the module docstring)."""
+    served = validation["served"]
+    if served["new"]["loss"] is None or served["new"]["tasks"] < config.min_val_tasks:
+        return (
+            "rejected",
+            (
+                f"too few held-out new tasks to judge ({served['new']['tasks']} < "
+                f"{config.min_val_tasks})"
+            ),
+            None,
+        )
+    options = ["replace", "add"] if can_add else ["replace"]
+    for name in options:
+        values = [validation[name][g]["loss"] for g in ("new", "old")]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            return "failed", f"the {name} set's validation loss is not finite", None
+    new_s, old_s = served["new"]["loss"], served["old"]["loss"]
+    check_old = old_s is not None and served["old"]["tasks"] >= config.min_val_tasks
+
+    def passes(name: str) -> bool:
+        v = validation[name]
+        if not v["new"]["loss"] <= new_s * (1.0 - config.expert_min_improvement):
+            return False
+        return not check_old or v["old"]["loss"] <= old_s * (1.0 + config.expert_old_margin)
+
+    def summary(name: str) -> str:
+        v = validation[name]
+        text = f"new-task loss {new_s:.4g} -> {v['new']['loss']:.4g}"
+        if check_old:
+            text += f", old-task loss {old_s:.4g} -> {v['old']['loss']:.4g}"
+        return text
+
+    ok = {name: passes(name) for name in options}
+    if ok["replace"] and (
+        not ok.get("add")
+        or validation["replace"]["new"]["loss"] <= validation["add"]["new"]["loss"] * 1.01
+    ):
+        return "promoted", f"candidate replaces its parent expert: {summary('replace')}", "replace"
+    if ok.get("add"):
+        return "promoted", f"candidate added as an expert: {summary('add')}", "add"
+    tried = "; ".join(f"{name}: {summary(name)}" for name in options)
+    return (
+        "rejected",
+        (
+            f"no set of experts lowers the new-task loss by {config.expert_min_improvement:.0%} "
+            f"with the old-task loss within +{config.expert_old_margin:.0%} ({tried})"
+        ),
+        None,
+    )
+
+
 def shot_weights(shot_counts: NDArray[np.int64], levels: tuple[int, ...]) -> dict[str, float]:
     """How often the stream serves each validation level: ``shot_counts[s]`` labelled events
     were predicted with ``s`` support examples; each count goes to the largest level ``<= s``
@@ -413,6 +593,40 @@ def decide(validation: dict[str, dict[str, Any]], config: UpdateConfig) -> tuple
     )
 
 
+def _route_sets(
+    members: list[MetaModel],
+    candidate: MetaModel,
+    parent: int,
+    retire: int | None,
+    snap: ReplaySnapshot,
+    split: dict[str, NDArray[np.int64]],
+    bank: NDArray[np.int64],
+    config: UpdateConfig,
+    weights: dict[str, float] | None,
+) -> dict[str, dict[str, Any]]:
+    """Routed validation of the served set, the set with ``parent`` replaced by the
+    candidate, the set with the candidate added (minus ``retire``) and the candidate alone,
+    on the held-out new and old tasks (each expert's passes computed once)."""
+    k = len(members)
+    cap = _loss_cap(candidate, snap)
+    kind = candidate.config.kind
+    sets = {
+        "served": list(range(k)),
+        "replace": [k if i == parent else i for i in range(k)],
+        "add": [i for i in range(k) if i != retire] + [k],
+        "candidate": [k],
+    }
+    out: dict[str, dict[str, Any]] = {name: {} for name in sets}
+    for group in ("new", "old"):
+        rows = split[f"val_{group}"]
+        passes = [expert_passes(m, snap, rows, bank, config) for m in (*members, candidate)]
+        for name, idx in sets.items():
+            out[name][group] = routed_validation(
+                kind, [passes[i] for i in idx], config, weights, cap
+            )
+    return out
+
+
 # -- the job ----------------------------------------------------------------------------------
 def model_arrays(model: MetaModel) -> dict[str, np.ndarray]:
     """A model's weights as numpy arrays (a job's payload and result)."""
@@ -454,7 +668,15 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
         split = snap.split(int(payload["new_from"]), config.holdout_fraction)
         result["split"] = {k: len(v) for k, v in split.items()}
-        served = model_from_arrays(payload["model"], payload["weights"])
+        experts = payload.get("experts") or []
+        if int(payload.get("max_experts", 1)) > 1 and experts:
+            members = [model_from_arrays(payload["model"], e["weights"]) for e in experts]
+            parent = int(payload.get("parent", 0))
+            served = members[parent]
+            config = dataclasses.replace(config, frozen=(*config.frozen, "encoder", "scaling"))
+        else:
+            members, parent = [], 0
+            served = model_from_arrays(payload["model"], payload["weights"])
         if len(split["train_new"]) < 2:
             result.update(
                 outcome="rejected",
@@ -467,6 +689,23 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
         bank = np.concatenate([split["train_new"], split["train_old"]])
         weights = payload.get("shot_weights")
+        if members:
+            retire = payload.get("retire")
+            can_add = len(members) < int(payload["max_experts"]) or retire is not None
+            validation = _route_sets(
+                members, candidate, parent, retire, snap, split, bank, config, weights
+            )
+            result["validation"] = validation
+            outcome, reason, action = decide_experts(validation, config, can_add)
+            result.update(outcome=outcome, reason=reason, action=action, parent=parent)
+            if action == "add" and len(members) >= int(payload["max_experts"]):
+                result["retire"] = retire
+            if outcome == "promoted" or (outcome == "rejected" and payload.get("keep_rejected")):
+                result["weights"] = model_arrays(candidate)
+                result.setdefault("action", None)
+                if result["action"] is None:  # promote = always: add when there is room
+                    result["action"] = "add" if can_add else "replace"
+            return result
         validation = {
             name: {
                 "new": validate(model, snap, split["val_new"], bank, config, weights),

@@ -62,6 +62,7 @@ from stream_meta.continual.update_job import (
     shot_weights,
 )
 from stream_meta.engine import BatchResult, Engine
+from stream_meta.experts import members, with_experts
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
 
@@ -91,6 +92,7 @@ class MetaUpdateConfig:
     reservoir_tasks: int = 2000
     recent_tasks: int = 500
     max_examples: int = 32
+    max_experts: int = 4
     update: UpdateConfig = field(default_factory=UpdateConfig)
 
     def __post_init__(self) -> None:
@@ -98,6 +100,8 @@ class MetaUpdateConfig:
             raise ValueError(f"meta_update.worker must be inline, thread or process: {self.worker}")
         if self.promote not in ("gate", "always"):
             raise ValueError(f"meta_update.promote must be gate or always: {self.promote}")
+        if self.max_experts < 1:
+            raise ValueError(f"meta_update.max_experts must be >= 1: {self.max_experts}")
 
 
 @dataclass
@@ -318,6 +322,8 @@ class MetaUpdater:
             "shot_weights": shot_weights(self.engine.stats.shot_count, c.update.val_shots),
             "keep_rejected": c.promote == "always",
         }
+        if c.max_experts > 1:
+            payload.update(self._experts_payload())
         log.info(
             "meta-update started at event %d (%s, new tasks from event %d, %d replay tasks)",
             end,
@@ -329,6 +335,45 @@ class MetaUpdater:
             self._job = (req, run_job(payload), end)
         else:
             self._job = (req, self._executor_for(c.worker).submit(run_job, payload), end)
+
+    def _experts_payload(self) -> dict[str, Any]:
+        """The served experts, the one the candidate starts from (``parent``: the largest
+        population share) and, at capacity, the one an added expert would retire (the
+        smallest share, never the primary nor the parent)."""
+        engine, c = self.engine, self.config
+        served = members(engine.model, engine.model_version)
+        shares = engine.router.shares() if engine.router is not None else {}
+        share = [shares.get(i, 0.0) for i, _ in served]
+        parent = int(np.argmax(share)) if len(served) > 1 else 0
+        retire = None
+        if len(served) >= c.max_experts:
+            spare = [j for j in range(1, len(served)) if j != parent]
+            retire = min(spare, key=lambda j: share[j]) if spare else None
+        return {
+            "experts": [{"id": i, "weights": model_arrays(m)} for i, m in served],
+            "max_experts": c.max_experts,
+            "parent": parent,
+            "retire": retire,
+        }
+
+    def _expert_set(self, result: dict[str, Any], version: int) -> tuple[MetaModel, dict[str, Any]]:
+        """The served set after a promoted expert candidate (``result["action"]``: it
+        replaces its parent, or joins the set, retiring ``result["retire"]``), with the
+        candidate's id ``version``; and what changed (for the record)."""
+        engine = self.engine
+        cand = model_from_arrays(engine.model.config.to_dict(), result["weights"])
+        served = members(engine.model, engine.model_version)
+        parent, retire = int(result.get("parent", 0)), result.get("retire")
+        info: dict[str, Any] = {"action": result["action"], "expert": version}
+        if result["action"] == "replace":
+            new = [(version, cand) if j == parent else e for j, e in enumerate(served)]
+            info["replaced"] = served[parent][0]
+        else:
+            new = [e for j, e in enumerate(served) if j != retire] + [(version, cand)]
+            if retire is not None:
+                info["retired"] = served[int(retire)][0]
+        info["members"] = [i for i, _ in new]
+        return with_experts(new[0][1], new[0][0], new[1:]), info
 
     def _executor_for(self, kind: str) -> Executor:
         if self._executor is None:
@@ -369,7 +414,21 @@ class MetaUpdater:
             outcome = "promoted"
             result["reason"] = f"promoted without the gate (promote = always); {result['reason']}"
         version = None
-        if outcome == "promoted":
+        if outcome == "promoted" and result.get("action"):
+            version = self._next_version()
+            try:
+                candidate, result["experts"] = self._expert_set(result, version)
+            except ValueError as exc:
+                outcome, result["reason"] = "failed", f"the expert set does not fit: {exc}"
+            else:
+                if _finite(candidate):
+                    self._swap_in(candidate, result, version)
+                    self._count_experts(result["experts"])
+                else:
+                    outcome, result["reason"] = "failed", "the candidate has non-finite weights"
+            if outcome != "promoted":
+                version = None
+        elif outcome == "promoted":
             candidate = model_from_arrays(self.engine.model.config.to_dict(), result["weights"])
             if _finite(candidate):
                 version = self._swap_in(candidate, result)
@@ -382,6 +441,14 @@ class MetaUpdater:
         if outcome == "failed":
             self._alarm(rec)
         self._follow_up(req, outcome, version, end)
+
+    def _count_experts(self, info: dict[str, Any]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.expert_changes.labels("added" if info["action"] == "add" else "replaced").inc()
+        if "retired" in info:
+            m.expert_changes.labels("retired").inc()
 
     def _follow_up(self, req: _Request, outcome: str, version: int | None, end: int) -> None:
         """After a promoted drift update, another one on the same drift (new tasks keep coming
@@ -558,6 +625,7 @@ class MetaUpdater:
                     "rolled_back_version",
                     "loss_before",
                     "loss_after",
+                    "experts",
                 )
                 if result.get(k) is not None
             },
@@ -620,7 +688,10 @@ class MetaUpdater:
 
 
 def _finite(model: MetaModel) -> bool:
-    return all(bool(p.isfinite().all()) for p in model.state_dict().values())
+    """Every weight of the model, and of the experts it carries, is finite."""
+    return all(
+        bool(p.isfinite().all()) for _, m in members(model, 1) for p in m.state_dict().values()
+    )
 
 
 def _init_worker() -> None:
