@@ -421,15 +421,21 @@ def routed_validation(
     config: UpdateConfig,
     shot_weights: dict[str, float] | None = None,
     cap: float = math.inf,
+    share_floor: float = 0.05,
 ) -> dict[str, Any]:
     """:func:`validate`'s result for a *set* of experts (``passes``: one
     :func:`expert_passes` per expert, on the same rows): each episode is served by the mixture
-    of the experts weighted by their evidence on its support examples (a uniform prior). With
-    one expert it is that expert's :func:`validate`."""
+    of the experts weighted by their evidence on its support examples, times a prior. The prior
+    is the one serving would reach on a stream of these tasks: serving's prior is the
+    population's share of each expert (:mod:`stream_meta.experts`), which on a stream of such
+    tasks settles at their mean routing posterior; here, the tasks' mean posterior given all
+    their examples, floored like serving's (``share_floor``). With one expert it is that
+    expert's :func:`validate`."""
     rows = len(passes[0][0]["n"]) if passes and passes[0] else 0
     out: dict[str, Any] = {"loss": None, "tasks": rows, "episodes": 0, "by_shots": {}}
     if not rows:
         return out
+    log_prior = _group_prior(passes, share_floor)
     sums = {s: [0.0, 0] for s in config.val_shots}
     for r in range(config.val_repeats):
         n, y = passes[0][r]["n"], passes[0][r]["y"]
@@ -438,7 +444,7 @@ def routed_validation(
             take = np.flatnonzero(n > s)
             if not len(take) or s not in passes[0][r]["out"]:
                 continue
-            ev = np.stack([p[r]["dens"][take, :s].sum(axis=1) for p in passes], axis=1)
+            ev = log_prior + np.stack([p[r]["dens"][take, :s].sum(axis=1) for p in passes], axis=1)
             w = np.exp(ev - ev.max(axis=1, keepdims=True))
             w = torch.from_numpy(w / w.sum(axis=1, keepdims=True))  # [T, K]
             preds = [p[r]["out"][s][torch.from_numpy(take)].double() for p in passes]
@@ -462,6 +468,19 @@ def routed_validation(
     out["episodes"] = sum(v[1] for v in sums.values())
     out["loss"] = weighted_loss(out["by_shots"], shot_weights)
     return out
+
+
+def _group_prior(passes: Sequence[list[dict[str, Any]]], floor: float) -> np.ndarray:
+    """Log prior ``[K]``: the tasks' mean routing posterior given every example of theirs
+    (uniform prior; first repeat), floored at ``floor / K`` and renormalised."""
+    k = len(passes)
+    if k == 1:
+        return np.zeros(1)
+    ev = np.stack([np.nan_to_num(p[0]["dens"], nan=0.0).sum(axis=1) for p in passes], axis=1)
+    post = np.exp(ev - ev.max(axis=1, keepdims=True))
+    share = (post / post.sum(axis=1, keepdims=True)).mean(axis=0)
+    share = np.maximum(share, floor / k)
+    return np.log(share / share.sum())
 
 
 def decide_experts(

@@ -308,3 +308,58 @@ def test_the_expert_gate(
     validation = {"served": _v(1.0, 1.0), "replace": _v(*replace), "add": _v(*add)}
     got, reason, act = decide_experts(validation, UpdateConfig(), can_add)
     assert (got, act) == (outcome, action), reason
+
+
+# -- the updater keeps experts ----------------------------------------------------------------
+def _feed(engine: Engine, updater: Any, events: list[dict[str, Any]], batch: int = 512) -> None:
+    for lo in range(0, len(events), batch):
+        updater.observe(engine.process(events[lo : lo + batch]))
+
+
+def test_an_expert_candidate_is_added_beside_the_served_model_saved_and_rolled_back(
+    shipped: MetaModel, tmp_path: Path
+) -> None:
+    """The whole path of an expert: a manual update after a shift to a new family (promote =
+    always, so a short training is kept whatever the gate says) adds the candidate as expert
+    ``2`` beside the primary; the set is served (both experts predict, the outputs name the
+    top one), saved as one checkpoint, counted; a rollback serves the single model again."""
+    from prometheus_client import CollectorRegistry
+
+    from stream_meta.continual.updater import MetaUpdateConfig, MetaUpdater
+    from stream_meta.metrics import EngineMetrics
+
+    engine = Engine(shipped, EngineConfig(seed=0), metrics=EngineMetrics(CollectorRegistry()))
+    config = MetaUpdateConfig(
+        on_drift=False,
+        cooldown_events=0,
+        collect_events=0,
+        promote="always",
+        probation_events=0,
+        max_experts=2,
+        update=UpdateConfig(steps=20, val_repeats=1, val_shots=(1, 5)),
+    )
+    updater = MetaUpdater(engine, config, metrics=engine.metrics, models_dir=tmp_path)
+    events = _events(26_000)
+    _feed(engine, updater, events[:24_000])
+    updater.request("manual", "test")
+    _feed(engine, updater, events[24_000:25_000])
+    rec = updater.records[-1]
+    assert rec["outcome"] == "promoted", rec["reason"]
+    assert rec["experts"]["action"] == "add", rec["experts"]
+    assert rec["experts"]["members"] == [1, 2] and engine.expert_ids == [1, 2]
+    assert {"served", "replace", "add", "candidate"} <= set(rec["validation"])
+    assert engine.metrics.expert_changes.labels("added")._value.get() == 1
+    saved, manifest = load_checkpoint(tmp_path / "model-v2.safetensors")
+    assert manifest["experts"] == [2] and manifest["expert_id"] == 1
+    assert same_encoder(members(saved, 2)[1][1], shipped)
+    out = engine.process(events[25_000:25_500]).outputs
+    assert set(out.experts) <= {1, 2} and out.model_version == 2
+    # at capacity (2): the next candidate replaces its parent (the most used expert), or is
+    # added in place of the other one (never the primary)
+    payload = updater._experts_payload()
+    assert len(payload["experts"]) == 2
+    assert payload["retire"] == (1 if payload["parent"] == 0 else None)
+    # a rollback swaps the single model back in
+    engine.swap_model(shipped, 1)
+    assert engine.expert_ids == [1]
+    assert engine.process(events[25_500:]).outputs.experts is None
