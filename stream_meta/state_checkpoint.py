@@ -66,12 +66,25 @@ class StateError(RuntimeError):
 
 
 def model_fingerprint(model: MetaModel) -> str:
-    """sha256 over the model's configuration and parameters: equal iff the model is."""
+    """sha256 over the model's configuration and parameters: equal iff the model is. A served
+    set of experts (:mod:`stream_meta.experts`) is fingerprinted with its ids and every
+    expert's parameters (its primary's ``state_dict`` holds none of the others'); a single
+    model's fingerprint is unchanged by that."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    _hash_tensors(h, model)
+    others = getattr(model, "experts", ())
+    if others:
+        ids = [int(getattr(model, "expert_id", 0)), *(int(i) for i, _ in others)]
+        h.update(f"experts:{ids}".encode())
+        for _, expert in others:
+            _hash_tensors(h, expert)
+    return h.hexdigest()
+
+
+def _hash_tensors(h: Any, model: MetaModel) -> None:
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class StateDir:

@@ -366,3 +366,26 @@ def test_fingerprint_changes_when_one_parameter_changes(make_model) -> None:
     with torch.no_grad():
         param.view(-1)[0] -= 1e-3
     assert model_fingerprint(model) == before
+
+
+def test_fingerprint_of_a_set_of_experts_covers_every_expert_and_its_id(make_model) -> None:
+    """A state checkpoint written while a set was served must name the set, not its primary
+    alone: otherwise a restart serving the primary takes it for the set and never serves the
+    saved set again (tests/integration/test_experts_kafka.py restarts one)."""
+    import copy
+
+    from stream_meta.experts import with_experts
+
+    model = make_model(seed=0)
+    single = model_fingerprint(model)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if n.startswith("hyper.")).view(-1)[0] += 1e-3
+    served = with_experts(model, 1, [(2, other)])
+    assert model_fingerprint(served) != single
+    assert model_fingerprint(served) == model_fingerprint(
+        with_experts(model, 1, [(2, copy.deepcopy(other))])
+    )
+    assert model_fingerprint(served) != model_fingerprint(with_experts(model, 1, [(3, other)]))
+    assert model_fingerprint(served) != model_fingerprint(with_experts(model, 1, [(2, model)]))
+    assert model_fingerprint(model) == single  # a single model's fingerprint is unchanged
