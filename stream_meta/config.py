@@ -224,6 +224,14 @@ class EngineSettings(BaseModel):
         le=1,
         description="With experts: an expert's routing prior is at least this / experts.",
     )
+    expert_evidence_decay: float = Field(
+        default=EngineConfig.expert_evidence_decay,
+        gt=0,
+        le=1,
+        description="With experts: a task's evidence for each expert is multiplied by this "
+        "before each new example joins it (1: exact Bayesian model averaging; less weighs "
+        "recent predictions more).",
+    )
     # the application's: the entry point sets the process's torch threads
     threads: int = Field(
         default=0,
@@ -659,6 +667,21 @@ class MetaUpdateSettings(BaseModel):
         default=UpdateConfig.expert_old_margin,
         ge=0,
         description="With experts: allowed relative rise of the old-task loss under routing.",
+    )
+    expert_new_fraction: float = Field(
+        default=UpdateConfig.expert_new_fraction,
+        gt=0,
+        le=1,
+        description="With experts: fraction of each training batch drawn from new tasks.",
+    )
+    expert_distill_weight: float = Field(
+        default=UpdateConfig.expert_distill_weight,
+        ge=0,
+        description="With experts: weight of the anti-forgetting term (0: a specialist; "
+        "routing keeps old tasks with their experts).",
+    )
+    expert_lr: float = Field(
+        default=UpdateConfig.expert_lr, gt=0, description="With experts: Adam learning rate."
     )
     threads: int = Field(
         default=UpdateConfig.threads, ge=0, description="Torch threads of a job (0: default)."

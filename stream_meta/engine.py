@@ -96,7 +96,8 @@ class EngineConfig:
     # routing among experts (stream_meta.experts): the population share's rate per labelled
     # event, and the floor of an expert's prior (divided by the number of experts)
     expert_share_rate: float = 0.01
-    expert_share_floor: float = 0.05
+    expert_share_floor: float = 0.01
+    expert_evidence_decay: float = 1.0
 
 
 @dataclass
@@ -397,7 +398,10 @@ class Engine:
         ids = [i for i, _ in self._members[:k]]
         if self.router is None:
             c = self.config
-            self.router = Router(ids, RoutingConfig(c.expert_share_rate, c.expert_share_floor))
+            self.router = Router(
+                ids,
+                RoutingConfig(c.expert_share_rate, c.expert_share_floor, c.expert_evidence_decay),
+            )
         else:
             self.router.remap(ids, list(self.store))
         self.metrics.experts.set(k)

@@ -67,9 +67,10 @@ class RoutingConfig:
     #: weight of one labelled event in the population share (an exponential average)
     share_rate: float = 0.01
     #: an expert's prior is at least ``share_floor / K`` (then renormalised)
-    share_floor: float = 0.05
-    #: evidence of one example is multiplied by this (1: exact Bayes; below 1 tempers it)
-    temperature: float = 1.0
+    share_floor: float = 0.01
+    #: a task's evidence is multiplied by this before each new example's joins it (1: exact
+    #: Bayes; below 1 weighs an expert's recent predictions more than its early ones)
+    decay: float = 1.0
 
 
 def members(model: MetaModel, version: int) -> list[tuple[int, MetaModel]]:
@@ -169,7 +170,7 @@ class Router:
         log densities ``dens[i] [K]`` then join its task's evidence (and the share moves)."""
         n, k = len(states), len(self.ids)
         out = np.empty((n, k))
-        rate, temp = self.config.share_rate, self.config.temperature
+        rate, decay = self.config.share_rate, self.config.decay
         share = self.share
         prior = self.log_prior()
         zeros = np.zeros(k)
@@ -180,7 +181,7 @@ class Router:
             w /= w.sum()
             out[i] = w
             if labelled[i] and dens is not None:
-                ev = ev + temp * dens[i]
+                ev = decay * ev + dens[i]
                 s.evidence = ev - ev.max()  # only differences matter; keeps numbers small
                 logits = prior + s.evidence
                 post = np.exp(logits - logits.max())

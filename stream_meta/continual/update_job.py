@@ -54,7 +54,9 @@ Experts
 -------
 With ``max_experts > 1`` (the payload's ``experts``: every served expert's weights) the
 candidate is trained from the expert that serves the stream most (``parent``) with the set
-encoder frozen (experts share the primary's task embeddings), and judged by *routing*
+encoder frozen (experts share the primary's task embeddings), as a specialist of the new
+tasks (``expert_new_fraction`` of each batch, ``expert_distill_weight``, ``expert_lr``: by
+default new tasks only, no anti-forgetting term, a larger step), and judged by *routing*
 (:mod:`stream_meta.experts`): each held-out episode is served by the mixture of a set of
 experts weighted by their prequential evidence on the episode's support examples, as serving
 does. Three sets are compared on the same episodes: the served one, the served one with the
@@ -124,6 +126,11 @@ class UpdateConfig:
     #: the expert gate (see "Experts" above)
     expert_min_improvement: float = 0.02
     expert_old_margin: float = 0.02
+    #: an expert candidate is a specialist: trained on new tasks only, without the
+    #: anti-forgetting term (routing keeps the old tasks with the experts that serve them)
+    expert_new_fraction: float = 1.0
+    expert_distill_weight: float = 0.0
+    expert_lr: float = 1e-3
     grad_clip: float = 10.0
     threads: int = 1
     seed: int = 0
@@ -421,7 +428,7 @@ def routed_validation(
     config: UpdateConfig,
     shot_weights: dict[str, float] | None = None,
     cap: float = math.inf,
-    share_floor: float = 0.05,
+    share_floor: float = 0.01,
 ) -> dict[str, Any]:
     """:func:`validate`'s result for a *set* of experts (``passes``: one
     :func:`expert_passes` per expert, on the same rows): each episode is served by the mixture
@@ -449,13 +456,12 @@ def routed_validation(
             w = torch.from_numpy(w / w.sum(axis=1, keepdims=True))  # [T, K]
             preds = [p[r]["out"][s][torch.from_numpy(take)].double() for p in passes]
             yt = torch.from_numpy(np.ascontiguousarray(y[take]))
+            stacked = torch.stack(preds, dim=-1)  # [T, m, K] or [T, m, C, K]
             if kind == "regression":
-                mean = sum(w[:, e, None] * preds[e] for e in range(len(preds)))
+                mean = (stacked * w[:, None, :]).sum(-1)
                 per_point = (mean - yt.double()) ** 2
             else:
-                prob = sum(
-                    w[:, e, None, None] * torch.softmax(preds[e], -1) for e in range(len(preds))
-                )
+                prob = (torch.softmax(stacked, dim=2) * w[:, None, None, :]).sum(-1)
                 per_point = -torch.log(
                     prob.gather(-1, yt.long().unsqueeze(-1)).squeeze(-1).clamp(min=1e-12)
                 )
@@ -622,6 +628,7 @@ def _route_sets(
     bank: NDArray[np.int64],
     config: UpdateConfig,
     weights: dict[str, float] | None,
+    share_floor: float,
 ) -> dict[str, dict[str, Any]]:
     """Routed validation of the served set, the set with ``parent`` replaced by the
     candidate, the set with the candidate added (minus ``retire``) and the candidate alone,
@@ -641,7 +648,7 @@ def _route_sets(
         passes = [expert_passes(m, snap, rows, bank, config) for m in (*members, candidate)]
         for name, idx in sets.items():
             out[name][group] = routed_validation(
-                kind, [passes[i] for i in idx], config, weights, cap
+                kind, [passes[i] for i in idx], config, weights, cap, share_floor
             )
     return out
 
@@ -692,7 +699,13 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             members = [model_from_arrays(payload["model"], e["weights"]) for e in experts]
             parent = int(payload.get("parent", 0))
             served = members[parent]
-            config = dataclasses.replace(config, frozen=(*config.frozen, "encoder", "scaling"))
+            config = dataclasses.replace(
+                config,
+                frozen=(*config.frozen, "encoder", "scaling"),
+                new_fraction=config.expert_new_fraction,
+                distill_weight=config.expert_distill_weight,
+                lr=config.expert_lr,
+            )
         else:
             members, parent = [], 0
             served = model_from_arrays(payload["model"], payload["weights"])
@@ -712,7 +725,16 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             retire = payload.get("retire")
             can_add = len(members) < int(payload["max_experts"]) or retire is not None
             validation = _route_sets(
-                members, candidate, parent, retire, snap, split, bank, config, weights
+                members,
+                candidate,
+                parent,
+                retire,
+                snap,
+                split,
+                bank,
+                config,
+                weights,
+                float(payload.get("share_floor", 0.01)),
             )
             result["validation"] = validation
             outcome, reason, action = decide_experts(validation, config, can_add)

@@ -354,6 +354,7 @@ class MetaUpdater:
             "max_experts": c.max_experts,
             "parent": parent,
             "retire": retire,
+            "share_floor": engine.config.expert_share_floor,  # validation routes as serving
         }
 
     def _expert_set(self, result: dict[str, Any], version: int) -> tuple[MetaModel, dict[str, Any]]:
