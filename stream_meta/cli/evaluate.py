@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from stream_meta.cli.common import (
 
 if TYPE_CHECKING:
     from stream_meta.cli.common import Subparsers
+
+log = logging.getLogger(__name__)
 
 
 def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
@@ -87,6 +90,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(
             f"checkpoint {manifest['path']} is for family {manifest['family']!r}, "
             f"not {args.family!r}"
+        )
+    if manifest.get("experts"):
+        log.warning(
+            "checkpoint %s is a set of %d experts: evaluate scores its primary (expert %s) "
+            "alone; `run`/`replay` with this checkpoint serve the routed set",
+            manifest["path"],
+            1 + len(manifest["experts"]),
+            manifest.get("expert_id"),
         )
     k = 0 if args.no_neighbours else settings.engine.k_neighbours
     report = evaluate(
