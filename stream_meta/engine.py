@@ -745,11 +745,22 @@ class Engine:
         adapt, parts = self.adapter.adapt, []
         for lo in range(0, len(requests), chunk):
             part = requests[lo : lo + chunk]
-            rows = [adapt(part, view) for view in self._views]  # one per expert
-            parts.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
+            parts.append(adapt(part, self) if len(self._views) == 1 else self._adapt_experts(part))
             self.metrics.adapt_batch.observe(len(part))
         self.metrics.adaptations.inc(len(requests))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _adapt_experts(self, sets: list[SupportSet]) -> torch.Tensor:
+        """Every expert's rows of ``sets``, side by side. The experts share the primary's
+        encoder: one context (embeddings, neighbours) serves them all, plus the primary's own
+        where its sets borrow from the retrieval bank (the bank is the primary's)."""
+        adapter = self.adapter
+        assert isinstance(adapter, MetaAdapter)
+        own = adapter.context(sets, self)
+        shared = own if own.borrowed is None else adapter.context(sets, self._views[1])
+        rows = [adapter.adapt_in(own, sets, self)]
+        rows += [adapter.adapt_in(shared, sets, view) for view in self._views[1:]]
+        return torch.cat(rows, dim=1)
 
     def _cache(self, requests: list[SupportSet], weights: torch.Tensor) -> None:
         """Keep each task's newest adaptation when it still matches the task's support set."""
