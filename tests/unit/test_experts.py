@@ -363,3 +363,18 @@ def test_an_expert_candidate_is_added_beside_the_served_model_saved_and_rolled_b
     engine.swap_model(shipped, 1)
     assert engine.expert_ids == [1]
     assert engine.process(events[25_500:]).outputs.experts is None
+
+
+@pytest.mark.parametrize("kind", ["sinusoid", "digits"])
+def test_an_engine_serving_a_set_passes_the_engine_contract(kind: str, shipped: MetaModel) -> None:
+    """Output order, rejections, batch-size invariance, duplicates: for a regression set and
+    a classifier set. Without neighbours and bank (whose reads depend on batching by design,
+    and through the predictions so would the evidence) every prediction must be the same
+    whatever the batch size: the routing is walked in stream order."""
+    from stream_meta import checks
+    from stream_meta.model_checkpoint import shipped_checkpoint
+
+    base = shipped if kind == "sinusoid" else load_checkpoint(shipped_checkpoint("digits"))[0]
+    served = with_experts(base, 1, [(2, _spoiled(base, 0.3))])
+    config = EngineConfig(seed=0, k_neighbours=0, retrieval=False)
+    checks.check_engine(lambda: Engine(served, config), retrieval="none")
