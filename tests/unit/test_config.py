@@ -388,7 +388,7 @@ def _another_valid_value(section: type[BaseModel], name: str) -> Any:
     elif isinstance(default, int):
         candidates = [default + 1, default - 1]
     elif isinstance(default, float):
-        candidates = [default * 1.5, default / 2]
+        candidates = [default * 1.5, default / 2, default + 0.5]
     elif default is None:
         candidates = [60.0]
     else:  # a Literal's other choices

@@ -137,7 +137,7 @@ def test_a_diverging_update_fails_with_an_alarm_and_the_served_model_stays(
 ) -> None:
     model, _ = shipped_sinusoid
     engine = _engine(model)
-    updater = _updater(engine, update={"lr": 1e30, "steps": 5})
+    updater = _updater(engine, update={"lr": 1e30, "expert_lr": 1e30, "steps": 5})
     events = sinusoid_events(6000, tasks=300)
     _feed(engine, events[:4000], updater)
     updater.request("manual", "test")
