@@ -278,12 +278,44 @@ def measure_experts(ctx: Context, section: Section) -> None:
         "before they are learnt (0 shots: the task's first labelled event, predicted from no "
         "example of it)."
     )
-    section.notes.append(
-        "The loss of a window is a mean over its labelled events; by support size it is "
-        "dominated by 0- to 2-shot events (a task's first events), whose error after an "
-        "amplitude shift or on a new family is mostly irreducible (one or two points do not "
-        "determine the function): the per-shot columns and the last column show how much of "
-        "each window's loss they carry, and where the strategies differ."
+    section.notes.append(_shots_note(all_runs))
+
+
+def _few_shot_share(preds: Predictions, lo: int, hi: int) -> float:
+    """The share of the summed loss of ``[lo, hi)`` carried by its 0- to 2-shot events."""
+    total = sum(preds.losses(lo, hi))
+    return sum(preds.losses(lo, hi, (0, 2))) / total if total > 0 else float("nan")
+
+
+def _shots_note(all_runs: dict[str, dict[str, Run]]) -> str:
+    parts = []
+    for name, runs in all_runs.items():
+        first = first_promotion(runs["experts"].records)
+        if first is None:
+            continue
+        lo = int(first["event_index"])
+        hi = lo + EXPERTS_WINDOW
+        shares = " / ".join(
+            f"{_few_shot_share(runs[k].preds, lo, hi):.1%}" for k in ("none", "experts")
+        )
+        gains = []
+        for b in SHOT_BINS:
+            a, n = (
+                runs["experts"].preds.window_loss(lo, hi, b),
+                runs["none"].preds.window_loss(lo, hi, b),
+            )
+            gains.append(f"{_fmt_bin(b)}: {a / n - 1:+.0%}")
+        parts.append(f"`{name}` {shares} (experts vs none by shots: {', '.join(gains)})")
+    return (
+        "A window's loss is a mean over its labelled events, and its 0- to 2-shot events (a "
+        "task's first events) carry a large part of it: their share of the summed loss of the "
+        "window after the first promotion (none / experts) is "
+        + "; ".join(parts)
+        + ". Their error is mostly irreducible: one or two points of a task do not determine "
+        "its function (after the amplitude shift, its amplitude), whichever model serves them; "
+        f"where they carry nearly all the loss, a {EXPERTS_LOSS_CUT:.0%} cut of the window's "
+        "loss needs that cut of their error, and the 3+-shot columns show the tasks once "
+        "adapted."
     )
 
 
@@ -342,9 +374,7 @@ def _scenario_rows(
             for j, b in enumerate(SHOT_BINS):
                 n = len(run.preds.losses(lo, hi, b))
                 cells[1 + j] = f"{run.preds.window_loss(lo, hi, b):.4f} ({n:,})"
-            total = sum(run.preds.losses(lo, hi))
-            few = sum(run.preds.losses(lo, hi, (0, 2)))
-            cells[-1] = f"{few / total:.1%}" if total > 0 else "-"
+            cells[-1] = f"{_few_shot_share(run.preds, lo, hi):.1%}"
         tail = run.preds.window_loss(drift, events)
         rows.append(
             f"| `{name}` | {strategy} | {counts} | {served} | {first_txt} | {cells[0]} | "
