@@ -245,7 +245,7 @@ def measure_experts(ctx: Context, section: Section) -> None:
         f"{EXPERTS_WINDOW:,} events after `experts`' first promotion | loss, drift to the end | "
         + " | ".join(f"same window, {_fmt_bin(b)} shots (events)" for b in SHOT_BINS)
         + " | same window: share of the summed loss on 0-2-shot events |",
-        "|---" * (7 + len(SHOT_BINS)) + "|",
+        "|---" * (8 + len(SHOT_BINS)) + "|",
     ]
     all_runs: dict[str, dict[str, Run]] = {}
     for name in EXPERTS_SCENARIOS:
@@ -279,6 +279,36 @@ def measure_experts(ctx: Context, section: Section) -> None:
         "example of it)."
     )
     section.notes.append(_shots_note(all_runs))
+    same = _same_events_note(all_runs)
+    if same:
+        section.notes.append(same)
+
+
+def same_events(a: Predictions, b: Predictions, hi: int) -> bool:
+    """Whether two runs saw the same events (positions, tasks, support sizes) before ``hi``."""
+
+    def key(p: Predictions) -> list[tuple[int, str, int]]:
+        return [(i, t, s) for i, t, s in zip(p.pos, p.task, p.shots, strict=True) if i < hi]
+
+    return key(a) == key(b)
+
+
+def _same_events_note(all_runs: dict[str, dict[str, Run]]) -> str | None:
+    """Says so when ``sinusoid-recurring`` repeats another scenario's events until its
+    return (then the loss check and the table repeat that scenario's numbers)."""
+    if RETURN_SCENARIO not in all_runs:
+        return None
+    back = _drift_points(RETURN_SCENARIO)[-1]
+    rec = all_runs[RETURN_SCENARIO]["none"].preds
+    for name, runs in all_runs.items():
+        if name != RETURN_SCENARIO and same_events(runs["none"].preds, rec, back):
+            return (
+                f"`{RETURN_SCENARIO}` is `{name}` (the same events: tasks and support sizes) "
+                f"until its return at {back:,}; its numbers up to there repeat those of "
+                f"`{name}` (up to the last batch before {back:,}, which also holds returning "
+                "events), and differ only from the return on."
+            )
+    return None
 
 
 def _few_shot_share(preds: Predictions, lo: int, hi: int) -> float:

@@ -11,6 +11,7 @@ from scripts.bench.experts import (
     experts_served,
     first_promotion,
     return_delay,
+    same_events,
     saved_model,
     update_counts,
 )
@@ -120,3 +121,10 @@ def test_saved_model_takes_the_served_version_else_the_highest_saved(tmp_path) -
         (tmp_path / f"model-v{v}.safetensors").write_bytes(b"")
     assert saved_model(tmp_path, 3).name == "model-v3.safetensors"
     assert saved_model(tmp_path, 7).name == "model-v10.safetensors"
+
+
+def test_same_events_compares_tasks_and_shots_before_a_position_only() -> None:
+    a = Predictions.from_lines([_line(0, "base:t0", 0, None, 1), _line(1, "new:t1", 1, 0.5, 1)])
+    b = Predictions.from_lines([_line(0, "base:t0", 0, None, 2), _line(1, "base:t2", 1, 0.7, 1)])
+    assert same_events(a, b, 1)  # losses and experts may differ
+    assert not same_events(a, b, 2)
