@@ -58,6 +58,12 @@ Sections (``--only`` takes these names), a module each (:mod:`.registry` lists t
   attention and retrieval, beside an oracle same-cluster neighbour and the exact Bayes mixture
   over the stored tasks, the fraction of the attainable gain realised; adaptation p50 and
   events/s with 10,000 live tasks, ``retrieval=False`` against the default in the same run.
+* ``experts`` (:mod:`.experts`): ``stream-meta run --scenario`` on the amplitude-shift,
+  new-family and recurring sinusoid scenarios (issue 15) with no update, experts (the default)
+  and the single-model behaviour (``meta_update.max_experts=1``) on the same events: the loss
+  over the 10,000 events after the first promotion (per support size), the old family's loss
+  served by the last set of experts, the delay until a returning family is routed back to its
+  old expert, and events/s.
 
 ``--quick`` shrinks every size for a smoke run; its report says so at the top and must not be
 committed as the project's numbers. The CLI is run with the default settings: ``STREAM_META_*``

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from scripts.bench.common import Context, Section
 from scripts.bench.drift import measure_drift
+from scripts.bench.experts import measure_experts
 from scripts.bench.fewshot import (
     measure_digits,
     measure_latency,
@@ -41,4 +42,5 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "scale": ("Replicas: scale-out, kill-and-restart, soak", measure_scale),
     "real": ("Bring your own tasks: real data sets", measure_real),
     "retrieval": ("Retrieval by evidence: related tasks and a control", measure_retrieval),
+    "experts": ("Experts: meta-updates that add instead of overwrite", measure_experts),
 }
