@@ -232,6 +232,13 @@ class EngineSettings(BaseModel):
         "before each new example joins it (1: exact Bayesian model averaging; less weighs "
         "recent predictions more).",
     )
+    expert_prune_nats: float = Field(
+        default=EngineConfig.expert_prune_nats,
+        gt=0,
+        description="With experts: an expert this many nats of log evidence behind a task's "
+        "best is neither adapted nor evaluated for it (its weight would be below e^-this); "
+        "inf never skips one.",
+    )
     # the application's: the entry point sets the process's torch threads
     threads: int = Field(
         default=0,

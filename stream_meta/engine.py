@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stream_meta.adapters import Adapter, EngineView, MetaAdapter, SupportSet
+from stream_meta.adapters import AdaptContext, Adapter, EngineView, MetaAdapter, SupportSet
 from stream_meta.dedupe import DedupeWindow
 from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
 from stream_meta.experts import Router, RoutingConfig, log_density, members, mix, same_encoder
@@ -98,6 +98,9 @@ class EngineConfig:
     expert_share_rate: float = 0.01
     expert_share_floor: float = 0.01
     expert_evidence_decay: float = 1.0
+    # an expert this many nats of log evidence behind a task's best is neither adapted nor
+    # evaluated for it (its routing weight would be below exp(-this)); inf: never skipped
+    expert_prune_nats: float = 12.0
 
 
 @dataclass
@@ -400,7 +403,12 @@ class Engine:
             c = self.config
             self.router = Router(
                 ids,
-                RoutingConfig(c.expert_share_rate, c.expert_share_floor, c.expert_evidence_decay),
+                RoutingConfig(
+                    c.expert_share_rate,
+                    c.expert_share_floor,
+                    c.expert_evidence_decay,
+                    c.expert_prune_nats,
+                ),
             )
         else:
             self.router.remap(ids, list(self.store))
@@ -573,13 +581,28 @@ class Engine:
         values (or log probabilities), standard deviations and each event's top expert id."""
         width = weights.shape[1] // len(self._views)
         x = plan.x.unsqueeze(1)
+        n = len(events)
         outs, stds = [], []
+        first: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for e, view in enumerate(self._views):
-            o, sd = self.adapter.predict(x, weights[:, e * width : (e + 1) * width], view)
+            rows = weights[:, e * width : (e + 1) * width]
+            ok = ~torch.isnan(rows[:, 0])  # a NaN row: the expert was skipped for the task
+            if bool(ok.all()):
+                o, sd = self.adapter.predict(x, rows, view)
+                first = first or (o, sd)
+            else:  # the primary (never skipped) came first: its outputs give the shapes
+                assert first is not None
+                o, sd = torch.zeros_like(first[0]), None
+                sd = None if first[1] is None else torch.ones_like(first[1])
+                if bool(ok.any()):
+                    o_ok, sd_ok = self.adapter.predict(x[ok], rows[ok], view)
+                    o[ok] = o_ok
+                    if sd is not None and sd_ok is not None:
+                        sd[ok] = sd_ok
             outs.append(o[:, 0])
             stds.append(None if sd is None else sd[:, 0])
         labelled = np.array([ev.y is not None for ev in events])
-        dens = np.zeros((len(events), len(outs)))
+        dens = np.zeros((n, len(outs)))
         li = np.flatnonzero(labelled)
         if len(li):
             ys = np.array([events[i].y for i in li])
@@ -759,7 +782,35 @@ class Engine:
         own = adapter.context(sets, self)
         shared = own if own.borrowed is None else adapter.context(sets, self._views[1])
         rows = [adapter.adapt_in(own, sets, self)]
-        rows += [adapter.adapt_in(shared, sets, view) for view in self._views[1:]]
+        k = len(self._views)
+        evidence = [r.state.evidence for r in sets]
+        skipped = 0
+        for e, view in enumerate(self._views[1:], start=1):
+            # an expert the task's evidence has ruled out (-inf, see Router.route) is not
+            # adapted for it (a NaN row); the primary never is ruled out
+            keep = [
+                j for j, ev in enumerate(evidence) if ev is None or len(ev) != k or ev[e] > -np.inf
+            ]
+            if len(keep) == len(sets):
+                rows.append(adapter.adapt_in(shared, sets, view))
+                continue
+            out = torch.full_like(rows[0], math.nan)
+            if keep:
+                idx = torch.as_tensor(keep)
+                sub = AdaptContext(
+                    shared.z[idx],
+                    shared.zn[idx],
+                    shared.sim[idx],
+                    shared.nmask[idx],
+                    shared.shots[idx],
+                    shared.counts[keep],
+                    None,
+                )
+                out[idx] = adapter.adapt_in(sub, [sets[j] for j in keep], view)
+            rows.append(out)
+            skipped += len(sets) - len(keep)
+        if skipped:
+            self.metrics.experts_skipped.inc(skipped)
         return torch.cat(rows, dim=1)
 
     def _cache(self, requests: list[SupportSet], weights: torch.Tensor) -> None:

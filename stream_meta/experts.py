@@ -26,6 +26,10 @@ event's task; floored at ``share_floor / K`` so no expert becomes unreachable): 
 example is served the way the stream's current tasks are. Both are updated event by event in
 stream order, so a batch's routing does not depend on how the stream was cut into batches.
 
+An expert that falls ``prune_nats`` (12) behind a task's best is ruled out for that task for
+good (its weight would be below ``e^-12``): the engine no longer adapts or evaluates it for the
+task, so a set of K experts costs about one expert's work for the tasks that have chosen.
+
 When the set changes, the evidence of the experts that stay is kept; an expert that joins has
 scored none of a live task's past examples, so it starts level with the task's best expert
 (nothing yet tells them apart) and the task's next examples decide. The share of an expert
@@ -71,6 +75,8 @@ class RoutingConfig:
     #: a task's evidence is multiplied by this before each new example's joins it (1: exact
     #: Bayes; below 1 weighs an expert's recent predictions more than its early ones)
     decay: float = 1.0
+    #: an expert this far behind a task's best (nats) is ruled out for the task
+    prune_nats: float = 12.0
 
 
 def members(model: MetaModel, version: int) -> list[tuple[int, MetaModel]]:
@@ -167,13 +173,19 @@ class Router:
     ) -> np.ndarray:
         """Routing weights ``[N, K]`` of a batch's events in stream order: event ``i`` of task
         ``states[i]`` with the evidence of that task's events before it; a labelled event's
-        log densities ``dens[i] [K]`` then join its task's evidence (and the share moves)."""
+        log densities ``dens[i] [K]`` then join its task's evidence (and the share moves).
+        An expert other than the primary that falls ``prune_nats`` behind the task's best is
+        ruled out for the task for good (evidence ``-inf``, weight 0: its weight would have
+        been below ``exp(-prune_nats)``): the engine stops adapting and evaluating it for that
+        task. The decision is taken here, in stream order, so it does not depend on
+        batching."""
         n, k = len(states), len(self.ids)
         out = np.empty((n, k))
         rate, decay = self.config.share_rate, self.config.decay
         share = self.share
         prior = self.log_prior()
         zeros = np.zeros(k)
+        prune = self.config.prune_nats
         for i, s in enumerate(states):
             ev = s.evidence if s.evidence is not None else zeros
             logits = prior + ev
@@ -181,8 +193,11 @@ class Router:
             w /= w.sum()
             out[i] = w
             if labelled[i] and dens is not None:
-                ev = decay * ev + dens[i]
-                s.evidence = ev - ev.max()  # only differences matter; keeps numbers small
+                ev = decay * ev + dens[i]  # a ruled-out expert stays at -inf
+                ev = ev - ev.max()  # only differences matter; keeps numbers small
+                far = ev < -prune
+                far[0] = False  # the primary is always evaluated (it holds the encoder)
+                s.evidence = np.where(far, -np.inf, ev)
                 logits = prior + s.evidence
                 post = np.exp(logits - logits.max())
                 post /= post.sum()
@@ -259,7 +274,8 @@ class Router:
             not ids
             or share.shape != (len(ids),)
             or evidence.shape != (len(task_ids), len(ids))
-            or not np.isfinite(evidence).all()
+            or np.isnan(evidence).any()
+            or np.isposinf(evidence).any()
         ):
             raise ValueError("saved expert routing state is inconsistent")
         target = self.ids

@@ -220,6 +220,12 @@ class EngineMetrics:
             ["expert"],
             registry=r,
         )
+        self.experts_skipped = Counter(
+            "stream_meta_experts_skipped_total",
+            "Adaptations of an expert skipped for a task whose evidence rules it out (its "
+            "routing weight would be negligible).",
+            registry=r,
+        )
         self.expert_changes = Counter(
             "stream_meta_expert_changes_total",
             "Changes of the served expert set by meta-updates, by action: added, replaced, "

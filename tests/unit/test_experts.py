@@ -4,6 +4,7 @@ the engine, its checkpoint and state, the routed validation and the expert gate.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -378,3 +379,19 @@ def test_an_engine_serving_a_set_passes_the_engine_contract(kind: str, shipped: 
     served = with_experts(base, 1, [(2, _spoiled(base, 0.3))])
     config = EngineConfig(seed=0, k_neighbours=0, retrieval=False)
     checks.check_engine(lambda: Engine(served, config), retrieval="none")
+
+
+def test_an_expert_ruled_out_by_a_tasks_evidence_is_skipped_for_it(shipped: MetaModel) -> None:
+    """Skipping an expert far behind in a task's evidence (``expert_prune_nats``) saves its
+    adaptations and predictions and changes no prediction beyond its negligible weight."""
+    events = _events(3000, "sinusoid-amplitude-shift")
+    served = with_experts(shipped, 1, [(2, _spoiled(shipped))])
+    runs = {}
+    for prune in (12.0, math.inf):
+        engine = Engine(served, EngineConfig(seed=0, expert_prune_nats=prune))
+        outs = [engine.process(events[lo : lo + 256]).outputs for lo in range(0, 3000, 256)]
+        runs[prune] = (engine, np.concatenate([np.asarray(o.values) for o in outs]))
+    skipped = runs[12.0][0].metrics.experts_skipped._value.get()
+    assert skipped > 500
+    assert runs[math.inf][0].metrics.experts_skipped._value.get() == 0
+    np.testing.assert_allclose(runs[12.0][1], runs[math.inf][1], rtol=1e-3, atol=1e-3)
