@@ -95,7 +95,7 @@ class EngineConfig:
     retrieval_candidates: int = 8
     # routing among experts (stream_meta.experts): the population share's rate per labelled
     # event, and the floor of an expert's prior (divided by the number of experts)
-    expert_share_rate: float = 0.01
+    expert_share_rate: float = 0.03
     expert_share_floor: float = 0.01
     expert_evidence_decay: float = 1.0
     # an expert this many nats of log evidence behind a task's best is neither adapted nor

@@ -69,7 +69,7 @@ class RoutingConfig:
     """How tasks are routed among experts (the ``[engine]`` settings ``expert_*`` fill it)."""
 
     #: weight of one labelled event in the population share (an exponential average)
-    share_rate: float = 0.01
+    share_rate: float = 0.03
     #: an expert's prior is at least ``share_floor / K`` (then renormalised)
     share_floor: float = 0.01
     #: a task's evidence is multiplied by this before each new example's joins it (1: exact
