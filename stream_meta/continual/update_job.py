@@ -739,6 +739,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
             result["validation"] = validation
             outcome, reason, action = decide_experts(validation, config, can_add)
             result.update(outcome=outcome, reason=reason, action=action, parent=parent)
+            result["expert_ids"] = [int(e["id"]) for e in experts]  # the set it was judged in
             if action == "add" and len(members) >= int(payload["max_experts"]):
                 result["retire"] = retire
             if outcome == "promoted" or (outcome == "rejected" and payload.get("keep_rejected")):

@@ -362,8 +362,14 @@ class MetaUpdater:
         replaces its parent, or joins the set, retiring ``result["retire"]``), with the
         candidate's id ``version``; and what changed (for the record)."""
         engine = self.engine
-        cand = model_from_arrays(engine.model.config.to_dict(), result["weights"])
         served = members(engine.model, engine.model_version)
+        judged = result.get("expert_ids")
+        if judged is not None and judged != [i for i, _ in served]:
+            raise _SetChanged(
+                f"the served experts changed while the candidate trained ({judged} -> "
+                f"{[i for i, _ in served]}): its validation no longer applies"
+            )
+        cand = model_from_arrays(engine.model.config.to_dict(), result["weights"])
         parent, retire = int(result.get("parent", 0)), result.get("retire")
         info: dict[str, Any] = {"action": result["action"], "expert": version}
         if result["action"] == "replace":
@@ -419,6 +425,8 @@ class MetaUpdater:
             version = self._next_version()
             try:
                 candidate, result["experts"] = self._expert_set(result, version)
+            except _SetChanged as exc:
+                outcome, result["reason"] = "rejected", str(exc)
             except ValueError as exc:
                 outcome, result["reason"] = "failed", f"the expert set does not fit: {exc}"
             else:
@@ -686,6 +694,11 @@ class MetaUpdater:
     def summary(self) -> list[dict[str, Any]]:
         """The outcome records, for the run summary."""
         return list(self.records)
+
+
+class _SetChanged(Exception):
+    """A candidate judged against a served set that has since changed (an adopted version, a
+    rollback): it is not applied."""
 
 
 def _finite(model: MetaModel) -> bool:

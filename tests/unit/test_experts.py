@@ -364,6 +364,18 @@ def test_an_expert_candidate_is_added_beside_the_served_model_saved_and_rolled_b
     engine.swap_model(shipped, 1)
     assert engine.expert_ids == [1]
     assert engine.process(events[25_500:]).outputs.experts is None
+    # a candidate judged against a set that has changed since (here: [1, 2], now [1]) is not
+    # applied: its validation no longer describes what it would join
+    from stream_meta.continual.update_job import model_arrays
+    from stream_meta.continual.updater import _Request
+
+    late = {"outcome": "promoted", "reason": "", "action": "add", "parent": 0}
+    late.update(weights=model_arrays(shipped), expert_ids=[1, 2])
+    updater._job = (_Request("manual", updater.seen), late, updater.seen)
+    updater._maybe_finish(updater.seen, [], block=True)
+    rec = updater.records[-1]
+    assert rec["outcome"] == "rejected" and "changed while the candidate trained" in rec["reason"]
+    assert engine.expert_ids == [1] and engine.model_version == 1
 
 
 @pytest.mark.parametrize("kind", ["sinusoid", "digits"])
