@@ -188,6 +188,12 @@ def evaluate_cli(
         "--json",
         "-q",
     ]
+    return cached_cli(ctx, args)
+
+
+def cached_cli(ctx: Context, args: list[str]) -> tuple[dict[str, Any], str]:
+    """:func:`cli_json` of ``args``, run once per argument list in a bench run:
+    ``(result, command)``."""
     key = tuple(args)
     if key not in ctx.cache:
         result, seconds, display = cli_json(args)
@@ -214,3 +220,25 @@ def run_cli(ctx: Context, events: int, *extra: str) -> tuple[dict[str, Any], str
     ]
     result, _seconds, display = cli_json(args)
     return result, display
+
+
+def scenario_run(
+    ctx: Context, name: str, strategy: str, tmp: Path, *extra: str
+) -> tuple[dict[str, Any], str, Path, Path]:
+    """``stream-meta run --scenario name`` (``ctx.sizes.meta_events`` events) with its
+    predictions in ``tmp/<name>-<strategy>.jsonl`` and its models in
+    ``tmp/<name>-<strategy>-models``: ``(result, command, predictions, models dir)``."""
+    out = tmp / f"{name}-{strategy}.jsonl"
+    models = tmp / f"{name}-{strategy}-models"
+    result, cmd = run_cli(
+        ctx,
+        ctx.sizes.meta_events,
+        "--scenario",
+        name,
+        "--output",
+        rel(out),
+        "--models-dir",
+        rel(models),
+        *extra,
+    )
+    return result, cmd, out, models

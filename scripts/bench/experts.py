@@ -19,10 +19,10 @@ from scripts.bench.common import (
     Check,
     Context,
     Section,
-    cli_json,
+    cached_cli,
     need_checkpoint,
     rel,
-    run_cli,
+    scenario_run,
 )
 
 EXPERTS_WINDOW = 10_000  # events after the first promotion of the experts strategy...
@@ -352,19 +352,7 @@ def _shots_note(all_runs: dict[str, dict[str, Run]]) -> str:
 def _strategy_runs(ctx: Context, section: Section, name: str, tmp: Path) -> dict[str, Run]:
     runs: dict[str, Run] = {}
     for strategy, extra in EXPERTS_STRATEGIES.items():
-        out = tmp / f"{name}-{strategy}.jsonl"
-        models = tmp / f"{name}-{strategy}-models"
-        result, cmd = run_cli(
-            ctx,
-            ctx.sizes.meta_events,
-            "--scenario",
-            name,
-            "--output",
-            rel(out),
-            "--models-dir",
-            rel(models),
-            *extra,
-        )
+        result, cmd, out, models = scenario_run(ctx, name, strategy, tmp, *extra)
         runs[strategy] = Run(result, cmd, Predictions.read(out), models)
         section.raw[f"{name}/{strategy}"] = {
             "command": cmd,
@@ -462,12 +450,7 @@ def _stationary(ctx: Context, checkpoint: Path) -> tuple[dict[str, Any], str]:
         "--metrics-port",
         "0",
     ]
-    key = tuple(args)
-    if key not in ctx.cache:
-        result, seconds, display = cli_json(args)
-        ctx.cache[key] = {"result": result, "seconds": seconds, "command": display}
-    hit = ctx.cache[key]
-    return hit["result"], hit["command"]
+    return cached_cli(ctx, args)
 
 
 def _forgetting_checks(

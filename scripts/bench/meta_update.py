@@ -20,6 +20,7 @@ from scripts.bench.common import (
     need_checkpoint,
     rel,
     run_cli,
+    scenario_run,
 )
 
 META_RECOVERY_FACTOR = 1.5  # post-update loss within this x the pre-drift level...
@@ -166,19 +167,7 @@ def _strategy_runs(ctx: Context, section: Section, name: str, tmp: Path) -> Runs
     """Every strategy on the scenario ``name``, its predictions written to ``tmp``."""
     results: Runs = {}
     for strategy, extra in META_STRATEGIES.items():
-        out = tmp / f"{name}-{strategy}.jsonl"
-        models = tmp / f"{name}-{strategy}-models"
-        result, cmd = run_cli(
-            ctx,
-            ctx.sizes.meta_events,
-            "--scenario",
-            name,
-            "--output",
-            rel(out),
-            "--models-dir",
-            rel(models),
-            *extra,
-        )
+        result, cmd, out, models = scenario_run(ctx, name, strategy, tmp, *extra)
         results[strategy] = (result, cmd, _scored(out), models)
         section.raw[f"{name}/{strategy}"] = {
             "command": cmd,
