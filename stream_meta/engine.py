@@ -367,6 +367,7 @@ class Engine:
         self.dedupe = DedupeWindow(config.dedupe_window) if config.dedupe_window else None
         self._cache_size = 0
         self.router: Router | None = None
+        self._share_labels: set[str] = set()  # expert ids with a share gauge
         self.bank: EvidenceBank | None = None
         self._borrowings = 0  # the bank's count already reported to the metrics
         if config.retrieval and config.retrieval_max_shots > 0 and self.adapter.embeds:
@@ -413,7 +414,7 @@ class Engine:
         else:
             self.router.remap(ids, list(self.store))
         self.metrics.experts.set(k)
-        for gone in getattr(self, "_share_labels", set()) - {str(i) for i in ids}:
+        for gone in self._share_labels - {str(i) for i in ids}:
             self.metrics.expert_share.remove(gone)
         self._share_labels = {str(i) for i in ids} if k > 1 else set()
         if k == 1:

@@ -82,8 +82,7 @@ class RoutingConfig:
 def members(model: MetaModel, version: int) -> list[tuple[int, MetaModel]]:
     """The served set as ``(expert id, model)`` pairs, the primary first (its id is its own
     ``expert_id``, or ``version`` when it never had one: a model loaded as it was trained)."""
-    primary_id = int(getattr(model, "expert_id", 0) or version)
-    return [(primary_id, model), *getattr(model, "experts", ())]
+    return [(int(model.expert_id or version), model), *model.experts]
 
 
 def with_experts(
@@ -157,16 +156,10 @@ class Router:
         self.config = config or RoutingConfig()
         self.ids = tuple(int(i) for i in ids)
         self.share = np.full(len(self.ids), 1.0 / len(self.ids))
-        #: posterior mass won by each expert over labelled events, per expert id (cumulative)
-        self.mass: dict[int, float] = dict.fromkeys(self.ids, 0.0)
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def log_prior(self) -> np.ndarray:
-        k = len(self.ids)
-        p = np.maximum(self.share, self.config.share_floor / k)
-        return np.log(p / p.sum())
+        """The routing prior of a task with no evidence: the floored population share."""
+        return self._log_prior_of(self.share)
 
     def route(
         self, states: Sequence[TaskState], dens: np.ndarray | None, labelled: np.ndarray
@@ -204,10 +197,6 @@ class Router:
                 share = (1.0 - rate) * share + rate * post
                 prior = self._log_prior_of(share)
         self.share = share
-        if dens is not None and bool(labelled.any()):
-            won = out[labelled].sum(axis=0)
-            for j, expert_id in enumerate(self.ids):
-                self.mass[expert_id] += float(won[j])
         return out
 
     def _log_prior_of(self, share: np.ndarray) -> np.ndarray:
@@ -234,7 +223,6 @@ class Router:
                 continue
             best = float(ev.max())
             s.evidence = np.array([ev[j] if j >= 0 else best for j in keep])
-        self.mass = {i: self.mass.get(i, 0.0) for i in ids}
         self.ids = ids
 
     def shares(self) -> dict[int, float]:
@@ -250,7 +238,6 @@ class Router:
         return {
             "ids": np.asarray(self.ids, dtype=np.int64),
             "share": self.share.copy(),
-            "mass": np.asarray([self.mass.get(i, 0.0) for i in self.ids]),
             "task_blob": blob,
             "task_offsets": offsets,
             "evidence": (
@@ -280,8 +267,6 @@ class Router:
             raise ValueError("saved expert routing state is inconsistent")
         target = self.ids
         self.ids, self.share = ids, share / max(share.sum(), 1e-12)
-        mass = np.asarray(arrays.get("mass", np.zeros(len(ids))), dtype=np.float64)
-        self.mass = {i: float(v) for i, v in zip(ids, mass, strict=False)}
         touched = []
         for task_id, row in zip(task_ids, evidence, strict=True):
             s = store.get(task_id)

@@ -50,7 +50,7 @@ def save_checkpoint(
     """Save ``model`` atomically to ``path``; returns the manifest written. ``extra``: more
     manifest entries (a model trained on a user's log: its ``schema``, ``scaling``, ``data``
     and ``validation``)."""
-    others = getattr(model, "experts", ())
+    others = model.experts
     tensors = dict(model.state_dict())
     for expert_id, expert in others:
         tensors.update({f"experts.{expert_id}.{k}": v for k, v in expert.state_dict().items()})
@@ -63,7 +63,7 @@ def save_checkpoint(
         "model": model.config.to_dict(),
         "training": training or {},
         "metrics": metrics or {},
-        "expert_id": int(getattr(model, "expert_id", 0) or model_version),
+        "expert_id": int(model.expert_id or model_version),
         "experts": [int(i) for i, _ in others],
         "created_unix": time.time(),
         "stream_meta_version": __version__,
@@ -145,12 +145,8 @@ def load_checkpoint(
                 strict=True,
             )
             others.append((int(expert_id), expert.to(device).eval()))
-        expected = {f"experts.{int(i)}." for i in manifest.get("experts", [])}
-        stray = [
-            k
-            for k in tensors
-            if k.startswith("experts.") and k[: k.index(".", 8) + 1] not in expected
-        ]
+        expected = tuple(f"experts.{int(i)}." for i in manifest.get("experts", []))
+        stray = [k for k in tensors if k.startswith("experts.") and not k.startswith(expected)]
         if stray:
             raise CheckpointError(
                 f"{path}: tensors of experts the manifest does not list: {stray[:3]}"

@@ -72,9 +72,9 @@ def model_fingerprint(model: MetaModel) -> str:
     model's fingerprint is unchanged by that."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     _hash_tensors(h, model)
-    others = getattr(model, "experts", ())
+    others = model.experts
     if others:
-        ids = [int(getattr(model, "expert_id", 0)), *(int(i) for i, _ in others)]
+        ids = [int(model.expert_id), *(int(i) for i, _ in others)]
         h.update(f"experts:{ids}".encode())
         for _, expert in others:
             _hash_tensors(h, expert)
