@@ -145,6 +145,22 @@ class Outputs:
         )
 
 
+@dataclass(frozen=True)
+class ActionValues:
+    """What a task's posterior says about one decision's candidate actions
+    (:meth:`Engine.action_values`), user units, ``K`` actions: predicted values, the epistemic
+    and noise standard deviations of each, ``draws [S, K]`` joint posterior draws of the
+    noiseless values (or None), the task's support size and the serving expert's id (None with
+    one model)."""
+
+    mean: np.ndarray
+    epistemic_std: np.ndarray
+    noise_std: np.ndarray
+    draws: np.ndarray | None
+    shots: int
+    expert: int | None = None
+
+
 @dataclass
 class BatchResult:
     """What one :meth:`Engine.process` call produced.
@@ -617,6 +633,91 @@ class Engine:
         for expert_id, share in self.router.shares().items():
             self.metrics.expert_share.labels(str(expert_id)).set(share)
         return out, std, ids[w.argmax(axis=1)].tolist()
+
+    # -- decisions: each task's posterior over candidate actions ----------------------------
+    def action_values(
+        self,
+        task_ids: Sequence[str],
+        actions: Sequence[np.ndarray],
+        *,
+        draws: int = 0,
+        seeds: Sequence[int] | None = None,
+    ) -> list[ActionValues]:
+        """What each task's current posterior says about its candidate actions: for decision
+        ``i``, task ``task_ids[i]`` and action features ``actions[i] [K_i, x_dim]``, the
+        predicted values, their epistemic and noise standard deviations and, with ``draws``,
+        that many joint draws of the noiseless values from the head posterior (Thompson
+        sampling; ``seeds[i]`` seeds decision ``i``'s draws, so a redelivered decision draws
+        the same). Tasks are served as events are (a new task gets the prior, a known one its
+        cached or freshly adapted weights); nothing is learned. With experts, each decision is
+        served by one expert: drawn from the task's routing weights with ``draws`` (posterior
+        sampling over the mixture), else the one with the largest weight. Regression models
+        with the meta-model's adapter only."""
+        if self.kind != "regression" or not isinstance(self.adapter, MetaAdapter):
+            raise ValueError("decisions need a regression model served by its own adapter")
+        n = len(task_ids)
+        if len(actions) != n or (seeds is not None and len(seeds) != n):
+            raise ValueError("task_ids, actions and seeds must have the same length")
+        if n == 0:
+            return []
+        x_dim = self.schema.x_dim
+        zeros = (0.0,) * x_dim
+        events = [
+            Event.model_construct(event_id="", task_id=t, x=zeros, y=None, ts=None)
+            for t in task_ids
+        ]
+        rngs = [np.random.default_rng(None if seeds is None else seeds[i]) for i in range(n)]
+        k_max = max(len(a) for a in actions)
+        x = np.zeros((n, k_max, x_dim), dtype=np.float32)
+        for i, a in enumerate(actions):
+            a = np.asarray(a, dtype=np.float32).reshape(-1, x_dim)
+            x[i, : len(a)] = a
+        with torch.inference_mode():
+            plan = self._plan(events)
+            weights = self._weights_for(plan)
+            k = len(self._views)
+            chosen = np.zeros(n, dtype=np.int64)
+            if k > 1:
+                assert self.router is not None
+                w = self.router.route(plan.states, None, np.zeros(n, dtype=bool))
+                for i in range(n):
+                    if draws:
+                        chosen[i] = rngs[i].choice(k, p=w[i] / w[i].sum())
+                    else:
+                        chosen[i] = int(w[i].argmax())
+            width = weights.shape[1] // k
+            out: list[ActionValues | None] = [None] * n
+            ids = self.expert_ids
+            for e in np.unique(chosen).tolist():
+                idx = np.flatnonzero(chosen == e)
+                model = self._views[e].model
+                rows = weights[torch.from_numpy(idx), e * width : (e + 1) * width]
+                xe = torch.from_numpy(x[idx])
+                parts = model.variance_parts(xe, rows)
+                if parts is None:
+                    raise ValueError("the served rows carry no posterior to decide with")
+                mean, epi, noise = (t.double().numpy() for t in parts)
+                samples = None
+                if draws:
+                    f = model.target.n_features
+                    eps = np.stack([rngs[i].standard_normal((draws, f)) for i in idx.tolist()])
+                    samples = (
+                        model.sample_values(xe, rows, torch.from_numpy(eps.astype(np.float32)))
+                        .double()
+                        .numpy()
+                    )
+                for j, i in enumerate(idx.tolist()):
+                    kk = len(actions[i])
+                    out[i] = ActionValues(
+                        mean=mean[j, :kk],
+                        epistemic_std=np.sqrt(np.maximum(epi[j, :kk], 0.0)),
+                        noise_std=np.sqrt(np.maximum(noise[j, :kk], 0.0)),
+                        draws=None if samples is None else samples[j, :, :kk],
+                        shots=int(plan.shots[i]),
+                        expert=ids[e] if k > 1 else None,
+                    )
+        self.flush_index()
+        return [v for v in out if v is not None]
 
     # -- planning: walk the batch in order, learning as we go --------------------------------
     def _plan(self, events: list[Event]) -> _Plan:

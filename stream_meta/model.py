@@ -295,6 +295,53 @@ class MetaModel(nn.Module):
         var = self.predictive_variance(phi, rows[:, n_params:])
         return out, torch.sqrt(var) * self.scaling.y_scale
 
+    def variance_parts(
+        self, x: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The predictive variance of regression rows that carry the posterior, in its two
+        parts, user units: ``[B, n, x_dim], [B, W] -> (values [B, n], epistemic [B, n],
+        noise [B, n])``; their sum is the square of :meth:`predict_with_std`'s std. The
+        epistemic part is what learning labels can remove, the noise part is not. None for a
+        classifier or rows without the posterior."""
+        n_params = self.target.n_params
+        if self.posterior_width == 0 or rows.shape[-1] < n_params + self.posterior_width:
+            return None
+        x_std = self.scaling.inputs(x)
+        w = rows[:, :n_params]
+        phi = self.target.features(x_std, w)
+        out = self._outputs(x_std, torch.bmm(phi, self.target.head(w)))
+        post = rows[:, n_params : n_params + self.posterior_width]
+        f = phi.shape[-1]
+        chol = post[:, :-1].reshape(-1, f, f)
+        v = torch.linalg.solve_triangular(chol, phi.transpose(1, 2), upper=False)  # [B, F, n]
+        cal, scale = self.calibration, post[:, -1:]
+        unit = self.scaling.y_scale**2
+        epistemic = scale * cal.var_scale * (v * v).sum(dim=1) * unit
+        noise = (scale * cal.noise_scale * self.noise_variance() * unit).expand_as(epistemic)
+        return out, epistemic, noise
+
+    def sample_values(self, x: torch.Tensor, rows: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Draws of the noiseless function values at ``x [B, q, x_dim]`` from the task's
+        calibrated head posterior (Thompson sampling), user units: ``rows [B, W]`` with the
+        posterior, ``eps [B, S, F]`` standard normal draws -> ``[B, S, q]``. A head draw is
+        ``m + sqrt(s * var_scale) L^-T eps``, whose covariance ``s * var_scale * G^-1`` is the
+        calibrated epistemic part of :meth:`variance_parts`."""
+        n_params = self.target.n_params
+        if self.posterior_width == 0 or rows.shape[-1] < n_params + self.posterior_width:
+            raise ValueError("sampling needs regression rows that carry the head posterior")
+        x_std = self.scaling.inputs(x)
+        w = rows[:, :n_params]
+        phi = self.target.features(x_std, w)  # [B, q, F]
+        f = phi.shape[-1]
+        post = rows[:, n_params : n_params + self.posterior_width]
+        chol = post[:, :-1].reshape(-1, f, f)
+        # L^T d = eps^T: d [B, F, S] has covariance G^-1 per column
+        d = torch.linalg.solve_triangular(chol.transpose(1, 2), eps.transpose(1, 2), upper=True)
+        d = d * torch.sqrt(post[:, -1:] * self.calibration.var_scale).unsqueeze(-1)
+        heads = self.target.head(w)[..., 0].unsqueeze(-1) + d  # [B, F, S]
+        out = torch.bmm(phi, heads).transpose(1, 2)  # [B, S, q]
+        return self.scaling.offset(x_std)[..., 0].unsqueeze(1) + self.scaling.y_scale * out
+
     def predictive_variance(self, phi: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """Calibrated predictive variance ``[B, n]`` (model units) of the head at features
         ``phi [B, n, F]``, from the rows' posterior part ``[B, posterior_width]``
