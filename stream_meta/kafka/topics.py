@@ -20,6 +20,8 @@ class Topics:
     task_embeddings: str  # compacted: every replica's task embeddings, for all the others
     task_state: str  # compacted, co-partitioned with events: the task-state changelog
     models: str  # one partition: published model versions, in chunks
+    label_requests: str  # keyed by task id: the unlabelled events worth labelling
+    decisions: str  # keyed by task id: the action chosen for each decision event
 
     @classmethod
     def for_prefix(cls, prefix: str) -> Topics:
@@ -31,6 +33,8 @@ class Topics:
             "task-embeddings",
             "task-state",
             "models",
+            "label-requests",
+            "decisions",
         )
         return cls(*(f"{prefix}.{n}" for n in names))
 
@@ -43,6 +47,8 @@ class Topics:
             self.task_embeddings,
             self.task_state,
             self.models,
+            self.label_requests,
+            self.decisions,
         )
 
     @property
