@@ -20,6 +20,7 @@ import numpy as np
 from stream_meta.adapters import Adapter
 from stream_meta.engine import Engine
 from stream_meta.index import TaskIndex
+from stream_meta.labels import LabelRequester
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
 from stream_meta.pipeline import DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
@@ -112,6 +113,8 @@ def run_stream(
     watch: DriftWatcher | None = None,
     updater: MetaUpdates | None = None,
     recorder: Recorder | None = None,
+    labels: LabelRequester | None = None,
+    label_requests: JsonlSink | None = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
 
@@ -119,10 +122,11 @@ def run_stream(
     ``watch`` (a :class:`~stream_meta.drift.watch.DriftWatch`) sees every batch, then
     ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms;
     ``recorder`` (an :class:`~stream_meta.recording.EventRecorder`) records every raw event and
-    each change of the served model.
+    each change of the served model; ``labels`` (a :class:`~stream_meta.labels.LabelRequester`)
+    picks the label requests of the unlabelled events, written to ``label_requests``.
     """
     it = iter(source) if events is None else itertools.islice(source, events)
-    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder)
+    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder, labels=labels)
     scorer = QueryScorer(engine.kind)
     timing = _BatchTiming()
     start = time.perf_counter()
@@ -142,6 +146,8 @@ def run_stream(
             predictions.write_lines([p.to_json() for p in step.result.predictions])
         if rejects is not None:
             rejects.write_lines([_reject_json(r) for r in step.result.rejections])
+        if label_requests is not None and step.label_requests:
+            label_requests.write_lines([r.to_json() for r in step.label_requests])
         if on_batch is not None:
             on_batch(len(chunk), engine.summary())
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
@@ -150,6 +156,8 @@ def run_stream(
     elapsed = time.perf_counter() - start
     summary = engine.summary()
     summary.update(scorer.summary())
+    if labels is not None:
+        summary["label_requests"] = labels.summary()
     summary["seconds"] = round(elapsed, 3)
     summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
     summary["engine_events_per_s"] = round(done / timing.busy, 1) if timing.busy > 0 else math.inf
@@ -195,6 +203,14 @@ def _latency_split(samples: list[tuple[float, bool]]) -> dict[str, Any]:
                 "p99": round(float(np.percentile(ms, 99)), 3),
             }
     return out
+
+
+def build_label_requester(settings: Any, metrics: Any) -> LabelRequester | None:
+    """The label requester of ``settings.labels`` (None when label requests are off)."""
+    if not settings.labels.enabled:
+        return None
+    policy = settings.labels.policy_config(settings.engine.max_live_tasks)
+    return LabelRequester(policy, metrics)
 
 
 def build_drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:

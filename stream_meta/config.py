@@ -457,6 +457,74 @@ class TrainerSettings(BaseModel):
     seed: int = Field(default=0, description="Seed of the draw for events without a key.")
 
 
+class LabelSettings(BaseModel):
+    """Label requests (``run --label-requests``, ``serve``'s ``<prefix>.label-requests``): ask
+    for the labels of the unlabelled events worth most, within budgets
+    (:mod:`stream_meta.labels`)."""
+
+    model_config = _SECTION_CONFIG
+
+    enabled: bool = Field(
+        default=False,
+        description="Emit label requests (`serve`: on <prefix>.label-requests; `run`: on with "
+        "--label-requests FILE).",
+    )
+    policy: Literal["uncertainty", "random", "first-k"] = Field(
+        default="uncertainty",
+        description="uncertainty: the events whose label lowers the task's expected loss most "
+        "(the epistemic variance removed, or the entropy for a classifier); random: a share "
+        "drawn by event id; first-k: each task's first `first_k` unlabelled events.",
+    )
+    fraction: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Total budget: at most this share of the unlabelled events is requested "
+        "(plus `burst`).",
+    )
+    rate_per_s: float | None = Field(
+        default=None, gt=0, description="Requests per second, overall (unset: no limit)."
+    )
+    task_rate_per_s: float | None = Field(
+        default=None, gt=0, description="Requests per second for one task (unset: no limit)."
+    )
+    burst: float = Field(
+        default=10.0,
+        ge=1,
+        description="Requests that may go out at once: the depth of the share's credit and of "
+        "the rate buckets.",
+    )
+    first_k: int = Field(default=10, ge=1, description="first-k: requests per task.")
+    window: int = Field(
+        default=2000,
+        ge=1,
+        description="uncertainty: the recent unlabelled events whose worth sets the threshold.",
+    )
+    dedupe_window: int = Field(
+        default=200_000,
+        ge=0,
+        description="Requested event ids remembered, so one event is requested once (0: none).",
+    )
+    seed: int = Field(default=0, description="Seed of the random policy's draw.")
+
+    def policy_config(self, max_tasks: int) -> Any:
+        """The :class:`~stream_meta.labels.LabelPolicy` these settings describe."""
+        from stream_meta.labels import LabelPolicy
+
+        return LabelPolicy(
+            policy=self.policy,
+            fraction=self.fraction,
+            rate_per_s=self.rate_per_s,
+            task_rate_per_s=self.task_rate_per_s,
+            burst=self.burst,
+            first_k=self.first_k,
+            window=self.window,
+            dedupe_window=self.dedupe_window,
+            max_tasks=max_tasks,
+            seed=self.seed,
+        )
+
+
 class DriftSettings(BaseModel):
     """The drift monitor (``stream_meta.drift``): what it watches and how it alarms.
 
@@ -830,6 +898,7 @@ class Settings(BaseSettings):
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="The Kafka service.")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="The drift monitor.")
+    labels: LabelSettings = Field(default_factory=LabelSettings, description="Label requests.")
     meta_update: MetaUpdateSettings = Field(
         default_factory=MetaUpdateSettings, description="Meta-updates."
     )

@@ -121,6 +121,9 @@ class Outputs:
     #: with experts: the id of the expert with the largest routing weight for each event
     experts: list[int] | None = None
     duplicates: list[bool] | None = None  # labelled events already learned (not learned again)
+    #: with ``Engine.label_scores`` on: what learning each event's label is worth
+    #: (:func:`stream_meta.labels.label_value`), ``[N]``; None for a strategy without uncertainty
+    label_scores: np.ndarray | None = None
     x: np.ndarray | None = None  # the events' features [N, x_dim] (for replay)
     y: list[Any] | None = None  # the labels learned (None: a query, or a duplicate)
 
@@ -381,6 +384,8 @@ class Engine:
         )
         self.stats = RunningStats(config.support_size)
         self.dedupe = DedupeWindow(config.dedupe_window) if config.dedupe_window else None
+        #: compute ``Outputs.label_scores`` (what each event's label is worth; label requests)
+        self.label_scores = False
         self._cache_size = 0
         self.router: Router | None = None
         self._share_labels: set[str] = set()  # expert ids with a share gauge
@@ -575,23 +580,51 @@ class Engine:
         with torch.inference_mode():
             plan = self._plan(events)
             weights = self._weights_for(plan)
+            noise: torch.Tensor | None = None
             if len(self._views) == 1:
                 out, std = self.adapter.predict(plan.x.unsqueeze(1), weights, self)
                 out, std = out[:, 0], None if std is None else std[:, 0]
                 top = None
+                if self.label_scores and std is not None:
+                    noise = self._noise_var(self.model, weights)
             else:
-                out, std, top = self._route(events, plan, weights)
+                out, std, top, noise = self._route(events, plan, weights)
         outputs = self._score(events, plan, out, std, t0)
         outputs.experts = top
+        if self.label_scores:
+            outputs.label_scores = self._label_values(out, std, noise)
         if self.bank is not None:
             self._offer(plan)
         outputs.x = plan.x.numpy()
         outputs.y = [ev.y for ev in events]
         return outputs
 
+    def _noise_var(self, model: MetaModel, rows: torch.Tensor) -> torch.Tensor | None:
+        """The noise part of each row's predictive variance ``[N]`` (user units): what no label
+        removes. None for rows without the head posterior (a classifier, another adapter)."""
+        n_params, width = model.target.n_params, model.posterior_width
+        if width == 0 or rows.shape[1] < n_params + width:
+            return None
+        scale = rows[:, n_params + width - 1]
+        cal = model.calibration
+        return scale * cal.noise_scale * model.noise_variance() * model.scaling.y_scale**2
+
+    def _label_values(
+        self, out: torch.Tensor, std: torch.Tensor | None, noise: torch.Tensor | None
+    ) -> np.ndarray | None:
+        from stream_meta.labels import label_value
+
+        if self.kind == "regression":
+            if std is None or noise is None:
+                return None
+            return label_value(
+                self.kind, variance=std.double().numpy() ** 2, noise=noise.double().numpy()
+            )
+        return label_value(self.kind, probabilities=torch.softmax(out.double(), -1).numpy())
+
     def _route(
         self, events: list[Event], plan: _Plan, weights: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], torch.Tensor | None]:
         """Every expert's prediction of every event, mixed by the routing posterior of the
         event's task (its evidence before the event); labelled events then add each expert's
         predictive density of their label to their task's evidence. Returns the mixture's
@@ -599,10 +632,12 @@ class Engine:
         width = weights.shape[1] // len(self._views)
         x = plan.x.unsqueeze(1)
         n = len(events)
-        outs, stds = [], []
+        outs, stds, noises = [], [], []
         first: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for e, view in enumerate(self._views):
             rows = weights[:, e * width : (e + 1) * width]
+            if self.label_scores:
+                noises.append(self._noise_var(view.model, rows))
             ok = ~torch.isnan(rows[:, 0])  # a NaN row: the expert was skipped for the task
             if bool(ok.all()):
                 o, sd = self.adapter.predict(x, rows, view)
@@ -632,7 +667,13 @@ class Engine:
         ids = np.asarray(self.expert_ids)
         for expert_id, share in self.router.shares().items():
             self.metrics.expert_share.labels(str(expert_id)).set(share)
-        return out, std, ids[w.argmax(axis=1)].tolist()
+        noise = None
+        if noises and all(v is not None for v in noises):
+            # the mixture's noise: each expert's, weighted (a ruled-out expert's NaN weighs 0);
+            # the experts' disagreement counts as epistemic, which labels resolve
+            stacked = torch.nan_to_num(torch.stack(noises, dim=-1))  # type: ignore[arg-type]
+            noise = (stacked * torch.from_numpy(w.astype(np.float32))).sum(-1)
+        return out, std, ids[w.argmax(axis=1)].tolist(), noise
 
     # -- decisions: each task's posterior over candidate actions ----------------------------
     def action_values(

@@ -233,6 +233,25 @@ class EngineMetrics:
             ["action"],
             registry=r,
         )
+        self.label_requests = Counter(
+            "stream_meta_label_requests_total",
+            "Label requests emitted, by policy (uncertainty, random, first-k).",
+            ["policy"],
+            registry=r,
+        )
+        self.label_refused = Counter(
+            "stream_meta_label_requests_refused_total",
+            "Events the label policy picked that a budget refused, by budget: share (the "
+            "fraction of eligible events), rate (overall per second), task_rate (per task).",
+            ["budget"],
+            registry=r,
+        )
+        self.label_threshold = Gauge(
+            "stream_meta_label_request_threshold",
+            "The uncertainty policy's current threshold: the worth (expected loss reduction) "
+            "an unlabelled event's label must reach to be requested.",
+            registry=r,
+        )
         self.model_version = Gauge(
             "stream_meta_model_version", "Version of the model being served.", registry=r
         )

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from stream_meta.drift.monitor import Alarm
 from stream_meta.engine import BatchResult, Engine
+from stream_meta.labels import LabelRequest, LabelRequester
 from stream_meta.model import MetaModel
 
 __all__ = ["DriftWatcher", "MetaUpdates", "Pipeline", "Recorder", "Step"]
@@ -89,6 +90,8 @@ class Step:
     engine_seconds: float
     alarms: list[Alarm] = field(default_factory=list)
     outcomes: list[dict[str, Any]] = field(default_factory=list)
+    #: the label requests of this batch's unlabelled events (with a label requester)
+    label_requests: list[LabelRequest] = field(default_factory=list)
 
     def alarm_records(self) -> list[dict[str, Any]]:
         """The alarms as the drift topic carries them."""
@@ -112,12 +115,16 @@ class Pipeline:
         watch: DriftWatcher | None = None,
         updater: MetaUpdates | None = None,
         recorder: Recorder | None = None,
+        labels: LabelRequester | None = None,
         position: int = 0,
     ) -> None:
         self.engine = engine
         self.watch = watch
         self.updater = updater
         self.recorder = recorder
+        self.labels = labels
+        if labels is not None:
+            engine.label_scores = True
         self.position = position
 
     def step(
@@ -135,6 +142,8 @@ class Pipeline:
         t0 = time.perf_counter()
         result = self.engine.process(raws, received_at=received_at, learned=learned)
         step = Step(result, self.engine.model_version, time.perf_counter() - t0)
+        if self.labels is not None and result.outputs is not None:
+            step.label_requests = self._label_requests(result)
         if self.recorder is not None:
             self.recorder.events(raws if record is None else record, self.position, meta)
         if self.watch is not None:
@@ -143,6 +152,25 @@ class Pipeline:
         if self.updater is not None:
             step.outcomes = self._noted(self.updater.observe(result, step.alarms))
         return step
+
+    def _label_requests(self, result: BatchResult) -> list[LabelRequest]:
+        """The batch's label requests: among its unlabelled events (a labelled event already
+        learned, a duplicate, is not one), those the label policy picks within its budgets."""
+        assert self.labels is not None and result.outputs is not None
+        o = result.outputs
+        eligible = [not lab for lab in o.labelled]
+        if o.duplicates is not None:
+            eligible = [e and not d for e, d in zip(eligible, o.duplicates, strict=True)]
+        if not any(eligible):
+            return []
+        return self.labels.select(
+            o.event_ids,
+            o.task_ids,
+            o.label_scores,
+            eligible=eligible,
+            model_version=o.model_version,
+            now=time.time(),
+        )
 
     def idle(self) -> list[dict[str, Any]]:
         """Between batches when nothing arrives: a due request starts, a finished job lands."""
@@ -163,6 +191,8 @@ class Pipeline:
             out["alarms"] = self.watch.summary()["alarms"]
         if self.updater is not None:
             out["meta_updates"] = self.updater.summary()
+        if self.labels is not None:
+            out["label_requests"] = self.labels.summary()
         return out
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,19 @@ def add_replay_parser(sub: Subparsers, options: Options) -> None:
     )
     rp.add_argument("--report", required=True, help="directory for report.json and predictions")
     rp.add_argument("--label-delay", type=int, default=0, help="labels arrive N events late")
+    rp.add_argument(
+        "--label-budget",
+        type=float,
+        metavar="F",
+        help="teach only the labels a label policy requests, at most this share of the labelled "
+        "events (every label still scores); each strategy is replayed once per --label-policy",
+    )
+    rp.add_argument(
+        "--label-policy",
+        action="append",
+        choices=["uncertainty", "random", "first-k"],
+        help="which labels to request under --label-budget (repeatable; default: all three)",
+    )
     rp.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     rp.add_argument("--family", choices=["sinusoid", "digits"], help="shipped model to use")
     rp.set_defaults(func=cmd_replay)
@@ -80,6 +94,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from stream_meta.evaluation.strategies import StrategyOptions
 
     names = _strategy_names(args, settings)
+    from stream_meta.evaluation.strategies import NO_LEARNING
+
+    if args.label_budget is not None and (frozen := [n for n in names if n in NO_LEARNING]):
+        raise UsageError(f"--label-budget: {', '.join(frozen)} learn no label")
     if args.label_delay < 0:
         raise UsageError("--label-delay must be >= 0")
     if args.inner_steps < 0 or args.scratch_steps < 0:
@@ -99,15 +117,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
     report_dir.mkdir(parents=True, exist_ok=True)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    policies = _label_policies(args)
     config = ReplayConfig(
         label_delay=args.label_delay, batch_size=args.batch_size or settings.engine.micro_batch
     )
     from stream_meta.evaluation.families import build_probes, parse_events
 
     probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
-    results = _replay_all(
-        names, raws, log_path, settings, config, report_dir, options=options, probes=probes
-    )
+    if policies:
+        results = {}
+        for policy in policies:
+            budgeted = replace(config, label_budget=args.label_budget, label_policy=policy)
+            runs = _replay_all(
+                names,
+                raws,
+                log_path,
+                settings,
+                budgeted,
+                report_dir,
+                f"@{policy}",
+                options=options,
+                probes=probes,
+            )
+            results.update({f"{name}@{policy}": r for name, r in runs.items()})
+    else:
+        results = _replay_all(
+            names, raws, log_path, settings, config, report_dir, options=options, probes=probes
+        )
     report = {
         "log": str(log_path),
         "events": len(raws),
@@ -121,8 +157,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "checkpoint": manifest["path"],
         "strategies": results,
     }
+    if policies:
+        report["label_budget"] = args.label_budget
     _write_report(report, report_dir, args.json)
     return 0
+
+
+def _label_policies(args: argparse.Namespace) -> list[str]:
+    """The label policies to replay (none without ``--label-budget``), the budget checked."""
+    if args.label_budget is None:
+        if args.label_policy:
+            raise UsageError("--label-policy needs --label-budget")
+        return []
+    if not 0.0 < args.label_budget <= 1.0:
+        raise UsageError(f"--label-budget must be in (0, 1], got {args.label_budget}")
+    if args.label_delay:
+        raise UsageError("--label-budget and --label-delay cannot be combined")
+    return list(dict.fromkeys(args.label_policy or ["uncertainty", "random", "first-k"]))
 
 
 def _strategy_names(args: argparse.Namespace, settings: Any) -> list[str]:
@@ -169,9 +220,11 @@ def _replay_all(
     settings: Any,
     config: Any,
     report_dir: Path,
+    tag: str = "",
     **strategy_kwargs: Any,
 ) -> dict[str, Any]:
-    """Replay ``raws`` under each strategy; the results by strategy."""
+    """Replay ``raws`` under each strategy; the results by strategy (``predictions-<name><tag>
+    .jsonl`` each)."""
     from stream_meta.evaluation.replay import replay_strategy
 
     results = {}
@@ -185,7 +238,7 @@ def _replay_all(
             model,
             settings,
             config,
-            report_dir / f"predictions-{name}.jsonl",
+            report_dir / f"predictions-{name}{tag}.jsonl",
             family=manifest["family"],
             **strategy_kwargs,
         )

@@ -40,6 +40,11 @@ def add_run_parser(sub: Subparsers, options: Options) -> None:
     r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
     r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
     r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
+    r.add_argument(
+        "--label-requests",
+        help="request labels for the unlabelled events worth most, within the [labels] "
+        "budgets, and write the requests here as JSON lines",
+    )
     r.add_argument("--family", choices=["sinusoid", "digits"], help="task family (shipped model)")
     r.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     r.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
@@ -67,7 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides, scenario = _run_overrides(args)
     settings = settings_from(args, overrides)
 
-    from stream_meta.app import build_drift_watch, build_meta_updater, run_stream
+    from stream_meta.app import (
+        build_drift_watch,
+        build_label_requester,
+        build_meta_updater,
+        run_stream,
+    )
     from stream_meta.sources import JsonlSink
 
     engine, manifest, registry, metrics = serving_engine(settings)
@@ -80,7 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = admin_server(settings, registry, routes=None if updater is None else updater.routes())
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
-    sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects)]
+    labels = build_label_requester(settings, metrics)
+    if labels is not None and not args.label_requests:
+        log.warning("label requests are on but go nowhere: counted only (--label-requests FILE)")
+    sinks = [JsonlSink(p) if p else None for p in (args.output, args.rejects, args.label_requests)]
     recorder = open_recorder(args.record, args.record_format) if args.record else None
     if recorder is not None:
         recorder.model_change(engine.model_version, index=0, outcome="start")
@@ -99,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             watch=watch,
             updater=updater,
             recorder=recorder,
+            labels=labels,
+            label_requests=sinks[2],
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
@@ -145,6 +160,8 @@ def _run_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         overrides.setdefault("drift", {})["enabled"] = False
     if args.no_meta_update:
         overrides.setdefault("meta_update", {})["enabled"] = False
+    if args.label_requests:
+        overrides.setdefault("labels", {})["enabled"] = True
     return overrides, scenario
 
 

@@ -62,6 +62,10 @@ class ReplayConfig:
     window: int = 1000
     batch_size: int = 512
     latency_tasks: int = 200
+    #: teach only the labels a label policy requests, at most this share of the labelled
+    #: events (None: every label is learned); see :func:`_budgeted`
+    label_budget: float | None = None
+    label_policy: str = "uncertainty"
 
 
 # -- the stream as the strategy sees it ------------------------------------------------------
@@ -83,6 +87,77 @@ def _delayed(raws: Iterable[Any], delay: int, learn: bool = True) -> Iterator[tu
             yield raw, i, None
     for _, event in pending:
         yield event, -1, None
+
+
+class _Budgeted:
+    """The stream under a labelling budget: every labelled event is fed as a query and scored
+    against its label on arrival (every label scores); its label is learned only when the
+    label policy (:class:`~stream_meta.labels.LabelRequester`) requested it after seeing the
+    event's prediction, and then at the start of the next batch, as a label that was asked for
+    arrives live. Only labelled events are eligible: a request for an event the log has no
+    label for could not be answered. ``curve`` records, after each batch, the labels used, the
+    labelled events scored and their summed loss (the report's loss against labels used)."""
+
+    def __init__(self, raws: list[Any], requester: Any) -> None:
+        self.raws, self.requester = raws, requester
+        self.hidden: dict[str, dict[str, Any]] = {}  # event id -> the labelled event
+        self.due: list[dict[str, Any]] = []  # requested labels, fed with the next batch
+        self.used = self.scored = 0
+        self.loss_sum = 0.0
+        self.curve: list[tuple[int, int, float]] = []
+
+    def batches(self, size: int) -> Iterator[list[tuple[Any, int, Any]]]:
+        for lo in range(0, len(self.raws), size):
+            fed: list[tuple[Any, int, Any]] = [(ev, -1, None) for ev in self.due]
+            self.due = []
+            for i in range(lo, min(lo + size, len(self.raws))):
+                event = _parse(self.raws[i])
+                if event is not None and event.get("y") is not None:
+                    query = {k: v for k, v in event.items() if k != "y"}
+                    self.hidden[str(event["event_id"])] = event
+                    fed.append((query, i, event["y"]))
+                else:
+                    fed.append((self.raws[i], i, None))
+            yield fed
+
+    def after(self, fed: list[tuple[Any, int, Any]], result: Any, losses: list[Any]) -> None:
+        """Ask the policy about the batch's hidden labels; queue the requested ones."""
+        o = result.outputs
+        pairs = [
+            (ref, label is not None)
+            for (_, pos, label), ref in zip(fed, result.order, strict=True)
+            if pos >= 0 and ref >= 0 and o is not None
+        ]
+        if pairs and o is not None:
+            rows = [r for r, _ in pairs]
+            scores = None if o.label_scores is None else o.label_scores[rows]
+            requests = self.requester.select(
+                [o.event_ids[r] for r in rows],
+                [o.task_ids[r] for r in rows],
+                scores,
+                eligible=[hidden for _, hidden in pairs],
+                model_version=o.model_version,
+            )
+            self.due = [self.hidden[r.event_id] for r in requests]
+            self.used += len(requests)
+        self.hidden.clear()
+        self.scored += len(losses)
+        self.loss_sum += float(sum(losses))
+        self.curve.append((self.used, self.scored, self.loss_sum))
+
+    def summary(self) -> dict[str, Any]:
+        """Labels used against the loss: per batch, ``[labels used, labelled events scored,
+        prequential loss so far]``, thinned to at most 200 points."""
+        step = max(1, len(self.curve) // 200)
+        points = self.curve[step - 1 :: step]
+        if self.curve and (not points or points[-1] != self.curve[-1]):
+            points.append(self.curve[-1])
+        return {
+            **self.requester.summary(),
+            "labels_used": self.used,
+            "labelled_scored": self.scored,
+            "curve": [[u, n, round(s / n, 6) if n else None] for u, n, s in points],
+        }
 
 
 def _parse(raw: Any) -> dict[str, Any] | None:
@@ -123,23 +198,32 @@ def replay_strategy(
     watch = build_drift_watch(s, engine, metrics, None)
     updater = build_meta_updater(s, engine, metrics, watch, family, worker="inline")
     pipeline = Pipeline(engine, watch=watch, updater=updater)
-    feed = _delayed(raws, config.label_delay, learn=name not in NO_LEARNING)
+    budget = _budget(config, name, raws, engine, metrics, s.engine.seed)
+    if budget is None:
+        feed = _delayed(raws, config.label_delay, learn=name not in NO_LEARNING)
+        chunks: Iterator[list[tuple[Any, int, Any]]] = iter(
+            lambda: list(itertools.islice(feed, config.batch_size)), []
+        )
+    else:
+        chunks = budget.batches(config.batch_size)
     phases = _PhaseProbes(engine, s.engine.k_neighbours, name in NO_LEARNING, probes)
     start = time.perf_counter()
     with _PredictionLog(predictions_path, engine.kind) as log:
-        while True:
-            chunk = list(itertools.islice(feed, config.batch_size))
-            if not chunk:
-                break
+        for chunk in chunks:
+            scored = len(log.losses)
             result = pipeline.step([c[0] for c in chunk]).result
             phases.after(max(c[1] for c in chunk) + 1)
             log.write([(pos, label) for _, pos, label in chunk], result)
+            if budget is not None:
+                budget.after(chunk, result, [v for _, _, v in log.losses[scored:]])
     seconds = time.perf_counter() - start - phases.seconds
     pipeline.close()
     summary = _metrics(log.losses, config.window)
     summary.update(log.uncertainty())
     if probes is not None:
         summary["families"] = matrix_summary(probes, phases.finish())
+    if budget is not None:
+        summary["labels"] = budget.summary()
     summary.update(
         strategy=name,
         events=len(raws),
@@ -155,6 +239,29 @@ def replay_strategy(
         **_adapt_latency(engine, s.engine.k_neighbours, config.latency_tasks),
     )
     return summary
+
+
+def _budget(
+    config: ReplayConfig, name: str, raws: list[Any], engine: Any, metrics: Any, seed: int
+) -> _Budgeted | None:
+    """The labelling budget's feed, when the replay has one: at most ``label_budget`` of the
+    labelled events seen so far are ever requested (the unspent share carries over)."""
+    if config.label_budget is None:
+        return None
+    from stream_meta.labels import LabelPolicy, LabelRequester
+
+    if name in NO_LEARNING:
+        raise ValueError(f"strategy {name} learns no label: a labelling budget means nothing")
+    if config.label_delay:
+        raise ValueError("a labelling budget and a label delay cannot be combined")
+    policy = LabelPolicy(
+        policy=config.label_policy,  # type: ignore[arg-type]
+        fraction=config.label_budget,
+        burst=math.inf,
+        seed=seed,
+    )
+    engine.label_scores = True
+    return _Budgeted(raws, LabelRequester(policy, metrics))
 
 
 class _PredictionLog:
