@@ -169,14 +169,15 @@ class _Bucket:
     def __init__(self, rate: float, depth: float, now: float) -> None:
         self.rate, self.depth, self.tokens, self.t = rate, depth, depth, now
 
-    def take(self, now: float) -> bool:
+    def ready(self, now: float) -> bool:
+        """Refill to ``now``; whether a token is there (not taken: :meth:`spend` takes it)."""
         if now > self.t:
             self.tokens = min(self.depth, self.tokens + (now - self.t) * self.rate)
             self.t = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        return self.tokens >= 1.0
+
+    def spend(self) -> None:
+        self.tokens -= 1.0
 
 
 class LabelRequester:
@@ -211,10 +212,11 @@ class LabelRequester:
     def pace(self) -> float:
         """The share of eligible events the uncertainty policy aims to request now: the
         unspent credit spread over the next ``PACE / fraction`` eligible events (``fraction``
-        when ``PACE`` labels are banked; more when the stream offered too little, less after a
-        burst spent them)."""
+        when ``PACE`` labels are banked, or half the burst if that is less; more when the
+        stream offered too little, less after a burst spent them)."""
         p = self.policy
-        return min(1.0, max(0.0, self.credit) * p.fraction / PACE)
+        banked = min(PACE, p.burst / 2.0)  # a small burst: aim at half of it
+        return min(1.0, max(0.0, self.credit) * p.fraction / banked)
 
     @property
     def threshold(self) -> float | None:
@@ -308,16 +310,17 @@ class LabelRequester:
         return self._asked.get(task_id, 0) < p.first_k
 
     def _refusal(self, task_id: str, now: float) -> str | None:
-        """Which budget refuses a request now (None: all allow it; the share is checked
-        first and only spent once every budget allows)."""
+        """Which budget refuses a request now (None: all allow it, and each is spent)."""
         p = self.policy
         if self.credit < 1.0:
             return "share"
+        buckets = []
         if p.rate_per_s is not None:
             if self._bucket is None:
                 self._bucket = _Bucket(p.rate_per_s, _depth(p.burst, p.rate_per_s), now)
-            if not self._bucket.take(now):
+            if not self._bucket.ready(now):
                 return "rate"
+            buckets.append(self._bucket)
         if p.task_rate_per_s is not None:
             bucket = self._task_buckets.pop(task_id, None)
             if bucket is None:
@@ -325,8 +328,11 @@ class LabelRequester:
             self._task_buckets[task_id] = bucket
             while len(self._task_buckets) > p.max_tasks:
                 self._task_buckets.popitem(last=False)
-            if not bucket.take(now):
+            if not bucket.ready(now):
                 return "task_rate"
+            buckets.append(bucket)
+        for b in buckets:
+            b.spend()
         return None
 
     def _remember(self, scores: np.ndarray) -> None:

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stream_meta.app import build_label_requester
 from stream_meta.engine import BatchResult, Engine
 from stream_meta.kafka.checkpointing import Checkpointer
 from stream_meta.kafka.clients import ServiceError, backoff
@@ -100,7 +101,11 @@ class KafkaService:
         self.recorder = recorder  # an EventRecorder: every consumed record, as it arrived
         self.watch = watch  # a DriftWatch: its alarms go to the drift topic
         self.updater = updater  # a MetaUpdater: its outcomes go to the drift topic too
-        self.pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder)
+        # label requests go to <prefix>.label-requests (with [labels] enabled)
+        self.labels = build_label_requester(settings, engine.metrics)
+        self.pipeline = Pipeline(
+            engine, watch=watch, updater=updater, recorder=recorder, labels=self.labels
+        )
         self.kafka, self.cfg = settings.kafka, settings.service
         self.batch_size = settings.engine.micro_batch
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
@@ -377,6 +382,10 @@ class KafkaService:
         )
         result = step.result
         outputs, reasons = self._outputs(records, result)
+        outputs += [
+            (self.topics.label_requests, r.task_id.encode(), r.to_json().encode())
+            for r in step.label_requests
+        ]
         if self.cfg.state_changelog:
             outputs += self._changelog(records, result)
         if self.sync is not None:
