@@ -223,7 +223,14 @@ def fit_variance_calibration(
 
     with torch.enable_grad():
         opt.step(closure)
-    a, c, k = (float(v) for v in torch.exp(t.detach()))
+    best = t.detach()
+    with torch.no_grad():
+        first = torch.tensor(start, dtype=torch.float64)
+        # L-BFGS can step off a cliff on a few points (seen: 110 training rows): keep the
+        # grid's best point unless the refinement is finite and no worse
+        if not (torch.isfinite(best).all() and float(nll(best)) <= float(nll(first))):
+            best = first
+    a, c, k = (float(v) for v in torch.exp(best))
     return a, c, k if with_scale else 0.0
 
 

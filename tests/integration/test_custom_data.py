@@ -250,3 +250,14 @@ def test_serve_a_multi_feature_classifier_through_the_broker(
     assert all(len(p["probabilities"]) == 2 for p in preds)
     letters = read_records(kafka_bootstrap, f"{prefix}.dead-letter", 1, settle=0.5)
     assert json.loads(letters[0].value)["reason"] == "wrong_dimension"
+
+
+def test_the_smallest_real_set_trains_with_a_finite_calibration(tmp_path: Path) -> None:
+    """sleepstudy (18 subjects, 110 training rows): the variance calibration's refinement once
+    stepped to NaN there and `train --data` refused its own model; the fit now keeps its
+    grid's best point when the refinement is not finite or not better."""
+    out = train(tmp_path, "sleepstudy", 800)
+    fitted = read_manifest(out)["metrics"]["calibration"]
+    for name in ("var_scale", "noise_scale", "scale_rate"):
+        assert 0 <= fitted[name] < float("inf"), name
+    assert fitted["coverage_90"] is not None
