@@ -15,6 +15,7 @@ from scripts.bench.fewshot import (
     measure_sinusoid,
 )
 from scripts.bench.index import measure_index
+from scripts.bench.labels import measure_labels
 from scripts.bench.memory import measure_memory
 from scripts.bench.meta_update import measure_meta_update
 from scripts.bench.real import measure_real
@@ -43,4 +44,5 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "real": ("Bring your own tasks: real data sets", measure_real),
     "retrieval": ("Retrieval by evidence: related tasks and a control", measure_retrieval),
     "experts": ("Experts: meta-updates that add instead of overwrite", measure_experts),
+    "labels": ("Label requests: which labels to ask for, on a budget", measure_labels),
 }

@@ -123,7 +123,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     from stream_meta.evaluation.families import build_probes, parse_events
 
-    probes = build_probes(parse_events(raws), model.config.kind, window=config.window)
+    parsed = parse_events(raws)
+    _check_dimension(parsed, model.config.x_dim, manifest["path"])
+    probes = build_probes(parsed, model.config.kind, window=config.window)
     if policies:
         results = {}
         for policy in policies:
@@ -161,6 +163,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         report["label_budget"] = args.label_budget
     _write_report(report, report_dir, args.json)
     return 0
+
+
+def _check_dimension(events: list[Any], x_dim: int, checkpoint: str) -> None:
+    """A log whose events all have another input dimension than the model's is the wrong
+    model (or the wrong log): say so instead of rejecting every event."""
+    dims = {len(e["x"]) for e in events if e is not None and isinstance(e.get("x"), list)}
+    if dims and x_dim not in dims:
+        raise UsageError(
+            f"the log's events have {', '.join(map(str, sorted(dims)))} inputs, the model "
+            f"{checkpoint} takes {x_dim}: pass the model trained for this log (--checkpoint, "
+            "or --family digits for a digits log)"
+        )
 
 
 def _label_policies(args: argparse.Namespace) -> list[str]:
