@@ -185,8 +185,8 @@ class LabelRequester:
 
     :meth:`select` sees a batch's eligible events in stream order and returns the requests;
     ``counts`` says how many were requested and how many the policy picked but a budget
-    refused, by reason (``share``, ``rate``, ``task_rate``), and ``repeated``: events already
-    requested. ``metrics`` (an :class:`~stream_meta.metrics.EngineMetrics`) is optional."""
+    refused, by reason (``share``, ``rate``, ``task_rate``), ``repeated``: events already
+    requested, and ``answered``: labelled events whose label was requested (:meth:`answered`). ``metrics`` (an :class:`~stream_meta.metrics.EngineMetrics`) is optional."""
 
     def __init__(self, policy: LabelPolicy | None = None, metrics: Any = None) -> None:
         self.policy = p = policy or LabelPolicy()
@@ -206,6 +206,7 @@ class LabelRequester:
             "rate": 0,
             "task_rate": 0,
             "repeated": 0,
+            "answered": 0,
         }
 
     @property
@@ -296,6 +297,18 @@ class LabelRequester:
             if self.threshold is not None and p.policy == "uncertainty":
                 self.metrics.label_threshold.set(self.threshold)
         return out
+
+    def answered(self, event_ids: Sequence[str]) -> int:
+        """Count the labelled events that answer a request (their id was requested); how
+        many of ``event_ids`` did."""
+        if self.requested is None:
+            return 0
+        n = sum(1 for event_id in event_ids if event_id in self.requested)
+        if n:
+            self.counts["answered"] += n
+            if self.metrics is not None:
+                self.metrics.label_answers.inc(n)
+        return n
 
     def _picks(self, event_id: str, task_id: str, score: float | None) -> bool:
         p = self.policy

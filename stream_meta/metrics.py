@@ -246,6 +246,11 @@ class EngineMetrics:
             ["budget"],
             registry=r,
         )
+        self.label_answers = Counter(
+            "stream_meta_label_answers_total",
+            "Labelled events whose label had been requested (answers to label requests).",
+            registry=r,
+        )
         self.label_threshold = Gauge(
             "stream_meta_label_request_threshold",
             "The uncertainty policy's current threshold: the worth (expected loss reduction) "

@@ -161,6 +161,7 @@ class Pipeline:
         eligible = [not lab for lab in o.labelled]
         if o.duplicates is not None:
             eligible = [e and not d for e, d in zip(eligible, o.duplicates, strict=True)]
+        self.labels.answered([i for i, lab in zip(o.event_ids, o.labelled, strict=True) if lab])
         if not any(eligible):
             return []
         return self.labels.select(

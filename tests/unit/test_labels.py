@@ -201,3 +201,20 @@ def test_the_pipeline_requests_unlabelled_events_only_and_counts_them(
     )
     assert value == len(unlabelled)
     assert pipeline.summary()["label_requests"]["requested"] == len(unlabelled)
+
+
+def test_answers_to_requests_are_counted(shipped_sinusoid: Any) -> None:
+    model, _ = shipped_sinusoid
+    metrics = EngineMetrics(CollectorRegistry())
+    requester = LabelRequester(LabelPolicy(policy="random", fraction=1.0, burst=1e9), metrics)
+    pipeline = Pipeline(Engine(model, metrics=metrics), labels=requester)
+    queries = [{"event_id": f"q{i}", "task_id": "t", "x": [0.1 * i]} for i in range(10)]
+    asked = pipeline.step(queries).label_requests
+    assert len(asked) == 10
+    # the labels of four of them come back (and one labelled event nobody asked for)
+    answers = [{**q, "y": 0.5} for q in queries[:4]] + [
+        {"event_id": "other", "task_id": "t", "x": [0.0], "y": 0.1}
+    ]
+    assert pipeline.step(answers).label_requests == []
+    assert requester.counts["answered"] == 4
+    assert metrics.registry.get_sample_value("stream_meta_label_answers_total") == 4
