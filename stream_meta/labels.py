@@ -186,7 +186,8 @@ class LabelRequester:
     :meth:`select` sees a batch's eligible events in stream order and returns the requests;
     ``counts`` says how many were requested and how many the policy picked but a budget
     refused, by reason (``share``, ``rate``, ``task_rate``), ``repeated``: events already
-    requested, and ``answered``: labelled events whose label was requested (:meth:`answered`). ``metrics`` (an :class:`~stream_meta.metrics.EngineMetrics`) is optional."""
+    requested, and ``answered``: labelled events whose label was requested (:meth:`answered`).
+    ``metrics`` (an :class:`~stream_meta.metrics.EngineMetrics`) is optional."""
 
     def __init__(self, policy: LabelPolicy | None = None, metrics: Any = None) -> None:
         self.policy = p = policy or LabelPolicy()
