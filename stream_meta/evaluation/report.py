@@ -88,6 +88,22 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     out.append(("Loss against shots", _png(fig)))
     plt.close(fig)
 
+    labelled = {n: r["labels"]["curve"] for n, r in runs.items() if r.get("labels")}
+    if labelled:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in labelled.items():
+            points = [(u, loss) for u, _, loss in curve if loss is not None]
+            ax.plot([u for u, _ in points], [v for _, v in points], label=name)
+        ax.set(
+            xlabel="labels used",
+            ylabel="prequential loss so far",
+            yscale="log",
+            title=f"Loss against labels used (budget {report.get('label_budget')})",
+        )
+        ax.legend()
+        out.append(("Loss against labels used", _png(fig)))
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [n for n, r in runs.items() if r.get("adapt_latency_ms")]
     if names:

@@ -318,6 +318,7 @@ def test_a_labelling_budget_teaches_only_requested_labels_and_uncertainty_beats_
         assert curve[-1][0] == lab["labels_used"] and curve[-1][1] == n
         assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(curve))
         assert (tmp_path / f"predictions-{name}.jsonl").exists()
+    assert "Loss against labels used" in (tmp_path / "report.html").read_text()
     unc, rnd = runs["no-meta-update@uncertainty"], runs["no-meta-update@random"]
     assert unc["prequential_loss"] < 0.85 * rnd["prequential_loss"]
     # a policy that does not learn cannot take a budget; the two label options go together
