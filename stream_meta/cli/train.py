@@ -30,7 +30,9 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
         "train", parents=[options.common], help="meta-train a model and save a checkpoint"
     )
     what = t.add_mutually_exclusive_group(required=True)
-    what.add_argument("--family", choices=["sinusoid", "digits"], help="a built-in family")
+    what.add_argument(
+        "--family", choices=["sinusoid", "digits", "bandit"], help="a built-in family"
+    )
     what.add_argument(
         "--data",
         type=Path,
