@@ -76,12 +76,15 @@ def cmd_bandit_eval(args: argparse.Namespace) -> int:
     manifest: dict[str, Any] = {}
     if "meta" in names:
         model, manifest = load_model(args.checkpoint, "bandit")
-        if manifest["family"] != "bandit":
-            raise UsageError(f"checkpoint {manifest['path']} is for family {manifest['family']!r}")
     family = BanditFamily()
-    if model is not None and model.config.x_dim != family.x_dim:
+    # any regression model of the items' features will do (the shipped one, or train --data
+    # of a logged decision stream of the simulator)
+    if model is not None and (
+        model.config.kind != "regression" or model.config.x_dim != family.x_dim
+    ):
         raise UsageError(
-            f"the model takes {model.config.x_dim} features, items have {family.x_dim}"
+            f"checkpoint {manifest['path']} is a {model.config.kind} model of "
+            f"{model.config.x_dim} features; the items have {family.x_dim}"
         )
     bar = progress_bar(args, len(names) * args.decisions * args.users, "bandit-eval")
     log.info(

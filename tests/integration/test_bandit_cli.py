@@ -1,0 +1,56 @@
+"""``stream-meta bandit-eval`` and ``stream-meta replay --off-policy`` end to end (small)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stream_meta.tasks import BanditFamily, logged_stream
+from stream_meta.testing.processes import cli
+
+
+def test_bandit_eval_reports_every_strategy_and_meta_learns(tmp_path: Path) -> None:
+    proc = cli("bandit-eval", "--users", "12", "--decisions", "20", "--at", "10", "--json", "-q")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert set(out["strategies"]) == {"meta", "per-task-ts", "pooled", "random"}
+    assert set(out["strategies"]["meta"]) == {"10", "20"}
+    assert out["strategies"]["meta"]["20"]["mean"] < out["strategies"]["random"]["20"]["mean"]
+    assert set(out["ratios"]) == {"per-task-ts", "pooled", "random"}
+
+
+def test_bandit_eval_refuses_a_model_of_other_features() -> None:
+    proc = cli("bandit-eval", "--users", "2", "--decisions", "1", "--family", "x")
+    assert proc.returncode == 2
+    sinusoid = cli("bandit-eval", "--users", "2", "--decisions", "1", "--checkpoint", _sinusoid())
+    assert sinusoid.returncode == 2 and b"features" in sinusoid.stderr
+
+
+def test_replay_off_policy_estimates_each_target_near_its_truth(tmp_path: Path) -> None:
+    family = BanditFamily()
+    rng = np.random.default_rng(3)
+    log = tmp_path / "decisions.jsonl"
+    events = logged_stream(family, family.sample_params(40, rng), 10, rng, epsilon=0.5)
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    report = tmp_path / "report"
+    proc = cli("replay", str(log), "--off-policy", "--report", str(report), "--json", "-q")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["decisions"] == 400 and out["tasks"] == 40
+    assert set(out["off_policy"]) == {"meta-ts", "per-task-ts", "random"}
+    for name, r in out["off_policy"].items():
+        assert abs(r["dr"]["value"] - r["truth"]) < 4 * r["dr"]["se"], name
+    assert json.loads((report / "report.json").read_text())["decisions"] == 400
+    empty = tmp_path / "plain.jsonl"
+    empty.write_text(json.dumps({"event_id": "e", "task_id": "t", "x": [1.0], "y": 1.0}) + "\n")
+    refused = cli("replay", str(empty), "--off-policy", "--report", str(report))
+    assert refused.returncode == 2 and b"no logged decisions" in refused.stderr
+    assert cli("replay", str(empty), "--report", str(report)).returncode == 2  # no --strategy
+
+
+def _sinusoid() -> str:
+    from stream_meta.model_checkpoint import shipped_checkpoint
+
+    return str(shipped_checkpoint("sinusoid"))
