@@ -1,0 +1,71 @@
+"""The pure helpers of the ``bandits`` benchmark section, ``scripts/bench/bandits.py`` (the
+measurement itself is not run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scripts.bench.bandits import (
+    ope_consistent,
+    ope_rows,
+    regret_checks,
+    regret_table,
+    write_log,
+)
+
+TARGETS = {"ts": "vs ts", "pooled": "vs pooled", "late": "late"}
+
+
+def _out(meta20: float, ts20: float, pooled20: float, meta200: float, ts200: float) -> dict:
+    def e(m: float) -> dict:
+        return {"mean": m, "se": 0.1}
+
+    return {
+        "strategies": {
+            "meta": {"20": e(meta20), "200": e(meta200)},
+            "per-task-ts": {"20": e(ts20), "200": e(ts200)},
+            "pooled": {"20": e(pooled20), "200": e(100.0)},
+        }
+    }
+
+
+def test_regret_targets_pass_at_the_bounds_and_fail_past_them() -> None:
+    ok = regret_checks(_out(5.0, 10.0, 20.0 / 3, 20.0, 20.0), TARGETS)
+    assert [c.ok for c in ok] == [True, True, True]
+    assert "50% below" in ok[0].measured
+    bad = regret_checks(_out(5.1, 10.0, 6.0, 20.1, 20.0), TARGETS)
+    assert [c.ok for c in bad] == [False, False, False]
+    assert "above" in bad[2].measured
+
+
+def test_a_horizon_not_reached_is_not_measured() -> None:
+    out = _out(5.0, 10.0, 20.0, 1.0, 1.0)
+    for v in out["strategies"].values():
+        v.pop("200")
+    late = regret_checks(out, TARGETS)[2]
+    assert late.ok is None and late.status == "n/a"
+
+
+def test_regret_table_has_a_row_per_strategy_and_a_column_per_horizon() -> None:
+    table = regret_table(_out(5.0, 10.0, 20.0, 6.0, 12.0)).splitlines()
+    assert len(table) == 2 + 3
+    assert table[0].count("cumulative regret after") == 2
+    assert table[2].startswith("| meta | 5.00 ± 0.10 | 6.00 ± 0.10 |")
+
+
+def test_ope_is_consistent_only_when_every_estimate_is_near_its_truth() -> None:
+    def report(ips: float) -> dict:
+        est = {"value": ips, "se": 0.1}
+        return {"off_policy": {"t": {"truth": 1.0, "ips": est, "dr": est}}}
+
+    assert ope_consistent(report(1.25))
+    assert not ope_consistent(report(1.35))
+    assert "0.5 SE off" in ope_rows("uniform", report(1.05))[0]
+
+
+def test_write_log_writes_logged_decisions(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    assert write_log(path, 3, 2, 1.0, seed=0) == 6
+    first = json.loads(path.read_text().splitlines()[0])
+    assert set(first["logged"]) == {"action_id", "propensity", "reward"}
