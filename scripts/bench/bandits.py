@@ -32,6 +32,7 @@ OPE_SE = 3.0  # an estimate within this many standard errors of the truth is con
 #: logging policies of the off-policy logs: name -> epsilon of the epsilon-greedy logger
 LOGGERS = {"uniform": 1.0, "epsilon-greedy (0.3)": 0.3}
 NOISE_STD = 0.5  # the simulator's default reward noise, told to per-task-ts
+VAGUE_PRIOR = 10.0  # the prior std of a context run of per-task-ts
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -176,6 +177,25 @@ def measure_bandits(ctx: Context, section: Section) -> None:
         "variance. **pooled**: one such model learning from every user's rewards. "
         "**random**: a uniform candidate."
     )
+    vague, vague_cmd = cached_cli(
+        ctx,
+        [*args[:-2], "--strategy", "per-task-ts", "--prior-std", str(VAGUE_PRIOR), "--json", "-q"],
+    )
+    v = vague["strategies"]["per-task-ts"]
+    section.checks.append(
+        Check(
+            f"context: per-task-ts with a vague prior N(0, {VAGUE_PRIOR:g}^2)",
+            " / ".join(
+                f"{v[str(t)]['mean']:.2f} ± {v[str(t)]['se']:.2f} after {t}"
+                for t in (EARLY, LATE)
+                if str(t) in v
+            ),
+            None,
+            "bandit-eval",
+        )
+    )
+    section.raw["regret_vague_prior"] = vague["strategies"]
+    section.notes.append(f"Context row: `{vague_cmd}` (same users, candidates and noise).")
     _measure_ope(ctx, section, ck, t_ope)
 
 
