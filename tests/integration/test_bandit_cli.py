@@ -54,3 +54,41 @@ def _sinusoid() -> str:
     from stream_meta.model_checkpoint import shipped_checkpoint
 
     return str(shipped_checkpoint("sinusoid"))
+
+
+def test_train_family_bandit_writes_a_model_bandit_eval_serves(tmp_path: Path) -> None:
+    out = tmp_path / "bandit.safetensors"
+    train = cli(
+        "train",
+        "--family",
+        "bandit",
+        "--steps",
+        "5",
+        "--eval-tasks",
+        "10",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+    )
+    assert train.returncode == 0, train.stderr.decode()
+    assert json.loads(train.stdout)["family"] == "bandit"
+    proc = cli(
+        "bandit-eval",
+        "--checkpoint",
+        str(out),
+        "--strategy",
+        "meta",
+        "--users",
+        "3",
+        "--decisions",
+        "4",
+        "--at",
+        "2",
+        "--json",
+        "-q",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert set(json.loads(proc.stdout)["strategies"]["meta"]) == {"2", "4"}
