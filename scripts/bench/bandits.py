@@ -81,6 +81,23 @@ def regret_table(out: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def curve_note(curves: dict[str, list[float]]) -> str:
+    """Where each strategy's regret comes from, read off its mean cumulative regret curve: the
+    first decision, the first 20, and the last half of the horizon (per decision)."""
+    parts = []
+    for name, c in curves.items():
+        if not c:
+            continue
+        n, half = len(c), len(c) // 2
+        early = min(EARLY, n)
+        late = (c[-1] - c[half - 1]) / (n - half) if half >= 1 else float("nan")
+        parts.append(f"{name} {c[0]:.2f} / {c[early - 1] / early:.3f} / {late:.4f}")
+    return (
+        "Mean regret of the first decision / per decision over the first "
+        f"{EARLY} / per decision over the last half of the horizon: " + "; ".join(parts) + "."
+    )
+
+
 def ope_rows(logger: str, report: dict[str, Any]) -> list[str]:
     """Table rows of one ``replay --off-policy`` report: truth, IPS and DR per target."""
     rows = []
@@ -161,6 +178,7 @@ def measure_bandits(ctx: Context, section: Section) -> None:
     section.tables.append(regret_table(out))
     section.raw["regret"] = {k: v for k, v in out.items() if k != "curves"}
     section.raw["regret_curves"] = out.get("curves", {})
+    section.notes.append(curve_note(out.get("curves", {})))
     section.notes.append(
         f"`{cmd}`: {users} new users of the simulator (`BanditFamily()`, seed 0: 4 taste "
         "archetypes in 5 item features, within-archetype spread 0.15, a shared nonlinear item "

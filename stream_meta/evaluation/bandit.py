@@ -58,6 +58,7 @@ __all__ = [
     "blr_update",
     "cumulative_regret",
     "evaluate_regret",
+    "make_policy",
     "regret_at",
     "run_policy",
     "simulate",

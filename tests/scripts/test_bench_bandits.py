@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from scripts.bench.bandits import (
+    curve_note,
     ope_consistent,
     ope_rows,
     regret_checks,
@@ -69,3 +70,9 @@ def test_write_log_writes_logged_decisions(tmp_path: Path) -> None:
     assert write_log(path, 3, 2, 1.0, seed=0) == 6
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first["logged"]) == {"action_id", "propensity", "reward"}
+
+
+def test_curve_note_reads_the_first_decision_the_early_rate_and_the_late_rate() -> None:
+    curve = [1.0 + 0.5 * i for i in range(40)]  # 1.0 at the first, then 0.5 per decision
+    note = curve_note({"meta": curve})
+    assert "meta 1.00 / 0.525 / 0.5000" in note
