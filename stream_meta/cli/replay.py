@@ -178,6 +178,8 @@ def cmd_off_policy(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--off-policy: unknown target {name!r}; known: {', '.join(OFF_POLICY_STRATEGIES)}"
             )
+    if args.label_delay:
+        raise UsageError("--label-delay does not apply to --off-policy (rewards are logged)")
     if args.draws < 1 or not args.noise_std > 0:
         raise UsageError("--draws must be >= 1 and --noise-std > 0")
     if args.batch_size is not None and args.batch_size < 1:

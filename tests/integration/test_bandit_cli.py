@@ -48,6 +48,8 @@ def test_replay_off_policy_estimates_each_target_near_its_truth(tmp_path: Path) 
     refused = cli("replay", str(empty), "--off-policy", "--report", str(report))
     assert refused.returncode == 2 and b"no logged decisions" in refused.stderr
     assert cli("replay", str(empty), "--report", str(report)).returncode == 2  # no --strategy
+    delayed = cli("replay", str(log), "--off-policy", "--label-delay", "3", "--report", str(report))
+    assert delayed.returncode == 2 and b"label-delay" in delayed.stderr
 
 
 def _sinusoid() -> str:
