@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING, Any
 from stream_meta.cli.common import (
     Options,
     UsageError,
+    add_family_arg_option,
     emit,
+    family_for,
     load_model,
     log,
+    parse_family_args,
     progress_bar,
     settings_from,
 )
@@ -51,16 +54,17 @@ def add_bandit_eval_parser(sub: Subparsers, options: Options) -> None:
         default=1.0,
         help="prior std of the linear baselines' coefficients (default 1)",
     )
+    add_family_arg_option(b)
     b.set_defaults(func=cmd_bandit_eval)
 
 
 def cmd_bandit_eval(args: argparse.Namespace) -> int:
+    family_args = parse_family_args("bandit", args.family_arg)
     settings = settings_from(args, {"metrics": {"port": 0}})
     import torch
 
     from stream_meta.app import build_engine
     from stream_meta.evaluation.bandit import STRATEGIES, evaluate_regret
-    from stream_meta.tasks import BanditFamily
 
     names = list(dict.fromkeys(args.strategy or STRATEGIES))
     unknown = [n for n in names if n not in STRATEGIES]
@@ -76,7 +80,14 @@ def cmd_bandit_eval(args: argparse.Namespace) -> int:
     manifest: dict[str, Any] = {}
     if "meta" in names:
         model, manifest = load_model(args.checkpoint, "bandit")
-    family = BanditFamily()
+    family = family_for("bandit", split="test", args=family_args)
+    trained_on = manifest.get("family_args", {}) if manifest.get("family") == "bandit" else None
+    if trained_on is not None and trained_on != family_args:
+        log.warning(
+            "the model was trained on the bandit population %s, evaluated on %s",
+            trained_on or "(default)",
+            family_args or "(default)",
+        )
     # any regression model of the items' features will do (the shipped one, or train --data
     # of a logged decision stream of the simulator)
     if model is not None and (
@@ -117,6 +128,7 @@ def cmd_bandit_eval(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     out["checkpoint"] = manifest.get("path")
+    out["family_args"] = family_args
     out["ratios"] = regret_ratios(out["strategies"])
     if args.json:
         emit(out, True)

@@ -72,6 +72,7 @@ __all__ = [
     "TransformedDigitsFamily",
     "Transition",
     "get_family",
+    "get_family_class",
     "get_scenario",
     "logged_stream",
 ]
@@ -82,6 +83,14 @@ _REGISTRY: dict[str, type[TaskFamily]] = {
     BanditFamily.name: BanditFamily,
 }
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_family_class(name: str) -> type[TaskFamily]:
+    """The family class registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown task family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
 def get_family(name: str, **kwargs: Any) -> TaskFamily:

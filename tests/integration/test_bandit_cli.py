@@ -70,6 +70,8 @@ def test_train_family_bandit_writes_a_model_bandit_eval_serves(tmp_path: Path) -
         "10",
         "--threads",
         "1",
+        "--family-arg",
+        "quality=0",
         "--out",
         str(out),
         "--json",
@@ -77,6 +79,9 @@ def test_train_family_bandit_writes_a_model_bandit_eval_serves(tmp_path: Path) -
     )
     assert train.returncode == 0, train.stderr.decode()
     assert json.loads(train.stdout)["family"] == "bandit"
+    from stream_meta.model_checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)[1]["family_args"] == {"quality": 0.0}
     proc = cli(
         "bandit-eval",
         "--checkpoint",
@@ -89,8 +94,31 @@ def test_train_family_bandit_writes_a_model_bandit_eval_serves(tmp_path: Path) -
         "4",
         "--at",
         "2",
+        "--family-arg",
+        "quality=0",
         "--json",
         "-q",
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert set(json.loads(proc.stdout)["strategies"]["meta"]) == {"2", "4"}
+    assert b"trained on the bandit population" not in proc.stderr  # the same population
+    bad = cli("train", "--family", "bandit", "--family-arg", "spread=-1", "--out", str(out))
+    assert bad.returncode == 2 and b"spread must be >= 0" in bad.stderr
+
+
+def test_bandit_eval_family_arg_reaches_the_simulator_and_bad_ones_are_refused() -> None:
+    base = ("bandit-eval", "--strategy", "random", "--users", "3", "--decisions", "2", "--json")
+
+    def run(*more: str) -> dict:
+        proc = cli(*base, *more, "-q")
+        assert proc.returncode == 0, proc.stderr.decode()
+        return json.loads(proc.stdout)
+
+    default, noisy = run(), run("--family-arg", "noise_std=1.5", "--family-arg", "quality=0")
+    assert default["noise_std"] == 0.5 and default["family_args"] == {}
+    assert noisy["noise_std"] == 1.5 and noisy["family_args"] == {"noise_std": 1.5, "quality": 0.0}
+    assert noisy["curves"]["random"] != default["curves"]["random"]  # another population
+    unknown = cli(*base, "--family-arg", "spred=0.6")
+    assert unknown.returncode == 2 and b"no argument 'spred'" in unknown.stderr
+    typed = cli(*base, "--family-arg", "archetypes=many")
+    assert typed.returncode == 2 and b"archetypes must be an int" in typed.stderr
