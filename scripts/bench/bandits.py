@@ -20,8 +20,10 @@ from scripts.bench.common import (
     Context,
     Section,
     cached_cli,
+    cli_json,
     need_checkpoint,
     rel,
+    say,
 )
 
 EARLY = 20  # decisions of a new user...
@@ -33,6 +35,18 @@ OPE_SE = 3.0  # an estimate within this many standard errors of the truth is con
 LOGGERS = {"uniform": 1.0, "epsilon-greedy (0.3)": 0.3}
 NOISE_STD = 0.5  # the simulator's default reward noise, told to per-task-ts
 VAGUE_PRIOR = 10.0  # the prior std of a context run of per-task-ts
+#: harder populations of the simulator, measured as context rows (no targets), each with its own
+#: meta-trained model: name -> (the family's --family-arg values, per-task-ts's prior std). The
+#: prior is matched to the population as the default's is: sqrt(1 + spread^2), the marginal std
+#: of a taste coefficient (archetype entries N(0, 1) plus the spread); 1.01 ~ 1 at spread 0.15.
+POPULATIONS: dict[str, tuple[dict[str, float | int], float]] = {
+    # little cluster structure: 16 archetypes, a spread of 0.6 per coordinate
+    "diffuse": ({"archetypes": 16, "spread": 0.6}, 1.17),
+    # no shared nonlinearity: a per-task linear model is well specified
+    "linear": ({"quality": 0.0}, 1.0),
+}
+#: where the populations' models are kept between bench runs (git-ignored; not shipped)
+POPULATION_DIR = ROOT / "build" / "bench-bandit-populations"
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -95,6 +109,36 @@ def curve_note(curves: dict[str, list[float]]) -> str:
     return (
         "Mean regret of the first decision / per decision over the first "
         f"{EARLY} / per decision over the last half of the horizon: " + "; ".join(parts) + "."
+    )
+
+
+def family_arg_flags(args: dict[str, Any]) -> list[str]:
+    """``{"spread": 0.6}`` -> ``["--family-arg", "spread=0.6"]``."""
+    return [a for k, v in args.items() for a in ("--family-arg", f"{k}={v}")]
+
+
+def population_check(name: str, args: dict[str, Any], prior: float, out: dict[str, Any]) -> Check:
+    """A context row of one harder population's ``bandit-eval --json`` result: meta against
+    per-task TS and pooled after ``EARLY`` decisions, against per-task TS after ``LATE``."""
+    s = out["strategies"]
+
+    def vs(t: int, other: str) -> str:
+        m, o = s.get("meta", {}).get(str(t)), s.get(other, {}).get(str(t))
+        if m is None or o is None:
+            return f"(no {t}-decision result)"
+        ratio = m["mean"] / o["mean"]
+        return f"{m['mean']:.2f} vs {other} {o['mean']:.2f} ({ratio:.2f}x: " + (
+            f"{1 - ratio:.0%} below)" if ratio <= 1 else f"{ratio - 1:.0%} above)"
+        )
+
+    desc = ", ".join(f"{k}={v}" for k, v in args.items())
+    return Check(
+        f"context: population '{name}' ({desc}; per-task-ts prior N(0, {prior:g}^2)), "
+        "meta's regret",
+        f"after {EARLY}: {vs(EARLY, 'per-task-ts')}, {vs(EARLY, 'pooled')}; "
+        f"after {LATE}: {vs(LATE, 'per-task-ts')}",
+        None,
+        "bandit-eval",
     )
 
 
@@ -214,7 +258,95 @@ def measure_bandits(ctx: Context, section: Section) -> None:
     )
     section.raw["regret_vague_prior"] = vague["strategies"]
     section.notes.append(f"Context row: `{vague_cmd}` (same users, candidates and noise).")
+    _measure_populations(ctx, section, args)
     _measure_ope(ctx, section, ck, t_ope)
+
+
+def population_model(ctx: Context, name: str, args: dict[str, Any]) -> tuple[Path, str, float]:
+    """The meta-model of population ``name``, trained with the shipped model's recipe and
+    ``ctx.sizes.bandit_population_steps`` steps, kept under :data:`POPULATION_DIR` and reused
+    when its manifest matches: ``(path, train command, training seconds)``."""
+    from stream_meta.model_checkpoint import read_manifest
+
+    steps = ctx.sizes.bandit_population_steps
+    path = POPULATION_DIR / f"{name}-{steps}.safetensors"
+    cmd = [
+        "train",
+        "--family",
+        "bandit",
+        "--steps",
+        str(steps),
+        "--threads",
+        "1",
+        "--set",
+        "train.max_shots=40",
+        *family_arg_flags(args),
+        "--eval-tasks",
+        "0",
+        "--out",
+        rel(path),
+        "--json",
+        "-q",
+    ]
+    display = "stream-meta " + " ".join(cmd)
+    if path.is_file():
+        manifest = read_manifest(path)
+        if manifest.get("family_args") == args and manifest["training"].get("steps") == steps:
+            say(f"reusing {rel(path)}")
+            return path, display, float(manifest["metrics"]["train"]["seconds"])
+    POPULATION_DIR.mkdir(parents=True, exist_ok=True)
+    result, _seconds, display = cli_json(cmd)
+    return path, display, float(result["train"]["seconds"])
+
+
+def _measure_populations(ctx: Context, section: Section, eval_args: list[str]) -> None:
+    """Context rows: the regret comparison on harder populations, each with its own model."""
+    rows = [
+        "| population | strategy | "
+        + " | ".join(f"cumulative regret after {t} decisions" for t in (EARLY, LATE))
+        + " |",
+        "|---|---|---|---|",
+    ]
+    raw: dict[str, Any] = {}
+    notes = []
+    for name, (args, prior) in POPULATIONS.items():
+        ck, train_cmd, seconds = population_model(ctx, name, args)
+        i = eval_args.index("--checkpoint")
+        cmd = [
+            *eval_args[:i],
+            "--checkpoint",
+            rel(ck),
+            *eval_args[i + 2 : -2],
+            "--prior-std",
+            str(prior),
+            *family_arg_flags(args),
+            "--json",
+            "-q",
+        ]
+        out, eval_cmd = cached_cli(ctx, cmd)
+        section.checks.append(population_check(name, args, prior, out))
+        for strategy, by_t in out["strategies"].items():
+            cells = [
+                f"{by_t[str(t)]['mean']:.2f} ± {by_t[str(t)]['se']:.2f}" if str(t) in by_t else "-"
+                for t in (EARLY, LATE)
+            ]
+            rows.append(f"| {name} | {strategy} | " + " | ".join(cells) + " |")
+        raw[name] = {
+            "family_args": args,
+            "prior_std": prior,
+            "train": {"command": train_cmd, "seconds": seconds},
+            "regret": out["strategies"],
+            "curves": out.get("curves", {}),
+        }
+        notes.append(f"{name}: `{train_cmd}` ({seconds:.0f} s), then `{eval_cmd}`")
+    section.tables.append("\n".join(rows))
+    section.raw["populations"] = raw
+    section.notes.append(
+        "Harder populations (context, no targets; docs/BANDITS.md): each its own meta-model, "
+        "trained with the shipped model's recipe on that population (kept under "
+        f"`{rel(POPULATION_DIR)}`, not shipped), and per-task-ts's prior std matched to the "
+        "population's taste scale, sqrt(1 + spread^2). " + "; ".join(notes) + "."
+    )
 
 
 def _measure_ope(ctx: Context, section: Section, ck: Path, target: str) -> None:

@@ -43,6 +43,8 @@ class Sizes:
     bandit_decisions: int
     bandit_log_users: int
     bandit_log_decisions: int
+    #: meta-training steps of each harder population's model (the shipped model's recipe: 3000)
+    bandit_population_steps: int
 
 
 FULL = Sizes(
@@ -78,6 +80,7 @@ FULL = Sizes(
     bandit_decisions=200,
     bandit_log_users=200,
     bandit_log_decisions=50,
+    bandit_population_steps=3000,
 )
 QUICK = Sizes(
     eval_tasks=200,
@@ -111,4 +114,5 @@ QUICK = Sizes(
     bandit_decisions=40,
     bandit_log_users=50,
     bandit_log_decisions=10,
+    bandit_population_steps=30,
 )

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 from scripts.bench.bandits import (
+    POPULATIONS,
     curve_note,
+    family_arg_flags,
     ope_consistent,
     ope_rows,
+    population_check,
     regret_checks,
     regret_table,
     write_log,
@@ -76,3 +79,29 @@ def test_curve_note_reads_the_first_decision_the_early_rate_and_the_late_rate() 
     curve = [1.0 + 0.5 * i for i in range(40)]  # 1.0 at the first, then 0.5 per decision
     note = curve_note({"meta": curve})
     assert "meta 1.00 / 0.525 / 0.5000" in note
+
+
+def test_population_rows_are_context_with_both_ratios() -> None:
+    assert family_arg_flags({"archetypes": 16, "spread": 0.6}) == [
+        "--family-arg",
+        "archetypes=16",
+        "--family-arg",
+        "spread=0.6",
+    ]
+    check = population_check("diffuse", {"spread": 0.6}, 1.17, _out(8.0, 10.0, 16.0, 25.0, 20.0))
+    assert check.ok is None and check.status == "context"
+    assert "'diffuse' (spread=0.6; per-task-ts prior N(0, 1.17^2))" in check.target
+    assert "8.00 vs per-task-ts 10.00 (0.80x: 20% below)" in check.measured
+    assert "pooled 16.00 (0.50x: 50% below)" in check.measured
+    assert "after 200: 25.00 vs per-task-ts 20.00 (1.25x: 25% above)" in check.measured
+    assert {"diffuse", "linear"} <= set(POPULATIONS)
+
+
+def test_every_population_is_a_valid_family() -> None:
+    from stream_meta.cli.common import family_for, parse_family_args
+
+    for args, prior in POPULATIONS.values():
+        flags = family_arg_flags(args)
+        family = family_for("bandit", split="test", args=parse_family_args("bandit", flags[1::2]))
+        # per-task-ts's prior matched to the population's taste scale (1.01 ~ 1 at 0.15)
+        assert abs(prior - (1 + family.spread**2) ** 0.5) < 0.015
