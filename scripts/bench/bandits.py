@@ -262,10 +262,13 @@ def measure_bandits(ctx: Context, section: Section) -> None:
     _measure_ope(ctx, section, ck, t_ope)
 
 
-def population_model(ctx: Context, name: str, args: dict[str, Any]) -> tuple[Path, str, float]:
+def population_model(
+    ctx: Context, name: str, args: dict[str, Any]
+) -> tuple[Path, str, float, bool]:
     """The meta-model of population ``name``, trained with the shipped model's recipe and
     ``ctx.sizes.bandit_population_steps`` steps, kept under :data:`POPULATION_DIR` and reused
-    when its manifest matches: ``(path, train command, training seconds)``."""
+    when its manifest (family args, steps) matches: ``(path, train command, training seconds,
+    whether it was kept from an earlier run)``."""
     from stream_meta.model_checkpoint import read_manifest
 
     steps = ctx.sizes.bandit_population_steps
@@ -293,10 +296,11 @@ def population_model(ctx: Context, name: str, args: dict[str, Any]) -> tuple[Pat
         manifest = read_manifest(path)
         if manifest.get("family_args") == args and manifest["training"].get("steps") == steps:
             say(f"reusing {rel(path)}")
-            return path, display, float(manifest["metrics"]["train"]["seconds"])
+            seconds = float(manifest["metrics"]["train"]["seconds"])
+            return path, display, seconds, True
     POPULATION_DIR.mkdir(parents=True, exist_ok=True)
     result, _seconds, display = cli_json(cmd)
-    return path, display, float(result["train"]["seconds"])
+    return path, display, float(result["train"]["seconds"]), False
 
 
 def _measure_populations(ctx: Context, section: Section, eval_args: list[str]) -> None:
@@ -310,7 +314,7 @@ def _measure_populations(ctx: Context, section: Section, eval_args: list[str]) -
     raw: dict[str, Any] = {}
     notes = []
     for name, (args, prior) in POPULATIONS.items():
-        ck, train_cmd, seconds = population_model(ctx, name, args)
+        ck, train_cmd, seconds, kept = population_model(ctx, name, args)
         i = eval_args.index("--checkpoint")
         cmd = [
             *eval_args[:i],
@@ -334,11 +338,12 @@ def _measure_populations(ctx: Context, section: Section, eval_args: list[str]) -
         raw[name] = {
             "family_args": args,
             "prior_std": prior,
-            "train": {"command": train_cmd, "seconds": seconds},
+            "train": {"command": train_cmd, "seconds": seconds, "kept": kept},
             "regret": out["strategies"],
             "curves": out.get("curves", {}),
         }
-        notes.append(f"{name}: `{train_cmd}` ({seconds:.0f} s), then `{eval_cmd}`")
+        how = "kept from an earlier run, trained in" if kept else "trained by this run in"
+        notes.append(f"{name}: `{train_cmd}` ({how} {seconds:.0f} s), then `{eval_cmd}`")
     section.tables.append("\n".join(rows))
     section.raw["populations"] = raw
     section.notes.append(
