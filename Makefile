@@ -78,6 +78,8 @@ checkpoints: $(STAMP) ## re-train the shipped checkpoints and baseline initialis
 		--out stream_meta/checkpoints/sinusoid.safetensors $(ARGS)
 	$(VENV)/bin/stream-meta train --family digits --steps 4000 --threads 1 \
 		--out stream_meta/checkpoints/digits.safetensors $(ARGS)
+	$(VENV)/bin/stream-meta train --family bandit --steps 3000 --threads 1 \
+		--set train.max_shots=40 --out stream_meta/checkpoints/bandit.safetensors $(ARGS)
 	$(MAKE) baselines
 
 baselines: $(STAMP) ## re-train the MAML and pre-trained baselines on the models' budgets

@@ -74,6 +74,7 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "sinusoid": {"target_hidden": (40, 40), "hyper_hidden": 256},
     "digits": {"target_hidden": (128,), "hyper_hidden": 256, "skip_input": True},
+    "bandit": {"target_hidden": (32, 32), "hyper_hidden": 128, "embed_dim": 32},
 }
 
 

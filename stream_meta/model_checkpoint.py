@@ -30,7 +30,11 @@ from stream_meta.atomic import atomic_write_bytes
 from stream_meta.model import MetaModel, ModelConfig
 
 FORMAT_VERSION = 1
-SHIPPED = {"sinusoid": "sinusoid.safetensors", "digits": "digits.safetensors"}
+SHIPPED = {
+    "sinusoid": "sinusoid.safetensors",
+    "digits": "digits.safetensors",
+    "bandit": "bandit.safetensors",
+}
 
 
 class CheckpointError(ValueError):

@@ -11,6 +11,12 @@ work directory: ``x [N, d]``, ``y [N]``, ``ts [N]``, task index ``[N]``); only a
 index per event is sorted in memory to group the rows by task. Python objects are kept per
 *task* (its id), never per event.
 
+A *logged decision* (a decision event with what the policy in production did: ``{"event_id",
+"task_id", "actions": [{"action_id", "x"}, ...], "logged": {"action_id", "propensity",
+"reward"}}``) is read as the labelled example it yields: ``x`` the features of the action
+logged, ``y`` its reward (:func:`logged_example`), so ``train --data`` meta-trains on a
+production decision log as on any labelled stream.
+
 The split is by task, never by event: a task goes to ``train``, ``validation`` or ``test`` by a
 hash of its id, :func:`split_of`: the first 8 bytes of ``sha256("<seed>:<task_id>")`` as an
 unsigned integer ``u``; ``u / 2**64 < 0.65`` is ``train``, ``< 0.80`` ``validation``, else
@@ -49,6 +55,7 @@ __all__ = [
     "fingerprint",
     "infer_schema",
     "log_items",
+    "logged_example",
     "read_tasks",
     "split_of",
 ]
@@ -100,7 +107,52 @@ def assign_splits(task_ids: list[str], seed: int = 0) -> np.ndarray:
 
 # -- reading ------------------------------------------------------------------------------------
 def log_items(path: str | Path) -> Iterator[Any]:
-    """The raw events of a log, in stream order: bytes (a JSON line) or dicts (Parquet rows)."""
+    """The raw events of a log, in stream order: bytes (a JSON line) or dicts (Parquet rows);
+    a logged decision as its labelled example (:func:`logged_example`)."""
+    for raw in _raw_items(path):
+        yield logged_example(raw)
+
+
+def logged_example(raw: Any) -> Any:
+    """A logged decision -> the labelled example of the action it logged, ``{"event_id",
+    "task_id", "x": that action's features, "y": the reward, "ts"?}``; anything else (and a
+    decision whose logged action is not among its actions) unchanged, for the schema to judge.
+
+    >>> logged_example({"event_id": "d1", "task_id": "u", "actions": [
+    ...     {"action_id": "a", "x": [0.0]}, {"action_id": "b", "x": [2.0]}],
+    ...     "logged": {"action_id": "b", "propensity": 0.5, "reward": 1.5}})
+    {'event_id': 'd1', 'task_id': 'u', 'x': [2.0], 'y': 1.5}
+    """
+    if isinstance(raw, bytes | str):
+        if (b'"logged"' not in raw) if isinstance(raw, bytes) else ('"logged"' not in raw):
+            return raw
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return raw
+    else:
+        obj = raw
+    if not isinstance(obj, dict):
+        return raw
+    logged, actions = obj.get("logged"), obj.get("actions")
+    if not isinstance(logged, dict) or not isinstance(actions, list):
+        return raw
+    chosen = logged.get("action_id")
+    for action in actions:
+        if isinstance(action, dict) and action.get("action_id") == chosen:
+            example = {
+                "event_id": obj.get("event_id"),
+                "task_id": obj.get("task_id"),
+                "x": action.get("x"),
+                "y": logged.get("reward"),
+            }
+            if "ts" in obj:
+                example["ts"] = obj["ts"]
+            return example
+    return raw
+
+
+def _raw_items(path: str | Path) -> Iterator[Any]:
     from stream_meta.recording import is_recording, recorded_events
 
     p = Path(path)

@@ -58,6 +58,14 @@ def shipped_sinusoid() -> tuple[MetaModel, dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def shipped_bandit() -> tuple[MetaModel, dict[str, Any]]:
+    """The trained bandit checkpoint shipped inside the package."""
+    from stream_meta.model_checkpoint import load_checkpoint, shipped_checkpoint
+
+    return load_checkpoint(shipped_checkpoint("bandit"))
+
+
+@pytest.fixture(scope="session")
 def kafka_bootstrap() -> Any:
     """Bootstrap address of a real Kafka-protocol broker (see stream_meta/testing/broker.py)."""
     from stream_meta.testing.broker import kafka_broker

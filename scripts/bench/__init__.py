@@ -65,6 +65,16 @@ Sections (``--only`` takes these names), a module each (:mod:`.registry` lists t
   served by the last set of experts, the delay until a returning family is routed back to its
   old expert, and events/s.
 
+* ``bandits`` (:mod:`.bandits`): ``stream-meta bandit-eval`` on new users of the bandit
+  simulator (issue 16): cumulative regret after 20 and 200 decisions of the meta-model's
+  Thompson sampling against per-task linear Thompson sampling from scratch, a pooled linear
+  bandit and random choice; context rows (no targets) of the same comparison on two harder
+  populations, ``diffuse`` and ``linear``, each with its own model (trained by the section
+  with the shipped recipe unless a matching one is kept under
+  ``build/bench-bandit-populations``: ~2 x 5 minutes the first time); ``stream-meta replay
+  --off-policy`` IPS and DR estimates on logged decision streams of the simulator against each
+  target's true value.
+
 ``--quick`` shrinks every size for a smoke run; its report says so at the top and must not be
 committed as the project's numbers. The CLI is run with the default settings: ``STREAM_META_*``
 variables are removed from the environment of every command (and the library measurements use

@@ -22,7 +22,11 @@ from stream_meta.testing.processes import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINTS = ROOT / "stream_meta" / "checkpoints"
-CHECKPOINT_FILES = {"sinusoid": "sinusoid.safetensors", "digits": "digits.safetensors"}
+CHECKPOINT_FILES = {
+    "sinusoid": "sinusoid.safetensors",
+    "digits": "digits.safetensors",
+    "bandit": "bandit.safetensors",
+}
 
 
 class MeasurementError(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from scripts.bench.bandits import measure_bandits
 from scripts.bench.common import Context, Section
 from scripts.bench.drift import measure_drift
 from scripts.bench.experts import measure_experts
@@ -45,4 +46,5 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "retrieval": ("Retrieval by evidence: related tasks and a control", measure_retrieval),
     "experts": ("Experts: meta-updates that add instead of overwrite", measure_experts),
     "labels": ("Label requests: which labels to ask for, on a budget", measure_labels),
+    "bandits": ("Bandits: regret of new users and off-policy evaluation", measure_bandits),
 }

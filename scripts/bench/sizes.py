@@ -39,6 +39,12 @@ class Sizes:
     retrieval_live_tasks: int
     retrieval_timed_events: int
     retrieval_latency_samples: int
+    bandit_users: int
+    bandit_decisions: int
+    bandit_log_users: int
+    bandit_log_decisions: int
+    #: meta-training steps of each harder population's model (the shipped model's recipe: 3000)
+    bandit_population_steps: int
 
 
 FULL = Sizes(
@@ -70,6 +76,11 @@ FULL = Sizes(
     retrieval_live_tasks=10_000,
     retrieval_timed_events=60_000,
     retrieval_latency_samples=300,
+    bandit_users=500,
+    bandit_decisions=200,
+    bandit_log_users=200,
+    bandit_log_decisions=50,
+    bandit_population_steps=3000,
 )
 QUICK = Sizes(
     eval_tasks=200,
@@ -99,4 +110,9 @@ QUICK = Sizes(
     retrieval_live_tasks=2000,
     retrieval_timed_events=10_000,
     retrieval_latency_samples=100,
+    bandit_users=50,
+    bandit_decisions=40,
+    bandit_log_users=50,
+    bandit_log_decisions=10,
+    bandit_population_steps=30,
 )

@@ -5,9 +5,9 @@ This is the application entry point: the only place that reads the environment
 0 success, 1 runtime failure, 2 bad usage or configuration.
 
 A module per group of commands owns their subparsers and handlers (``run``: run, scenarios;
-``train``: train, train-baseline; ``evaluate``; ``replay``: replay, compare; ``serve``: serve,
-trainer, meta-update; ``topics``: produce, tail, export, publish-model); ``common`` holds what
-several of them share.
+``train``: train, train-baseline; ``evaluate``; ``bandit``: bandit-eval; ``replay``: replay,
+compare; ``serve``: serve, trainer, meta-update; ``topics``: produce, tail, export,
+publish-model); ``common`` holds what several of them share.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from stream_meta.cli import data, evaluate, replay, run, serve, topics, train
+from stream_meta.cli import bandit, data, evaluate, replay, run, serve, topics, train
 from stream_meta.cli.common import EXIT_USAGE, UsageError, configure_logging, shared_options
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ COMMANDS: tuple[AddParser, ...] = (
     train.add_train_parser,
     train.add_train_baseline_parser,
     evaluate.add_evaluate_parser,
+    bandit.add_bandit_eval_parser,
     serve.add_serve_parser,
     replay.add_replay_parser,
     replay.add_compare_parser,

@@ -171,11 +171,92 @@ def load_model(checkpoint: Path | None, family: str, device: str = "cpu") -> tup
     return model, manifest
 
 
-def family_for(name: str, *, split: str) -> Any:
-    """The task family ``name`` (digits: its ``train`` or ``test`` split)."""
+def add_family_arg_option(parser: argparse.ArgumentParser) -> None:
+    """``--family-arg KEY=VALUE`` (repeatable): one constructor argument of the family."""
+    parser.add_argument(
+        "--family-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one argument of the family's constructor (repeatable), e.g. "
+        "--family-arg archetypes=16 --family-arg spread=0.6 (see docs/BANDITS.md)",
+    )
+
+
+#: family constructor arguments the CLI sets itself (not a --family-arg)
+_CLI_FAMILY_ARGS = frozenset({"split"})
+
+
+def parse_family_args(name: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """``--family-arg KEY=VALUE`` pairs -> the constructor kwargs of family ``name``, each
+    value converted to the type of that argument's default; an unknown key, a repeated key or
+    a value of the wrong type is a :class:`UsageError`. (The family's own checks, e.g. a
+    negative spread, are applied by :func:`family_for`.)
+
+    >>> parse_family_args("bandit", ["archetypes=16", "spread=0.6"])
+    {'archetypes': 16, 'spread': 0.6}
+    """
+    import inspect
+
+    from stream_meta.tasks import FAMILIES, get_family_class
+
+    if name not in FAMILIES:
+        raise UsageError(f"unknown task family {name!r}; known: {', '.join(FAMILIES)}")
+    params = {
+        p.name: p
+        for p in inspect.signature(get_family_class(name)).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.name not in _CLI_FAMILY_ARGS
+        and p.default is not p.empty
+    }
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key, text = key.strip().replace("-", "_"), text.strip()
+        if not sep or not key or not text:
+            raise UsageError(f"--family-arg {pair!r}: expected KEY=VALUE")
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise UsageError(
+                f"--family-arg {pair!r}: family {name} has no argument {key!r}; known: {known}"
+            )
+        if key in out:
+            raise UsageError(f"--family-arg {key} given twice")
+        default = params[key].default
+        kind = type(default)
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value: Any = text.lower() in ("true", "1")
+            elif kind in (int, float, str):
+                value = kind(text)
+            else:
+                raise UsageError(f"--family-arg {key}: not settable from the command line")
+        except ValueError:
+            raise UsageError(
+                f"--family-arg {pair!r}: {key} must be a{'n' if kind is int else ''} "
+                f"{kind.__name__}, got {text!r}"
+            ) from None
+        out[key] = value
+    return out
+
+
+def family_for(name: str, *, split: str, args: dict[str, Any] | None = None) -> Any:
+    """The task family ``name`` (digits: its ``train`` or ``test`` split) with constructor
+    ``args`` (from :func:`parse_family_args`); a value the family refuses is a
+    :class:`UsageError`."""
     from stream_meta.tasks import get_family
 
-    return get_family(name, split=split) if name == "digits" else get_family(name)
+    kwargs = dict(args or {})
+    if name == "digits":
+        kwargs["split"] = split
+    try:
+        return get_family(name, **kwargs)
+    except ValueError as e:
+        if not args:
+            raise
+        raise UsageError(f"--family-arg: {e}") from None
 
 
 def check_device(name: str) -> str:

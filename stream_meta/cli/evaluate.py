@@ -27,7 +27,7 @@ def add_evaluate_parser(sub: Subparsers, options: Options) -> None:
     e = sub.add_parser(
         "evaluate", parents=[options.common], help="few-shot evaluation on held-out tasks"
     )
-    e.add_argument("--family", choices=["sinusoid", "digits"], default="sinusoid")
+    e.add_argument("--family", choices=["sinusoid", "digits", "bandit"], default="sinusoid")
     e.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     e.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 20])
     e.add_argument("--tasks", type=int, default=1000)

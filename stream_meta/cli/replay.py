@@ -33,9 +33,29 @@ def add_replay_parser(sub: Subparsers, options: Options) -> None:
     rp.add_argument(
         "--strategy",
         action="append",
-        required=True,
         help="full, no-neighbours, no-meta-update, global, scratch, finetune, maml, "
-        "nearest-task, or all (repeatable)",
+        "nearest-task, or all (repeatable); with --off-policy: meta-ts, per-task-ts, random "
+        "(default: all three)",
+    )
+    rp.add_argument(
+        "--off-policy",
+        action="store_true",
+        help="the log's logged decisions (decision events with 'logged': action_id, "
+        "propensity, reward): estimate each target policy's average reward by inverse "
+        "propensity scoring and doubly robust (default model: the shipped bandit one)",
+    )
+    rp.add_argument(
+        "--draws",
+        type=int,
+        default=256,
+        help="--off-policy: posterior draws a Thompson-sampling target's probabilities are "
+        "estimated from (default 256)",
+    )
+    rp.add_argument(
+        "--noise-std",
+        type=float,
+        default=1.0,
+        help="--off-policy: the reward noise std per-task-ts assumes (default 1)",
     )
     rp.add_argument(
         "--baseline-dir",
@@ -82,6 +102,10 @@ def add_replay_parser(sub: Subparsers, options: Options) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Re-run a recorded stream under one or more strategies; write predictions and a report."""
+    if args.off_policy:
+        return cmd_off_policy(args)
+    if not args.strategy:
+        raise UsageError("replay needs --strategy (or --off-policy for logged decisions)")
     overrides: dict[str, Any] = {"metrics": {"port": 0}}
     if args.family:
         overrides.setdefault("model", {})["family"] = args.family
@@ -188,6 +212,97 @@ def _label_policies(args: argparse.Namespace) -> list[str]:
     if args.label_delay:
         raise UsageError("--label-budget and --label-delay cannot be combined")
     return list(dict.fromkeys(args.label_policy or ["uncertainty", "random", "first-k"]))
+
+
+def cmd_off_policy(args: argparse.Namespace) -> int:
+    """``replay --off-policy``: IPS and DR estimates of each target policy's average reward on
+    the log's logged decisions (:mod:`stream_meta.evaluation.offpolicy`); ``report.json``."""
+    overrides: dict[str, Any] = {"metrics": {"port": 0}}
+    if args.checkpoint:
+        overrides["model"] = {"checkpoint": str(args.checkpoint)}
+    settings = settings_from(args, overrides)
+    checkpoint = settings.model.checkpoint
+    # the shipped bandit model unless a model is named (model.family knows no bandit)
+    family = args.family or ("bandit" if checkpoint is None else settings.model.family)
+    import torch
+
+    from stream_meta.app import build_engine
+    from stream_meta.evaluation.offpolicy import (
+        OFF_POLICY_STRATEGIES,
+        LinearTSTarget,
+        MetaTSTarget,
+        UniformTarget,
+        evaluate_off_policy,
+        logged_decisions,
+        logged_value,
+    )
+
+    names = list(dict.fromkeys(args.strategy or OFF_POLICY_STRATEGIES))
+    for name in names:
+        if name not in OFF_POLICY_STRATEGIES:
+            raise UsageError(
+                f"--off-policy: unknown target {name!r}; known: {', '.join(OFF_POLICY_STRATEGIES)}"
+            )
+    if args.label_delay:
+        raise UsageError("--label-delay does not apply to --off-policy (rewards are logged)")
+    if args.label_budget is not None or args.label_policy:
+        raise UsageError("--label-budget does not apply to --off-policy (rewards are logged)")
+    if args.draws < 1 or not args.noise_std > 0:
+        raise UsageError("--draws must be >= 1 and --noise-std > 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    log_path = Path(args.log)
+    try:
+        decisions = logged_decisions(_recorded(log_path))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{log_path}: {exc}") from exc
+    if not decisions:
+        raise UsageError(f"{log_path} holds no logged decisions (decision events with 'logged')")
+    if settings.engine.threads:
+        torch.set_num_threads(settings.engine.threads)
+    manifest: dict[str, Any] = {}
+    results: dict[str, Any] = {}
+    for name in names:
+        target: Any
+        if name == "meta-ts":
+            model, manifest = load_model(checkpoint, family)
+            if model.config.kind != "regression" or model.config.x_dim != decisions[0].x.shape[1]:
+                raise UsageError(
+                    f"model {manifest['path']} ({model.config.kind}, {model.config.x_dim} "
+                    f"features) cannot value actions of {decisions[0].x.shape[1]} features"
+                )
+            target = MetaTSTarget(build_engine(model, settings), draws=args.draws)
+        elif name == "per-task-ts":
+            target = LinearTSTarget(noise_std=args.noise_std, draws=args.draws)
+        else:
+            target = UniformTarget()
+        log.info("off-policy: %s on %d logged decisions of %s", name, len(decisions), log_path)
+        results[name] = evaluate_off_policy(target, decisions, batch_size=args.batch_size or 256)
+    lp = logged_value(decisions)
+    report = {
+        "log": str(log_path),
+        "decisions": len(decisions),
+        "tasks": len({d.task_id for d in decisions}),
+        "logged_policy": lp,
+        "checkpoint": manifest.get("path"),
+        "off_policy": results,
+    }
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        emit(report, True)
+        return 0
+    print(f"{'logged policy':<16} average reward {lp['value']:.4g} +- {lp['se']:.2g}")
+    for name, r in results.items():
+        truth = r.get("truth")
+        print(
+            f"{name:<16} IPS {r['ips']['value']:.4g} +- {r['ips']['se']:.2g}  "
+            f"DR {r['dr']['value']:.4g} +- {r['dr']['se']:.2g}"
+            + ("" if truth is None else f"  truth {truth:.4g}")
+        )
+    print(f"report: {report_dir / 'report.json'}")
+    return 0
 
 
 def _strategy_names(args: argparse.Namespace, settings: Any) -> list[str]:

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 from stream_meta.cli.common import (
     Options,
     UsageError,
+    add_family_arg_option,
     check_device,
     emit,
     family_for,
     load_model,
     log,
+    parse_family_args,
     settings_from,
 )
 
@@ -30,7 +32,9 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
         "train", parents=[options.common], help="meta-train a model and save a checkpoint"
     )
     what = t.add_mutually_exclusive_group(required=True)
-    what.add_argument("--family", choices=["sinusoid", "digits"], help="a built-in family")
+    what.add_argument(
+        "--family", choices=["sinusoid", "digits", "bandit"], help="a built-in family"
+    )
     what.add_argument(
         "--data",
         type=Path,
@@ -64,6 +68,7 @@ def add_train_parser(sub: Subparsers, options: Options) -> None:
     t.add_argument(
         "--eval-tasks", type=int, default=500, help="held-out tasks scored into the manifest"
     )
+    add_family_arg_option(t)
     t.set_defaults(func=cmd_train)
 
 
@@ -71,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None:
         from stream_meta.cli.data import train_from_log
 
+        if args.family_arg:
+            raise UsageError("--family-arg goes with --family")
         settings_from(args, {})  # a bad --config or --set is refused the same way
         return train_from_log(args)
     for flag in ("schema", "time_ordered", "skip_invalid", "name", "model_size"):
@@ -87,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    family_args = parse_family_args(args.family, args.family_arg)
     settings = settings_from(args, {"train": train_over} if train_over else {})
     import torch
 
@@ -104,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = check_device(ts.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    family = family_for(args.family, split="train")
+    family = family_for(args.family, split="train", args=family_args)
     config = ModelConfig(
         x_dim=family.x_dim,
         kind=family.kind,
@@ -115,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = MetaModel(config)
     names = TrainConfig.__dataclass_fields__
     tc = TrainConfig(**{k: v for k, v in ts.model_dump().items() if k in names})
-    log.info("meta-training %s for %d steps on %s", args.family, tc.steps, device)
+    log.info("meta-training %s for %d steps on %s", family, tc.steps, device)
     result = meta_train(model, family, tc, device=device, progress=not args.quiet)
     model.to("cpu").eval()
     metrics: dict[str, Any] = {"train": result.to_dict()}
@@ -128,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         shots = [1, 5] if family.kind == "classification" else [1, 5, 10, 20]
         report = evaluate(
             model,
-            family_for(args.family, split="test"),
+            family_for(args.family, split="test", args=family_args),
             shots=shots,
             tasks=args.eval_tasks,
             latency_samples=50,
@@ -140,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         family=args.family,
         training={**tc.__dict__, "device": device},
         metrics=metrics,
+        # the population a non-default family was built with (bandit-eval reads it)
+        extra={"family_args": family_args} if family_args else None,
     )
     summary = {"out": str(args.out), "family": args.family, **manifest["metrics"]}
     emit(summary, args.json)

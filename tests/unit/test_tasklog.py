@@ -143,3 +143,26 @@ def test_a_small_log_is_split_by_rank_so_no_split_is_empty() -> None:
         assert counts["train"] >= 0.5 * n or n < 5
     big = [f"c{i}" for i in range(RANK_SPLIT_BELOW)]
     assert assign_splits(big).tolist() == [split_of(t) for t in big]
+
+
+def test_logged_decisions_are_read_as_the_examples_of_their_logged_actions(
+    tmp_path: Path,
+) -> None:
+    from stream_meta.tasklog import infer_schema
+    from stream_meta.tasks import BanditFamily, logged_stream
+
+    family = BanditFamily()
+    rng = np.random.default_rng(0)
+    events = list(logged_stream(family, family.sample_params(60, rng), 4, rng, epsilon=0.5))
+    path = tmp_path / "decisions.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    schema, summary = infer_schema(path)
+    assert schema.x_dim == 5 and schema.target == "regression"
+    assert summary.labelled == 240 and summary.tasks == 60
+    with read_tasks(path, schema) as table:
+        assert table.n_tasks == 60 and int(table.counts().sum()) == 240
+    first = events[0]
+    chosen = next(a for a in first["actions"] if a["action_id"] == first["logged"]["action_id"])
+    example = next(iter(log_items(path)))
+    assert example["x"] == chosen["x"] and example["y"] == first["logged"]["reward"]
+    assert example["task_id"] == first["task_id"]

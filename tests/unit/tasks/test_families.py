@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from stream_meta.tasks import (
     FAMILIES,
+    BanditFamily,
     DigitsFamily,
     SinusoidFamily,
     TaskFamily,
@@ -32,6 +33,7 @@ FAMILY_FACTORIES = {
     "sinusoid-noisy": lambda: SinusoidFamily(noise_std=0.1),
     "digits-train": lambda: DigitsFamily("train"),
     "digits-test-3way": lambda: DigitsFamily("test", n_way=3),
+    "bandit": lambda: BanditFamily(),
 }
 
 
@@ -348,7 +350,9 @@ def test_digits_raises_when_arguments_are_invalid(kwargs: dict[str, object]) -> 
 
 
 @pytest.mark.parametrize(
-    ("name", "cls"), [("sinusoid", SinusoidFamily), ("digits", DigitsFamily)], ids=FAMILIES
+    ("name", "cls"),
+    [("sinusoid", SinusoidFamily), ("digits", DigitsFamily), ("bandit", BanditFamily)],
+    ids=FAMILIES,
 )
 def test_get_family_builds_the_family_when_name_is_known(name: str, cls: type) -> None:
     assert name in FAMILIES
