@@ -9,6 +9,7 @@ summary. ``events=N`` / ``timeout_s`` stop it deterministically (tests, debuggin
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from stream_meta.engine import Engine
 from stream_meta.index import TaskIndex
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
-from stream_meta.pipeline import DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
+from stream_meta.pipeline import Decisions, DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
 from stream_meta.sources import Item, JsonlSink
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class QueryScorer:
         if out is None:
             return
         qp, qt = [], []
-        for truth, ref in zip(truths, step.result.order, strict=True):
+        for truth, ref in zip(step.engine_items(truths), step.result.order, strict=True):
             if truth is not None and ref >= 0 and not out.labelled[ref]:
                 qp.append(out.values[ref])
                 qt.append(truth)
@@ -112,6 +113,7 @@ def run_stream(
     watch: DriftWatcher | None = None,
     updater: MetaUpdates | None = None,
     recorder: Recorder | None = None,
+    decider: Decisions | None = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
 
@@ -119,10 +121,12 @@ def run_stream(
     ``watch`` (a :class:`~stream_meta.drift.watch.DriftWatch`) sees every batch, then
     ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms;
     ``recorder`` (an :class:`~stream_meta.recording.EventRecorder`) records every raw event and
-    each change of the served model.
+    each change of the served model; ``decider`` (a :class:`~stream_meta.decider.Decider`)
+    answers decision events (their records go to ``predictions`` too, told apart by their
+    ``decision_id``; refused ones to ``rejects``) and turns rewards into labelled events.
     """
     it = iter(source) if events is None else itertools.islice(source, events)
-    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder)
+    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder, decider=decider)
     scorer = QueryScorer(engine.kind)
     timing = _BatchTiming()
     start = time.perf_counter()
@@ -140,8 +144,12 @@ def run_stream(
         scorer.add_queries(step, [truth for _, truth in chunk])
         if predictions is not None:
             predictions.write_lines([p.to_json() for p in step.result.predictions])
+            if step.decisions:
+                predictions.write_lines([json.dumps(d) for _, d in step.decisions])
         if rejects is not None:
             rejects.write_lines([_reject_json(r) for r in step.result.rejections])
+            if step.refused:
+                rejects.write_lines([_reject_json(r) for _, r in step.refused])
         if on_batch is not None:
             on_batch(len(chunk), engine.summary())
         if timeout_s is not None and time.perf_counter() - start > timeout_s:
@@ -153,6 +161,8 @@ def run_stream(
     summary["seconds"] = round(elapsed, 3)
     summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
     summary["engine_events_per_s"] = round(done / timing.busy, 1) if timing.busy > 0 else math.inf
+    if decider is not None:
+        summary["decisions"] = decider.summary()
     if updater is not None:
         summary["batch_latency_ms"] = _latency_split(timing.samples)
         summary["update_spans"] = timing.spans(done)
@@ -195,6 +205,22 @@ def _latency_split(samples: list[tuple[float, bool]]) -> dict[str, Any]:
                 "p99": round(float(np.percentile(ms, 99)), 3),
             }
     return out
+
+
+def build_decider(settings: Any, engine: Engine) -> Any:
+    """The decider for decision and reward events, its metrics on the engine's registry (None
+    when ``decisions.enabled`` is off)."""
+    if not settings.decisions.enabled:
+        return None
+    from stream_meta.decider import Decider
+    from stream_meta.metrics import DecisionMetrics
+
+    return Decider(
+        engine,
+        settings.decisions.config(),
+        metrics=DecisionMetrics(engine.metrics.registry),
+        seed=settings.engine.seed,
+    )
 
 
 def build_drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:
@@ -254,6 +280,4 @@ def build_meta_updater(
 
 
 def _reject_json(rejection: Any) -> str:
-    import json
-
     return json.dumps(rejection.to_record())

@@ -38,7 +38,11 @@ def add_run_parser(sub: Subparsers, options: Options) -> None:
         "directory (--record) (default: the synthetic stream)",
     )
     r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
-    r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
+    r.add_argument(
+        "--output",
+        help="write predictions (and decision records, with a decision_id) as JSON lines "
+        "('-' = stdout)",
+    )
     r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
     r.add_argument("--family", choices=["sinusoid", "digits"], help="task family (shipped model)")
     r.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
@@ -67,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides, scenario = _run_overrides(args)
     settings = settings_from(args, overrides)
 
-    from stream_meta.app import build_drift_watch, build_meta_updater, run_stream
+    from stream_meta.app import build_decider, build_drift_watch, build_meta_updater, run_stream
     from stream_meta.sources import JsonlSink
 
     engine, manifest, registry, metrics = serving_engine(settings)
@@ -99,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             watch=watch,
             updater=updater,
             recorder=recorder,
+            decider=build_decider(settings, engine),
         )
     except KeyboardInterrupt:
         log.warning("interrupted")
