@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stream_meta.adapters import MetaAdapter
-from stream_meta.decision_events import Decision, Reward, candidate, parse_other
+from stream_meta.decision_events import Decision, Reward, candidates, parse_other
 from stream_meta.decisions import (
     Pending,
     PendingDecisions,
@@ -142,11 +142,10 @@ class Decider:
         :meth:`~stream_meta.engine.Engine.process`."""
         parsed: dict[int, Decision | Reward | Rejection] = {}
         schema, max_actions = self.engine.schema, self.config.max_actions
-        for i, raw in enumerate(raws):
-            if candidate(raw):
-                p = parse_other(raw, schema, max_actions)
-                if p is not None:
-                    parsed[i] = p
+        for i in candidates(raws):
+            p = parse_other(raws[i], schema, max_actions)
+            if p is not None:
+                parsed[i] = p
         if not parsed:
             return None
         wall = time.time()

@@ -700,12 +700,11 @@ class Engine:
                 samples = None
                 if draws:
                     f = model.target.n_features
-                    eps = np.stack([rngs[i].standard_normal((draws, f)) for i in idx.tolist()])
-                    samples = (
-                        model.sample_values(xe, rows, torch.from_numpy(eps.astype(np.float32)))
-                        .double()
-                        .numpy()
-                    )
+                    # float32 normals: a third cheaper than float64 ones, and the model's dtype
+                    eps = np.empty((len(idx), draws, f), dtype=np.float32)
+                    for j, i in enumerate(idx.tolist()):
+                        rngs[i].standard_normal((draws, f), dtype=np.float32, out=eps[j])
+                    samples = model.sample_values(xe, rows, torch.from_numpy(eps)).double().numpy()
                 for j, i in enumerate(idx.tolist()):
                     kk = len(actions[i])
                     out[i] = ActionValues(

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_meta.decision_events import Decision, Reward, candidate, parse_other
+from stream_meta.decision_events import Decision, Reward, candidate, candidates, parse_other
 from stream_meta.events import EventSchema, Rejection, RejectReason, parse_event
 
 SCHEMA = EventSchema(x_dim=2, task="regression", max_bytes=4096)
@@ -170,3 +170,13 @@ def test_candidate_is_false_when_an_event_is_plain() -> None:
 def test_parse_never_raises_when_fed_odd_values() -> None:
     for value in (1, None, b"\xff\xfe", "{}", {"actions": None, "decision_id": None}):
         assert parse_other(value, SCHEMA, max_actions=8) is None  # type: ignore[arg-type]
+
+
+def test_candidates_finds_the_same_positions_when_a_batch_is_bytes_or_mixed() -> None:
+    plain = b'{"event_id": "e", "task_id": "t", "x": [1, 2]}'
+    decision = json.dumps(_decision()).encode()
+    reward = json.dumps(_reward()).encode()
+
+    assert candidates([plain] * 5) == []
+    assert candidates([plain, decision, plain, reward]) == [1, 3]
+    assert candidates([plain.decode(), decision, {"decision_id": "d"}, plain]) == [1, 2]
