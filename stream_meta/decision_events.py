@@ -101,12 +101,19 @@ def candidate(raw: object) -> bool:
 
 
 def candidates(raws: Sequence[Any]) -> list[int]:
-    """The positions of the :func:`candidate` s among ``raws``; a batch of bytes without any
-    is ruled out at once (one search of the joined batch: about 0.1 us an event, not 2)."""
+    """The positions of the :func:`candidate` s among ``raws``; a batch of bytes (or of str)
+    without any is ruled out at once (one search of the joined batch: about 0.4 us an event,
+    against 2 for a test of each)."""
     try:
         blob = b"\n".join(raws)
     except TypeError:  # not all bytes
-        pass
+        try:
+            text = "\n".join(raws)
+        except TypeError:  # not all str either
+            pass
+        else:
+            if _MARKS_S[0] not in text and _MARKS_S[1] not in text:
+                return []
     else:
         if _MARKS_B[0] not in blob and _MARKS_B[1] not in blob:
             return []

@@ -457,3 +457,14 @@ def test_meta_update_configs_take_the_commands_worker_and_the_engines_seed_when_
 def test_drift_config_has_cluster_detectors_only_when_clusters_are_set() -> None:
     assert DriftSettings(clusters=0).config().per_cluster is False
     assert DriftSettings(clusters=4).config().per_cluster is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("policy", "greedy"), ("draws", 0), ("ucb_c", -1.0), ("reward_ttl_s", 0), ("max_pending", 0)],
+)
+def test_decision_settings_are_refused_with_their_name_when_out_of_range(
+    field: str, value: Any
+) -> None:
+    with pytest.raises(ConfigError, match=f"decisions.{field}"):
+        load_settings(None, env={}, overrides={"decisions": {field: value}})

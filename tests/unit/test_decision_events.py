@@ -180,3 +180,5 @@ def test_candidates_finds_the_same_positions_when_a_batch_is_bytes_or_mixed() ->
     assert candidates([plain] * 5) == []
     assert candidates([plain, decision, plain, reward]) == [1, 3]
     assert candidates([plain.decode(), decision, {"decision_id": "d"}, plain]) == [1, 2]
+    assert candidates([plain.decode()] * 3) == []
+    assert candidates([plain.decode(), reward.decode()]) == [1]
