@@ -255,6 +255,7 @@ class Decider:
             [d.x for d in decisions],
             draws=c.draws if thompson else 0,
             seeds=[decision_seed(d.event_id, self.seed) for d in decisions],
+            ts=[d.ts for d in decisions],
         )
         version = engine.model_version
         latency = max(0.0, time.perf_counter() - received_at)
