@@ -32,13 +32,15 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from stream_meta.decider import Intake
 from stream_meta.drift.monitor import Alarm
 from stream_meta.engine import BatchResult, Engine
 from stream_meta.events import Rejection
 from stream_meta.model import MetaModel
+
+if TYPE_CHECKING:
+    from stream_meta.decider import Intake
 
 __all__ = ["Decisions", "DriftWatcher", "MetaUpdates", "Pipeline", "Recorder", "Step"]
 
