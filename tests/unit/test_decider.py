@@ -284,3 +284,24 @@ def test_thompson_sampling_regrets_less_than_random_when_rewards_follow_a_sinuso
 
     # measured: 0.10 to 0.11 of random for seeds 1, 2, 3 and 7
     assert regret < 0.3 * random_regret, (regret, random_regret)
+
+
+def test_refused_decisions_and_rewards_change_no_state_when_bad(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    p = make_pipeline()
+    p.step([decision("d0", task="t0")])
+    tasks, held = len(p.engine.store), len(p.decider.store)  # type: ignore[union-attr]
+    bad = [
+        decision("d1", task="t1", xs=(1.0, 1.0))[:-1] + b', "ts": "soon"}',
+        json.dumps({"event_id": "d2", "task_id": "t2", "actions": []}).encode(),
+        reward("r1", "d9"),
+        json.dumps({"event_id": "r2", "decision_id": "d0", "reward": "high"}).encode(),
+    ]
+
+    step = p.step(bad)
+
+    assert [pos for pos, _ in step.refused] == [0, 1, 2, 3]
+    assert (len(p.engine.store), len(p.decider.store)) == (tasks, held)  # type: ignore[union-attr]
+    assert p.decider.store.awaiting == 1  # type: ignore[union-attr]
+    assert sum(s.n for s in p.engine.store) == 0
