@@ -12,7 +12,8 @@ For a batch of raw events, :meth:`Decider.intake`:
    the decision id: :func:`~stream_meta.decisions.decision_seed`) or UCB;
 3. walks the batch in stream order: a decision is held (:class:`PendingDecisions`) with the
    played action's features, or, when its id is already held (a redelivery), outputs the held
-   record again (same choice, nothing new held); a reward is resolved against the held
+   record again (same choice, nothing new held; the id is the decision: a second event with
+   it gets the first one's record whatever actions it offers); a reward is resolved against the held
    decisions: *learned* becomes the labelled event ``(event_id: the reward's, task_id: the
    decision's, x: the played action's features, y: the reward, ts)`` that the engine then
    predicts, scores and learns in its place in the batch; *duplicate* becomes the same event
