@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stream_meta.decision_events import Decision, Reward, candidate, candidates, parse_other
 from stream_meta.events import EventSchema, Rejection, RejectReason, parse_event
@@ -182,3 +184,38 @@ def test_candidates_finds_the_same_positions_when_a_batch_is_bytes_or_mixed() ->
     assert candidates([plain.decode(), decision, {"decision_id": "d"}, plain]) == [1, 2]
     assert candidates([plain.decode()] * 3) == []
     assert candidates([plain.decode(), reward.decode()]) == [1]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "event_id": _JSON,
+            "task_id": _JSON,
+            "decision_id": _JSON,
+            "reward": _JSON,
+            "ts": _JSON,
+            "actions": st.lists(
+                st.fixed_dictionaries({}, optional={"action_id": _JSON, "x": _JSON}) | _JSON,
+                max_size=4,
+            )
+            | _JSON,
+        },
+    )
+)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_parse_other_never_raises_when_fields_hold_anything(obj: dict[str, Any]) -> None:
+    for raw in (obj, json.dumps(obj).encode()):
+        result = parse_other(raw, SCHEMA, max_actions=8)
+        assert result is None or isinstance(result, Decision | Reward | Rejection)
+        if isinstance(result, Decision):
+            assert result.x.shape == (len(result.action_ids), 2) and np.isfinite(result.x).all()
