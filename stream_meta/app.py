@@ -9,6 +9,7 @@ summary. ``events=N`` / ``timeout_s`` stop it deterministically (tests, debuggin
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -23,7 +24,7 @@ from stream_meta.index import TaskIndex
 from stream_meta.labels import LabelRequester
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
-from stream_meta.pipeline import DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
+from stream_meta.pipeline import Decisions, DriftWatcher, MetaUpdates, Pipeline, Recorder, Step
 from stream_meta.sources import Item, JsonlSink
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class QueryScorer:
         if out is None:
             return
         qp, qt = [], []
-        for truth, ref in zip(truths, step.result.order, strict=True):
+        for truth, ref in zip(step.engine_items(truths), step.result.order, strict=True):
             if truth is not None and ref >= 0 and not out.labelled[ref]:
                 qp.append(out.values[ref])
                 qt.append(truth)
@@ -115,6 +116,7 @@ def run_stream(
     recorder: Recorder | None = None,
     labels: LabelRequester | None = None,
     label_requests: JsonlSink | None = None,
+    decider: Decisions | None = None,
 ) -> dict[str, Any]:
     """Run ``engine`` over ``source`` until it ends, ``events`` were read or ``timeout_s``.
 
@@ -123,10 +125,15 @@ def run_stream(
     ``updater`` (a :class:`~stream_meta.continual.updater.MetaUpdater`) with the watch's alarms;
     ``recorder`` (an :class:`~stream_meta.recording.EventRecorder`) records every raw event and
     each change of the served model; ``labels`` (a :class:`~stream_meta.labels.LabelRequester`)
-    picks the label requests of the unlabelled events, written to ``label_requests``.
+    picks the label requests of the unlabelled events, written to ``label_requests``;
+    ``decider`` (a :class:`~stream_meta.decider.Decider`) answers decision events (their
+    records go to ``predictions`` too, told apart by their ``decision_id``; refused ones to
+    ``rejects``) and turns rewards into labelled events.
     """
     it = iter(source) if events is None else itertools.islice(source, events)
-    pipeline = Pipeline(engine, watch=watch, updater=updater, recorder=recorder, labels=labels)
+    pipeline = Pipeline(
+        engine, watch=watch, updater=updater, recorder=recorder, labels=labels, decider=decider
+    )
     scorer = QueryScorer(engine.kind)
     timing = _BatchTiming()
     start = time.perf_counter()
@@ -144,8 +151,12 @@ def run_stream(
         scorer.add_queries(step, [truth for _, truth in chunk])
         if predictions is not None:
             predictions.write_lines([p.to_json() for p in step.result.predictions])
+            if step.decisions:
+                predictions.write_lines([json.dumps(d) for _, d in step.decisions])
         if rejects is not None:
             rejects.write_lines([_reject_json(r) for r in step.result.rejections])
+            if step.refused:
+                rejects.write_lines([_reject_json(r) for _, r in step.refused])
         if label_requests is not None and step.label_requests:
             label_requests.write_lines([r.to_json() for r in step.label_requests])
         if on_batch is not None:
@@ -161,6 +172,8 @@ def run_stream(
     summary["seconds"] = round(elapsed, 3)
     summary["events_per_s"] = round(done / elapsed, 1) if elapsed > 0 else math.inf
     summary["engine_events_per_s"] = round(done / timing.busy, 1) if timing.busy > 0 else math.inf
+    if decider is not None:
+        summary["decisions"] = decider.summary()
     if updater is not None:
         summary["batch_latency_ms"] = _latency_split(timing.samples)
         summary["update_spans"] = timing.spans(done)
@@ -211,6 +224,22 @@ def build_label_requester(settings: Any, metrics: Any) -> LabelRequester | None:
         return None
     policy = settings.labels.policy_config(settings.engine.max_live_tasks)
     return LabelRequester(policy, metrics)
+
+
+def build_decider(settings: Any, engine: Engine) -> Any:
+    """The decider for decision and reward events, its metrics on the engine's registry (None
+    when ``decisions.enabled`` is off)."""
+    if not settings.decisions.enabled:
+        return None
+    from stream_meta.decider import Decider
+    from stream_meta.metrics import DecisionMetrics
+
+    return Decider(
+        engine,
+        settings.decisions.config(),
+        metrics=DecisionMetrics(engine.metrics.registry),
+        seed=settings.engine.seed,
+    )
 
 
 def build_drift_watch(settings: Any, engine: Any, metrics: Any, log_path: str | None) -> Any:
@@ -270,6 +299,4 @@ def build_meta_updater(
 
 
 def _reject_json(rejection: Any) -> str:
-    import json
-
     return json.dumps(rejection.to_record())

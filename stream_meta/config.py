@@ -50,6 +50,7 @@ from pydantic_settings import (
 # loaded torch before it reads settings anyway)
 from stream_meta.continual.update_job import UpdateConfig
 from stream_meta.continual.updater import MetaUpdateConfig
+from stream_meta.decider import DecisionConfig
 from stream_meta.drift.monitor import DriftConfig
 from stream_meta.drift.watch import DriftWatch
 from stream_meta.engine import EngineConfig
@@ -59,6 +60,7 @@ from stream_meta.tasks.stream import TaskStream
 
 __all__ = [
     "ConfigError",
+    "DecisionSettings",
     "EngineSettings",
     "IndexSettings",
     "KafkaSettings",
@@ -577,6 +579,62 @@ class DriftSettings(BaseModel):
         return DriftConfig(**_shared(DriftConfig, self), per_cluster=self.clusters > 0)
 
 
+class DecisionSettings(BaseModel):
+    """Decisions with reward-only feedback (:mod:`stream_meta.decider`): how an action is
+    chosen for a decision event, and how long its reward is awaited.
+
+    :class:`~stream_meta.decider.DecisionConfig` (:meth:`config`), plus ``enabled``. Decision
+    and reward events are recognised by their shape, so plain streams never meet them; with
+    ``enabled`` off they are dead-lettered as plain events without ``x``.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    # the application's: whether to build a decider at all
+    enabled: bool = Field(
+        default=True, description="Answer decision events and learn their rewards."
+    )
+    policy: Literal["thompson", "ucb"] = Field(
+        default=DecisionConfig.policy,
+        description="Thompson sampling (one posterior draw; propensities for off-policy "
+        "evaluation) or UCB (mean + ucb_c epistemic std; propensity 1).",
+    )
+    ucb_c: float = Field(
+        default=DecisionConfig.ucb_c,
+        ge=0,
+        le=100,
+        description="UCB's width, in epistemic standard deviations.",
+    )
+    draws: int = Field(
+        default=DecisionConfig.draws,
+        ge=1,
+        le=4096,
+        description="Posterior draws per Thompson decision; the played action's propensity is "
+        "the share of draws in which it is best.",
+    )
+    max_actions: int = Field(
+        default=DecisionConfig.max_actions,
+        ge=1,
+        le=4096,
+        description="Most candidate actions a decision may offer (more: dead-lettered).",
+    )
+    max_pending: int = Field(
+        default=DecisionConfig.max_pending,
+        ge=1,
+        description="Decisions held for their reward (least recent evicted; about 1 KiB each).",
+    )
+    reward_ttl_s: float = Field(
+        default=DecisionConfig.reward_ttl_s,
+        gt=0,
+        description="A reward this long after its decision (event time, else receipt time) "
+        "is late: dead-lettered, not learned.",
+    )
+
+    def config(self) -> DecisionConfig:
+        """The :class:`~stream_meta.decider.DecisionConfig` these settings give."""
+        return DecisionConfig(**_shared(DecisionConfig, self))
+
+
 class MetaUpdateSettings(BaseModel):
     """Meta-updates (``stream_meta.continual``): triggers, replay, training and the gate.
 
@@ -904,6 +962,9 @@ class Settings(BaseSettings):
     )
     service: ServiceSettings = Field(
         default_factory=ServiceSettings, description="State and lifecycle of `serve`."
+    )
+    decisions: DecisionSettings = Field(
+        default_factory=DecisionSettings, description="Decisions and their rewards."
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
     trainer: TrainerSettings = Field(

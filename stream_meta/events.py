@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "DECISION_REASONS",
     "MAX_ID_LENGTH",
     "MAX_RAW_BYTES",
     "Event",
@@ -84,7 +85,8 @@ class Event(BaseModel):
 
 
 class RejectReason(StrEnum):
-    """Why :func:`parse_event` refused an input (one value per distinct fault)."""
+    """Why :func:`parse_event` refused an input (one value per distinct fault); the last four
+    (:data:`DECISION_REASONS`) are given to decision and reward events only."""
 
     MALFORMED_JSON = "malformed_json"
     NOT_AN_OBJECT = "not_an_object"
@@ -94,6 +96,22 @@ class RejectReason(StrEnum):
     NON_FINITE = "non_finite"
     OVERSIZED = "oversized"
     INVALID_LABEL = "invalid_label"
+    # decision and reward events only (stream_meta.decision_events, stream_meta.decider)
+    DUPLICATE_ACTION = "duplicate_action"
+    NOT_DECIDABLE = "not_decidable"
+    UNKNOWN_DECISION = "unknown_decision"
+    LATE_REWARD = "late_reward"
+
+
+#: the reasons only decision and reward events get (:func:`parse_event` never gives them)
+DECISION_REASONS = frozenset(
+    {
+        RejectReason.DUPLICATE_ACTION,
+        RejectReason.NOT_DECIDABLE,
+        RejectReason.UNKNOWN_DECISION,
+        RejectReason.LATE_REWARD,
+    }
+)
 
 
 class Rejection(BaseModel):

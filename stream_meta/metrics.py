@@ -335,6 +335,57 @@ class EngineMetrics:
         )
 
 
+#: Thompson-sampling propensities: small ones make off-policy estimates noisy
+PROPENSITY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+class DecisionMetrics:
+    """Decisions and rewards (:class:`~stream_meta.decider.Decider`), on the engine's registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.decisions = Counter(
+            "stream_meta_decisions_total",
+            "Decisions made (an action chosen), by policy (thompson, ucb); redeliveries excluded.",
+            ["policy"],
+            registry=r,
+        )
+        self.redelivered = Counter(
+            "stream_meta_decisions_redelivered_total",
+            "Decision events whose decision id was already held: the same choice output again, "
+            "nothing new held.",
+            registry=r,
+        )
+        self.rewards = Counter(
+            "stream_meta_rewards_total",
+            "Reward events by outcome: learned (once per decision), duplicate (the decision's "
+            "reward was learned already: predicted, not learned), late (after reward_ttl_s: "
+            "dead-lettered), unknown (no such decision held: dead-lettered).",
+            ["outcome"],
+            registry=r,
+        )
+        self.propensity = Histogram(
+            "stream_meta_decision_propensity",
+            "Probability that the policy plays the action it played (1 for UCB).",
+            buckets=PROPENSITY_BUCKETS,
+            registry=r,
+        )
+        self.pending = Gauge(
+            "stream_meta_pending_decisions",
+            "Decisions held awaiting their reward.",
+            registry=r,
+        )
+        self.unrewarded = Counter(
+            "stream_meta_decisions_unrewarded_total",
+            "Held decisions evicted (decisions.max_pending) before their reward came.",
+            registry=r,
+        )
+        for policy in ("thompson", "ucb"):
+            self.decisions.labels(policy)
+        for outcome in ("learned", "duplicate", "late", "unknown"):
+            self.rewards.labels(outcome)
+
+
 class ServiceMetrics:
     """Metrics of the Kafka-fed service (``stream-meta serve``), beside the engine's.
 

@@ -1,4 +1,5 @@
-"""One batch step, the same for every loop: process -> drift watch -> meta-updater -> recorder.
+"""One batch step, the same for every loop: decide -> process -> drift watch -> meta-updater ->
+recorder.
 
 ``stream-meta run`` (:func:`stream_meta.app.run_stream`), ``serve``
 (:class:`~stream_meta.kafka.service.KafkaService`), the ``trainer``
@@ -8,6 +9,10 @@
 
 A step, for a batch of raw events at stream position ``position``:
 
+0. the decider, if any (:class:`~stream_meta.decider.Decider`), takes the batch's decision
+   events (an action chosen for each, with every task's state before this batch's learning),
+   turns its rewards into the labelled events they teach and refuses bad ones; the engine
+   gets the rest, in order (``Step.positions``);
 1. the :class:`~stream_meta.engine.Engine` serves and learns the batch (every event with the
    examples its task had when it arrived);
 2. the recorder, if any, writes the raw events as they arrived (stream positions
@@ -27,14 +32,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stream_meta.drift.monitor import Alarm
 from stream_meta.engine import BatchResult, Engine
+from stream_meta.events import Rejection
 from stream_meta.labels import LabelRequest, LabelRequester
 from stream_meta.model import MetaModel
 
-__all__ = ["DriftWatcher", "MetaUpdates", "Pipeline", "Recorder", "Step"]
+if TYPE_CHECKING:
+    from stream_meta.decider import Intake
+
+__all__ = ["Decisions", "DriftWatcher", "MetaUpdates", "Pipeline", "Recorder", "Step"]
 
 #: meta-update outcomes that change the served model (the recording notes them)
 MODEL_CHANGES = frozenset({"promoted", "rolled_back"})
@@ -68,6 +77,16 @@ class MetaUpdates(Protocol):
     def close(self) -> None: ...
 
 
+class Decisions(Protocol):
+    """What the pipeline needs of the decider (:class:`~stream_meta.decider.Decider`)."""
+
+    def intake(
+        self, raws: Sequence[Any], *, received_at: float, learned: Sequence[bool] | None = None
+    ) -> Intake | None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
 class Recorder(Protocol):
     """What the pipeline needs of a recording (:class:`~stream_meta.recording.EventRecorder`)."""
 
@@ -81,7 +100,10 @@ class Recorder(Protocol):
 @dataclass
 class Step:
     """What one batch produced: the engine's result, the drift alarms it raised and the
-    meta-update outcome records that came with it."""
+    meta-update outcome records that came with it; with a decider, the decision records and
+    the decider's refusals, each with its input position, and the input positions of the
+    engine's inputs (``result.order[j]`` is input ``positions[j]``'s; None: every input went
+    to the engine, in order)."""
 
     result: BatchResult
     #: the version of the model that served this batch (an outcome may have swapped it since)
@@ -92,6 +114,13 @@ class Step:
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     #: the label requests of this batch's unlabelled events (with a label requester)
     label_requests: list[LabelRequest] = field(default_factory=list)
+    positions: list[int] | None = None
+    decisions: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    refused: list[tuple[int, Rejection]] = field(default_factory=list)
+
+    def engine_items(self, items: Sequence[Any]) -> list[Any]:
+        """``items`` (one per input) for the engine's inputs only, in ``result.order``'s order."""
+        return list(items) if self.positions is None else [items[p] for p in self.positions]
 
     def alarm_records(self) -> list[dict[str, Any]]:
         """The alarms as the drift topic carries them."""
@@ -116,9 +145,11 @@ class Pipeline:
         updater: MetaUpdates | None = None,
         recorder: Recorder | None = None,
         labels: LabelRequester | None = None,
+        decider: Decisions | None = None,
         position: int = 0,
     ) -> None:
         self.engine = engine
+        self.decider = decider
         self.watch = watch
         self.updater = updater
         self.recorder = recorder
@@ -140,10 +171,26 @@ class Pipeline:
         to :meth:`Engine.process`; ``meta[i]`` adds fields to event ``i``'s recording, and
         ``record`` replaces what is recorded (the raw bytes as consumed)."""
         t0 = time.perf_counter()
-        result = self.engine.process(raws, received_at=received_at, learned=learned)
+        intake = None
+        if self.decider is not None:
+            intake = self.decider.intake(
+                raws, received_at=t0 if received_at is None else received_at, learned=learned
+            )
+        if intake is None:
+            result = self.engine.process(raws, received_at=received_at, learned=learned)
+        else:
+            result = self.engine.process(
+                intake.raws, received_at=received_at, learned=intake.learned
+            )
         step = Step(result, self.engine.model_version, time.perf_counter() - t0)
         if self.labels is not None and result.outputs is not None:
             step.label_requests = self._label_requests(result)
+        if intake is not None:
+            step.positions, step.decisions, step.refused = (
+                intake.positions,
+                intake.decisions,
+                intake.refused,
+            )
         if self.recorder is not None:
             self.recorder.events(raws if record is None else record, self.position, meta)
         if self.watch is not None:
@@ -188,6 +235,8 @@ class Pipeline:
     def summary(self) -> dict[str, Any]:
         """The watchers' part of a run summary: alarms and meta-update records."""
         out: dict[str, Any] = {}
+        if self.decider is not None:
+            out["decisions"] = self.decider.summary()
         if self.watch is not None:
             out["alarms"] = self.watch.summary()["alarms"]
         if self.updater is not None:

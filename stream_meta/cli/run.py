@@ -38,7 +38,11 @@ def add_run_parser(sub: Subparsers, options: Options) -> None:
         "directory (--record) (default: the synthetic stream)",
     )
     r.add_argument("--events", type=int, help="stop after N events (default: 20000 synthetic)")
-    r.add_argument("--output", help="write predictions as JSON lines ('-' = stdout)")
+    r.add_argument(
+        "--output",
+        help="write predictions (and decision records, with a decision_id) as JSON lines "
+        "('-' = stdout)",
+    )
     r.add_argument("--rejects", help="write rejected events (dead letters) as JSON lines")
     r.add_argument(
         "--label-requests",
@@ -73,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from(args, overrides)
 
     from stream_meta.app import (
+        build_decider,
         build_drift_watch,
         build_label_requester,
         build_meta_updater,
@@ -114,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             recorder=recorder,
             labels=labels,
             label_requests=sinks[2],
+            decider=build_decider(settings, engine),
         )
     except KeyboardInterrupt:
         log.warning("interrupted")

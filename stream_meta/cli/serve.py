@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["service"] = {"state_dir": str(args.state_dir)}
     settings = settings_from(args, overrides)
 
-    from stream_meta.app import build_drift_watch, build_meta_updater
+    from stream_meta.app import build_decider, build_drift_watch, build_meta_updater
     from stream_meta.kafka.clients import ServiceError
     from stream_meta.kafka.service import KafkaService, state_dir_ok
     from stream_meta.metrics import ServiceMetrics
@@ -95,7 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recorder = open_recorder(args.record, args.record_format)
         recorder.model_change(engine.model_version, index=0, outcome="start")
     service = KafkaService(
-        engine, settings, ServiceMetrics(registry), watch=watch, updater=updater, recorder=recorder
+        engine,
+        settings,
+        ServiceMetrics(registry),
+        watch=watch,
+        updater=updater,
+        recorder=recorder,
+        decider=build_decider(settings, engine),
     )
     server = admin_server(
         settings,

@@ -2,9 +2,11 @@
 
 Consumes ``<prefix>.events`` in a consumer group and runs every polled batch through the
 :class:`~stream_meta.engine.Engine`. Each consumed record yields exactly one output: a
-prediction on ``<prefix>.predictions`` (key: task id) or a dead letter on
-``<prefix>.dead-letter`` (reason, detail, the original bytes base64-encoded, source topic,
-partition and offset).
+prediction on ``<prefix>.predictions`` (key: task id), a decision record on
+``<prefix>.decisions`` (key: task id; a decision event, with a decider:
+:mod:`stream_meta.decider`) or a dead letter on ``<prefix>.dead-letter`` (reason, detail, the
+original bytes base64-encoded, source topic, partition and offset). A reward event is a
+labelled event: its prediction (or its dead letter) is its output.
 
 Delivery, per batch:
 
@@ -68,10 +70,11 @@ from stream_meta.kafka.clients import ServiceError, backoff
 from stream_meta.kafka.offsets import Offsets, Recovery
 from stream_meta.kafka.topics import Topics, ensure_topics, partition_count
 from stream_meta.metrics import ServiceMetrics
-from stream_meta.pipeline import DriftWatcher, Pipeline, Recorder
+from stream_meta.pipeline import DriftWatcher, Pipeline, Recorder, Step
 
 if TYPE_CHECKING:
     from stream_meta.continual.updater import MetaUpdater
+    from stream_meta.decider import Decider
 from stream_meta.state_checkpoint import StateDir
 
 log = logging.getLogger(__name__)
@@ -96,15 +99,22 @@ class KafkaService:
         watch: DriftWatcher | None = None,
         updater: MetaUpdater | None = None,
         recorder: Recorder | None = None,
+        decider: Decider | None = None,
     ) -> None:
         self.engine, self.metrics = engine, metrics
         self.recorder = recorder  # an EventRecorder: every consumed record, as it arrived
         self.watch = watch  # a DriftWatch: its alarms go to the drift topic
         self.updater = updater  # a MetaUpdater: its outcomes go to the drift topic too
+        self.decider = decider  # a Decider: decision records, held decisions checkpointed
         # label requests go to <prefix>.label-requests (with [labels] enabled)
         self.labels = build_label_requester(settings, engine.metrics)
         self.pipeline = Pipeline(
-            engine, watch=watch, updater=updater, recorder=recorder, labels=self.labels
+            engine,
+            watch=watch,
+            updater=updater,
+            recorder=recorder,
+            labels=self.labels,
+            decider=decider,
         )
         self.kafka, self.cfg = settings.kafka, settings.service
         self.batch_size = settings.engine.micro_batch
@@ -130,7 +140,7 @@ class KafkaService:
         self.producer: Any = None
         self.sync: Any = None  # an EmbeddingSync (other replicas' task embeddings)
         self.models: Any = None  # a ModelFollower (published model versions)
-        self.consumed = self.predicted = self.dead_lettered = 0
+        self.consumed = self.predicted = self.decided = self.dead_lettered = 0
         self.restored: dict[str, Any] | None = None
         self._max_records = self.batch_size
         self._per_record_s = 0.0
@@ -159,6 +169,8 @@ class KafkaService:
             restorers: dict[str, Callable[[dict[str, np.ndarray]], None]] = {}
             if self.updater is not None:
                 restorers["meta_update"] = self.updater.restore_state
+            if self.decider is not None:
+                restorers["decisions"] = self.decider.restore_state
             self.restored = self.state.load(self.engine, restorers)
             if self.restored is None:
                 log.info("no state checkpoint in %s: starting without state", self.state.path)
@@ -360,6 +372,7 @@ class KafkaService:
         return {
             "consumed": self.consumed,
             "predicted": self.predicted,
+            "decided": self.decided,
             "dead_lettered": self.dead_lettered,
             # from the first record polled to the end (start-up and group join excluded)
             "seconds": round(busy, 3),
@@ -381,13 +394,15 @@ class KafkaService:
             meta=[_where(r) for r in records] if self.recorder is not None else None,
         )
         result = step.result
-        outputs, reasons = self._outputs(records, result)
+        engine_records = step.engine_items(records)
+        outputs, reasons = self._outputs(engine_records, result)
+        outputs += self._decision_outputs(records, step, reasons)
         outputs += [
             (self.topics.label_requests, r.task_id.encode(), r.to_json().encode())
             for r in step.label_requests
         ]
         if self.cfg.state_changelog:
-            outputs += self._changelog(records, result)
+            outputs += self._changelog(engine_records, result)
         if self.sync is not None:
             outputs += self.sync.outgoing()
         for alarm, record in zip(step.alarms, step.alarm_records(), strict=True):
@@ -402,13 +417,14 @@ class KafkaService:
         ts = np.array(stamps, dtype=np.float64)
         if len(ts):
             self.metrics.end_to_end.observe_many(acked - ts / 1000.0)
-        n_dead = len(reasons)
+        n_dead, n_decided = len(reasons), len(step.decisions)
         self.consumed += len(records)
-        self.predicted += len(records) - n_dead
+        self.predicted += len(records) - n_dead - n_decided
+        self.decided += n_decided
         self.dead_lettered += n_dead
         m = self.metrics
         m.consumed.inc(len(records))
-        m.predictions.inc(len(records) - n_dead)
+        m.predictions.inc(len(records) - n_dead - n_decided)
         for reason in reasons:
             m.dead_letters.labels(reason).inc()
         m.batch_records.observe(len(records))
@@ -567,17 +583,34 @@ class KafkaService:
                 sends.append((self.topics.predictions, out.task_ids[ref].encode(), value))
             else:
                 rejection = result.rejections[-1 - ref]
-                letter = {
-                    **rejection.to_record(),
-                    # the whole original bytes (the rejection keeps only the first 4 KiB)
-                    "raw_b64": base64.b64encode(record.value or b"").decode("ascii"),
-                    "topic": record.topic,
-                    "partition": record.partition,
-                    "offset": record.offset,
-                }
-                sends.append((self.topics.dead_letter, record.key, json.dumps(letter).encode()))
+                sends.append(self._dead_letter(record, rejection))
                 reasons.append(rejection.reason.value)
         return sends, reasons
+
+    def _decision_outputs(
+        self, records: list[Any], step: Step, reasons: list[str]
+    ) -> list[tuple[str, bytes | None, bytes]]:
+        """The step's decision records and the decider's dead letters (their reasons appended
+        to ``reasons``)."""
+        sends: list[tuple[str, bytes | None, bytes]] = [
+            (self.topics.decisions, d["task_id"].encode(), json.dumps(d).encode())
+            for _, d in step.decisions
+        ]
+        for pos, rejection in step.refused:
+            sends.append(self._dead_letter(records[pos], rejection))
+            reasons.append(rejection.reason.value)
+        return sends
+
+    def _dead_letter(self, record: Any, rejection: Any) -> tuple[str, bytes | None, bytes]:
+        letter = {
+            **rejection.to_record(),
+            # the whole original bytes (the rejection keeps only the first 4 KiB)
+            "raw_b64": base64.b64encode(record.value or b"").decode("ascii"),
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+        }
+        return (self.topics.dead_letter, record.key, json.dumps(letter).encode())
 
     def _deliver(self, sends: list[Any]) -> None:
         """Send and wait for every acknowledgement; re-send what the broker refused."""
@@ -631,7 +664,12 @@ class KafkaService:
         self._max_records = max(1, min(self.batch_size, fit))
 
     def _updater_state(self) -> dict[str, Any]:
-        return {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
+        """The other components' parts of a state checkpoint: the meta-updater's, the held
+        decisions."""
+        parts = {} if self.updater is None else {"meta_update": self.updater.state_arrays()}
+        if self.decider is not None:
+            parts["decisions"] = self.decider.state_arrays()
+        return parts
 
     def _on_revoked(self, revoked: list[Any]) -> None:
         self.metrics.rebalances.labels("revoked").inc()

@@ -25,7 +25,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from stream_meta.config import ConfigError, load_settings
-from stream_meta.metrics import EngineMetrics, ServiceMetrics, TrainerMetrics
+from stream_meta.metrics import DecisionMetrics, EngineMetrics, ServiceMetrics, TrainerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -289,6 +289,7 @@ def exported_metric_names() -> frozenset[str]:
     registry = CollectorRegistry()
     EngineMetrics(registry)
     ServiceMetrics(registry)
+    DecisionMetrics(registry)
     TrainerMetrics(registry)
     names: set[str] = set()
     for line in generate_latest(registry).decode().splitlines():

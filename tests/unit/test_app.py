@@ -73,3 +73,40 @@ def test_query_scorer_reports_accuracy_for_classification() -> None:
     assert regression.summary() == {}
     regression.add([0.5, 1.5], [0.0, 1.0])
     assert math.isclose(regression.summary()["query_loss"], 0.25)
+
+
+def test_decision_records_go_to_the_output_when_a_decider_runs(engine: Any, tmp_path: Path) -> None:
+    from stream_meta.app import build_decider
+
+    settings = load_settings(None, env={})
+    events: list[Any] = [(e, 0.0 if "y" not in e else None) for e in sinusoid_events(300, 10)]
+    actions = [{"action_id": f"a{k}", "x": [k - 2.0]} for k in range(5)]
+    events.insert(50, ({"event_id": "d1", "task_id": "t1", "actions": actions}, None))
+    events.insert(250, ({"event_id": "r1", "decision_id": "d1", "reward": 0.5}, None))
+    events.insert(260, ({"event_id": "r2", "decision_id": "d7", "reward": 0.5}, None))
+    preds, rejects = JsonlSink(tmp_path / "p.jsonl"), JsonlSink(tmp_path / "r.jsonl")
+
+    summary = run_stream(
+        engine,
+        events,
+        batch_size=64,
+        predictions=preds,
+        rejects=rejects,
+        decider=build_decider(settings, engine),
+    )
+    preds.close()
+    rejects.close()
+
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    [record] = [w for w in written if "decision_id" in w]
+    assert record["task_id"] == "t1" and record["action_id"].startswith("a")
+    assert len(written) == 302 and "r1" in {w.get("event_id") for w in written}
+    [reject] = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert (reject["event_id"], reject["reason"]) == ("r2", "unknown_decision")
+    assert summary["decisions"]["rewards"] == {
+        "learned": 1,
+        "duplicate": 0,
+        "late": 0,
+        "unknown": 1,
+    }
+    assert summary["queries_scored"] == summary["queries"]  # truths stay aligned

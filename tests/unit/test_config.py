@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from stream_meta.config import (
     ConfigError,
+    DecisionSettings,
     DriftSettings,
     EngineSettings,
     IndexSettings,
@@ -30,6 +31,7 @@ from stream_meta.config import (
 )
 from stream_meta.continual.update_job import UpdateConfig
 from stream_meta.continual.updater import MetaUpdateConfig
+from stream_meta.decider import DecisionConfig
 from stream_meta.drift.monitor import DriftConfig
 from stream_meta.drift.watch import DriftWatch
 from stream_meta.engine import EngineConfig
@@ -320,6 +322,7 @@ LIBRARY: dict[type[BaseModel], tuple[Callable[..., Any], ...]] = {
     DriftSettings: (DriftConfig, DriftWatch),
     MetaUpdateSettings: (MetaUpdateConfig, UpdateConfig),
     TrainSettings: (TrainConfig, meta_train),
+    DecisionSettings: (DecisionConfig,),
 }
 #: fields whose library parameter has another name
 RENAMED = {(DriftSettings, "loss_window"): "window"}
@@ -328,6 +331,7 @@ APP_ONLY = {
     (EngineSettings, "micro_batch"),
     (EngineSettings, "threads"),
     (DriftSettings, "enabled"),
+    (DecisionSettings, "enabled"),
     (MetaUpdateSettings, "worker"),
 }
 
@@ -377,6 +381,7 @@ def test_every_setting_of_a_mapped_section_has_a_library_parameter_unless_it_is_
 def test_default_settings_give_the_library_defaults_when_mapped() -> None:
     assert EngineSettings().config() == EngineConfig()
     assert DriftSettings().config() == DriftConfig()
+    assert DecisionSettings().config() == DecisionConfig()
     assert MetaUpdateSettings().configs("inline") == MetaUpdateConfig()
 
 
@@ -410,7 +415,7 @@ def _mapped_value(section: type[BaseModel], name: str, value: Any) -> tuple[Any,
     settings: Any = section(**{name: value})
     if section is EngineSettings:
         return getattr(settings.config(), name), value
-    if section is DriftSettings:
+    if section in (DriftSettings, DecisionSettings):
         return getattr(settings.config(), name), value
     configs = settings.configs("inline")
     return getattr(configs.update if hasattr(configs.update, name) else configs, name), value
@@ -422,6 +427,7 @@ _MAPPED = [
         (EngineSettings, (EngineConfig,)),
         (DriftSettings, (DriftConfig,)),
         (MetaUpdateSettings, (MetaUpdateConfig, UpdateConfig)),
+        (DecisionSettings, (DecisionConfig,)),
     )
     for name in section.model_fields
     if (section, name) not in APP_ONLY
@@ -451,3 +457,14 @@ def test_meta_update_configs_take_the_commands_worker_and_the_engines_seed_when_
 def test_drift_config_has_cluster_detectors_only_when_clusters_are_set() -> None:
     assert DriftSettings(clusters=0).config().per_cluster is False
     assert DriftSettings(clusters=4).config().per_cluster is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("policy", "greedy"), ("draws", 0), ("ucb_c", -1.0), ("reward_ttl_s", 0), ("max_pending", 0)],
+)
+def test_decision_settings_are_refused_with_their_name_when_out_of_range(
+    field: str, value: Any
+) -> None:
+    with pytest.raises(ConfigError, match=f"decisions.{field}"):
+        load_settings(None, env={}, overrides={"decisions": {field: value}})
