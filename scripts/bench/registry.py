@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from scripts.bench.bandits import measure_bandits
 from scripts.bench.common import Context, Section
+from scripts.bench.decisions import measure_decisions
 from scripts.bench.drift import measure_drift
 from scripts.bench.experts import measure_experts
 from scripts.bench.fewshot import (
@@ -46,5 +47,6 @@ MEASUREMENTS: dict[str, tuple[str, Measurement]] = {
     "retrieval": ("Retrieval by evidence: related tasks and a control", measure_retrieval),
     "experts": ("Experts: meta-updates that add instead of overwrite", measure_experts),
     "labels": ("Label requests: which labels to ask for, on a budget", measure_labels),
+    "decisions": ("Decisions: what they add to the per-event cost", measure_decisions),
     "bandits": ("Bandits: regret of new users and off-policy evaluation", measure_bandits),
 }

@@ -1,20 +1,19 @@
-"""What decisions add to ``stream-meta run``'s per-event cost.
-
-    python -m scripts.decisions_cost [--events 20000] [--share 0.1] [--repeats 4]
+"""What decisions add to ``stream-meta run``'s per-event cost (issue 16): section
+``decisions``.
 
 Two streams of the same length from one seeded sinusoid population (500 tasks, 70% labelled):
 plain events only, and the same stream where a share of the events are decisions over 8
 actions and up to as many are rewards of earlier decisions (each at least 600 events after
 its decision). Each is pushed through the pipeline ``run`` uses (default settings, drift
-watch and meta-updates off, micro-batches of 512), interleaved, ``--repeats`` times; the
+watch and meta-updates off, micro-batches of 512), interleaved, ``REPEATS`` times; the
 process CPU time of the fastest repeat of each is compared (CPU time, not wall time: the
-machine may be shared). Also reported: the plain stream without a decider (the cost of
-recognising that a batch holds no decision).
+machine may be shared). The target compares the mixed stream with the plain stream served
+without a decider (what ``run`` costs without the feature); the plain stream with a decider
+(the cost of recognising that a batch holds no decision) is context.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
+from scripts.bench.common import Check, Context, Section
 from stream_meta.app import build_decider, build_engine
 from stream_meta.config import Settings
 from stream_meta.metrics import EngineMetrics
@@ -70,32 +70,59 @@ def cpu_seconds(model: MetaModel, raws: list[bytes], decider: bool) -> float:
     return time.process_time() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--events", type=int, default=20_000)
-    ap.add_argument("--share", type=float, default=0.1)
-    ap.add_argument("--repeats", type=int, default=4)
-    args = ap.parse_args()
+EVENTS = 20_000
+SHARE = 0.1
+REPEATS = 5
+COST_LIMIT = 1.20  # decisions add at most 20% to the per-event cost
+
+
+def measure_decisions(ctx: Context, section: Section) -> None:
+    events = EVENTS // (4 if ctx.quick else 1)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, _ = load_checkpoint(shipped_checkpoint("sinusoid"))
-    plain, mixed = streams(args.events, args.share)
-    runs = {"plain, no decider": (plain, False), "plain": (plain, True), "mixed": (mixed, True)}
-    best = {name: float("inf") for name in runs}
-    for _ in range(args.repeats):
-        for name, (raws, decider) in runs.items():
-            best[name] = min(best[name], cpu_seconds(model, raws, decider))
+    try:
+        model, _ = load_checkpoint(shipped_checkpoint("sinusoid"))
+        plain, mixed = streams(events, SHARE)
+        runs = {"plain, no decider": (plain, False), "plain": (plain, True), "mixed": (mixed, True)}
+        best = {name: float("inf") for name in runs}
+        for _ in range(REPEATS):
+            for name, (raws, decider) in runs.items():
+                best[name] = min(best[name], cpu_seconds(model, raws, decider))
+    finally:
+        torch.set_num_threads(threads)
     n_dec = sum(b'"actions"' in r for r in mixed)
     n_rew = sum(b'"decision_id"' in r for r in mixed)
-    out = {
-        "events": args.events,
-        "decisions": n_dec,
-        "rewards": n_rew,
-        "cpu_us_per_event": {k: round(v / args.events * 1e6, 1) for k, v in best.items()},
-        "mixed_over_plain": round(best["mixed"] / best["plain"], 3),
-        "plain_over_no_decider": round(best["plain"] / best["plain, no decider"], 3),
-    }
-    print(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    us = {k: v / events * 1e6 for k, v in best.items()}
+    ratio = best["mixed"] / best["plain, no decider"]
+    how = (
+        f"`python -m scripts.bench --only decisions`: {events:,} events, fastest of {REPEATS} "
+        "interleaved repeats, process CPU time, one torch thread"
+    )
+    section.checks.append(
+        Check(
+            f"decisions add <= {COST_LIMIT - 1:.0%} to the per-event cost of `run`'s pipeline",
+            f"{ratio:.3f}x: {us['mixed']:.0f} us per event with {n_dec:,} decisions over 8 "
+            f"actions and {n_rew:,} rewards against {us['plain, no decider']:.0f} us for the "
+            "same stream's plain events served without a decider",
+            ratio <= COST_LIMIT,
+            how,
+        )
+    )
+    per_decision = (best["mixed"] - best["plain"]) / max(n_dec, 1) / (best["plain"] / events)
+    section.checks.append(
+        Check(
+            "context: the decider on a stream without decisions; one decision in plain events",
+            f"{best['plain'] / best['plain, no decider']:.3f}x (the batch search for decision "
+            f"and reward events); a decision costs about {per_decision + 1:.1f} plain events "
+            "(its task's adaptation, 8 actions, 256 posterior draws)",
+            None,
+            how,
+        )
+    )
+    section.raw.update(
+        events=events,
+        decisions=n_dec,
+        rewards=n_rew,
+        cpu_us_per_event={k: round(v, 1) for k, v in us.items()},
+        mixed_over_plain_without_decider=round(ratio, 4),
+    )
