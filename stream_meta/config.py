@@ -481,8 +481,8 @@ class LabelSettings(BaseModel):
         default=0.1,
         gt=0,
         le=1,
-        description="Total budget: at most this share of the unlabelled events is requested "
-        "(plus `burst`).",
+        description="Total budget: at any time at most this share of the unlabelled events "
+        "seen so far is requested.",
     )
     rate_per_s: float | None = Field(
         default=None, gt=0, description="Requests per second, overall (unset: no limit)."
@@ -493,8 +493,8 @@ class LabelSettings(BaseModel):
     burst: float = Field(
         default=10.0,
         ge=1,
-        description="Requests that may go out at once: the depth of the share's credit and of "
-        "the rate buckets.",
+        description="Requests that may go out at once: the unspent share kept (in requests) "
+        "and the depth of the rate buckets.",
     )
     first_k: int = Field(default=10, ge=1, description="first-k: requests per task.")
     window: int = Field(

@@ -35,9 +35,10 @@ the event* once its label is learned:
   seed: a redelivered event gets the same answer).
 - ``first-k``: a task's first ``first_k`` eligible events.
 
-**Budgets**, checked in this order for an event the policy picked: the *share*, at most
-``fraction`` of the eligible events plus a burst of ``burst`` (a credit of ``fraction`` per
-eligible event, capped at ``burst``); requests per second overall (``rate_per_s``) and per
+**Budgets**, checked in this order for an event the policy picked: the *share*, at any time
+at most ``fraction`` of the eligible events seen so far (a credit of ``fraction`` per eligible
+event, from 0; a request spends 1; unspent credit is kept up to ``burst`` requests, so a quiet
+stretch cannot bank a flood); requests per second overall (``rate_per_s``) and per
 task (``task_rate_per_s``), token buckets of depth ``burst`` on the clock passed in (wall
 time live; replays use the share only). A budget that says no is counted by reason. One event
 id is requested at most once (a window of ``dedupe_window`` ids).
@@ -106,7 +107,7 @@ class LabelPolicy:
     """How label requests are chosen and bounded (the ``[labels]`` settings)."""
 
     policy: Policy = "uncertainty"
-    fraction: float = 0.1  # at most this share of the eligible events (plus ``burst``)
+    fraction: float = 0.1  # at most this share of the eligible events seen so far
     rate_per_s: float | None = None  # requests per second, overall (None: no limit)
     task_rate_per_s: float | None = None  # requests per second, per task (None: no limit)
     burst: float = 10.0  # depth of the share credit and of the rate buckets (inf: unbounded)
@@ -192,7 +193,7 @@ class LabelRequester:
     def __init__(self, policy: LabelPolicy | None = None, metrics: Any = None) -> None:
         self.policy = p = policy or LabelPolicy()
         self.metrics = metrics
-        self.credit = min(p.burst, 1.0)  # the first eligible event may be requested
+        self.credit = 0.0  # requests never exceed fraction x eligible events
         self.requested = DedupeWindow(p.dedupe_window) if p.dedupe_window else None
         self.window = np.full(p.window, np.nan)
         self._sorted: np.ndarray | None = None  # the window's filled part, sorted
