@@ -68,10 +68,10 @@ Sections (``--only`` takes these names), a module each (:mod:`.registry` lists t
 * ``bandits`` (:mod:`.bandits`): ``stream-meta bandit-eval`` on new users of the bandit
   simulator (issue 16): cumulative regret after 20 and 200 decisions of the meta-model's
   Thompson sampling against per-task linear Thompson sampling from scratch, a pooled linear
-  bandit and random choice; context rows (no targets) of the same comparison on two harder
-  populations, ``diffuse`` and ``linear``, each with its own model (trained by the section
-  with the shipped recipe unless a matching one is kept under
-  ``build/bench-bandit-populations``: ~2 x 5 minutes the first time); ``stream-meta replay
+  bandit and random choice; context rows (no targets) of the same comparison on harder
+  populations, ``diffuse``, ``linear`` and both at once, each with its own model (trained by
+  the section with the shipped recipe unless a matching one is kept under
+  ``build/bench-bandit-populations``: ~3 x 5 minutes the first time); ``stream-meta replay
   --off-policy`` IPS and DR estimates on logged decision streams of the simulator against each
   target's true value.
 

@@ -44,6 +44,8 @@ POPULATIONS: dict[str, tuple[dict[str, float | int], float]] = {
     "diffuse": ({"archetypes": 16, "spread": 0.6}, 1.17),
     # no shared nonlinearity: a per-task linear model is well specified
     "linear": ({"quality": 0.0}, 1.0),
+    # both: the least shared structure (no cluster to find, no shared nonlinearity to know)
+    "diffuse-linear": ({"archetypes": 16, "spread": 0.6, "quality": 0.0}, 1.17),
 }
 #: where the populations' models are kept between bench runs (git-ignored; not shipped)
 POPULATION_DIR = ROOT / "build" / "bench-bandit-populations"

@@ -104,6 +104,8 @@ def test_train_family_bandit_writes_a_model_bandit_eval_serves(tmp_path: Path) -
     assert b"trained on the bandit population" not in proc.stderr  # the same population
     bad = cli("train", "--family", "bandit", "--family-arg", "spread=-1", "--out", str(out))
     assert bad.returncode == 2 and b"spread must be >= 0" in bad.stderr
+    data = cli("train", "--data", "log.jsonl", "--family-arg", "spread=1", "--out", str(out))
+    assert data.returncode == 2 and b"--family-arg goes with --family" in data.stderr
 
 
 def test_bandit_eval_family_arg_reaches_the_simulator_and_bad_ones_are_refused() -> None:
