@@ -57,6 +57,7 @@ from stream_meta.dedupe import DedupeWindow
 from stream_meta.events import Event, EventSchema, Prediction, Rejection, parse_event
 from stream_meta.experts import Router, RoutingConfig, log_density, members, mix, same_encoder
 from stream_meta.index import TaskIndex, neighbour_arrays, task_key
+from stream_meta.labels import label_value
 from stream_meta.metrics import EngineMetrics
 from stream_meta.model import MetaModel
 from stream_meta.retrieval import EvidenceBank, RetrievalConfig
@@ -612,8 +613,6 @@ class Engine:
     def _label_values(
         self, out: torch.Tensor, std: torch.Tensor | None, noise: torch.Tensor | None
     ) -> np.ndarray | None:
-        from stream_meta.labels import label_value
-
         if self.kind == "regression":
             if std is None or noise is None:
                 return None
