@@ -49,15 +49,14 @@ import numpy as np
 
 # the reference checker's helpers: decisions and rewards follow the same rules
 from stream_meta.events import (
-    MAX_ID_LENGTH,
     EventSchema,
     Rejection,
     RejectReason,
     _is_number,
-    _is_utf8_encodable,
     _kind,
     _reject,
     _to_finite_float,
+    id_problem,
 )
 
 __all__ = ["Decision", "Reward", "candidate", "candidates", "parse_other"]
@@ -166,19 +165,10 @@ def _id(obj: Mapping[Any, Any], name: str, raw: object) -> str | Rejection:
     value = obj.get(name)
     if value is None:
         return _reject(RejectReason.MISSING_FIELD, f"missing required field {name!r}", raw, obj)
-    if not isinstance(value, str):
-        return _reject(
-            RejectReason.INVALID_TYPE, f"{name} must be a string, got {_kind(value)}", raw, obj
-        )
-    if not 1 <= len(value) <= MAX_ID_LENGTH:
-        return _reject(
-            RejectReason.INVALID_TYPE,
-            f"{name} has {len(value)} characters, expected 1..{MAX_ID_LENGTH}",
-            raw,
-            obj,
-        )
-    if not _is_utf8_encodable(value):
-        return _reject(RejectReason.INVALID_TYPE, f"{name} is not valid Unicode text", raw, obj)
+    problem = id_problem(name, value)
+    if problem is not None:
+        return _reject(RejectReason.INVALID_TYPE, problem, raw, obj)
+    assert isinstance(value, str)
     return value
 
 

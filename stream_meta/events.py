@@ -43,6 +43,7 @@ __all__ = [
     "Prediction",
     "RejectReason",
     "Rejection",
+    "id_problem",
     "parse_event",
 ]
 
@@ -329,19 +330,9 @@ def _check_object(
 
     event_id, task_id, xs = obj["event_id"], obj["task_id"], obj["x"]
     for name, value in (("event_id", event_id), ("task_id", task_id)):
-        if not isinstance(value, str):
-            return _reject(
-                RejectReason.INVALID_TYPE, f"{name} must be a string, got {_kind(value)}", raw, obj
-            )
-        if not 1 <= len(value) <= MAX_ID_LENGTH:
-            return _reject(
-                RejectReason.INVALID_TYPE,
-                f"{name} has {len(value)} characters, expected 1..{MAX_ID_LENGTH}",
-                raw,
-                obj,
-            )
-        if not _is_utf8_encodable(value):  # a lone surrogate ("\ud800") would break the output
-            return _reject(RejectReason.INVALID_TYPE, f"{name} is not valid Unicode text", raw, obj)
+        problem = id_problem(name, value)
+        if problem is not None:
+            return _reject(RejectReason.INVALID_TYPE, problem, raw, obj)
     if not isinstance(xs, list | tuple):
         return _reject(
             RejectReason.INVALID_TYPE, f"x must be an array of numbers, got {_kind(xs)}", raw, obj
@@ -385,6 +376,19 @@ def _check_object(
             return _reject(label[0], label[1], raw, obj)
         y = label
     return Event.model_construct(event_id=event_id, task_id=task_id, x=x, y=y, ts=ts)
+
+
+def id_problem(name: str, value: object) -> str | None:
+    """Why ``value`` is no valid id named ``name`` (None: it is one): a string of 1 to
+    :data:`MAX_ID_LENGTH` characters that UTF-8 can encode (a lone surrogate, ``"\ud800"``,
+    would break the output)."""
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {_kind(value)}"
+    if not 1 <= len(value) <= MAX_ID_LENGTH:
+        return f"{name} has {len(value)} characters, expected 1..{MAX_ID_LENGTH}"
+    if not _is_utf8_encodable(value):
+        return f"{name} is not valid Unicode text"
+    return None
 
 
 def _check_label(y: float | int, schema: EventSchema) -> float | int | tuple[RejectReason, str]:
