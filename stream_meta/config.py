@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import ipaddress
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -59,6 +60,7 @@ from stream_meta.meta_training import TrainConfig, meta_train
 from stream_meta.tasks.stream import TaskStream
 
 __all__ = [
+    "AdminSettings",
     "ConfigError",
     "DecisionSettings",
     "EngineSettings",
@@ -281,7 +283,8 @@ class IndexSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    """The Prometheus endpoint."""
+    """The Prometheus scrape endpoint: ``/metrics``, ``/healthz``, ``/readyz``, read-only
+    (control routes are on the admin port, ``[admin]``)."""
 
     model_config = _SECTION_CONFIG
 
@@ -289,6 +292,84 @@ class MetricsSettings(BaseModel):
     port: int = Field(
         default=9108, ge=0, le=65535, description="Port to listen on; 0 turns the endpoint off."
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("0.0.0.0")
+    (True, True, False)
+    """
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+class AdminSettings(BaseModel):
+    """The admin port: control routes (``POST /meta-update``, ``GET /meta-updates``) of
+    ``run``, ``serve`` and ``trainer``, apart from the read-only scrape port (``[metrics]``).
+
+    Bound to loopback by default. With a token (``token_file``, or ``token`` from
+    ``STREAM_META_ADMIN__TOKEN``) every request needs ``Authorization: Bearer <token>``;
+    without one only loopback may be bound: another ``host`` without a token is refused.
+    """
+
+    model_config = _SECTION_CONFIG
+
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address to listen on (loopback; another needs a token).",
+    )
+    port: int = Field(
+        default=9109, ge=0, le=65535, description="Port to listen on; 0 turns the endpoint off."
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token (read at start, whitespace stripped; a "
+        "missing or empty file stops the process), e.g. a mounted Kubernetes Secret.",
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="The bearer token itself: a secret (never logged or printed); set it "
+        "through STREAM_META_ADMIN__TOKEN. token_file is preferred.",
+    )
+
+    @model_validator(mode="after")
+    def _beyond_loopback_needs_a_token(self) -> Self:
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("admin.token is empty (unset it, or set a token)")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set admin.token or admin.token_file, not both")
+        if self.port and not is_loopback(self.host) and not self.has_token:
+            raise ValueError(
+                f"admin.host {self.host} is beyond loopback: the admin port needs a token "
+                "there (admin.token_file or STREAM_META_ADMIN__TOKEN), or bind 127.0.0.1"
+            )
+        return self
+
+    @property
+    def has_token(self) -> bool:
+        return self.token is not None or self.token_file is not None
+
+    def read_token(self) -> str | None:
+        """The token (``token``, or ``token_file``'s stripped content), None without one;
+        ``ValueError`` naming the file when it is missing, unreadable or empty."""
+        if self.token is not None:
+            return self.token.get_secret_value().strip()
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise ValueError(f"cannot read admin.token_file {self.token_file}: {why}") from None
+        if not token:
+            raise ValueError(f"admin.token_file {self.token_file} is empty")
+        return token
 
 
 class KafkaSettings(BaseModel):
@@ -950,6 +1031,9 @@ class Settings(BaseSettings):
     index: IndexSettings = Field(default_factory=IndexSettings, description="The task index.")
     metrics: MetricsSettings = Field(
         default_factory=MetricsSettings, description="The Prometheus endpoint."
+    )
+    admin: AdminSettings = Field(
+        default_factory=AdminSettings, description="The admin port (control routes)."
     )
     stream: StreamSettings = Field(
         default_factory=StreamSettings, description="The synthetic stream."

@@ -22,6 +22,8 @@ from stream_meta.events import RejectReason
 
 #: outcomes of a meta-update (label values of ``stream_meta_meta_updates_total``)
 META_UPDATE_OUTCOMES = ("promoted", "rejected", "failed", "rolled_back", "skipped")
+#: outcomes of an admin-port request (label values of ``stream_meta_admin_requests_total``)
+ADMIN_OUTCOMES = ("ok", "unauthorized", "forbidden", "not_found", "bad_request", "error")
 #: per-event prediction latency buckets (seconds); 1 ms and 50 ms are targets
 LATENCY_BUCKETS = (
     0.0001,
@@ -538,3 +540,21 @@ class TrainerMetrics:
             "1 while this process is the active trainer (it holds the trainer lock), 0 on standby.",
             registry=registry,
         )
+
+
+class AdminMetrics:
+    """Requests to the admin port (:class:`stream_meta.http_server.AdminServer`), by outcome:
+    ``ok`` (a route answered), ``unauthorized`` (no bearer token: 401), ``forbidden`` (a wrong
+    one: 403), ``not_found``, ``bad_request`` (body or length), ``error`` (the route raised).
+    Never a label with the token, the path or the client."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.requests = Counter(
+            "stream_meta_admin_requests_total",
+            "Requests to the admin port, by outcome (unauthorized: no token, forbidden: a "
+            "wrong one).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ADMIN_OUTCOMES:
+            self.requests.labels(outcome)

@@ -299,21 +299,64 @@ def serving_engine(settings: Any) -> tuple[Any, dict[str, Any], Any, Any]:
     return engine, manifest, registry, metrics
 
 
-def admin_server(settings: Any, registry: Any, **probes: Any) -> Any:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on the configured port (None if port 0)."""
+def metrics_server(settings: Any, registry: Any, **probes: Any) -> Any:
+    """The read-only scrape port: ``/metrics``, ``/healthz`` and ``/readyz`` on
+    ``[metrics]`` host:port (None if port 0). Control routes go to :func:`admin_server`."""
     if not settings.metrics.port:
         return None
-    from stream_meta.http_server import AdminServer
+    from stream_meta.http_server import MetricsServer
 
     host, port = settings.metrics.host, settings.metrics.port
     try:
-        server = AdminServer(registry, host=host, port=port, **probes)
+        server = MetricsServer(registry, host=host, port=port, **probes)
     except OSError as exc:
         raise UsageError(
             f"cannot serve metrics on {host}:{port}: {exc} "
             "(choose another with --metrics-port, or 0 to turn it off)"
         ) from exc
     log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", host, port)
+    return server
+
+
+def admin_server(settings: Any, registry: Any, routes: Any) -> Any:
+    """The admin port with ``routes`` (e.g. ``POST /meta-update``) on ``[admin]`` host:port;
+    None when there are no routes or the port is 0.
+
+    The token (``admin.token_file`` or ``admin.token``) is read here, once: a missing or empty
+    file is a :class:`UsageError`, and so is a host beyond loopback without a token (the
+    settings refuse it already). Requests are counted in ``stream_meta_admin_requests_total``
+    on ``registry``.
+    """
+    admin = settings.admin
+    if not routes or not admin.port:
+        return None
+    from stream_meta.config import is_loopback
+    from stream_meta.http_server import AdminServer
+    from stream_meta.metrics import AdminMetrics
+
+    try:
+        token = admin.read_token()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if token is None and not is_loopback(admin.host):  # the settings refuse it already
+        raise UsageError(f"admin.host {admin.host} is beyond loopback: it needs a token")
+    host, port = admin.host, admin.port
+    try:
+        server = AdminServer(
+            routes, host=host, port=port, token=token, metrics=AdminMetrics(registry)
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot serve the admin port on {host}:{port}: {exc} "
+            "(choose another with --admin-port, or 0 to turn it off)"
+        ) from exc
+    log.info(
+        "admin on http://%s:%d (%s; %s)",
+        host,
+        port,
+        ", ".join(f"{m} {p}" for m, p in sorted(routes)),
+        "bearer token required" if token else "no token: loopback only",
+    )
     return server
 
 

@@ -17,6 +17,7 @@ from stream_meta.cli.common import (
     emit,
     family_for,
     log,
+    metrics_server,
     open_recorder,
     progress_bar,
     serving_engine,
@@ -52,6 +53,7 @@ def add_run_parser(sub: Subparsers, options: Options) -> None:
     r.add_argument("--family", choices=["sinusoid", "digits"], help="task family (shipped model)")
     r.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     r.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
+    r.add_argument("--admin-port", type=int, help="admin port (meta-update requests; 0 = off)")
     r.add_argument("--k-neighbours", type=int, help="neighbours retrieved per task (0 = off)")
     r.add_argument("--timeout", type=float, help="stop after this many seconds")
     r.add_argument(
@@ -92,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     updater = build_meta_updater(
         settings, engine, metrics, watch, family_name, worker="inline", models_dir=args.models_dir
     )
-    server = admin_server(settings, registry, routes=None if updater is None else updater.routes())
+    server = metrics_server(settings, registry)
+    admin = admin_server(settings, registry, None if updater is None else updater.routes())
     events = args.events
     log.info("model %s (version %s); input: %s", manifest["path"], engine.model_version, what)
     labels = build_label_requester(settings, metrics)
@@ -125,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("interrupted")
         summary = engine.summary()
     finally:
-        close(bar, *sinks, server, updater, recorder)
+        close(bar, *sinks, admin, server, updater, recorder)
     emit(_run_summary(summary, family_name, scenario, watch, updater), args.json)
     return 0
 
@@ -140,6 +143,8 @@ def _run_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         overrides.setdefault("model", {})["checkpoint"] = str(args.checkpoint)
     if args.metrics_port is not None:
         overrides.setdefault("metrics", {})["port"] = args.metrics_port
+    if args.admin_port is not None:
+        overrides.setdefault("admin", {})["port"] = args.admin_port
     if args.k_neighbours is not None:
         overrides.setdefault("engine", {})["k_neighbours"] = args.k_neighbours
     scenario = None

@@ -20,6 +20,7 @@ from stream_meta.cli.common import (
     emit,
     kafka_overrides,
     log,
+    metrics_server,
     open_recorder,
     serving_engine,
     settings_from,
@@ -35,6 +36,8 @@ def _process_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {"kafka": kafka_overrides(args)}
     if args.metrics_port is not None:
         overrides["metrics"] = {"port": args.metrics_port}
+    if args.admin_port is not None:
+        overrides["admin"] = {"port": args.admin_port}
     if args.checkpoint:
         overrides["model"] = {"checkpoint": str(args.checkpoint)}
     return overrides
@@ -50,6 +53,9 @@ def add_serve_parser(sub: Subparsers, options: Options) -> None:
     sv.add_argument("--group", help="consumer group id (default stream-meta)")
     sv.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
     sv.add_argument("--metrics-port", type=int, help="Prometheus port on 127.0.0.1 (0 = off)")
+    sv.add_argument(
+        "--admin-port", type=int, help="admin port on 127.0.0.1 (meta-update requests; 0 = off)"
+    )
     sv.add_argument("--state-dir", type=Path, help="state checkpoints directory (default: none)")
     sv.add_argument("--events", type=int, help="stop after consuming N events")
     sv.add_argument("--timeout", type=float, help="stop after this many seconds")
@@ -103,13 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recorder=recorder,
         decider=build_decider(settings, engine),
     )
-    server = admin_server(
-        settings,
-        registry,
-        health=service.health,
-        ready=service.ready,
-        routes=None if updater is None else updater.routes(),
-    )
+    server = metrics_server(settings, registry, health=service.health, ready=service.ready)
+    admin = admin_server(settings, registry, None if updater is None else updater.routes())
     service.install_signal_handlers()
     try:
         if settings.service.state_dir is not None:
@@ -128,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"stream-meta: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        close(server, updater, watch, recorder)
+        close(admin, server, updater, watch, recorder)
     emit(summary, args.json)
     return 0
 
@@ -142,7 +143,10 @@ def add_trainer_parser(sub: Subparsers, options: Options) -> None:
     )
     tr.add_argument("--group", help="consumer group of the replicas (default stream-meta)")
     tr.add_argument("--checkpoint", type=Path, help="model checkpoint (default: shipped)")
-    tr.add_argument("--metrics-port", type=int, help="Prometheus/admin port (0 = off)")
+    tr.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
+    tr.add_argument(
+        "--admin-port", type=int, help="admin port on 127.0.0.1 (meta-update requests; 0 = off)"
+    )
     tr.add_argument("--timeout", type=float, help="stop after this many seconds")
     tr.set_defaults(func=cmd_trainer)
 
@@ -163,13 +167,8 @@ def cmd_trainer(args: argparse.Namespace) -> int:
         settings, engine, metrics, watch, manifest["family"], worker="process"
     )
     trainer = TrainerService(engine, settings, metrics, watch=watch, updater=updater)
-    server = admin_server(
-        settings,
-        registry,
-        health=trainer.health,
-        ready=trainer.ready,
-        routes=updater.routes() if updater is not None else None,
-    )
+    server = metrics_server(settings, registry, health=trainer.health, ready=trainer.ready)
+    admin = admin_server(settings, registry, None if updater is None else updater.routes())
     stop = stop_on_sigterm()
 
     def relay() -> None:  # SIGTERM -> the trainer's loop stops after its step
@@ -186,7 +185,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         summary = {"interrupted": True}
     finally:
-        close(server, updater, watch)
+        close(admin, server, updater, watch)
     emit(summary, args.json)
     return 0
 
@@ -198,7 +197,13 @@ def add_meta_update_parser(sub: Subparsers, options: Options) -> None:
         parents=[options.common],
         help="ask a running `serve` (or `run`) for a meta-update, through its admin endpoint",
     )
-    mu.add_argument("--url", help="admin endpoint (default: http://127.0.0.1:<metrics port>)")
+    mu.add_argument("--url", help="admin endpoint (default: http://127.0.0.1:<admin.port>)")
+    mu.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the admin bearer token (default: admin.token_file, or "
+        "STREAM_META_ADMIN__TOKEN)",
+    )
     mu.add_argument("--reason", default="requested by stream-meta meta-update")
     mu.add_argument(
         "--wait", type=float, default=0.0, help="wait up to S seconds for the outcome (0: no)"
@@ -208,13 +213,26 @@ def add_meta_update_parser(sub: Subparsers, options: Options) -> None:
 
 
 def cmd_meta_update(args: argparse.Namespace) -> int:
-    """POST /meta-update to a running process; with --wait, poll /meta-updates for the outcome."""
-    settings = settings_from(args, {})
-    base = (args.url or f"http://127.0.0.1:{settings.metrics.port}").rstrip("/")
+    """POST /meta-update to a running process's admin port; with --wait, poll /meta-updates
+    for the outcome. The bearer token (--token-file, else the ``[admin]`` settings) is sent
+    when there is one."""
+    overrides = {"admin": {"token_file": str(args.token_file)}} if args.token_file else {}
+    settings = settings_from(args, overrides)
+    if not args.url and not settings.admin.port:
+        raise UsageError("admin.port is 0 (off): give the endpoint with --url")
+    base = (args.url or f"http://127.0.0.1:{settings.admin.port}").rstrip("/")
+    try:
+        token = settings.admin.read_token()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return _admin_call(base, method, path, body, token=token)
+
     if args.status:
-        emit(_admin_call(base, "GET", "/meta-updates"), True)
+        emit(call("GET", "/meta-updates"), True)
         return 0
-    before = _admin_call(base, "POST", "/meta-update", {"reason": args.reason})
+    before = call("POST", "/meta-update", {"reason": args.reason})
     log.info("meta-update requested from %s (serving version %s)", base, before["model_version"])
     if args.wait <= 0:
         emit(before, args.json)
@@ -222,7 +240,7 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        status = _admin_call(base, "GET", "/meta-updates")
+        status = call("GET", "/meta-updates")
         fresh = status["total_records"] - before["records"]
         if fresh > 0:  # the outcome of this request (or of the update it joined)
             outcome = status["records"][-min(fresh, len(status["records"]))]
@@ -232,24 +250,48 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
     return 1
 
 
-def _admin_call(base: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One JSON request to the admin endpoint at ``base``; its errors as ``UsageError``."""
+def _admin_call(
+    base: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+) -> Any:
+    """One JSON request to the admin endpoint at ``base`` (with ``Authorization: Bearer
+    <token>`` when given); its errors as ``UsageError``."""
     import urllib.error
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise UsageError(
+                f"{base} wants an admin token: give --token-file (or admin.token_file, "
+                "STREAM_META_ADMIN__TOKEN)"
+            ) from None
+        if exc.code == 403:
+            raise UsageError(f"{base} refused the admin token (a different one?)") from None
+        if exc.code == 405:
+            raise UsageError(
+                f"{base} is read-only (the metrics port?): meta-update requests go to the "
+                "admin port (admin.port, --url)"
+            ) from None
         if exc.code == 404:
-            raise UsageError(f"{base} has no meta-updater (meta_update.enabled is off?)") from exc
+            raise UsageError(
+                f"{base} has no meta-updater (meta_update.enabled is off, or is it the "
+                "metrics port? requests go to the admin port)"
+            ) from exc
         raise UsageError(f"{base}{path}: HTTP {exc.code}: {exc.read().decode()[:200]}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise UsageError(
             f"cannot reach {base} ({exc}); is `stream-meta serve` running "
-            "with its metrics port there? (--url)"
+            "with its admin port there? (--url)"
         ) from exc

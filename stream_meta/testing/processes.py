@@ -27,8 +27,11 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment without STREAM_META_* settings, in any case, as the settings read them
-    (the suite may run inside a deploy), plus ``extra``."""
+    (the suite may run inside a deploy), with the admin port off (``STREAM_META_ADMIN__PORT=0``:
+    processes running side by side would all want its default 9109; a test that talks to it
+    passes ``--admin-port``), plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("STREAM_META_")}
+    env["STREAM_META_ADMIN__PORT"] = "0"
     env.update(extra)
     return env
 
@@ -113,7 +116,7 @@ class Serve:
 
 
 def updater_status(port: int) -> dict[str, Any]:
-    """``GET /meta-updates`` of a process's HTTP endpoint on ``port``."""
+    """``GET /meta-updates`` of a process's admin port ``port`` (no token)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/meta-updates", timeout=10) as resp:
         status: dict[str, Any] = json.loads(resp.read())
     return status

@@ -50,7 +50,7 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
     )
     assert produced.returncode == 0, produced.stderr.decode()
 
-    port = free_port()
+    port = free_port()  # the admin port (meta-update requests); metrics are off
     recording = tmp_path / "recording"
     serve_args = [
         *kafka,
@@ -60,6 +60,8 @@ def test_a_requested_update_is_trained_swapped_published_and_kept_across_a_resta
         "--state-dir",
         str(state),
         "--metrics-port",
+        "0",
+        "--admin-port",
         str(port),
         "--timeout",
         "150",

@@ -60,6 +60,8 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
         "--group",
         f"{prefix}-g",
         "--metrics-port",
+        "0",
+        "--admin-port",
         str(port),
     )
     replica = Serve(

@@ -1,4 +1,5 @@
-"""The admin HTTP endpoint: Prometheus exposition and the liveness / readiness probes."""
+"""The scrape port (``MetricsServer``): Prometheus exposition, the liveness / readiness probes,
+and nothing else (405 for another method on those paths, 404 for any other path)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from stream_meta.http_server import AdminServer
+from stream_meta.http_server import MetricsServer
 
 
 def _get(port: int, path: str) -> tuple[int, str, str]:
@@ -31,9 +32,9 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture(scope="module")
-def _server(registry) -> Iterator[AdminServer]:
+def _server(registry) -> Iterator[MetricsServer]:
     """One server for the module: each close() waits out serve_forever's 0.5 s poll."""
-    server = AdminServer(registry, host="127.0.0.1", port=0)
+    server = MetricsServer(registry, host="127.0.0.1", port=0)
     try:
         yield server
     finally:
@@ -41,11 +42,11 @@ def _server(registry) -> Iterator[AdminServer]:
 
 
 @pytest.fixture
-def serve(_server) -> Iterator[Callable[..., AdminServer]]:
+def serve(_server) -> Iterator[Callable[..., MetricsServer]]:
     """Factory: the shared server with the given probes (reset to the defaults afterwards)."""
     defaults = (_server.health, _server.ready)
 
-    def make(**probes) -> AdminServer:
+    def make(**probes) -> MetricsServer:
         _server.health = probes.pop("health", defaults[0])
         _server.ready = probes.pop("ready", defaults[1])
         assert not probes, f"unknown probes {probes}"
@@ -123,9 +124,49 @@ def test_query_string_is_ignored_when_routing(serve) -> None:
 
 
 def test_close_stops_serving_when_called(registry) -> None:
-    server = AdminServer(registry, port=0)
+    server = MetricsServer(registry, port=0)
     port = server.port
     assert _get(port, "/healthz")[0] == 200
     server.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    """``(status, headers)`` of any request, also for 4xx answers."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", ["/", "/metrics", "/healthz", "/readyz"])
+def test_the_scrape_port_refuses_other_methods_with_405_when_the_path_is_known(
+    serve, method, path
+) -> None:
+    server = serve()
+    status, headers = _request(server.port, method, path, b"{}" if method != "OPTIONS" else None)
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
+@pytest.mark.parametrize("path", ["/meta-update", "/meta-updates", "/admin", "/metricsx"])
+def test_the_scrape_port_answers_404_for_any_other_path_when_requested(serve, method, path) -> None:
+    server = serve()
+    assert _request(server.port, method, path, b"{}" if method != "GET" else None)[0] == 404
+
+
+def test_the_scrape_port_takes_no_routes_when_built() -> None:
+    with pytest.raises(TypeError):
+        MetricsServer(CollectorRegistry(), port=0, routes={})  # type: ignore[call-arg]
+
+
+def test_head_answers_like_get_without_a_body_when_probing(serve) -> None:
+    server = serve(ready=lambda: (False, "starting"))
+    assert _request(server.port, "HEAD", "/readyz")[0] == 503
+    assert _request(server.port, "HEAD", "/metrics")[0] == 200
