@@ -64,6 +64,7 @@ SEVERITIES = {"critical", "warning", "info"}
 K8S_KINDS = (
     "ConfigMap",
     "Deployment",
+    "NetworkPolicy",
     "PodDisruptionBudget",
     "PrometheusRule",
     "Service",
@@ -934,6 +935,56 @@ def test_service_and_servicemonitor_agree_on_the_metrics_port_when_read(componen
     assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
     assert monitor["spec"]["endpoints"][0].get("path", "/metrics") == "/metrics"
+
+
+def test_networkpolicy_lets_only_prometheus_reach_the_metrics_port_when_read() -> None:
+    policy = _k8s("NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    for component in WORKLOADS:  # it covers every workload's pods
+        labels = _workload(component)["spec"]["template"]["metadata"]["labels"]
+        assert selects(spec["podSelector"], labels), component
+    (rule,) = spec["ingress"]  # one way in
+    assert [(p["port"], p.get("protocol", "TCP")) for p in rule["ports"]] == [("metrics", "TCP")]
+    (source,) = rule["from"]
+    assert set(source) == {"namespaceSelector", "podSelector"}, "pods, not IP blocks"
+    assert source["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    assert not selects(source["podSelector"], {"app.kubernetes.io/name": "stream-meta"})
+
+
+@pytest.mark.parametrize("component", list(WORKLOADS))
+def test_workloads_expose_only_the_metrics_port_and_keep_admin_on_loopback_when_read(
+    component: str,
+) -> None:
+    container = _container(component)
+    assert [p["name"] for p in container["ports"]] == ["metrics"]
+    settings = load_settings(None, env=_env_sources()[f"k8s {component}"])
+    assert settings.admin.host == "127.0.0.1" and settings.admin.port != METRICS_PORT
+
+
+def test_no_environment_binds_the_admin_port_beyond_loopback_when_loaded() -> None:
+    for source, env in _env_sources().items():
+        assert not any(k.upper().startswith("STREAM_META_ADMIN__HOST") for k in env), source
+        assert load_settings(None, env=env).admin.host == "127.0.0.1", source
+
+
+def test_trainer_reads_the_admin_token_from_the_secret_when_read() -> None:
+    pod, container = _pod("trainer"), _container("trainer")
+    env = {var["name"]: var for var in container["env"]}
+    token_file = Path(env["STREAM_META_ADMIN__TOKEN_FILE"]["value"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = mounts[str(token_file.parent)]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    secret = volume["secret"]
+    assert secret["secretName"] == "stream-meta-admin"
+    assert secret["items"] == [{"key": "token", "path": token_file.name}]
+    # readable by the pod's user (through fsGroup), by nobody else
+    assert secret["defaultMode"] & 0o007 == 0
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    settings = load_settings(None, env=_env_sources()["k8s trainer"])
+    assert settings.admin.token_file == token_file and settings.meta_update.enabled
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
