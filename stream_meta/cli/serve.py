@@ -216,7 +216,10 @@ def cmd_meta_update(args: argparse.Namespace) -> int:
     """POST /meta-update to a running process's admin port; with --wait, poll /meta-updates
     for the outcome. The bearer token (--token-file, else the ``[admin]`` settings) is sent
     when there is one."""
-    overrides = {"admin": {"token_file": str(args.token_file)}} if args.token_file else {}
+    # --token-file wins over admin.token (STREAM_META_ADMIN__TOKEN) and admin.token_file
+    overrides = (
+        {"admin": {"token_file": str(args.token_file), "token": None}} if args.token_file else {}
+    )
     settings = settings_from(args, overrides)
     if not args.url and not settings.admin.port:
         raise UsageError("admin.port is 0 (off): give the endpoint with --url")

@@ -43,7 +43,7 @@ class Calls:
     def post(self, body: dict[str, Any]) -> tuple[int, Any]:
         with self.lock:
             self.bodies.append(body)
-        return 202, {"accepted": True}
+        return 202, {"accepted": True, "model_version": 1, "records": 0}
 
     def routes(self) -> dict[tuple[str, str], Any]:
         return {("POST", "/meta-update"): self.post, ("GET", "/meta-updates"): self.get}
@@ -86,7 +86,7 @@ def test_the_right_token_reaches_the_route_when_sent(guarded) -> None:
     status, _, body = _call(
         server.port, "POST", "/meta-update", b'{"reason": "x"}', f"Bearer {TOKEN}"
     )
-    assert status == 202 and json.loads(body) == {"accepted": True}
+    assert status == 202 and json.loads(body)["accepted"] is True
     assert len(calls.bodies) == before[0] + 1 and calls.bodies[-1] == {"reason": "x"}
     assert _count(server.metrics, "ok") == before[1] + 1
     assert _call(server.port, "GET", "/meta-updates", auth=f"bearer  {TOKEN} ")[0] == 200
@@ -417,9 +417,7 @@ def test_admin_server_serves_the_routes_with_the_token_when_started(tmp_path: Pa
     try:
         base = f"http://127.0.0.1:{port}"
         assert _admin_call(base, "GET", "/meta-updates", token=TOKEN) == {"requests": 0}
-        assert _admin_call(base, "POST", "/meta-update", {"reason": "r"}, token=TOKEN) == {
-            "accepted": True
-        }
+        assert _admin_call(base, "POST", "/meta-update", {"reason": "r"}, token=TOKEN)["accepted"]
         with pytest.raises(UsageError, match="wants an admin token"):
             _admin_call(base, "POST", "/meta-update", {})
         with pytest.raises(UsageError, match="refused the admin token"):
@@ -438,5 +436,32 @@ def test_meta_update_points_at_the_metrics_port_clearly_when_misdirected() -> No
     try:
         with pytest.raises(UsageError, match="admin port"):
             _admin_call(f"http://127.0.0.1:{server.port}", "POST", "/meta-update", {})
+    finally:
+        server.close()
+
+
+def test_the_meta_update_command_sends_the_token_and_explains_refusals_when_run(
+    tmp_path: Path,
+) -> None:
+    from stream_meta.testing.processes import cli
+
+    calls = Calls()
+    server = AdminServer(calls.routes(), port=0, token=TOKEN)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text(TOKEN + "\n")
+    bad.write_text("nope\n")
+    url = ["--url", f"http://127.0.0.1:{server.port}"]
+    try:
+        # --token-file wins over the environment's token
+        env = {"STREAM_META_ADMIN__TOKEN": "from-env"}
+        done = cli("meta-update", *url, "--token-file", str(good), "--json", "-q", env=env)
+        assert done.returncode == 0, done.stderr.decode()
+        assert json.loads(done.stdout)["accepted"] is True and len(calls.bodies) == 1
+        refused = cli("meta-update", *url, "--token-file", str(bad), "-q")
+        assert refused.returncode == 2 and b"refused the admin token" in refused.stderr
+        missing = cli("meta-update", *url, "-q")
+        assert missing.returncode == 2 and b"--token-file" in missing.stderr
+        assert len(calls.bodies) == 1
+        assert TOKEN.encode() not in refused.stderr + missing.stderr + done.stderr
     finally:
         server.close()
