@@ -77,6 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -125,7 +127,8 @@ class MetricsServer(_Server):
 
         class Handler(_Handler):
             def handle_any(self) -> None:
-                self.close_connection = True  # a body we do not read must not become a request
+                if self.command not in ("GET", "HEAD"):
+                    self.close_connection = True  # an unread body must not become a request
                 path = urlsplit(self.path).path
                 if path not in SCRAPE_PATHS:
                     self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
@@ -166,7 +169,7 @@ class AdminServer(_Server):
 
         class Handler(_Handler):
             def handle_any(self) -> None:
-                self.close_connection = True
+                self.close_connection = True  # a refused request's body is never read
                 if self._authorised():
                     self._dispatch()
 

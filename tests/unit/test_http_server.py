@@ -170,3 +170,24 @@ def test_head_answers_like_get_without_a_body_when_probing(serve) -> None:
     server = serve(ready=lambda: (False, "starting"))
     assert _request(server.port, "HEAD", "/readyz")[0] == 503
     assert _request(server.port, "HEAD", "/metrics")[0] == 200
+
+
+def test_a_refused_post_closes_its_connection_and_gets_still_work_when_reusing_a_client(
+    serve,
+) -> None:
+    import http.client
+
+    server = serve()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("POST", "/metrics", body=b"x" * 100)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 405 and resp.getheader("Connection") == "close"
+        for path in ("/metrics", "/healthz", "/readyz"):  # the unread body is no request
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+    finally:
+        conn.close()
