@@ -6,8 +6,11 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 
 from stream_meta.http_server import MetricsServer
@@ -191,3 +194,31 @@ def test_a_refused_post_closes_its_connection_and_gets_still_work_when_reusing_a
             assert resp.status == 200
     finally:
         conn.close()
+
+
+_SCRAPE_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from(_SCRAPE_METHODS),
+    path=st.one_of(
+        st.sampled_from(["/", "/metrics", "/healthz", "/readyz", "/meta-update"]),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(
+            lambda p: "/" + p.replace("?", "").replace("#", "")
+        ),
+    ),
+    body=st.binary(max_size=100),
+)
+def test_only_gets_of_the_three_paths_succeed_on_the_scrape_port_when_fuzzed(
+    serve, method, path, body
+) -> None:
+    server = serve()
+    status, _ = _request(server.port, method, path, body if method not in ("GET", "HEAD") else None)
+    known = urlsplit(path).path in ("/", "/metrics", "/healthz", "/readyz")
+    if known and method in ("GET", "HEAD"):
+        assert status == 200
+    else:
+        assert status == (405 if known else 404), (method, path, status)
