@@ -434,7 +434,8 @@ class ServiceSettings(BaseModel):
     follow_models: bool = Field(
         default=True,
         description="Read <prefix>.models and serve every newer model version published there "
-        "(stream-meta publish-model, or a trainer), once its sha256 and checkpoint check out.",
+        "(stream-meta publish-model, or a trainer), once its signature (see [models]), sha256 "
+        "and checkpoint check out.",
     )
     share_embeddings: bool = Field(
         default=True,

@@ -176,3 +176,29 @@ def test_publish_model_without_a_key_is_a_usage_error(
     args += ["--checkpoint", str(shipped_checkpoint("sinusoid")), "--version", "2"]
     assert main(args) == 2  # before any connection: nothing to reach
     assert "no signing key" in capsys.readouterr().err
+
+
+def test_an_encrypted_signing_key_is_read_with_its_password(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from pydantic import SecretStr
+
+    from stream_meta.kafka.model_signing import signer_from_settings
+
+    key = Ed25519PrivateKey.generate()
+    path = tmp_path / "k.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    models = SimpleNamespace(signing_key_file=path, signing_key_password=SecretStr("s3cret"))
+    signer = signer_from_settings(models)
+    assert signer is not None and Verifier([key.public_key()]).keys.keys() == {signer.key_id}
+    wrong = SimpleNamespace(signing_key_file=path, signing_key_password=SecretStr("nope"))
+    with pytest.raises(SigningError) as exc:
+        signer_from_settings(wrong)
+    assert "nope" not in str(exc.value)  # the password is never in the message
+    assert signer_from_settings(SimpleNamespace(signing_key_file=None)) is None
