@@ -463,7 +463,8 @@ class ModelsSettings(BaseModel):
     trusted_keys: list[Path] = Field(
         default_factory=list,
         description="Ed25519 public keys (PEM files) whose signatures a replica (and the "
-        "trainer) accepts; several at once for key rotation.",
+        "trainer) accepts; several at once for key rotation (a list in TOML, comma-separated "
+        "in the environment or --set).",
     )
     trusted_keys_dir: Path | None = Field(
         default=None,
@@ -476,6 +477,15 @@ class ModelsSettings(BaseModel):
         "without a signing key), with a WARNING at start and per version. Badly signed "
         "versions are refused regardless.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_trusted_keys(cls, data: Any) -> Any:
+        """``trusted_keys`` given as one string (environment, ``--set``): comma-separated."""
+        if isinstance(data, dict) and isinstance(data.get("trusted_keys"), str):
+            paths = [p.strip() for p in data["trusted_keys"].split(",") if p.strip()]
+            data = {**data, "trusted_keys": paths}
+        return data
 
 
 class TrainerSettings(BaseModel):

@@ -202,3 +202,12 @@ def test_an_encrypted_signing_key_is_read_with_its_password(tmp_path: Path) -> N
         signer_from_settings(wrong)
     assert "nope" not in str(exc.value)  # the password is never in the message
     assert signer_from_settings(SimpleNamespace(signing_key_file=None)) is None
+
+
+def test_trusted_keys_from_the_environment_are_comma_separated() -> None:
+    from stream_meta.config import load_settings
+
+    env = {"STREAM_META_MODELS__TRUSTED_KEYS": "/keys/a.pem, /keys/b.pem"}
+    settings = load_settings(None, env=env)
+    assert settings.models.trusted_keys == [Path("/keys/a.pem"), Path("/keys/b.pem")]
+    assert settings.models.accept_unsigned is False  # development mode only when asked
