@@ -68,6 +68,7 @@ __all__ = [
     "KafkaSettings",
     "MetricsSettings",
     "ModelSettings",
+    "ModelsSettings",
     "Settings",
     "StreamSettings",
     "TrainSettings",
@@ -514,7 +515,8 @@ class ServiceSettings(BaseModel):
     follow_models: bool = Field(
         default=True,
         description="Read <prefix>.models and serve every newer model version published there "
-        "(stream-meta publish-model, or a trainer), once its sha256 and checkpoint check out.",
+        "(stream-meta publish-model, or a trainer), once its signature (see [models]), sha256 "
+        "and checkpoint check out.",
     )
     share_embeddings: bool = Field(
         default=True,
@@ -522,6 +524,49 @@ class ServiceSettings(BaseModel):
         "compacted topic) and index every other replica's, so neighbours are found across "
         "partitions. Off: each replica retrieves among its own tasks only.",
     )
+
+
+class ModelsSettings(BaseModel):
+    """Signed model versions on ``<prefix>.models`` (:mod:`stream_meta.kafka.model_signing`):
+    the publisher's private key, the keys replicas trust, and the explicit development mode."""
+
+    model_config = _SECTION_CONFIG
+
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="The publisher's Ed25519 private key (PEM, PKCS#8; stream-meta keygen) "
+        "with which publish-model and the trainer sign each model version. Unset: they refuse "
+        "to publish unless accept_unsigned is on.",
+    )
+    signing_key_password: SecretStr | None = Field(
+        default=None, description="The passphrase of signing_key_file, if it is encrypted."
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (PEM files) whose signatures a replica (and the "
+        "trainer) accepts; several at once for key rotation (a list in TOML, comma-separated "
+        "in the environment or --set).",
+    )
+    trusted_keys_dir: Path | None = Field(
+        default=None,
+        description="A directory whose *.pem files are trusted public keys too (a mounted "
+        "Secret or ConfigMap).",
+    )
+    accept_unsigned: bool = Field(
+        default=False,
+        description="Development only: accept unsigned model versions (and publish unsigned "
+        "without a signing key), with a WARNING at start and per version. Badly signed "
+        "versions are refused regardless.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_trusted_keys(cls, data: Any) -> Any:
+        """``trusted_keys`` given as one string (environment, ``--set``): comma-separated."""
+        if isinstance(data, dict) and isinstance(data.get("trusted_keys"), str):
+            paths = [p.strip() for p in data["trusted_keys"].split(",") if p.strip()]
+            data = {**data, "trusted_keys": paths}
+        return data
 
 
 class TrainerSettings(BaseModel):
@@ -1053,6 +1098,9 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings, description="Meta-training.")
     trainer: TrainerSettings = Field(
         default_factory=TrainerSettings, description="The trainer service (`trainer`)."
+    )
+    models: ModelsSettings = Field(
+        default_factory=ModelsSettings, description="Signed model versions."
     )
 
     @classmethod

@@ -514,11 +514,23 @@ class ServiceMetrics:
         self.models_refused = Counter(
             "stream_meta_model_messages_refused_total",
             "Published model versions refused (the model in use stays), by reason: malformed, "
-            "oversized, sha256, invalid (not a loadable checkpoint), architecture.",
+            "oversized, sha256, unsigned, unknown_key, bad_signature, stale (a replay of a "
+            "version not newer than one already read), invalid (not a loadable checkpoint), "
+            "architecture.",
             ["reason"],
             registry=r,
         )
-        for reason in ("malformed", "oversized", "sha256", "invalid", "architecture"):
+        for reason in (
+            "malformed",
+            "oversized",
+            "sha256",
+            "unsigned",
+            "unknown_key",
+            "bad_signature",
+            "stale",
+            "invalid",
+            "architecture",
+        ):
             self.models_refused.labels(reason)
         for reason in RejectReason:
             self.dead_letters.labels(reason.value)

@@ -74,6 +74,31 @@ def kafka_bootstrap() -> Any:
         yield bootstrap
 
 
+@pytest.fixture(scope="session")
+def model_keys(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An Ed25519 key pair that signs model versions, as ``stream-meta keygen`` writes it:
+    ``.private`` (PEM file), ``.public`` (PEM file), ``.dir`` (holding only the public key, for
+    ``models.trusted_keys_dir``), ``.signer`` and ``.verifier`` (trusting that key only)."""
+    from types import SimpleNamespace
+
+    from stream_meta.kafka.model_signing import Signer, Verifier, generate_keys
+
+    out = tmp_path_factory.mktemp("model-keys")
+    private, public, kid = generate_keys(out / "private")
+    trusted = out / "trusted"
+    trusted.mkdir()
+    (trusted / public.name).write_bytes(public.read_bytes())
+    signer = Signer.from_file(private)
+    return SimpleNamespace(
+        private=private,
+        public=public,
+        dir=trusted,
+        key_id=kid,
+        signer=signer,
+        verifier=Verifier([signer.public_key]),
+    )
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., Engine]:
     """Factory: an engine with its own Prometheus registry."""

@@ -43,6 +43,7 @@ COMMANDS: tuple[AddParser, ...] = (
     topics.add_tail_parser,
     serve.add_trainer_parser,
     topics.add_publish_model_parser,
+    topics.add_keygen_parser,
     topics.add_export_parser,
 )
 

@@ -1,6 +1,7 @@
 """The commands that write or read Kafka topics: ``stream-meta produce`` (a synthetic stream into
 the events topic), ``tail`` (predictions or dead letters out), ``export`` (a topic into a
-recording for ``replay``) and ``publish-model`` (a checkpoint as a model version)."""
+recording for ``replay``), ``publish-model`` (a checkpoint as a signed model version) and
+``keygen`` (the key pair that signs and verifies model versions)."""
 
 from __future__ import annotations
 
@@ -360,6 +361,13 @@ def add_publish_model_parser(sub: Subparsers, options: Options) -> None:
         required=True,
         help="its version (replicas serve it when it is newer than theirs)",
     )
+    pm.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="the Ed25519 private key (PEM) that signs the version (default: the setting "
+        "models.signing_key_file); without one, only with models.accept_unsigned=true",
+    )
     pm.set_defaults(func=cmd_publish_model)
 
 
@@ -368,12 +376,32 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     settings = settings_from(args, {"kafka": kafka_overrides(args)})
     from kafka import KafkaAdminClient, KafkaProducer
 
+    from stream_meta.kafka.model_signing import Signer, SigningError, signer_from_settings
     from stream_meta.kafka.model_topic import chunk_messages, publish_model
     from stream_meta.kafka.topics import Topics, ensure_topics
     from stream_meta.model_checkpoint import CheckpointError, load_checkpoint
 
     if args.version < 1:
         raise UsageError("--version must be >= 1")
+    models = settings.models
+    try:
+        signer = (
+            Signer.from_file(args.signing_key)
+            if args.signing_key is not None
+            else signer_from_settings(models)
+        )
+    except SigningError as exc:
+        raise UsageError(str(exc)) from exc
+    if signer is None and not models.accept_unsigned:
+        raise UsageError(
+            "no signing key: pass --signing-key (or set models.signing_key_file); replicas "
+            "refuse unsigned versions unless models.accept_unsigned=true (development only)"
+        )
+    if signer is None:
+        log.warning(
+            "publishing model version %d UNSIGNED (models.accept_unsigned is on; development only)",
+            args.version,
+        )
     try:
         load_checkpoint(args.checkpoint)  # never publish what a replica would refuse
     except CheckpointError as exc:
@@ -392,7 +420,7 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
     except Exception as exc:  # kafka-python raises NoBrokersAvailable and friends
         raise _unreachable(settings, exc) from exc
     try:
-        digest = publish_model(producer, topic, blob, version=args.version)
+        digest = publish_model(producer, topic, blob, version=args.version, signer=signer)
     finally:
         producer.close()
     emit(
@@ -402,7 +430,33 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             "bytes": len(blob),
             "sha256": digest,
             "chunks": len(chunk_messages(blob, version=args.version)),
+            "key_id": signer.key_id.hex() if signer is not None else None,
         },
         args.json,
     )
+    return 0
+
+
+# -- keygen --------------------------------------------------------------------------------------
+def add_keygen_parser(sub: Subparsers, options: Options) -> None:
+    kg = sub.add_parser(
+        "keygen",
+        parents=[options.common],
+        help="make an Ed25519 key pair that signs (private) and verifies (public) model versions",
+    )
+    kg.add_argument("--out", type=Path, required=True, help="the directory to write them to")
+    kg.add_argument("--name", default="model-signing", help="file names: NAME.key and NAME.pub.pem")
+    kg.set_defaults(func=cmd_keygen)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write ``NAME.key`` (private, mode 0600: models.signing_key_file of the publisher) and
+    ``NAME.pub.pem`` (public: models.trusted_keys of the replicas); print the key id."""
+    from stream_meta.kafka.model_signing import SigningError, generate_keys
+
+    try:
+        private, public, kid = generate_keys(args.out, args.name)
+    except (SigningError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+    emit({"private_key": str(private), "public_key": str(public), "key_id": kid}, args.json)
     return 0

@@ -117,6 +117,7 @@ class KafkaService:
             decider=decider,
         )
         self.kafka, self.cfg = settings.kafka, settings.service
+        self.models_cfg = settings.models  # trusted keys of published model versions
         self.batch_size = settings.engine.micro_batch
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
         self.state = (
@@ -287,15 +288,20 @@ class KafkaService:
         if self.cfg.state_changelog:
             self.engine.track_changes()
         if self.cfg.follow_models:
+            from stream_meta.kafka.model_signing import SigningError, verifier_from_settings
             from stream_meta.kafka.model_topic import ModelFollower
 
+            try:
+                verifier = verifier_from_settings(self.models_cfg)
+            except SigningError as exc:
+                raise ServiceError(str(exc)) from exc
             reader = KafkaConsumer(
                 **self._client_config(),
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_partition_fetch_bytes=2 << 20,
             )
-            self.models = ModelFollower(reader, self.topics.models, self.metrics)
+            self.models = ModelFollower(reader, self.topics.models, self.metrics, verifier=verifier)
         if self.cfg.share_embeddings:
             from stream_meta.kafka.embedding_sync import EmbeddingSync
 

@@ -13,7 +13,9 @@ of the tasks. The trainer does it centrally:
   monitor and the meta-updater exactly as ``serve`` runs them (a worker process trains, the
   validation gate decides);
 * a promoted model is published on ``<prefix>.models`` (:mod:`stream_meta.kafka.model_topic`),
-  which every replica verifies and adopts; the outcome records go to ``<prefix>.drift``. The
+  signed with ``models.signing_key_file`` (:mod:`stream_meta.kafka.model_signing`; without a
+  key it is not published, unless ``models.accept_unsigned`` allows unsigned versions), which
+  every replica verifies and adopts; the outcome records go to ``<prefix>.drift``. The
   trainer starts from the newest version already published, so versions keep increasing.
 
 Replicas should then run with ``meta_update.enabled = false`` (they still follow the models
@@ -52,6 +54,8 @@ class TrainerService:
         self.pipeline = Pipeline(engine, watch=watch, updater=updater)
         self.lock_metrics = TrainerMetrics(metrics.registry)
         self.kafka, self.cfg = settings.kafka, settings.trainer
+        self.models_cfg = settings.models  # the signing key and the trusted keys
+        self.signer: Any = None
         self.topics = Topics.for_prefix(self.kafka.topic_prefix)
         self.lock_topic = f"{self.kafka.topic_prefix}.trainer-lock"
         self.stop_event = threading.Event()
@@ -66,8 +70,30 @@ class TrainerService:
     def start(self) -> None:
         from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
+        from stream_meta.kafka.model_signing import (
+            SigningError,
+            signer_from_settings,
+            verifier_from_settings,
+        )
         from stream_meta.kafka.model_topic import ModelFollower
 
+        try:
+            self.signer = signer_from_settings(self.models_cfg)
+            verifier = verifier_from_settings(self.models_cfg)
+        except SigningError as exc:
+            raise ServiceError(str(exc)) from exc
+        if self.signer is not None:
+            log.info("promoted versions are signed with key %s", self.signer.key_id.hex())
+        elif self.models_cfg.accept_unsigned:
+            log.warning(
+                "no models.signing_key_file: promoted versions are published UNSIGNED "
+                "(models.accept_unsigned is on; development only)"
+            )
+        else:
+            log.warning(
+                "no models.signing_key_file (and models.accept_unsigned is off): promoted "
+                "versions will NOT be published; the replicas keep their model"
+            )
         cfg = self.kafka.client_config()
         try:
             admin = KafkaAdminClient(**cfg)
@@ -95,6 +121,7 @@ class TrainerService:
         self.models = ModelFollower(
             KafkaConsumer(**cfg, enable_auto_commit=False, max_partition_fetch_bytes=2 << 20),
             self.topics.models,
+            verifier=verifier,
         )
         self._clients = [self.producer, self.lock, self.events, self.models]
 
@@ -211,13 +238,21 @@ class TrainerService:
         from stream_meta.kafka.model_topic import publish_model
         from stream_meta.model_checkpoint import save_checkpoint
 
+        if self.signer is None and not self.models_cfg.accept_unsigned:
+            raise RuntimeError(
+                "no signing key (models.signing_key_file), and models.accept_unsigned is off"
+            )
         with tempfile.TemporaryDirectory(prefix="stream-meta-trainer-") as tmp:
             path = Path(tmp) / "model.safetensors"
             save_checkpoint(
                 path, self.engine.model, family=self.updater.family, model_version=version
             )
             digest = publish_model(
-                self.producer, self.topics.models, path.read_bytes(), version=version
+                self.producer,
+                self.topics.models,
+                path.read_bytes(),
+                version=version,
+                signer=self.signer,
             )
         self.published += 1
         log.info(

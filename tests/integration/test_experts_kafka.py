@@ -64,8 +64,11 @@ def _set_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _settings(bootstrap: str, prefix: str, **sections: dict[str, Any]) -> Any:
+def _settings(bootstrap: str, prefix: str, keys: Any, **sections: dict[str, Any]) -> Any:
+    """Settings against the suite's broker; versions signed with and verified against
+    ``keys`` (the ``model_keys`` fixture)."""
     overrides: dict[str, Any] = {
+        "models": {"signing_key_file": str(keys.private), "trusted_keys_dir": str(keys.dir)},
         "kafka": {
             "bootstrap_servers": bootstrap,
             "topic_prefix": prefix,
@@ -144,10 +147,10 @@ def _produce(bootstrap: str, prefix: str, events: list[dict[str, Any]]) -> None:
         producer.close()
 
 
-def _publish(bootstrap: str, prefix: str, blob: bytes, version: int) -> None:
+def _publish(bootstrap: str, prefix: str, blob: bytes, version: int, keys: Any) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=2 << 20)
     try:
-        publish_model(producer, f"{prefix}.models", blob, version=version)
+        publish_model(producer, f"{prefix}.models", blob, version=version, signer=keys.signer)
     finally:
         producer.close()
 
@@ -177,18 +180,22 @@ def _serves_set(running: _Running) -> bool:
 
 
 def test_a_replica_adopts_a_published_set_and_its_predictions_name_the_expert(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, model_keys: Any
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
     settings = _settings(
-        kafka_bootstrap, prefix, meta_update={"enabled": False}, engine={"micro_batch": 64}
+        kafka_bootstrap,
+        prefix,
+        model_keys,
+        meta_update={"enabled": False},
+        engine={"micro_batch": 64},
     )
     replica = _Running(settings)
     try:
         assert replica.updater is None and replica.engine.expert_ids == [1]
         wait_until(lambda: replica.alive() and replica.service.ready()[0], timeout=60, what="join")
-        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION)
+        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION, model_keys)
         wait_until(lambda: _serves_set(replica), timeout=60, what="the published set adopted")
         assert replica.engine.expert_ids == [PRIMARY, OTHER]
         _produce(kafka_bootstrap, prefix, _events(400, "a", seed=1))
@@ -207,7 +214,7 @@ def test_a_replica_adopts_a_published_set_and_its_predictions_name_the_expert(
 
 
 def test_a_restarted_service_serves_the_same_set_with_its_routing_evidence(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, model_keys: Any
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
@@ -215,6 +222,7 @@ def test_a_restarted_service_serves_the_same_set_with_its_routing_evidence(
     settings = _settings(
         kafka_bootstrap,
         prefix,
+        model_keys,
         service={"state_dir": str(state_dir)},
         meta_update=ADOPT_ONLY,
         engine={"micro_batch": 64},
@@ -222,7 +230,7 @@ def test_a_restarted_service_serves_the_same_set_with_its_routing_evidence(
     first = _Running(settings)
     try:
         wait_until(lambda: first.alive() and first.service.ready()[0], timeout=60, what="join")
-        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION)
+        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION, model_keys)
         wait_until(lambda: _serves_set(first), timeout=60, what="the published set adopted")
         events = _events(400, "a", seed=2)
         _produce(kafka_bootstrap, prefix, events)
@@ -270,19 +278,19 @@ def test_a_restarted_service_serves_the_same_set_with_its_routing_evidence(
 
 
 def test_the_trainer_follows_a_published_set_and_republishes_it(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, model_keys: Any
 ) -> None:
     from stream_meta.kafka.trainer import TrainerService
 
     prefix = new_prefix()
-    settings = _settings(kafka_bootstrap, prefix, meta_update=ADOPT_ONLY)
+    settings = _settings(kafka_bootstrap, prefix, model_keys, meta_update=ADOPT_ONLY)
     metrics = EngineMetrics(CollectorRegistry())
     engine = build_engine(_shipped(), settings, metrics=metrics, model_version=1)
     updater = build_meta_updater(settings, engine, metrics, None, "sinusoid", worker="inline")
     trainer = TrainerService(engine, settings, metrics, watch=None, updater=updater)
     trainer.start()  # creates the models topic
     try:
-        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION)
+        _publish(kafka_bootstrap, prefix, _set_bytes(tmp_path), SET_VERSION, model_keys)
 
         def followed() -> bool:
             trainer._follow_published()
@@ -302,6 +310,7 @@ def test_the_trainer_follows_a_published_set_and_republishes_it(
             max_partition_fetch_bytes=2 << 20,
         ),
         f"{prefix}.models",
+        verifier=model_keys.verifier,
     )
     try:
         found = wait_until(

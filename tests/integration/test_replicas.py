@@ -6,6 +6,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def test_a_killed_replicas_tasks_move_with_every_example_they_learned(
 
 
 def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, model_keys: Any
 ) -> None:
     from kafka import KafkaProducer
 
@@ -230,6 +231,8 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
         *FAST_GROUP_SETS,
         "--set",
         "meta_update.enabled=false",
+        "--set",
+        f"models.trusted_keys_dir={model_keys.dir}",
     ]
     produce = ["produce", *kafka, "--events", "400", "--tasks", "20", "--json", "-q"]
     replicas = [Serve(tmp_path, f"r{i}", *common) for i in range(2)]
@@ -237,7 +240,16 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
         _wait_split(replicas, 2)
         model = str(shipped_checkpoint("sinusoid"))
         published = cli(
-            "publish-model", *kafka, "--checkpoint", model, "--version", "7", "--json", "-q"
+            "publish-model",
+            *kafka,
+            "--checkpoint",
+            model,
+            "--version",
+            "7",
+            "--signing-key",
+            str(model_keys.private),
+            "--json",
+            "-q",
         )
         assert published.returncode == 0, published.stderr.decode()
         assert json.loads(published.stdout)["chunks"] >= 2  # the checkpoint is cut in chunks
@@ -245,12 +257,13 @@ def test_a_published_model_is_adopted_by_every_replica_and_a_corrupt_one_refused
             r.wait_for_log("serving published model version 7")
         # a corrupt version 8: one byte of the checkpoint changed, the announced sha256 kept
         blob = bytearray(shipped_checkpoint("sinusoid").read_bytes())
-        good = chunk_messages(bytes(blob), version=8)
+        good = chunk_messages(bytes(blob), version=8, signer=model_keys.signer)
         blob[len(blob) // 2] ^= 0xFF
-        bad = chunk_messages(bytes(blob), version=8)
+        bad = chunk_messages(bytes(blob), version=8, signer=model_keys.signer)
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+        head = 48 + 8 + 64  # the signed header (SMM2): sha256, key id and signature of intact
         for i, value in enumerate(bad):  # the hash of the intact checkpoint, corrupt bytes
-            producer.send(f"{prefix}.models", value=good[i][:48] + value[48:], partition=0)
+            producer.send(f"{prefix}.models", value=good[i][:head] + value[head:], partition=0)
         producer.send(f"{prefix}.models", value=b"not a model chunk", partition=0)
         producer.flush()
         producer.close()

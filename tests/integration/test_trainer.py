@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +46,7 @@ class Trainer(Serve):
 
 
 def test_the_trainer_publishes_an_update_that_the_replica_serves(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, model_keys: Any
 ) -> None:
     prefix = new_prefix()
     create_topics(kafka_bootstrap, prefix, partitions=2)
@@ -63,6 +64,10 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
         "0",
         "--admin-port",
         str(port),
+        "--set",
+        f"models.signing_key_file={model_keys.private}",
+        "--set",
+        f"models.trusted_keys_dir={model_keys.dir}",
     )
     replica = Serve(
         tmp_path,
@@ -75,6 +80,8 @@ def test_the_trainer_publishes_an_update_that_the_replica_serves(
         "0",
         "--set",
         "meta_update.enabled=false",
+        "--set",
+        f"models.trusted_keys_dir={model_keys.dir}",
     )
     try:
         trainer.wait_for_log("trainer active")

@@ -51,7 +51,7 @@ def _noisy(model: MetaModel) -> MetaModel:
 
 
 def test_the_follower_hands_back_a_published_set_of_experts(
-    shipped_sinusoid: Any, tmp_path: Path
+    shipped_sinusoid: Any, tmp_path: Path, model_keys: Any
 ) -> None:
     shipped, _ = shipped_sinusoid
     other = _noisy(shipped)
@@ -62,11 +62,11 @@ def test_the_follower_hands_back_a_published_set_of_experts(
     single = tmp_path / "one.safetensors"
     save_checkpoint(single, shipped, family="s", model_version=1)
     values = [
-        *chunk_messages(single.read_bytes(), version=1),
-        *chunk_messages(blob, version=2, chunk=4096),
+        *chunk_messages(single.read_bytes(), version=1, signer=model_keys.signer),
+        *chunk_messages(blob, version=2, chunk=4096, signer=model_keys.signer),
     ]
     assert len(values) > 64  # more than one poll's worth
-    follower = ModelFollower(_FakeConsumer(values), "p.models")
+    follower = ModelFollower(_FakeConsumer(values), "p.models", verifier=model_keys.verifier)
     found = None
     for _ in range(len(values)):
         found = follower.newer(shipped, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_meta.app import build_engine
@@ -40,3 +41,12 @@ def test_events_without_a_key_are_drawn_at_the_sampling_rate(shipped_sinusoid: A
     drawn = sum(trainer._sampled(None) for _ in range(4000))
     assert 1800 < drawn < 2200
     assert trainer.ready() == (True, "standby")  # not active before it holds the lock
+
+
+def test_without_a_signing_key_a_promotion_is_not_published(shipped_sinusoid: Any) -> None:
+    model, _ = shipped_sinusoid
+    trainer = _trainer(model, 1.0)  # default settings: no models.signing_key_file
+    assert trainer.signer is None and not trainer.models_cfg.accept_unsigned
+    with pytest.raises(RuntimeError, match="no signing key"):
+        trainer._publish(2)  # refused before anything is sent (there is no producer here)
+    assert trainer.published == 0
