@@ -381,6 +381,12 @@ def test_topic_init_creates_the_adapters_topics_when_composed() -> None:
     env = _environment(init)
     topics = dict(spec.split(":") for spec in env["TOPICS"].split())
     assert topics.keys() >= {"events", "predictions", "dead-letter"}
+    # every topic the service writes or reads exists before it starts
+    from stream_meta.kafka.topics import Topics
+
+    every = {t.split(".", 1)[1] for t in Topics.for_prefix(env["TOPIC_PREFIX"]).all()}
+    compacted_names = {spec.split(":")[0] for spec in env["COMPACTED_TOPICS"].split()}
+    assert every <= topics.keys() | compacted_names, every - topics.keys() - compacted_names
     assert topics["events"] == "6" and topics["models"] == "1"
     # one partition: its owner in the trainers' group is the one active trainer
     assert topics["trainer-lock"] == "1"
