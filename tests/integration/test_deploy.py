@@ -993,6 +993,34 @@ def test_trainer_reads_the_admin_token_from_the_secret_when_read() -> None:
     assert settings.admin.token_file == token_file and settings.meta_update.enabled
 
 
+@pytest.mark.parametrize("component", ["adapter", "trainer"])
+def test_model_versions_are_verified_and_signed_with_keys_from_secrets_when_read(
+    component: str,
+) -> None:
+    """Every pod trusts the public keys of stream-meta-model-keys; the trainer signs with the
+    private key of stream-meta-model-signing (SECURITY.md); no pod accepts unsigned versions."""
+    pod, container = _pod(component), _container(component)
+    env = {var["name"]: var.get("value") for var in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def secret_at(path: str) -> dict[str, Any]:
+        mount = mounts[path]
+        assert mount["readOnly"] is True
+        return volumes[mount["name"]]["secret"]
+
+    keys_dir = env["STREAM_META_MODELS__TRUSTED_KEYS_DIR"]
+    assert secret_at(keys_dir)["secretName"] == "stream-meta-model-keys"
+    assert "STREAM_META_MODELS__ACCEPT_UNSIGNED" not in env
+    if component == "trainer":
+        key_file = Path(env["STREAM_META_MODELS__SIGNING_KEY_FILE"])
+        secret = secret_at(str(key_file.parent))
+        assert secret["secretName"] == "stream-meta-model-signing"
+        assert secret["defaultMode"] & 0o007 == 0  # not world-readable
+    else:
+        assert "STREAM_META_MODELS__SIGNING_KEY_FILE" not in env  # replicas never sign
+
+
 # -- Dockerfile ------------------------------------------------------------------------------
 def test_dockerfile_installs_cpu_torch_before_the_project_when_read() -> None:
     runs = [
