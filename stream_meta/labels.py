@@ -15,10 +15,10 @@ the event* once its label is learned:
   event of a task whose model is sure (``v`` small) or whose labels are mostly noise (``s2``
   large) is worth little. Plain predictive variance would spend the budget on noisy tasks.
   The reduction is measured at the event, not multiplied by the task's expected further
-  events: weighting by them (estimated from the stream's task lengths, or by the Copernican
-  "as many as it has had") was measured on the sinusoid log at a 10% budget and did worse
-  (prequential loss 0.829 and 0.836 against 0.824), because a new task's first events are
-  where most loss is and they are worth most already. With experts the disagreement
+  events: a new task's first events are where most loss is, and they are worth most already
+  (a variant that multiplied them in, estimated from the stream's task lengths or as "as many
+  as it has had", did slightly worse on the sinusoid log during development and was removed).
+  With experts the disagreement
   between them counts as epistemic: labels settle which expert is right.
 - classification: the predictive entropy (the expected log loss at the event under the
   model's own predictive): the head gives no closed-form reduction for the softmax.
@@ -29,8 +29,9 @@ the event* once its label is learned:
   last ``window`` eligible events' worth, where ``pace`` is the share the unspent budget
   allows now (``fraction`` with :data:`PACE` labels of credit banked; more when the stream
   offered too little, less after a burst spent it): the budget goes to the events worth
-  most, is spent, and the threshold follows the stream (new tasks, drift) on its own. A
-  fixed ``1 - fraction`` quantile left 37% of the budget unspent on the sinusoid log.
+  most, is spent, and the threshold follows the stream (new tasks, drift) on its own (a fixed
+  ``1 - fraction`` quantile left much of the budget unspent when high-worth events came in
+  bursts).
 - ``random``: each eligible event with probability ``fraction`` (a hash of its event id and the
   seed: a redelivered event gets the same answer).
 - ``first-k``: a task's first ``first_k`` eligible events.

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -170,3 +171,26 @@ def newest_state(state_dir: Path) -> dict[str, Any]:
         "prequential_loss": scalars[4] / max(1, scalars[1]),
         "files": len(files),
     }
+
+
+class FakeModelConsumer:
+    """What :class:`~stream_meta.kafka.model_topic.ModelFollower` uses of a KafkaConsumer, for
+    unit tests without a broker: one partition; ``values`` (appendable) are polled once each."""
+
+    def __init__(self, values: Iterable[bytes] = ()) -> None:
+        self.values: list[bytes] = list(values)
+        self.assigned: list[Any] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def assign(self, tps: list[Any]) -> None:
+        self.assigned = tps
+
+    def seek_to_beginning(self, *tps: Any) -> None:
+        pass
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
+        out = [SimpleNamespace(value=v) for v in self.values[:max_records]]
+        self.values = self.values[len(out) :]
+        return {self.assigned[0]: out} if out else {}

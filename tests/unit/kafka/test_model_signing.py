@@ -24,30 +24,9 @@ from stream_meta.kafka.model_signing import (
 )
 from stream_meta.kafka.model_topic import _HEAD2, Assembler, ModelFollower, chunk_messages
 from stream_meta.metrics import ServiceMetrics
+from stream_meta.testing.kafka import FakeModelConsumer
 
 BLOB = b"a checkpoint's bytes " * 100
-
-
-class _Consumer:
-    """What ModelFollower uses of a KafkaConsumer; ``values`` are polled as they are added."""
-
-    def __init__(self) -> None:
-        self.values: list[bytes] = []
-        self.assigned: list[Any] = []
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return {0}
-
-    def assign(self, tps: list[Any]) -> None:
-        self.assigned = tps
-
-    def seek_to_beginning(self, *tps: Any) -> None:
-        pass
-
-    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
-        out = [SimpleNamespace(value=v) for v in self.values[:max_records]]
-        self.values = self.values[len(out) :]
-        return {self.assigned[0]: out} if out else {}
 
 
 def _assembled(verifier: Verifier, values: list[bytes]) -> tuple[list[int], list[str]]:
@@ -132,7 +111,7 @@ def test_a_replay_of_an_older_or_the_same_version_is_refused_and_counted(
     blob = path.read_bytes()
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry)
-    consumer = _Consumer()
+    consumer = FakeModelConsumer()
     follower = ModelFollower(consumer, "p.models", metrics, verifier=Verifier([signer.public_key]))
     # the topic's history, read in order after a (re)start, is not a replay
     consumer.values += chunk_messages(blob, version=2, signer=signer)

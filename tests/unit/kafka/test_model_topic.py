@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,28 +14,7 @@ from stream_meta.experts import members, with_experts
 from stream_meta.kafka.model_topic import ModelFollower, chunk_messages
 from stream_meta.model import MetaModel
 from stream_meta.model_checkpoint import save_checkpoint
-
-
-class _FakeConsumer:
-    """What ModelFollower uses of a KafkaConsumer: one partition, records polled once."""
-
-    def __init__(self, values: list[bytes]) -> None:
-        self.values = values
-        self.assigned: list[Any] = []
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return {0}
-
-    def assign(self, tps: list[Any]) -> None:
-        self.assigned = tps
-
-    def seek_to_beginning(self, *tps: Any) -> None:
-        pass
-
-    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[Any]]:
-        out = [SimpleNamespace(value=v) for v in self.values[:max_records]]
-        self.values = self.values[len(out) :]
-        return {self.assigned[0]: out} if out else {}
+from stream_meta.testing.kafka import FakeModelConsumer
 
 
 def _noisy(model: MetaModel) -> MetaModel:
@@ -66,7 +44,7 @@ def test_the_follower_hands_back_a_published_set_of_experts(
         *chunk_messages(blob, version=2, chunk=4096, signer=model_keys.signer),
     ]
     assert len(values) > 64  # more than one poll's worth
-    follower = ModelFollower(_FakeConsumer(values), "p.models", verifier=model_keys.verifier)
+    follower = ModelFollower(FakeModelConsumer(values), "p.models", verifier=model_keys.verifier)
     found = None
     for _ in range(len(values)):
         found = follower.newer(shipped, 1)
